@@ -1,0 +1,80 @@
+"""In-process transport: N ranks as threads, one FIFO queue per (src, dst) pair.
+
+Used by tests and as the numerical reference for the networked backends.
+If any rank fails, the group is aborted so that the others stop waiting.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, TypeVar
+
+from testbed.comm.base import Communicator, check_tag
+from testbed.errors import CommError
+
+T = TypeVar("T")
+
+
+class InProcessGroup:
+    def __init__(self, world_size: int, timeout_s: float = 120.0):
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self.queues = {(s, d): queue.Queue() for s in range(world_size) for d in range(world_size) if s != d}
+        self.aborted = threading.Event()
+
+    def communicator(self, rank: int) -> "InProcessCommunicator":
+        return InProcessCommunicator(self, rank)
+
+
+class InProcessCommunicator(Communicator):
+    def __init__(self, group: InProcessGroup, rank: int):
+        super().__init__(rank, group.world_size, group.timeout_s)
+        self.group = group
+
+    def _post(self, dst: int, tag: int, data: bytes) -> None:
+        self.group.queues[(self.rank, dst)].put((tag, data))
+
+    def _take(self, src: int, tag: int) -> bytes:
+        q = self.group.queues[(src, self.rank)]
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self.group.aborted.is_set():
+                raise CommError(f"rank {self.rank}: group aborted while waiting for rank {src}")
+            try:
+                got, data = q.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise CommError(f"rank {self.rank}: nothing from rank {src} within {self.timeout_s:g} s") from None
+        check_tag(self, src, tag, got)
+        return data
+
+
+def run_inprocess(world_size: int, fn: Callable[[int, Communicator], T], timeout_s: float = 120.0) -> list[T]:
+    """Run ``fn(rank, comm)`` for every rank in its own thread; return results in rank order.
+
+    The first exception (lowest rank among the failures) is re-raised after all threads stop.
+    """
+    group = InProcessGroup(world_size, timeout_s)
+    results: list = [None] * world_size
+    errors: list[BaseException | None] = [None] * world_size
+
+    def body(rank: int) -> None:
+        try:
+            results[rank] = fn(rank, group.communicator(rank))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[rank] = e
+            group.aborted.set()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"rank{r}", daemon=True) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # prefer a real failure over the "group aborted" errors it caused in other ranks
+    real = [e for e in errors if e is not None and "group aborted" not in str(e)]
+    first = real[0] if real else next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results

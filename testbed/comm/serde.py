@@ -1,0 +1,37 @@
+"""Tensor <-> bytes for the data plane. One format for every transport, so that
+in-process and gRPC runs move identical bytes and reproduce each other bit for bit.
+
+Layout: u8 dtype code, u8 ndim, ndim x u64 sizes (little endian), then the raw data.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+
+from testbed.errors import CommError
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+           torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
+_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+
+
+def header_size(ndim: int) -> int:
+    return 2 + 8 * ndim
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    if t.dtype not in _CODE:
+        raise CommError(f"cannot send dtype {t.dtype}; allowed: {', '.join(map(str, _DTYPES))}")
+    t = t.detach().contiguous()
+    head = struct.pack(f"<BB{t.dim()}Q", _CODE[t.dtype], t.dim(), *t.shape)
+    return head + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def bytes_to_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    code, ndim = struct.unpack_from("<BB", data, 0)
+    shape = struct.unpack_from(f"<{ndim}Q", data, 2)
+    raw = np.frombuffer(data, dtype=np.uint8, offset=header_size(ndim)).copy()
+    return torch.from_numpy(raw).view(_DTYPES[code]).reshape(shape)

@@ -1,0 +1,114 @@
+"""Schedule trace: what one rank did during one inference, in program order.
+
+The trace is the contract between the runtime and everything that reads timings:
+results rows sum it up, and the SimPy simulator replays it. Events:
+
+- ``Compute(duration_s)``: time between two communication calls (model math).
+- ``Collective(kind, ops, ...)``: one Communicator call. ``ops`` lists the
+  point-to-point messages it was made of, in program order, as
+  ``("send", peer, nbytes)`` / ``("recv", peer, nbytes)``; a replay that
+  honours this order reproduces the dependencies of ring algorithms.
+
+Byte counts are payload bytes (tensor data, or the raw bytes a method packed);
+transport framing is not counted here and shows up in bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Compute:
+    duration_s: float
+    type: str = "compute"
+
+
+@dataclass
+class Collective:
+    kind: str  # all_gather | all_reduce | broadcast | send | recv
+    ops: list[tuple[str, int, int]] = field(default_factory=list)  # (send|recv, peer rank, payload bytes)
+    duration_s: float = 0.0  # wall time inside the call
+    wait_s: float = 0.0  # time blocked waiting for peers' data
+    serialize_s: float = 0.0  # time spent turning tensors into bytes and back
+    type: str = "collective"
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(n for op, _, n in self.ops if op == "send")
+
+    @property
+    def bytes_recv(self) -> int:
+        return sum(n for op, _, n in self.ops if op == "recv")
+
+
+@dataclass
+class Trace:
+    """Events of one rank for one inference. Start with ``start()``, close with ``finish()``."""
+
+    rank: int
+    events: list[Compute | Collective] = field(default_factory=list)
+    _mark: float | None = None
+
+    def start(self) -> None:
+        self.events.clear()
+        self._mark = time.perf_counter()
+
+    def close_compute(self) -> float:
+        """Record the compute segment since the last mark; return now."""
+        now = time.perf_counter()
+        if self._mark is not None and now > self._mark:
+            self.events.append(Compute(now - self._mark))
+        return now
+
+    def add(self, event: Collective) -> None:
+        self.events.append(event)
+        self._mark = time.perf_counter()
+
+    def finish(self) -> None:
+        self.close_compute()
+        self._mark = None
+
+    # -- summaries -------------------------------------------------------
+    @property
+    def compute_s(self) -> float:
+        return sum(e.duration_s for e in self.events if isinstance(e, Compute))
+
+    @property
+    def comm_s(self) -> float:
+        return sum(e.duration_s for e in self.events if isinstance(e, Collective))
+
+    @property
+    def wait_s(self) -> float:
+        return sum(e.wait_s for e in self.events if isinstance(e, Collective))
+
+    @property
+    def serialize_s(self) -> float:
+        return sum(e.serialize_s for e in self.events if isinstance(e, Collective))
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(e.bytes_sent for e in self.events if isinstance(e, Collective))
+
+    @property
+    def bytes_recv(self) -> int:
+        return sum(e.bytes_recv for e in self.events if isinstance(e, Collective))
+
+    def collectives(self, kind: str | None = None) -> list[Collective]:
+        return [e for e in self.events if isinstance(e, Collective) and (kind is None or e.kind == kind)]
+
+    # -- (de)serialisation: plain JSON-able dicts, for results and the simulator --
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "events": [asdict(e) for e in self.events]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trace":
+        events: list[Compute | Collective] = []
+        for e in d["events"]:
+            if e["type"] == "compute":
+                events.append(Compute(e["duration_s"]))
+            else:
+                ops = [(str(o), int(p), int(n)) for o, p, n in e["ops"]]
+                events.append(Collective(e["kind"], ops, e["duration_s"], e["wait_s"], e.get("serialize_s", 0.0)))
+        return cls(rank=d["rank"], events=events)

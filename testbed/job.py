@@ -1,0 +1,71 @@
+"""A job: everything one rank needs to build its shard and run inferences.
+
+The same JobSpec drives the in-process reference, every node server (loopback,
+Mininet, a real device) and the simulator's calibration, so all of them build
+identical weights, inputs and codebooks from the same seed and files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from testbed.comm.base import Communicator
+from testbed.errors import check
+
+
+@dataclass
+class JobSpec:
+    model: str  # named config (testbed.models.CONFIGS), e.g. "vit-tiny"
+    method: str  # single | tensor_parallel | sequence_parallel | sequence_parallel_int8 | block_parallel | astra
+    world_size: int = 1
+    tokens: int = 197  # ViT: patches + CLS; GPT-2: prompt length
+    params: dict[str, Any] = field(default_factory=dict)  # method params, e.g. {"groups": 1, "codebook_size": 1024}
+    seed: int = 0  # weights (when no weights_path) and input
+    batch: int = 1
+    weights_path: str | None = None  # HF-format safetensors file or directory
+    codebook_path: str | None = None  # astra: codebooks made by testbed.methods.astra (torch.save file)
+    threads: int = 1  # torch intra-op threads per rank
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.world_size, int) and self.world_size >= 1, "world_size", self.world_size, "an integer >= 1")
+        check(isinstance(self.tokens, int) and self.tokens >= 1, "tokens", self.tokens, "an integer >= 1")
+        check(isinstance(self.batch, int) and self.batch >= 1, "batch", self.batch, "an integer >= 1")
+        check(isinstance(self.threads, int) and self.threads >= 1, "threads", self.threads, "an integer >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobSpec":
+        return cls(**d)
+
+
+class RankRunner:
+    """Builds one rank's shard of a job once, then runs inferences on demand."""
+
+    def __init__(self, job: JobSpec, rank: int, comm: Communicator):
+        from testbed.methods import build_method
+        from testbed.models import build_model
+
+        self.job, self.rank, self.comm = job, rank, comm
+        self.model = build_model(job.model, seed=job.seed, weights_path=job.weights_path)
+        self.input = self.model.make_input(job.tokens, batch=job.batch, seed=job.seed)
+        self.method = build_method(job.method, self.model, job.params, rank, job.world_size, comm,
+                                   tokens=job.tokens, codebook_path=job.codebook_path)
+
+    @torch.inference_mode()
+    def infer(self) -> tuple[torch.Tensor | None, float]:
+        """One inference. Returns (output on the rank that holds it else None, wall seconds).
+
+        The communicator's trace holds this inference's schedule afterwards.
+        """
+        self.comm.trace.start()
+        t0 = time.perf_counter()
+        out = self.method.forward(self.input)
+        wall = time.perf_counter() - t0
+        self.comm.trace.finish()
+        return out, wall
