@@ -1,0 +1,45 @@
+"""`testbed` command line: a thin dispatcher; each subcommand lives with the component it drives."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
+COMMANDS = {
+    "run": ("testbed.experiment.cli", "run_main", "run an experiment YAML (sweep link profiles, record rows, plot)"),
+    "plot": ("testbed.experiment.cli", "plot_main", "make plots from a results directory"),
+    "simulate": ("testbed.sim.cli", "simulate_main", "run an experiment YAML on the SimPy model (backend: sim)"),
+    "calibrate": ("testbed.sim.cli", "calibrate_main", "measure compute profiles on this host for the simulator"),
+    "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
+    "doctor": ("testbed.net.doctor", "main", "what this machine can emulate, and why"),
+    "clean": ("testbed.net.clean", "main", "remove leftovers of a crashed run (namespaces, links, rules, processes)"),
+    "node": ("testbed.node.server", "main", "run one edge-device node server (gRPC)"),
+    "compare": ("testbed.methods.compare", "main", "compare all methods in-process on one model (no network)"),
+    "train": ("testbed.train.cli", "main", "train a small ViT and ASTRA codebooks (NAQ, DCT) on an offline dataset"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: testbed COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`testbed COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"testbed: unknown command {name!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
