@@ -111,8 +111,15 @@ class Communicator(ABC):
             return c.decode(c.take(src, 0))
 
 
+_KINDS = ("all_gather", "all_reduce", "broadcast", "send", "recv")
+
+
 class _Call:
-    """One collective call: tags its messages, times it, and records it in the trace."""
+    """One collective call: tags its messages, times it, and records it in the trace.
+
+    A tag is (call number << 20 | kind << 16 | step); point-to-point send/recv share a kind code
+    so that a send matches the peer's recv.
+    """
 
     def __init__(self, comm: Communicator, kind: str):
         self.comm, self.ev = comm, Collective(kind)
@@ -128,7 +135,8 @@ class _Call:
         self.comm.trace.add(self.ev)
 
     def _tag(self, step: int) -> int:
-        return (self.seq << 16) | step
+        kind = _KINDS.index(self.ev.kind) if self.ev.kind not in ("send", "recv") else 3
+        return (self.seq << 20) | (kind << 16) | step
 
     def encode(self, t: torch.Tensor) -> bytes:
         t0 = time.perf_counter()
@@ -161,5 +169,10 @@ def check_tag(comm: Communicator, src: int, expected: int, got: int) -> None:
     if expected != got:
         raise CommError(
             f"rank {comm.rank}: message from {comm.peer_name(src)} out of step "
-            f"(expected call {expected >> 16} step {expected & 0xFFFF}, got call {got >> 16} step {got & 0xFFFF})"
+            f"(expected {_describe(expected)}, got {_describe(got)}): the ranks are not running the same program"
         )
+
+
+def _describe(tag: int) -> str:
+    kind = (tag >> 16) & 0xF
+    return f"call {tag >> 20} {_KINDS[kind] if kind < len(_KINDS) else kind} step {tag & 0xFFFF}"

@@ -1,0 +1,113 @@
+"""The Communicator's collectives (written once on post/take) over the in-process transport."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from testbed.comm import Trace, run_inprocess
+from testbed.comm.serde import bytes_to_tensor, tensor_to_bytes
+from testbed.errors import CommError
+
+WORLDS = [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("n", WORLDS)
+def test_all_reduce_sums_and_is_identical_on_every_rank(n):
+    def fn(rank, comm):
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(7, 13, generator=g)  # 91 elements: not divisible by most n
+        return x, comm.all_reduce(x)
+
+    out = run_inprocess(n, fn)
+    expected = sum(x for x, _ in out)
+    for _, y in out:
+        torch.testing.assert_close(y, expected)
+        assert torch.equal(y, out[0][1])  # ring: every rank holds bit-identical sums
+
+
+@pytest.mark.parametrize("n", WORLDS)
+def test_all_gather_returns_every_rank_in_order_with_its_own_shape(n):
+    out = run_inprocess(n, lambda r, c: c.all_gather(torch.full((r + 1, 2), float(r))))
+    for got in out:
+        assert [t.shape[0] for t in got] == list(range(1, n + 1))
+        assert [t[0, 0].item() for t in got] == list(range(n))
+
+
+def test_broadcast_and_point_to_point():
+    def fn(rank, comm):
+        b = comm.broadcast(torch.arange(5) if rank == 2 else None, src=2)
+        if rank == 0:
+            comm.send(torch.tensor([42], dtype=torch.int8), dst=3)
+        r = comm.recv(src=0) if rank == 3 else None
+        return b, r
+
+    out = run_inprocess(4, fn)
+    assert all(torch.equal(b, torch.arange(5)) for b, _ in out)
+    assert out[3][1].item() == 42 and out[3][1].dtype == torch.int8
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_trace_records_exact_payload_bytes_and_compute_segments(n):
+    size = 1000  # float32 elements
+
+    def fn(rank, comm):
+        comm.trace.start()
+        x = torch.ones(size)
+        comm.all_gather(x)
+        comm.all_reduce(x)
+        comm.trace.finish()
+        return comm.trace
+
+    traces: list[Trace] = run_inprocess(n, fn)
+    chunks = [c.numel() * 4 for c in torch.tensor_split(torch.ones(size), n)]
+    for rank, tr in enumerate(traces):
+        ag, ar = tr.collectives("all_gather")[0], tr.collectives("all_reduce")[0]
+        assert ag.bytes_sent == ag.bytes_recv == (n - 1) * size * 4
+        sent = [chunks[(rank - s) % n] for s in range(n - 1)] + [chunks[(rank + 1 - s) % n] for s in range(n - 1)]
+        assert ar.bytes_sent == sum(sent)
+        assert ar.bytes_recv == sum(chunks[(rank - s - 1) % n] for s in range(n - 1)) + sum(
+            chunks[(rank - s) % n] for s in range(n - 1))
+        assert tr.bytes_sent == ag.bytes_sent + ar.bytes_sent
+        assert all(op in ("send", "recv") for op, _, _ in ag.ops + ar.ops)
+        assert tr.compute_s >= 0 and tr.comm_s > 0
+        assert Trace.from_dict(tr.to_dict()).to_dict() == tr.to_dict()
+
+
+def test_ranks_out_of_step_fail_with_a_clear_error():
+    def fn(rank, comm):
+        if rank == 0:
+            comm.all_gather(torch.ones(1))
+        else:
+            comm.broadcast(torch.ones(1), src=1)  # a different collective at the same point
+
+    with pytest.raises(CommError, match="out of step"):
+        run_inprocess(2, fn, timeout_s=5)
+
+
+def test_a_missing_peer_times_out_naming_it():
+    def fn(rank, comm):
+        if rank == 0:
+            comm.recv(src=1)
+
+    with pytest.raises(CommError, match="nothing from rank 1 within 0.3 s"):
+        run_inprocess(2, fn, timeout_s=0.3)
+
+
+def test_a_failing_rank_aborts_the_others_and_its_error_wins():
+    def fn(rank, comm):
+        if rank == 1:
+            raise RuntimeError("boom in rank 1")
+        comm.all_gather(torch.ones(1))
+
+    with pytest.raises(RuntimeError, match="boom in rank 1"):
+        run_inprocess(3, fn, timeout_s=30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+                                   torch.int64, torch.bool])
+def test_serde_round_trips_every_dtype_bit_for_bit(dtype):
+    t = (torch.randn(3, 4, 5) * 50).to(dtype)
+    back = bytes_to_tensor(tensor_to_bytes(t))
+    assert back.dtype == dtype and back.shape == t.shape and torch.equal(back, t)
+    assert bytes_to_tensor(tensor_to_bytes(torch.tensor(3.5))).item() == 3.5  # 0-d
