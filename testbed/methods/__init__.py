@@ -1,0 +1,1 @@
+"""Inference methods: each turns a model into the work of one rank (see ASTRA.md)."""

@@ -1,0 +1,234 @@
+"""Vector quantization for ASTRA (Liu et al., arXiv 2505.19342, Sec. 3): codebooks, nearest-code
+search, bit packing, k-means calibration and codebook files.
+
+Codebook layout (the contract with training, issue 7): float32 ``[L, G, K, D//G]``: for every
+block l and group g, K entries of width D/G. A codebook shared by all groups is stored as G
+identical copies, so readers never special-case it.
+
+Codes travel as ``b = ceil(log2 K)`` bits each, least significant bit first, packed into a
+uint8 tensor (never int64 on the wire).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from testbed.errors import ConfigError, check
+
+# nearest-code search works in slices so that the [G, n, K] distance tensor stays <= this many floats
+_MAX_DIST_ELEMS = 1 << 23
+
+
+def code_bits(codebook_size: int) -> int:
+    """b = ceil(log2 K) bits per code (K >= 2)."""
+    check(isinstance(codebook_size, int) and codebook_size >= 2, "codebook_size", codebook_size, "an integer >= 2")
+    return max(1, math.ceil(math.log2(codebook_size)))
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Nearest entry by squared L2 for batched points x [G, n, d] and codebooks c [G, K, d] -> int64 [G, n].
+
+    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every c, so argmin(||c||^2 - 2 x.c),
+    computed with one batched matmul per slice instead of cdist over a [G, n, K, d] tensor.
+    """
+    G, n, _ = x.shape
+    K = c.shape[1]
+    cn = (c * c).sum(-1).unsqueeze(1)  # (G, 1, K)
+    ct = c.transpose(1, 2)  # (G, d, K)
+    step = max(1, _MAX_DIST_ELEMS // max(1, G * K))
+    out = torch.empty(G, n, dtype=torch.int64)
+    for s in range(0, n, step):
+        dist = torch.baddbmm(cn, x[:, s:s + step], ct, alpha=-2.0)  # (G, n_s, K)
+        out[:, s:s + step] = dist.argmin(-1)
+    return out
+
+
+def quantize(h: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Codes of h [..., D] with one block's codebook [G, K, D//G] -> int64 [..., G]."""
+    G, K, d = codebook.shape
+    check(h.shape[-1] == G * d, "h", tuple(h.shape), f"last dim = groups * group width = {G * d}")
+    lead = h.shape[:-1]
+    x = h.reshape(-1, G, d).transpose(0, 1).to(codebook.dtype)  # (G, n, d)
+    return _nearest(x, codebook).transpose(0, 1).reshape(*lead, G)
+
+
+def dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Codebook entries for codes [..., G] -> h_hat [..., D] (groups concatenated in order)."""
+    G, K, d = codebook.shape
+    lead = codes.shape[:-1]
+    flat = codes.reshape(-1, G).long()  # (n, G)
+    picked = codebook[torch.arange(G), flat]  # (n, G, d)
+    return picked.reshape(*lead, G * d)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-pack integer codes [n, G] (each < 2**bits) -> uint8 [ceil(n*G*bits/8)], LSB first."""
+    check(1 <= bits <= 31, "bits", bits, "1..31")
+    flat = codes.reshape(-1).to(torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((flat[:, None] >> shifts) & 1).reshape(-1)  # code i's bit j at position i*bits + j
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    weights = (1 << torch.arange(8, dtype=torch.int64))
+    return (stream.view(-1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(buf: torch.Tensor, n: int, groups: int, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 buffer -> int64 codes [n, groups]."""
+    need = math.ceil(n * groups * bits / 8)
+    check(buf.dtype == torch.uint8 and buf.numel() >= need, "buf", (buf.dtype, buf.numel()),
+          f"a uint8 tensor of at least {need} bytes")
+    stream = ((buf[:need].to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)
+    stream = stream[: n * groups * bits].view(n * groups, bits)
+    return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1).view(n, groups)
+
+
+# -- k-means ------------------------------------------------------------------------------
+def _pad_small(x: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
+    """n < K points: every point is an entry; the rest repeat points with a tiny seeded jitter."""
+    n = x.shape[0]
+    extra = x[torch.arange(K - n) % n]
+    scale = 1e-4 * (float(x.std()) if n > 1 else 1.0) + 1e-12
+    return torch.cat([x, extra + scale * torch.randn(extra.shape, generator=gen, dtype=x.dtype)])
+
+
+def _kmeans_pp(x: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding of [K, d] centres from x [n, d] (seeded, so deterministic)."""
+    n = x.shape[0]
+    centres = torch.empty(K, x.shape[1], dtype=x.dtype)
+    centres[0] = x[torch.randint(n, (1,), generator=gen)]
+    mind = ((x - centres[0]) ** 2).sum(-1)
+    for k in range(1, K):
+        w = mind.clamp_min(0) + 1e-30  # all-identical points: fall back to a uniform pick
+        i = torch.multinomial(w, 1, generator=gen)
+        centres[k] = x[i]
+        mind = torch.minimum(mind, ((x - centres[k]) ** 2).sum(-1))
+    return centres
+
+
+def kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """K centres [K, d] of points x [n, d]: k-means++ seeding then Lloyd iterations (squared L2).
+
+    Deterministic for a given seed. With n < K every point becomes an entry and the remaining
+    entries repeat points with a tiny seeded jitter. Empty clusters keep their previous centre.
+    """
+    check(isinstance(K, int) and K >= 2, "codebook_size", K, "an integer >= 2")
+    check(x.dim() == 2 and x.shape[0] >= 1, "x", tuple(x.shape), "a non-empty [n, d] tensor")
+    x = x.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    if x.shape[0] <= K:
+        return _pad_small(x, K, gen) if x.shape[0] < K else x.clone()
+    c = _kmeans_pp(x, K, gen)
+    assign = None
+    for _ in range(iters):
+        new = _nearest(x[None], c[None])[0]
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=K).to(x.dtype)[:, None]
+        c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
+    return c
+
+
+# -- codebooks from a model ----------------------------------------------------------------
+@torch.inference_mode()
+def block_inputs(model, inp: torch.Tensor) -> list[torch.Tensor]:
+    """The LN1 outputs h = LN1(x) of every block of a single-device forward: L tensors [B, T, D]."""
+    seen: list[torch.Tensor] = []
+    hooks = [b.ln1.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+             for b in model.blocks]
+    try:
+        model(inp)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return seen
+
+
+def _check_groups(model, groups: int) -> int:
+    D = model.cfg.dim
+    check(isinstance(groups, int) and groups >= 1 and D % groups == 0, "groups", groups,
+          f"a positive divisor of the model's hidden size D={D}")
+    return D // groups
+
+
+def calibrate_codebooks(model, groups: int, codebook_size: int, tokens: int, seed: int = 0,
+                        n_samples: int = 2, iters: int = 20) -> torch.Tensor:
+    """k-means codebooks [L, G, K, D//G] from the LN1 outputs of ``n_samples`` calibration inputs.
+
+    Calibration inputs are ``model.make_input(tokens, seed=1_000_003 + seed + i)``: seeds away from
+    the small seeds used for evaluation inputs, so calibration never sees the evaluated input.
+    ViT's CLS token is left out (ASTRA never quantizes it: Distributed Class Tokens).
+    Cost: L*G k-means runs over n_samples*tokens points; deterministic for a given seed.
+    """
+    d = _check_groups(model, groups)
+    code_bits(codebook_size)
+    check(isinstance(n_samples, int) and n_samples >= 1, "n_samples", n_samples, "an integer >= 1")
+    skip = 1 if model.cfg.kind == "vit" else 0
+    per_block: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    for i in range(n_samples):
+        inp = model.make_input(tokens, batch=1, seed=1_000_003 + seed + i)
+        for l, h in enumerate(block_inputs(model, inp)):
+            per_block[l].append(h[:, skip:].reshape(-1, model.cfg.dim))
+    out = torch.empty(len(model.blocks), groups, codebook_size, d)
+    for l, hs in enumerate(per_block):
+        h = torch.cat(hs).view(-1, groups, d)
+        for g in range(groups):
+            out[l, g] = kmeans(h[:, g], codebook_size, iters=iters, seed=seed * 7919 + l * 131 + g)
+    return out
+
+
+def exact_codebooks(model, inp: torch.Tensor, groups: int) -> torch.Tensor:
+    """Codebooks [L, G, K, D//G] holding exactly the LN1 outputs of ``inp``'s tokens at every block.
+
+    K is the next power of two >= B*T (every token is an entry; the rest repeat the first entry),
+    so quantizing this input is lossless: ASTRA with these codebooks must reproduce single.
+    """
+    d = _check_groups(model, groups)
+    hs = block_inputs(model, inp)
+    n = hs[0].shape[0] * hs[0].shape[1]
+    K = max(2, 1 << (n - 1).bit_length())
+    out = torch.empty(len(hs), groups, K, d)
+    for l, h in enumerate(hs):
+        x = h.reshape(n, groups, d).transpose(0, 1)  # (G, n, d)
+        out[l, :, :n] = x
+        out[l, :, n:] = x[:, :1]
+    return out
+
+
+def check_codebooks(codebooks: torch.Tensor, n_layers: int, dim: int, field: str = "codebooks") -> None:
+    """Raise ConfigError unless codebooks is float [L, G, K, D//G] for this model."""
+    ok = (isinstance(codebooks, torch.Tensor) and codebooks.dim() == 4 and codebooks.shape[0] == n_layers
+          and codebooks.shape[1] * codebooks.shape[3] == dim and codebooks.shape[2] >= 2
+          and codebooks.is_floating_point())
+    if not ok:
+        shape = tuple(codebooks.shape) if isinstance(codebooks, torch.Tensor) else type(codebooks).__name__
+        raise ConfigError(field, shape, f"a float tensor [L={n_layers}, G, K>=2, D//G] with G*(D//G) = {dim}")
+
+
+def save_codebooks(path: str | Path, codebooks: torch.Tensor, meta: dict[str, Any] | None = None) -> None:
+    """Write codebooks [L, G, K, D//G] and a JSON-able ``meta`` dict with torch.save."""
+    check(isinstance(codebooks, torch.Tensor) and codebooks.dim() == 4, "codebooks",
+          getattr(codebooks, "shape", codebooks), "a [L, G, K, D//G] tensor")
+    torch.save({"format": "testbed-codebooks-v1", "codebooks": codebooks.detach().float().contiguous(),
+                "meta": dict(meta or {})}, str(path))
+
+
+def load_codebooks(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read a file written by save_codebooks -> (codebooks [L, G, K, D//G] float32, meta)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("codebook_path", str(path), "an existing file written by save_codebooks")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError("codebook_path", str(path), f"a file written by save_codebooks ({e})") from None
+    if not (isinstance(obj, dict) and obj.get("format") == "testbed-codebooks-v1"):
+        raise ConfigError("codebook_path", str(path), "a file written by save_codebooks (format testbed-codebooks-v1)")
+    return obj["codebooks"].float(), dict(obj.get("meta") or {})
