@@ -1,0 +1,282 @@
+"""SimPy replay of schedule traces over the network model.
+
+One SimPy process per rank walks its trace in program order:
+``Compute(d)`` holds the rank for ``d * speed_factor`` seconds (the time measured
+on this host, scaled to the device); a collective's ``serialize_s`` is CPU time
+too and is held the same way before its messages; a ``send`` puts the message
+on its path at once and does not block the rank (the transport queues it, as
+``Communicator._post`` does); a ``recv`` blocks until that message has arrived.
+Messages of one ordered pair are received in order (one TCP stream per pair).
+
+Links are not SimPy resources but calendars (``free_at`` per link): a message
+reserves every hop of its path when it is issued. SimPy hands out issue times in
+increasing order, so the calendars see messages in FIFO order, and a message
+costs one SimPy event instead of one process with a handful of events. This is
+what makes 64 ranks x hundreds of thousands of messages fit in seconds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import simpy
+
+from testbed.comm.trace import Collective, Compute, Trace
+from testbed.errors import ConfigError, check
+from testbed.sim.network import Network, TcpModel, WireModel, mathis_rate_bps, slow_start_extra_s
+
+_C, _S, _R = 0, 1, 2  # compiled op codes: compute(duration), send(dst, bytes), recv(srcs)
+
+
+@dataclass
+class RankStats:
+    rank: int
+    finish_s: float = 0.0  # simulated time the rank finished its trace
+    compute_s: float = 0.0  # scaled compute + serialization
+    bytes_sent: int = 0  # application payload
+
+    @property
+    def comm_s(self) -> float:
+        """Time in collectives not spent on serialization: transfers and waiting for peers."""
+        return self.finish_s - self.compute_s
+
+
+@dataclass
+class SimResult:
+    latency_s: float  # when the last rank finished, seconds after all started
+    ranks: list[RankStats] = field(default_factory=list)
+    bytes_sent: int = 0  # application payload bytes, all ranks
+    bytes_on_wire: int = 0  # modelled bytes on all links: headers, retransmissions, ACKs included
+    messages: int = 0
+
+    @property
+    def critical(self) -> RankStats:
+        """The rank that finished last (its compute/comm split is the latency's split)."""
+        return max(self.ranks, key=lambda s: s.finish_s)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Validated traces of one inference, compiled to compact op lists (compile once, replay often)."""
+
+    programs: tuple[tuple[tuple, ...], ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.programs)
+
+    @classmethod
+    def from_traces(cls, traces: Sequence[Trace | dict]) -> "Schedule":
+        return cls(tuple(tuple(p) for p in compile_traces(traces)))
+
+
+def compile_traces(traces: Sequence[Trace | dict]) -> list[list[tuple]]:
+    """Validate traces and turn them into op lists (consecutive recvs merged, consecutive computes summed)."""
+    n = len(traces)
+    check(n >= 1, "traces", n, "one trace per node (at least one)")
+    sends: dict[tuple[int, int], int] = defaultdict(int)
+    recvs: dict[tuple[int, int], int] = defaultdict(int)
+    programs = []
+    for r, tr in enumerate(traces):
+        tr = Trace.from_dict(tr) if isinstance(tr, dict) else tr
+        check(tr.rank == r, "traces", f"trace of rank {tr.rank} at position {r}", "traces in rank order")
+        ops: list[tuple] = []
+
+        def compute(d: float) -> None:
+            check(d >= 0, "trace duration_s", d, "a number of seconds >= 0")
+            if d == 0:
+                return
+            if ops and ops[-1][0] == _C:
+                ops[-1] = (_C, ops[-1][1] + d)
+            else:
+                ops.append((_C, d))
+
+        for ev in tr.events:
+            if isinstance(ev, Compute):
+                compute(ev.duration_s)
+                continue
+            compute(ev.serialize_s)
+            for kind, peer, nbytes in ev.ops:
+                check(0 <= peer < n and peer != r, "trace peer", peer, f"another rank in [0, {n}) (rank {r})")
+                check(nbytes >= 0, "trace payload bytes", nbytes, "an integer >= 0")
+                if kind == "send":
+                    sends[(r, peer)] += 1
+                    ops.append((_S, peer, nbytes))
+                elif kind == "recv":
+                    recvs[(peer, r)] += 1
+                    if ops and ops[-1][0] == _R:
+                        ops[-1] = (_R, ops[-1][1] + (peer,))
+                    else:
+                        ops.append((_R, (peer,)))
+                else:
+                    raise ConfigError("trace op", kind, "send | recv")
+        programs.append(ops)
+    for pair in set(sends) | set(recvs):
+        check(sends[pair] == recvs[pair], "traces", f"rank {pair[0]} sends {sends[pair]} messages to rank "
+              f"{pair[1]}, which receives {recvs[pair]}", "matching sends and recvs")
+    return programs
+
+
+def _succeed_at(env: simpy.Environment, ev: simpy.Event, t: float) -> None:
+    """Trigger ``ev`` at simulated time ``t`` >= now.
+
+    ``Event.succeed`` fires at once; waking a receiver at its message's arrival that
+    way would cost a second event (a Timeout). This schedules the event itself at
+    ``t``, exactly as ``simpy.Timeout`` does in its constructor.
+    """
+    ev._ok, ev._value = True, None
+    env.schedule(ev, delay=max(0.0, t - env.now))
+
+
+class _Replay:
+    def __init__(self, network: Network, wire: WireModel, tcp: TcpModel, speed: list[float], seed: int):
+        self.env = simpy.Environment()
+        self.net, self.wire, self.tcp, self.speed = network, wire, tcp, speed
+        self.rng = random.Random(seed)
+        self.free: dict[str, float] = defaultdict(float)  # link -> time it is free again
+        self.inbox: dict[tuple[int, int], deque] = defaultdict(deque)  # (src, dst) -> [arrival time | None]
+        self.waiting: dict[tuple[int, int], simpy.Event] = {}
+        self.sent_until: dict[tuple[int, int], float] = defaultdict(float)  # pair -> its last message left
+        self.cwnd: dict[tuple[int, int], float] = {}
+        self.bytes_on_wire = 0.0
+        self.messages = 0
+        self._pair: dict[tuple[int, int], tuple] = {}
+        self._sizes: dict[int, tuple[int, int, int]] = {}  # payload -> (segments, wire bytes, ACK bytes)
+        self._tcp_costs = tcp.mode != "steady" or any(network.loss(a, b) > 0 for a in range(network.n)
+                                                      for b in range(network.n) if a != b)
+
+    def _pair_info(self, src: int, dst: int) -> tuple:
+        """Per-pair constants: hops, rtt, bottleneck, loss (cached: paths never change in a run)."""
+        key = (src, dst)
+        if key not in self._pair:
+            self._pair[key] = (self.net.path(src, dst), self.net.rtt_s(src, dst),
+                               self.net.bottleneck_bps(src, dst), self.net.loss(src, dst))
+        return self._pair[key]
+
+    def _stall_s(self, pair: tuple[int, int], segs: int, wire_bytes: float, now: float) -> float:
+        """Latency TCP adds to a message beyond link time: slow start, loss recovery."""
+        _, rtt, bw, p = self._pair_info(*pair)
+        tcp, stall = self.tcp, 0.0
+        if tcp.mode == "slow_start":
+            iw = tcp.initial_window_segments
+            cwnd = self.cwnd.get(pair, iw)
+            if now - self.sent_until[pair] > tcp.rto_s(rtt):  # idle: Linux restarts from the initial window
+                cwnd = min(cwnd, iw)
+            seg_rate = None if bw is None else bw / (8 * (self.wire.mss_bytes + self.wire.segment_header_bytes))
+            extra, self.cwnd[pair] = slow_start_extra_s(segs, cwnd, rtt, seg_rate)
+            stall += extra
+        if p > 0:
+            k = min(segs, tcp.dupack_threshold)
+            if tcp.loss_mode == "expected":
+                stall += (1.0 - (1.0 - p) ** k) * tcp.rto_s(rtt)
+            else:
+                stall += sum(self.rng.random() < p for _ in range(k)) * tcp.rto_s(rtt)
+            m = mathis_rate_bps(self.wire.mss_bytes, rtt, p)
+            if bw is None or m < bw:
+                stall += wire_bytes * 8 / m - (0.0 if bw is None else wire_bytes * 8 / bw)
+        return stall
+
+    def send(self, src: int, dst: int, payload: int) -> None:
+        now, wire, pair = self.env.now, self.wire, (src, dst)
+        hops, _, _, p = self._pair_info(src, dst)
+        sizes = self._sizes.get(payload)
+        if sizes is None:
+            sizes = self._sizes[payload] = (wire.segments(payload), wire.wire_bytes(payload), wire.ack_bytes(payload))
+        segs, nbytes, acks = sizes
+        if p > 0:  # retransmitted segments occupy the links too
+            if self.tcp.loss_mode == "expected":
+                nbytes /= 1.0 - p
+            else:
+                nbytes += sum(self.rng.random() < p for _ in range(segs)) * nbytes / segs
+        stall = self._stall_s(pair, segs, nbytes, now) if self._tcp_costs else 0.0
+        self.bytes_on_wire += nbytes + acks
+        self.messages += 1
+        slot: list = [None]  # its arrival time, once the last hop is reserved
+        self.inbox[pair].append(slot)
+        self._hop((pair, hops, nbytes, stall, slot), 0, now + wire.per_message_s, None)
+
+    def _hop(self, msg: tuple, k: int, start: float, prev_end: float | None) -> None:
+        """Reserve hop k of a message whose first bit reaches it at ``start`` (fluid cut-through).
+
+        Hop 0 is reserved when the message is issued; a later hop when the first bit
+        gets there (a scheduled callback), so each hop serves messages in the order
+        they reach it, not the order they were issued.
+        """
+        pair, hops, nbytes, stall, slot = msg
+        h = hops[k]
+        s = max(start, self.free[h.resource])
+        e = s if h.bandwidth_bps is None else s + nbytes * 8 / h.bandwidth_bps
+        if prev_end is not None and e < prev_end:  # the last bit cannot leave before it came in
+            e = prev_end
+        self.free[h.resource] = e
+        if k == 0:
+            self.sent_until[pair] = e
+        d = h.delay_s
+        if h.jitter_s and self.tcp.loss_mode == "sampled":
+            d += self.rng.uniform(-h.jitter_s, h.jitter_s)
+        start, prev_end = s + d, e + d
+        if k + 1 < len(hops):
+            if start > self.env.now:
+                ev = self.env.timeout(start - self.env.now)
+                ev.callbacks.append(lambda _e: self._hop(msg, k + 1, start, prev_end))
+            else:
+                self._hop(msg, k + 1, start, prev_end)
+            return
+        slot[0] = prev_end + stall
+        q = self.inbox[pair]
+        if pair in self.waiting and q[0][0] is not None:  # the receiver waits for this stream's next message
+            _succeed_at(self.env, self.waiting.pop(pair), q[0][0])
+
+    def rank(self, r: int, ops: Sequence[tuple], stats: RankStats):
+        env, speed = self.env, self.speed[r]
+        for op in ops:
+            code = op[0]
+            if code == _C:
+                stats.compute_s += op[1] * speed
+                yield env.timeout(op[1] * speed)
+            elif code == _S:
+                stats.bytes_sent += op[2]
+                self.send(r, op[1], op[2])
+            else:  # the recvs of a run have no op between them: wait for all, then go on
+                ready = env.now
+                for src in op[1]:
+                    q = self.inbox[(src, r)]
+                    while not q or q[0][0] is None:  # not sent yet, or still on its way through the hops
+                        ev = self.waiting[(src, r)] = env.event()
+                        yield ev
+                    ready = max(ready, q.popleft()[0])  # max: a stream delivers in order
+                if ready > env.now:
+                    yield env.timeout(ready - env.now)
+        stats.finish_s = env.now
+
+
+def simulate(traces: Schedule | Sequence[Trace | dict], network: Network, wire: WireModel | None = None,
+             tcp: TcpModel | None = None, speed: float | Sequence[float] = 1.0, seed: int = 0) -> SimResult:
+    """Replay one inference: ``traces[r]`` is rank r's schedule (or a compiled ``Schedule``).
+
+    Returns simulated times in seconds.
+    ``speed`` scales compute per device (3.0: a device three times slower than this
+    host), one number for all or one per rank. ``seed`` drives sampled loss and jitter.
+    """
+    n = network.n
+    wire = WireModel() if wire is None else wire
+    tcp = TcpModel() if tcp is None else tcp
+    factors = [speed] * n if isinstance(speed, (int, float)) else list(speed)
+    check(len(factors) == n and all(isinstance(f, (int, float)) and f > 0 for f in factors),
+          "speed_factors", speed, f"a number > 0 or {n} numbers > 0 (one per node)")
+    schedule = traces if isinstance(traces, Schedule) else Schedule.from_traces(traces)
+    check(schedule.n == n, "traces", schedule.n, f"one trace per node of the topology ({n})")
+    programs = schedule.programs
+    sim = _Replay(network, wire, tcp, [float(f) for f in factors], seed)
+    stats = [RankStats(r) for r in range(n)]
+    procs = [sim.env.process(sim.rank(r, programs[r], stats[r])) for r in range(n)]
+    sim.env.run()
+    stuck = [r for r, p in enumerate(procs) if p.is_alive]
+    if stuck:  # only possible for traces whose recvs wait on each other in a cycle
+        raise ConfigError("traces", f"ranks {stuck} never finish (recv order deadlocks)", "traces of one real run")
+    return SimResult(latency_s=max(s.finish_s for s in stats), ranks=stats,
+                     bytes_sent=sum(s.bytes_sent for s in stats), bytes_on_wire=round(sim.bytes_on_wire),
+                     messages=sim.messages)

@@ -1,0 +1,239 @@
+"""Network model of the simulator: topology as data, wire overhead, first-order TCP.
+
+Everything here is pure (no SimPy): the engine asks a ``Network`` for the path of a
+message and asks ``WireModel`` / ``TcpModel`` what a message costs. Splitting it
+this way lets tests check each formula by hand.
+
+Topology conventions (the link profile of a sweep cell applies to every link):
+
+- ``star``: every host has an access link to one switch, shaped in both
+  directions. A message a->b crosses a's uplink then b's downlink, so its
+  one-way delay is ``2 * delay_ms`` and its rate the slower of the two links
+  (Mininet's star shapes both ends of each host link and composes delay per hop).
+- ``mesh``: one dedicated link per ordered host pair: one hop.
+- ``line``: hosts 0..N-1 in a chain; a message crosses every link in between.
+- ``shared_medium``: one channel carries every transmission (one Wi-Fi cell):
+  one transmitter at a time, one hop.
+
+A message uses a hop as a fluid pipe (cut-through): the hops of a path carry it
+at the same time, the last bit leaves a hop no earlier than it entered it.
+Each hop is FIFO in the order messages were issued (a busy hop delays later ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from testbed.errors import ConfigError, check
+from testbed.net.profile import LinkProfile
+
+KINDS = ("star", "mesh", "line", "shared_medium")
+
+
+@dataclass(frozen=True)
+class SimTopology:
+    """A topology the simulator can build: ``kind`` with ``n_nodes`` hosts, one profile on every link."""
+
+    kind: str
+    n_nodes: int
+    profile: LinkProfile = field(default_factory=LinkProfile)
+
+    def __post_init__(self) -> None:
+        check(self.kind in KINDS, "topology", self.kind, " | ".join(KINDS))
+        check(isinstance(self.n_nodes, int) and not isinstance(self.n_nodes, bool) and self.n_nodes >= 1,
+              "nodes", self.n_nodes, "an integer >= 1")
+        check(isinstance(self.profile, LinkProfile), "profile", self.profile, "a testbed.net.profile.LinkProfile")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One shaped link a message crosses. ``resource`` names what it queues on."""
+
+    resource: str
+    bandwidth_bps: float | None  # None: unshaped (no serialization time)
+    delay_s: float  # one-way propagation (mean)
+    jitter_s: float
+    loss: float  # probability a packet is lost on this hop, 0..1
+
+
+def _hop(resource: str, p: LinkProfile) -> Hop:
+    bw = None if p.bandwidth_mbps is None else float(p.bandwidth_mbps) * 1e6
+    return Hop(resource, bw, p.delay_ms / 1e3, p.jitter_ms / 1e3, p.loss_pct / 100.0)
+
+
+class Network:
+    """Paths between hosts of a ``SimTopology`` (or of a net.topology.Topology, see ``from_topology``)."""
+
+    def __init__(self, topology: SimTopology):
+        self.topology = topology
+        self.n = topology.n_nodes
+        self._paths: dict[tuple[int, int], tuple[Hop, ...]] = {}
+
+    def path(self, src: int, dst: int) -> tuple[Hop, ...]:
+        """Hops from host ``src`` to host ``dst`` in order."""
+        if not (0 <= src < self.n and 0 <= dst < self.n) or src == dst:
+            raise ConfigError("peer", (src, dst), f"two different ranks in [0, {self.n})")
+        key = (src, dst)
+        if key not in self._paths:
+            self._paths[key] = self._build(src, dst)
+        return self._paths[key]
+
+    def _build(self, a: int, b: int) -> tuple[Hop, ...]:
+        kind, p = self.topology.kind, self.topology.profile
+        if kind == "star":
+            return (_hop(f"up{a}", p), _hop(f"down{b}", p))
+        if kind == "mesh":
+            return (_hop(f"link{a}->{b}", p),)
+        if kind == "shared_medium":
+            return (_hop("medium", p),)
+        step = 1 if b > a else -1  # line
+        return tuple(_hop(f"link{i}->{i + step}", p) for i in range(a, b, step))
+
+    def one_way_s(self, src: int, dst: int) -> float:
+        return sum(h.delay_s for h in self.path(src, dst))
+
+    def rtt_s(self, src: int, dst: int) -> float:
+        """Base round-trip time (no queueing, no serialization), seconds."""
+        return self.one_way_s(src, dst) + self.one_way_s(dst, src)
+
+    def bottleneck_bps(self, src: int, dst: int) -> float | None:
+        rates = [h.bandwidth_bps for h in self.path(src, dst) if h.bandwidth_bps is not None]
+        return min(rates) if rates else None
+
+    def loss(self, src: int, dst: int) -> float:
+        """Probability that a packet is lost somewhere on the path (losses on hops independent)."""
+        keep = 1.0
+        for h in self.path(src, dst):
+            keep *= 1.0 - h.loss
+        return 1.0 - keep
+
+
+@dataclass(frozen=True)
+class WireModel:
+    """Bytes and fixed costs a message adds on top of its payload.
+
+    Defaults follow gRPC over TCP/IPv4 on Ethernet as the node runtime uses it:
+    per segment of ``mss_bytes`` payload, 52 bytes TCP/IP (with timestamps) + 14
+    Ethernet (htb counts the Ethernet header); HTTP/2 DATA frames of 16 KiB with 9
+    byte headers; per message a fixed header (serde header, protobuf fields, gRPC
+    5-byte prefix) and a fixed time (stack and runtime latency, not link time);
+    one ACK segment (header only) per ``ack_every`` segments in the reverse
+    direction, counted in bytes on the wire but not as link occupancy.
+    """
+
+    mss_bytes: int = 1448
+    segment_header_bytes: int = 66
+    frame_bytes: int = 16384
+    frame_header_bytes: int = 9
+    message_header_bytes: int = 64
+    per_message_s: float = 0.0
+    ack_every: int = 2
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.mss_bytes, int) and self.mss_bytes >= 1, "mss_bytes", self.mss_bytes, "an integer >= 1")
+        for name in ("segment_header_bytes", "frame_header_bytes", "message_header_bytes", "ack_every"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 0, name, v, "an integer >= 0")
+        check(isinstance(self.frame_bytes, int) and self.frame_bytes >= 1, "frame_bytes", self.frame_bytes,
+              "an integer >= 1")
+        check(isinstance(self.per_message_s, (int, float)) and self.per_message_s >= 0, "per_message_s",
+              self.per_message_s, "a number of seconds >= 0")
+
+    @classmethod
+    def none(cls) -> "WireModel":
+        """No overhead at all: the wire carries exactly the payload (the paper's model)."""
+        return cls(segment_header_bytes=0, frame_header_bytes=0, message_header_bytes=0, ack_every=0)
+
+    def stream_bytes(self, payload_bytes: int) -> int:
+        """Bytes of the TCP byte stream for one message: payload plus application framing."""
+        framed = payload_bytes + self.message_header_bytes
+        return framed + math.ceil(framed / self.frame_bytes) * self.frame_header_bytes
+
+    def segments(self, payload_bytes: int) -> int:
+        return max(1, math.ceil(self.stream_bytes(payload_bytes) / self.mss_bytes))
+
+    def wire_bytes(self, payload_bytes: int) -> int:
+        """Bytes the message puts on the forward link (stream plus per-segment headers)."""
+        return self.stream_bytes(payload_bytes) + self.segments(payload_bytes) * self.segment_header_bytes
+
+    def ack_bytes(self, payload_bytes: int) -> int:
+        """Bytes of ACKs the receiver sends back for the message."""
+        if self.ack_every == 0:
+            return 0
+        return math.ceil(self.segments(payload_bytes) / self.ack_every) * self.segment_header_bytes
+
+
+TCP_MODES = ("steady", "slow_start")
+LOSS_MODES = ("expected", "sampled")
+
+
+@dataclass(frozen=True)
+class TcpModel:
+    """First-order TCP: start-up and loss.
+
+    ``mode``:
+      - ``slow_start`` (default): each connection (ordered host pair, one
+        persistent gRPC stream) starts with ``initial_window_segments`` and doubles
+        per RTT until its window covers the bandwidth-delay product; after an idle
+        gap longer than the RTO the window falls back to the initial one, as Linux
+        does with ``tcp_slow_start_after_idle=1``. Within a busy inference (gaps
+        shorter than 200 ms) connections stay open, so this mostly costs the first
+        messages of an inference and matters when the BDP exceeds 10 segments.
+      - ``steady``: every message is sent at the bottleneck rate (no start-up).
+    Slow start stretches a message's latency but not its link occupancy: the gaps
+    between rounds can carry other flows of the same link.
+
+    ``loss_mode`` (with path loss probability p per packet):
+      - ``expected``: deterministic expected cost; ``sampled``: drawn per message
+        from a seeded generator (repetitions differ like real runs do).
+      A lost segment among the last 3 of a message (no 3 duplicate ACKs can follow)
+      waits for an RTO of max(``min_rto_s``, RTT); earlier losses are repaired by
+      fast retransmit, and their cost is the window halving, taken as the Mathis
+      et al. (1997) rate bound MSS/RTT * sqrt(3/(2p)). Retransmitted bytes are
+      added to the wire bytes (1/(1-p) in expectation).
+    """
+
+    mode: str = "slow_start"
+    initial_window_segments: int = 10
+    min_rto_s: float = 0.2
+    loss_mode: str = "sampled"
+    dupack_threshold: int = 3
+
+    def __post_init__(self) -> None:
+        check(self.mode in TCP_MODES, "tcp_mode", self.mode, " | ".join(TCP_MODES))
+        check(self.loss_mode in LOSS_MODES, "loss_mode", self.loss_mode, " | ".join(LOSS_MODES))
+        check(isinstance(self.initial_window_segments, int) and self.initial_window_segments >= 1,
+              "initial_window_segments", self.initial_window_segments, "an integer >= 1")
+        check(isinstance(self.min_rto_s, (int, float)) and self.min_rto_s >= 0, "min_rto_s", self.min_rto_s,
+              "a number of seconds >= 0")
+        check(isinstance(self.dupack_threshold, int) and self.dupack_threshold >= 1, "dupack_threshold",
+              self.dupack_threshold, "an integer >= 1")
+
+    def rto_s(self, rtt_s: float) -> float:
+        return max(self.min_rto_s, rtt_s)
+
+
+def slow_start_extra_s(segments: int, cwnd: float, rtt_s: float, rate_segments_per_s: float | None
+                       ) -> tuple[float, float]:
+    """Extra time over steady-state sending of ``segments`` starting from window ``cwnd``.
+
+    Round i sends ``cwnd * 2**i`` segments and waits one RTT for their ACKs, until the
+    window reaches the bandwidth-delay product (then the pipe is full and the rest
+    goes at ``rate``). Returns (extra seconds, window afterwards in segments).
+    """
+    bdp = math.inf if rate_segments_per_s is None else rate_segments_per_s * rtt_s
+    sent, t, w = 0.0, 0.0, float(cwnd)
+    while w < bdp and sent + w < segments:
+        sent += w
+        t += rtt_s
+        w *= 2
+    extra = t if rate_segments_per_s is None else t - sent / rate_segments_per_s
+    return max(0.0, extra), w
+
+
+def mathis_rate_bps(mss_bytes: int, rtt_s: float, loss: float) -> float:
+    """Steady-state TCP throughput bound under random loss (Mathis et al. 1997), bits/s."""
+    if loss <= 0 or rtt_s <= 0:
+        return math.inf
+    return mss_bytes * 8 / rtt_s * math.sqrt(1.5 / loss)

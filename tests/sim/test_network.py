@@ -1,0 +1,62 @@
+"""Pure parts of the network model: paths, wire bytes, slow start, loss bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from testbed.errors import ConfigError
+from testbed.net.profile import LinkProfile
+from testbed.sim.network import Network, SimTopology, WireModel, mathis_rate_bps, slow_start_extra_s
+
+
+def test_paths_per_topology():
+    p = LinkProfile(10, 5, loss_pct=1)
+    star = Network(SimTopology("star", 3, p))
+    assert [h.resource for h in star.path(0, 2)] == ["up0", "down2"]
+    assert star.one_way_s(0, 2) == pytest.approx(0.010)
+    assert star.rtt_s(0, 2) == pytest.approx(0.020)
+    assert star.loss(0, 2) == pytest.approx(1 - 0.99**2)
+    assert star.bottleneck_bps(0, 2) == 10e6
+    assert [h.resource for h in Network(SimTopology("mesh", 3, p)).path(2, 0)] == ["link2->0"]
+    assert [h.resource for h in Network(SimTopology("shared_medium", 3, p)).path(1, 2)] == ["medium"]
+    assert [h.resource for h in Network(SimTopology("line", 4, p)).path(3, 1)] == ["link3->2", "link2->1"]
+    assert Network(SimTopology("star", 2)).bottleneck_bps(0, 1) is None
+
+
+def test_path_rejects_bad_ranks():
+    star = Network(SimTopology("star", 2))
+    for a, b in [(0, 0), (0, 2), (-1, 1)]:
+        with pytest.raises(ConfigError):
+            star.path(a, b)
+
+
+def test_wire_bytes_by_hand():
+    w = WireModel()
+    # 100 payload + 64 header = 164 stream bytes + one 9-byte frame header = 173, one segment
+    assert w.stream_bytes(100) == 173
+    assert w.segments(100) == 1
+    assert w.wire_bytes(100) == 173 + 66
+    assert w.ack_bytes(100) == 66
+    assert w.segments(0) == 1  # an empty message still sends its header
+    none = WireModel.none()
+    assert none.wire_bytes(12345) == 12345 and none.ack_bytes(12345) == 0
+
+
+def test_slow_start_rounds():
+    # unlimited rate: 10, 20, 40 segments in three rounds before the 4th round carries the rest of 100
+    extra, w = slow_start_extra_s(100, 10, 0.01, None)
+    assert extra == pytest.approx(0.03) and w == 80
+    # window already past the BDP: no extra
+    assert slow_start_extra_s(1000, 64, 0.01, 1000.0) == (0.0, 64)
+    # a message that fits the first window: no extra
+    assert slow_start_extra_s(5, 10, 0.01, 100.0)[0] == 0.0
+    # rate 1000 seg/s, RTT 0.1 s: BDP 100 segments; rounds of 10, 20, 40, 80 (150 sent in 0.4 s), then full rate
+    extra, w = slow_start_extra_s(1000, 10, 0.1, 1000.0)
+    assert extra == pytest.approx(0.4 - 150 / 1000.0) and w == 160
+
+
+def test_mathis_bound():
+    assert mathis_rate_bps(1448, 0.02, 0.0) == math.inf
+    assert mathis_rate_bps(1448, 0.02, 0.01) == pytest.approx(1448 * 8 / 0.02 * math.sqrt(150))
