@@ -1,1 +1,37 @@
-"""Inference methods: each turns a model into the work of one rank (see ASTRA.md)."""
+"""Inference methods: each turns a model into the work of one rank (see /work/shared/ASTRA.md).
+
+``build_method(name, model, params, rank, world_size, comm, tokens, codebook_path)`` returns a
+Method whose ``forward(inp)`` runs that rank's part and returns the output on ``output_rank``.
+Methods talk to other ranks only through the Communicator; ``analytic_bytes`` states what they send.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from testbed.comm.base import Communicator
+from testbed.errors import ConfigError
+from testbed.methods.astra import Astra
+from testbed.methods.base import Method, token_chunks
+from testbed.methods.block_parallel import BlockParallel, decoupled_reference
+from testbed.methods.sequence_parallel import SequenceParallel, SequenceParallelInt8
+from testbed.methods.single import Single
+from testbed.methods.tensor_parallel import TensorParallel
+
+METHODS = ("single", "tensor_parallel", "sequence_parallel", "sequence_parallel_int8", "block_parallel", "astra")
+_CLASSES: dict[str, type[Method]] = {c.name: c for c in (Single, TensorParallel, SequenceParallel,
+                                                          SequenceParallelInt8, BlockParallel, Astra)}
+
+
+def build_method(name: str, model, params: dict[str, Any] | None, rank: int, world_size: int, comm: Communicator,
+                 tokens: int, codebook_path: str | None = None) -> Method:
+    """Rank ``rank``'s share of method ``name`` on ``model`` for inputs of ``tokens`` tokens."""
+    if name not in _CLASSES:
+        raise ConfigError("method", name, ", ".join(METHODS))
+    if codebook_path is not None and name != "astra":
+        raise ConfigError("codebook_path", codebook_path, "None unless method is 'astra'")
+    return _CLASSES[name](model, params or {}, rank, world_size, comm, tokens, codebook_path)
+
+
+__all__ = ["METHODS", "build_method", "Method", "token_chunks", "decoupled_reference", "Single", "TensorParallel",
+           "SequenceParallel", "SequenceParallelInt8", "BlockParallel", "Astra"]

@@ -139,15 +139,20 @@ def kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 0) -> torch.Ten
 # -- codebooks from a model ----------------------------------------------------------------
 @torch.inference_mode()
 def block_inputs(model, inp: torch.Tensor) -> list[torch.Tensor]:
-    """The LN1 outputs h = LN1(x) of every block of a single-device forward: L tensors [B, T, D]."""
-    seen: list[torch.Tensor] = []
-    hooks = [b.ln1.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
-             for b in model.blocks]
-    try:
-        model(inp)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    """The LN1 outputs h = LN1(x) of every block of a single-device forward: L tensors [B, T, D].
+
+    Runs the blocks by hand rather than with forward hooks: ranks in one process share the model,
+    and a hook would also fire for the other ranks' forwards.
+    """
+    from testbed.models.layers import causal_mask
+
+    x = model.embed(inp)
+    T = x.shape[1]
+    mask = causal_mask(torch.arange(T), torch.arange(T)) if model.causal else None
+    seen = []
+    for block in model.blocks:
+        seen.append(block.ln1(x))
+        x = block(x, mask)
     return seen
 
 

@@ -1,0 +1,196 @@
+"""ASTRA (Liu, Zhang, Ganesan, Guan, arXiv 2505.19342): sequence parallelism with vector-quantized
+exchange and mixed-precision attention. /work/shared/ASTRA.md steps 1-7 is the spec:
+
+1. Tokens split into N contiguous chunks (sizes differ by at most one); all weights everywhere.
+2. ViT with ``dct`` (Distributed Class Tokens): each rank prepends its own copy of the CLS token
+   to its chunk of PATCH tokens; CLS copies are never exchanged inside the blocks; at the end the N
+   final CLS vectors are all-gathered ([B, D] fp32 each) and averaged before the classifier.
+   Without ``dct`` the CLS token is token 0 of rank 0's chunk and is quantized like any token.
+3-4. Per block, h = LN1(x_local); the local non-CLS tokens are split into G groups, each replaced
+   by the index of its nearest codebook entry (vq.quantize), bit-packed to b = ceil(log2 K) bits
+   (vq.pack_codes) behind an 8-byte header, and all-gathered: ONE round per block, per rank
+   ceil(B*t_local*G*b/8) + 8 bytes to each peer.
+5. Receivers look codes up in their own codebook copy (h^) and compute K^ = h^ Wk, V^ = h^ Wv;
+   local queries attend over [local K, V in full precision || non-local K^, V^], with the global
+   causal mask for GPT-2.
+6. Output projection, residual, LN2 and MLP on local tokens only.
+7. Output on rank 0 (ViT) or on the last rank (GPT-2 prefill: logits of the last prompt token).
+
+Params: ``groups`` (G, default 1), ``codebook_size`` (K, default 1024), ``dct`` (default True for
+ViT; GPT-2 has no CLS token), ``lookup_tables`` ("auto", True, False): since h^ is a sum of
+per-group codebook entries, K^ = sum_g T_k[g, code_g] + b_k with tables T_k[g] = C_g Wk[:, g]^T
+[G, K, D] precomputed at build time; this is the same math as the direct path (tested) and turns
+the K/V projection of non-local tokens into lookups. "auto" uses tables when they fit in 256 MiB
+for the whole model. ``calibration_samples``: inputs for k-means when no codebook file is given.
+Codebooks come from ``codebook_path`` (vq.load_codebooks; G and K then default to the file's) or,
+if None, from vq.calibrate_codebooks at build time (deterministic, but every rank repeats it: the
+runner should compute them once and pass the path).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+import torch
+
+from testbed.errors import CommError, check
+from testbed.methods import vq
+from testbed.methods.base import FP32_BYTES, Method, all_gather_bytes, global_mask, packed_bytes, token_chunks
+from testbed.models.layers import attend
+
+HEADER = struct.Struct("<BBHI")  # version, bits per code, groups, number of token vectors (B*t)
+HEADER_BYTES = HEADER.size  # 8
+_VERSION = 1
+_TABLE_BUDGET_BYTES = 256 << 20
+
+
+class Astra(Method):
+    name = "astra"
+    DEFAULTS: dict[str, Any] = {"groups": None, "codebook_size": None, "dct": None, "lookup_tables": "auto",
+                                "calibration_samples": 2}
+
+    def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
+        super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
+        self._resolve_params(codebook_path)
+        p, L, D = self.params, self.cfg.n_layers, self.cfg.dim
+        self.groups, self.codebook_size, self.dct = p["groups"], p["codebook_size"], p["dct"]
+        self.bits = vq.code_bits(self.codebook_size)
+        self.cls = 1 if self.dct else 0  # leading local tokens that are never exchanged
+        if self.dct:
+            check(world_size <= tokens - 1, "world_size", world_size,
+                  f"1..{tokens - 1}: at most one rank per patch token (tokens={tokens} incl. CLS)")
+        self.chunks = token_chunks(tokens - self.cls, world_size)  # over exchanged tokens
+        self.output_rank = world_size - 1 if model.causal else 0
+        self.codebooks = self._codebooks(codebook_path, tokens)
+        self.tables = self._tables() if self._use_tables() else None
+        self.vq_s = {"encode_s": 0.0, "decode_s": 0.0}  # VQ time of the last forward
+
+    # -- build --------------------------------------------------------------------------------
+    def _resolve_params(self, codebook_path: str | None) -> None:
+        p, D, vit = self.params, self.cfg.dim, self.cfg.kind == "vit"
+        self._file = vq.load_codebooks(codebook_path) if codebook_path else None
+        if self._file is not None:
+            cb = self._file[0]
+            vq.check_codebooks(cb, self.cfg.n_layers, D, "codebook_path")
+            for key, have in (("groups", cb.shape[1]), ("codebook_size", cb.shape[2])):
+                check(p[key] in (None, have), key, p[key], f"{have} (the codebook file {codebook_path!r} has {key}={have})")
+                p[key] = have
+        p["groups"] = 1 if p["groups"] is None else p["groups"]
+        p["codebook_size"] = 1024 if p["codebook_size"] is None else p["codebook_size"]
+        check(isinstance(p["groups"], int) and not isinstance(p["groups"], bool) and p["groups"] >= 1
+              and D % p["groups"] == 0, "groups", p["groups"], f"a positive divisor of the hidden size D={D}")
+        check(isinstance(p["codebook_size"], int) and not isinstance(p["codebook_size"], bool)
+              and 2 <= p["codebook_size"] <= 1 << 24, "codebook_size", p["codebook_size"], "an integer K in 2..2^24")
+        p["dct"] = vit if p["dct"] is None else p["dct"]
+        check(p["dct"] in (True, False), "dct", p["dct"], "true or false")
+        check(vit or not p["dct"], "dct", p["dct"], "false for GPT-2 (Distributed Class Tokens need a CLS token)")
+        check(p["lookup_tables"] in ("auto", True, False), "lookup_tables", p["lookup_tables"], "'auto', true or false")
+        n = p["calibration_samples"]
+        check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "calibration_samples", n, "an integer >= 1")
+
+    def _codebooks(self, codebook_path: str | None, tokens: int) -> torch.Tensor:
+        if self._file is not None:
+            return self._file[0].contiguous()
+        return vq.calibrate_codebooks(self.model, self.groups, self.codebook_size, tokens,
+                                      n_samples=self.params["calibration_samples"])
+
+    def _use_tables(self) -> bool:
+        want = self.params["lookup_tables"]
+        size = 2 * self.cfg.n_layers * self.groups * self.codebook_size * self.cfg.dim * FP32_BYTES
+        return want is True or (want == "auto" and size <= _TABLE_BUDGET_BYTES)
+
+    @torch.no_grad()
+    def _tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block (T_k, T_v), each [G*K, D]: row g*K + c = C[g, c] @ W[:, g-th D/G columns]^T."""
+        G, K, d = self.codebooks.shape[1:]
+        out = []
+        for l, blk in enumerate(self.model.blocks):
+            cb = self.codebooks[l]  # (G, K, d)
+            pair = []
+            for lin in (blk.attn.k, blk.attn.v):
+                w = lin.weight.T.reshape(G, d, -1)  # (G, d, D): input rows of group g
+                pair.append(torch.bmm(cb, w).reshape(G * K, -1))  # (G*K, D)
+            out.append(tuple(pair))
+        return out
+
+    # -- one inference --------------------------------------------------------------------------
+    def _local_embed(self, inp: torch.Tensor) -> torch.Tensor:
+        s, e = self.chunks[self.rank]
+        if self.cfg.kind == "gpt2":
+            return self.model.embed_positions(inp[:, s:e], s)
+        emb = self.model.embed(inp)  # (B, T, D): every rank holds the image; see base.embed_range
+        if self.dct:
+            return torch.cat([emb[:, :1], emb[:, 1 + s:1 + e]], dim=1)  # own CLS copy + own patches
+        return emb[:, s:e]
+
+    def encode(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Local non-CLS tokens h [B, t, D] -> the uint8 message: header + packed codes."""
+        codes = vq.quantize(h, self.codebooks[layer]).reshape(-1, self.groups)
+        head = torch.frombuffer(bytearray(HEADER.pack(_VERSION, self.bits, self.groups, codes.shape[0])), dtype=torch.uint8)
+        return torch.cat([head, vq.pack_codes(codes, self.bits)])
+
+    def decode_kv(self, msg: torch.Tensor, layer: int, B: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A peer's message -> its tokens' K^, V^ [B, t, D] (from our own codebook copy)."""
+        got = HEADER.unpack(bytes(msg[:HEADER_BYTES].tolist()))
+        if got != (_VERSION, self.bits, self.groups, B * t):
+            raise CommError(f"rank {self.rank}: astra message header {got} != expected "
+                            f"{(_VERSION, self.bits, self.groups, B * t)} (version, bits, groups, vectors)")
+        codes = vq.unpack_codes(msg[HEADER_BYTES:], B * t, self.groups, self.bits)  # (B*t, G)
+        blk = self.model.blocks[layer]
+        if self.tables is None:
+            h_hat = vq.dequantize(codes, self.codebooks[layer]).view(B, t, -1)
+            return blk.attn.k(h_hat), blk.attn.v(h_hat)
+        rows = codes + torch.arange(self.groups) * self.codebook_size  # (B*t, G) rows of the [G*K, D] tables
+        tk, tv = self.tables[layer]
+        k = tk[rows].sum(1) + blk.attn.k.bias
+        v = tv[rows].sum(1) + blk.attn.v.bias
+        return k.view(B, t, -1), v.view(B, t, -1)
+
+    def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
+        x = self._local_embed(inp)  # (B, cls + t, D)
+        B, c = x.shape[0], self.cls
+        s, e = self.chunks[self.rank]
+        mask = global_mask(self.model, s, e, self.tokens) if self.model.causal else None
+        self.vq_s = {"encode_s": 0.0, "decode_s": 0.0}
+        for l, blk in enumerate(self.model.blocks):
+            a = blk.attn
+            h = blk.ln1(x)
+            t0 = time.perf_counter()
+            msg = self.encode(h[:, c:], l)
+            self.vq_s["encode_s"] += time.perf_counter() - t0
+            got = self.comm.all_gather(msg)
+            k_loc, v_loc = a.k(h), a.v(h)  # full precision, CLS copy included
+            ks, vs = [k_loc[:, :c]], [v_loc[:, :c]]
+            t0 = time.perf_counter()
+            for r, (cs, ce) in enumerate(self.chunks):
+                kv = (k_loc[:, c:], v_loc[:, c:]) if r == self.rank else self.decode_kv(got[r], l, B, ce - cs)
+                ks.append(kv[0])
+                vs.append(kv[1])
+            self.vq_s["decode_s"] += time.perf_counter() - t0
+            x = x + a.o(attend(a.q(h), torch.cat(ks, 1), torch.cat(vs, 1), a.head_dim, mask))
+            x = x + blk.mlp(blk.ln2(x))
+        return self._output(x)
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.dct:
+            cls = torch.stack(self.comm.all_gather(x[:, 0].contiguous())).mean(0)  # (B, D): N copies averaged
+            return self.model.output(cls) if self.rank == self.output_rank else None
+        if self.rank != self.output_rank:
+            return None
+        s, _ = self.chunks[self.rank]
+        return self.model.output(x[:, self.model.output_index(self.tokens) - s])
+
+    # -- volume ---------------------------------------------------------------------------------
+    def payload_bytes(self, t_local: int, batch: int = 1) -> int:
+        """Bytes of one block's message for t_local exchanged tokens: header + packed codes."""
+        return HEADER_BYTES + packed_bytes(batch * t_local * self.groups, self.bits)
+
+    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
+        N = self.world_size
+        s, e = token_chunks(tokens - self.cls, N)[self.rank]
+        blocks = [all_gather_bytes(self.payload_bytes(e - s, batch), N)] * self.cfg.n_layers
+        final = all_gather_bytes(batch * self.cfg.dim * FP32_BYTES, N) if self.dct else 0
+        return {"per_block": blocks, "final": final, "total": sum(blocks) + final}
+

@@ -1,0 +1,99 @@
+"""Sequence parallelism: tokens split over N ranks in contiguous chunks; every rank holds all weights.
+
+Per block, each rank normalizes its own tokens (h = LN1(x_local)), all-gathers h, computes its
+queries from its own h and keys/values from the gathered h of all T tokens, then runs the output
+projection, residual, LN2 and MLP on its own tokens only: one all-gather per block. GPT-2 uses the
+global causal mask (a rank's queries see earlier chunks and earlier local tokens). The output stays
+on the rank that holds ``model.output_index(T)``: the CLS token (rank 0) for ViT, the last prompt
+token (last rank) for GPT-2, so no final gather is needed.
+
+``sequence_parallel_int8`` (the compressed baseline of ASTRA.md) sends h as int8 with one fp32
+absmax scale per token, packed into ONE uint8 tensor per block ([B*t*D] int8 bytes then [B*t]
+fp32 scales); receivers dequantize, local tokens keep full precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from testbed.methods.base import (FP32_BYTES, Method, all_gather_bytes, embed_range, global_mask, n_tokens,
+                                  token_chunks)
+from testbed.models.layers import attend
+
+
+def int8_encode(h: torch.Tensor) -> torch.Tensor:
+    """h [B, t, D] float -> uint8 [B*t*D + 4*B*t]: int8 values (round(h / s)), then the per-token
+    fp32 scales s = max|h| / 127 (a zero token gets s = 1 so that it decodes to zeros)."""
+    scale = h.abs().amax(-1, keepdim=True) / 127.0  # (B, t, 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+    q = torch.round(h / scale).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q.reshape(-1).view(torch.uint8), scale.reshape(-1).view(torch.uint8)])
+
+
+def int8_decode(buf: torch.Tensor, B: int, t: int, D: int) -> torch.Tensor:
+    """Inverse of int8_encode -> float32 [B, t, D]."""
+    n = B * t * D
+    q = buf[:n].view(torch.int8).reshape(B, t, D).float()
+    scale = buf[n:n + FP32_BYTES * B * t].clone().view(torch.float32).reshape(B, t, 1)
+    return q * scale
+
+
+class SequenceParallel(Method):
+    name = "sequence_parallel"
+    DEFAULTS: dict[str, Any] = {}
+
+    def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
+        super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
+        self.chunks = token_chunks(tokens, world_size)
+        out = model.output_index(tokens)
+        self.output_rank = next(r for r, (s, e) in enumerate(self.chunks) if s <= out < e)
+
+    # the exchanged form of h: fp32 as is (int8 overrides these)
+    def _encode(self, h: torch.Tensor) -> torch.Tensor:
+        return h.contiguous()
+
+    def _decode(self, payload: torch.Tensor, B: int, t: int) -> torch.Tensor:
+        return payload
+
+    def _payload_bytes(self, B: int, t: int) -> int:
+        return B * t * self.cfg.dim * FP32_BYTES
+
+    def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
+        T = n_tokens(self.model, inp)
+        chunks = token_chunks(T, self.world_size)
+        s, e = chunks[self.rank]
+        x = embed_range(self.model, inp, s, e)  # (B, t, D)
+        B = x.shape[0]
+        mask = global_mask(self.model, s, e, T)
+        for block in self.model.blocks:
+            a = block.attn
+            h = block.ln1(x)
+            got = self.comm.all_gather(self._encode(h))
+            hs = [h if r == self.rank else self._decode(p, B, ce - cs) for r, (p, (cs, ce)) in enumerate(zip(got, chunks))]
+            h_all = torch.cat(hs, dim=1)  # (B, T, D), global token order
+            x = x + a.o(attend(a.q(h), a.k(h_all), a.v(h_all), a.head_dim, mask))
+            x = x + block.mlp(block.ln2(x))
+        if self.rank != self.output_rank:
+            return None
+        return self.model.output(x[:, self.model.output_index(T) - s])
+
+    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
+        s, e = token_chunks(tokens, self.world_size)[self.rank]
+        per = all_gather_bytes(self._payload_bytes(batch, e - s), self.world_size)
+        blocks = [per] * self.cfg.n_layers
+        return {"per_block": blocks, "total": sum(blocks)}
+
+
+class SequenceParallelInt8(SequenceParallel):
+    name = "sequence_parallel_int8"
+
+    def _encode(self, h: torch.Tensor) -> torch.Tensor:
+        return int8_encode(h)
+
+    def _decode(self, payload: torch.Tensor, B: int, t: int) -> torch.Tensor:
+        return int8_decode(payload, B, t, self.cfg.dim)
+
+    def _payload_bytes(self, B: int, t: int) -> int:
+        return B * t * (self.cfg.dim + FP32_BYTES)

@@ -1,0 +1,64 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019): heads and MLP columns split over N ranks.
+
+Per block, each rank computes q/k/v for its H/N heads and the matching columns of the output
+projection, then one ring all-reduce of the partial [B, T, D] sums; likewise the MLP's fc1 rows
+(hidden units) and fc2 columns, then a second all-reduce. Biases that follow a reduction are
+added once, after it. Embeddings, LayerNorms and the head are replicated; every rank ends with
+the full output and rank 0 returns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from testbed.methods.base import FP32_BYTES, Method, check_divides_heads, global_mask, ring_all_reduce_bytes
+from testbed.models.layers import attend
+
+
+class _Shard:
+    """One block's weights for one rank: q/k/v rows and o columns of its heads, fc1 rows and fc2
+    columns of its hidden units (copies, so a rank holds only its share)."""
+
+    def __init__(self, block, rank: int, world_size: int):
+        D, mlp = block.attn.q.weight.shape[0], block.mlp.fc1.weight.shape[0]
+        cols = slice(rank * D // world_size, (rank + 1) * D // world_size)  # its heads' q/k/v output dims
+        hid = torch.tensor_split(torch.arange(mlp), world_size)[rank]  # its MLP hidden units
+        a, m = block.attn, block.mlp
+        self.ln1, self.ln2, self.act, self.head_dim = block.ln1, block.ln2, m.act, a.head_dim
+        self.wq, self.bq = a.q.weight[cols].clone(), a.q.bias[cols].clone()
+        self.wk, self.bk = a.k.weight[cols].clone(), a.k.bias[cols].clone()
+        self.wv, self.bv = a.v.weight[cols].clone(), a.v.bias[cols].clone()
+        self.wo, self.bo = a.o.weight[:, cols].clone(), a.o.bias.detach().clone()
+        self.w1, self.b1 = m.fc1.weight[hid].clone(), m.fc1.bias[hid].clone()
+        self.w2, self.b2 = m.fc2.weight[:, hid].clone(), m.fc2.bias.detach().clone()
+
+
+class TensorParallel(Method):
+    name = "tensor_parallel"
+    DEFAULTS: dict[str, Any] = {}
+
+    def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
+        super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
+        check_divides_heads(self.cfg, world_size)
+        with torch.no_grad():
+            self.shards = [_Shard(b, rank, world_size) for b in model.blocks]
+
+    def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
+        x = self.model.embed(inp)  # (B, T, D), replicated
+        T = x.shape[1]
+        mask = global_mask(self.model, 0, T, T)
+        for s in self.shards:
+            h = s.ln1(x)
+            y = attend(F.linear(h, s.wq, s.bq), F.linear(h, s.wk, s.bk), F.linear(h, s.wv, s.bv), s.head_dim, mask)
+            x = x + self.comm.all_reduce(F.linear(y, s.wo)) + s.bo  # (B, T, D) partial sums over heads
+            u = s.act(F.linear(s.ln2(x), s.w1, s.b1))  # (B, T, mlp/N)
+            x = x + self.comm.all_reduce(F.linear(u, s.w2)) + s.b2
+        return self.model.output(x[:, self.model.output_index(T)]) if self.rank == self.output_rank else None
+
+    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
+        per = 2 * ring_all_reduce_bytes(batch * tokens * self.cfg.dim, FP32_BYTES, self.world_size, self.rank)
+        blocks = [per] * self.cfg.n_layers
+        return {"per_block": blocks, "total": sum(blocks)}
