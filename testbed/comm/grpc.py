@@ -1,0 +1,316 @@
+"""gRPC transport: the Communicator's two primitives over persistent peer streams.
+
+Every pair of ranks shares one bidirectional ``Peer.Exchange`` stream for the
+whole job; the lower rank dials, the higher rank's server accepts (routed by job
+id and rank through a :class:`PeerHub`). Each end of a stream is a :class:`_Link`:
+
+- sending: ``_post`` only queues the message; the stream's sender thread (gRPC's
+  request consumer on the dialling side, a server worker on the accepting side)
+  cuts it into chunks as it goes, so the caller never waits for the receiver;
+- receiving: a reader thread reassembles chunks into messages in a per-peer inbox;
+  ``_take`` waits on that inbox with the deadline ``timeout_s``.
+
+Failures are surfaced at once rather than at the deadline: when any stream of a
+communicator breaks (peer killed, connection reset, keepalive timeout) every
+waiting and later ``_take`` raises a CommError naming the peer, its address and
+what happened. Peers are probed at construction with ``connect_timeout_s``, so a
+wrong or unreachable address fails the job load, not its first collective.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Iterator, Sequence
+
+import grpc
+
+from testbed.comm.base import Communicator, check_tag
+from testbed.errors import CommError
+from testbed.node import serde
+from testbed.node.channels import CHUNK_BYTES, DATA_CHANNEL_OPTIONS, make_server
+from testbed.proto import peer_pb2_grpc
+
+_STOP = object()  # outbound sentinel: end the stream
+_BROKEN = object()  # inbound sentinel: the job is broken (any stream broke); see .failure
+_CLOSED = object()  # inbound sentinel: this peer ended its stream cleanly (its job is over)
+
+
+class _Link:
+    """This rank's end of the stream shared with one peer."""
+
+    def __init__(self, comm: "GrpcCommunicator", peer: int):
+        self.comm, self.peer = comm, peer
+        self.outq: queue.SimpleQueue = queue.SimpleQueue()  # (tag, bytes) | _STOP
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (tag, bytes) | _BROKEN
+        self.ready = threading.Event()  # the peer's Hello arrived
+        self.done = threading.Event()  # the reader saw the stream end
+        self.call: grpc.Future | None = None  # dialling side: the RPC, to cancel on abort
+        self.context: grpc.ServicerContext | None = None  # accepting side: the RPC, to cancel on abort
+        self._buf: bytearray | None = None  # message being reassembled
+        self._next = 0  # index of the next chunk expected
+
+    def outgoing(self) -> Iterator:
+        """Frames for the stream: our Hello, then every queued message, until _STOP."""
+        c = self.comm
+        yield serde.hello_frame(c.job_id, c.rank, self.peer)
+        while True:
+            item = self.outq.get()
+            if item is _STOP:
+                return
+            tag, data = item
+            yield from serde.chunk_frames(c.rank, tag, data, c.chunk_bytes)
+
+    def read(self, frames: Iterator) -> None:
+        """Reader thread: deliver the peer's frames until its stream ends or breaks."""
+        try:
+            for frame in frames:
+                self._deliver(serde.read_frame(frame))
+        except grpc.RpcError as e:  # reset, cancelled by an aborting peer, keepalive timeout
+            self.comm._link_broke(self, f"stream broke: {_rpc_text(e)}")
+        except Exception as e:  # noqa: BLE001 - a malformed frame breaks the job like a reset
+            self.comm._link_broke(self, f"bad frame: {e}")
+        else:  # the peer ended its side cleanly (its job is over): end ours, keep what arrived
+            self.inbox.put(_CLOSED)
+            self.outq.put(_STOP)
+        finally:
+            self.done.set()
+
+    def _deliver(self, msg: serde.Hello | serde.Chunk) -> None:
+        if isinstance(msg, serde.Hello):
+            if (msg.src, msg.dst, msg.job_id) != (self.peer, self.comm.rank, self.comm.job_id):
+                raise ValueError(f"hello from rank {msg.src} to {msg.dst} for job {msg.job_id!r} "
+                                 f"on the link to rank {self.peer}")
+            self.ready.set()
+            return
+        if msg.src != self.peer or msg.index != self._next:
+            raise ValueError(f"chunk {msg.index}/{msg.count} from rank {msg.src}, expected chunk {self._next} "
+                             f"from rank {self.peer}")
+        if msg.count == 1:
+            self.inbox.put((msg.tag, msg.payload))
+            return
+        if msg.index == 0:
+            self._buf = bytearray(msg.total_bytes)
+        off = msg.index * self.comm.chunk_bytes
+        self._buf[off:off + len(msg.payload)] = msg.payload  # type: ignore[index]
+        self._next += 1
+        if self._next == msg.count:
+            self.inbox.put((msg.tag, self._buf))
+            self._buf, self._next = None, 0
+
+
+class GrpcCommunicator(Communicator):
+    """One rank's Communicator over gRPC peer streams.
+
+    ``addresses``: the data-plane host:port of every rank, in rank order (this rank's
+    own entry is where its ``hub`` is served). ``timeout_s``: deadline of each wait
+    for a peer's message; ``connect_timeout_s``: deadline for reaching every peer
+    and opening every stream, at construction. ``chunk_bytes``: largest payload per
+    frame (both ends of a job must use the same value).
+    """
+
+    def __init__(self, rank: int, addresses: Sequence[str], hub: "PeerHub", job_id: str,
+                 timeout_s: float = 120.0, connect_timeout_s: float = 10.0, chunk_bytes: int = CHUNK_BYTES):
+        super().__init__(rank, len(addresses), timeout_s)
+        self.addresses, self.hub, self.job_id = list(addresses), hub, job_id
+        self.connect_timeout_s, self.chunk_bytes = connect_timeout_s, chunk_bytes
+        self.links = {p: _Link(self, p) for p in range(self.world_size) if p != rank}
+        self.failure: str | None = None
+        self._channels: list[grpc.Channel] = []
+        self._closed = False
+        self._lock = threading.Lock()
+        hub.register(job_id, rank, self)
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def peer_name(self, rank: int) -> str:
+        return f"rank {rank} at {self.addresses[rank]}"
+
+    # -- set-up -------------------------------------------------------------------
+    def _connect(self) -> None:
+        """Probe every peer, dial the higher ranks, wait for every stream's Hello."""
+        deadline = time.monotonic() + self.connect_timeout_s
+        probes = {p: grpc.insecure_channel(self.addresses[p], options=DATA_CHANNEL_OPTIONS) for p in self.links}
+        self._channels += probes.values()
+        futures = {p: grpc.channel_ready_future(ch) for p, ch in probes.items()}
+        unreachable = []
+        for p, fut in futures.items():
+            try:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except grpc.FutureTimeoutError:
+                unreachable.append(self.peer_name(p))
+        if unreachable:
+            raise CommError(f"rank {self.rank}: cannot reach {', '.join(unreachable)} "
+                            f"within {self.connect_timeout_s:g} s (no gRPC server answers there)")
+        for p, link in self.links.items():
+            if p > self.rank:  # the lower rank of a pair dials; the probe channel becomes the stream's
+                link.call = peer_pb2_grpc.PeerStub(probes[p]).Exchange(link.outgoing())
+                link.call.add_done_callback(lambda _f, q=link.outq: q.put(_STOP))
+                self._start_reader(link, link.call)
+            else:
+                probes[p].close()  # the peer dials us; the probe only proved it is reachable
+        for p, link in self.links.items():
+            if not link.ready.wait(max(0.0, deadline - time.monotonic())):
+                raise CommError(f"rank {self.rank}: no stream with {self.peer_name(p)} within "
+                                f"{self.connect_timeout_s:g} s (is it loaded with job {self.job_id!r}?)")
+            if self.failure:
+                raise CommError(f"rank {self.rank}: {self.failure}")
+
+    def _start_reader(self, link: _Link, frames: Iterator) -> None:
+        threading.Thread(target=link.read, args=(frames,), daemon=True,
+                         name=f"peer-read-{self.rank}<-{link.peer}").start()
+
+    def accept(self, hello: serde.Hello, frames: Iterator, context: grpc.ServicerContext) -> Iterator:
+        """Hub callback: a lower rank dialled us and said Hello. Returns the frames to stream back."""
+        link = self.links.get(hello.src)
+        if link is None or hello.src > self.rank or link.ready.is_set() or self._closed:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"rank {self.rank} of job {self.job_id!r} takes no stream from rank {hello.src} now")
+        link.context = context
+        context.add_callback(lambda: link.outq.put(_STOP))  # the RPC ended: stop the sender
+        link.ready.set()
+        self._start_reader(link, frames)
+        return link.outgoing()
+
+    # -- transport primitives ---------------------------------------------------
+    def _post(self, dst: int, tag: int, data: bytes) -> None:
+        if self.failure:
+            raise CommError(f"rank {self.rank}: cannot send to {self.peer_name(dst)}: {self.failure}")
+        self.links[dst].outq.put((tag, data))
+
+    def _take(self, src: int, tag: int) -> bytes:
+        link = self.links[src]
+        try:
+            item = link.inbox.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise CommError(f"rank {self.rank}: nothing from {self.peer_name(src)} "
+                            f"within {self.timeout_s:g} s") from None
+        if item is _BROKEN or item is _CLOSED:
+            link.inbox.put(item)  # every later take fails the same way
+            why = self.failure if item is _BROKEN else f"{self.peer_name(src)} closed its stream (its job ended)"
+            raise CommError(f"rank {self.rank}: while waiting for {self.peer_name(src)}: {why}")
+        got, data = item
+        check_tag(self, src, tag, got)
+        return data
+
+    # -- failure and shutdown -----------------------------------------------------
+    def _link_broke(self, link: _Link, why: str) -> None:
+        """A stream broke: the job cannot go on; wake every waiter at once."""
+        with self._lock:
+            if self._closed or self.failure:
+                return
+            self.failure = f"lost {self.peer_name(link.peer)}: {why}"
+        self._fail_all()
+
+    def abort(self, reason: str) -> None:
+        """Break the job on purpose (a local error): cancel every stream, so peers fail at once too."""
+        with self._lock:
+            self.failure = self.failure or reason
+        self._fail_all()
+        self.close()
+
+    def _cancel_streams(self) -> None:
+        """End every stream with an error status (not a clean end), so each peer sees a broken job."""
+        for link in self.links.values():
+            if link.call is not None:
+                link.call.cancel()
+            if link.context is not None:
+                link.context.cancel()
+
+    def _fail_all(self) -> None:
+        for link in self.links.values():
+            link.inbox.put(_BROKEN)
+
+    def close(self, flush_s: float = 2.0) -> None:
+        """End every stream. Idempotent. A healthy job ends cleanly: queued messages go out first
+        (for up to ``flush_s``) and peers can still finish. A broken job cancels its streams."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.hub.unregister(self.job_id, self.rank, self)
+        if self.failure:
+            self._cancel_streams()
+        for link in self.links.values():
+            link.outq.put(_STOP)
+        deadline = time.monotonic() + (0.0 if self.failure else flush_s)
+        for link in self.links.values():  # the peer ends its side when it sees ours end
+            if link.ready.is_set():
+                link.done.wait(max(0.0, deadline - time.monotonic()))
+            if link.call is not None:
+                link.call.cancel()
+        for ch in self._channels:
+            ch.close()
+
+
+class PeerHub(peer_pb2_grpc.PeerServicer):
+    """The Peer service of one server: routes each incoming stream to its job's communicator."""
+
+    def __init__(self, accept_timeout_s: float = 30.0):
+        # a peer may dial before this node has received its LoadJob; wait that long for it
+        self.accept_timeout_s = accept_timeout_s
+        self._comms: dict[tuple[str, int], GrpcCommunicator] = {}
+        self._cond = threading.Condition()
+
+    def register(self, job_id: str, rank: int, comm: GrpcCommunicator) -> None:
+        with self._cond:
+            self._comms[(job_id, rank)] = comm
+            self._cond.notify_all()
+
+    def unregister(self, job_id: str, rank: int, comm: GrpcCommunicator) -> None:
+        with self._cond:
+            if self._comms.get((job_id, rank)) is comm:
+                del self._comms[(job_id, rank)]
+
+    def Exchange(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        try:
+            hello = serde.read_frame(next(request_iterator))
+        except (StopIteration, grpc.RpcError):
+            return iter(())  # the dialler went away before saying who it is
+        if not isinstance(hello, serde.Hello):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame of a peer stream must be a Hello")
+        key = (hello.job_id, hello.dst)
+        deadline = time.monotonic() + self.accept_timeout_s
+        with self._cond:
+            while key not in self._comms and context.is_active() and time.monotonic() < deadline:
+                self._cond.wait(0.1)
+            comm = self._comms.get(key)
+        if comm is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"no rank {hello.dst} of job {hello.job_id!r} here within {self.accept_timeout_s:g} s")
+        return comm.accept(hello, request_iterator, context)
+
+
+class PeerServer:
+    """A stand-alone gRPC server with a PeerHub, for ranks that run outside a node (tests, benchmarks)."""
+
+    def __init__(self, listen: str = "127.0.0.1:0"):
+        from testbed.node.channels import join_hostport, split_hostport
+
+        host, _ = split_hostport(listen, "listen")
+        self.hub = PeerHub()
+        self.server = make_server()
+        peer_pb2_grpc.add_PeerServicer_to_server(self.hub, self.server)
+        port = self.server.add_insecure_port(listen)
+        self.address = join_hostport(host, port)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+    def __enter__(self) -> "PeerServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _rpc_text(e: grpc.RpcError) -> str:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    name = code.name if code else "error"
+    return name if details in (None, "", name) else f"{name}: {details}"

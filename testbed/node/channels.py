@@ -1,0 +1,92 @@
+"""gRPC channel and server options, all in one place, each with the reason it is set.
+
+Used by the node server, the orchestrator (control plane) and the GrpcCommunicator
+(data plane), so every side agrees on message sizes and keepalive.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+
+from testbed.errors import ConfigError
+
+# Data-plane messages are cut into chunks of this many payload bytes. 1 MiB keeps the
+# per-frame overhead of gRPC Python (~tens of microseconds) small against the copy
+# time of the payload, while staying far below gRPC's 4 MiB default message limit.
+CHUNK_BYTES = 1 << 20
+
+# A data frame is one chunk plus a few header fields; the headroom covers them.
+_DATA_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
+
+# Control replies carry a rank's output tensor (e.g. logits for every prompt token:
+# 1024 tokens x 50257 classes x 4 B = 206 MB); 1 GiB covers the models we run.
+_CONTROL_MESSAGE_BYTES = 1 << 30
+
+# Keepalive: a peer whose host vanishes without a TCP reset (link cut under
+# emulation) must break the stream well before a collective's deadline. Pings every
+# 10 s; the 20 s ack timeout leaves room for a ping queued behind megabytes of data
+# on a slow shaped link (64 MB at 10 Mbit/s is 50 s, but the kernel queue ahead of a
+# ping is only the socket buffer, a few MB at most: ~3 s at 10 Mbit/s).
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),  # streams idle between inferences
+    ("grpc.http2.max_pings_without_data", 0),  # 0 = no limit: idle streams keep being checked
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # let the 10 s pings through
+]
+
+DATA_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _DATA_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _DATA_MESSAGE_BYTES),
+    # Each channel gets its own TCP connection: gRPC otherwise shares one connection
+    # between channels to the same address in a process (two ranks in one test
+    # process, or the orchestrator and a peer), which would mix their traffic.
+    ("grpc.use_local_subchannel_pool", 1),
+    # Retries buffer every sent message until the call commits; a stream never
+    # retries usefully, so the buffering would only cost memory and copies.
+    ("grpc.enable_retries", 0),
+    *_KEEPALIVE,
+]
+
+CONTROL_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _CONTROL_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _CONTROL_MESSAGE_BYTES),
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.enable_retries", 0),  # a failed Infer must surface, never be re-run silently
+    *_KEEPALIVE,
+]
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", _CONTROL_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _CONTROL_MESSAGE_BYTES),
+    # Linux gRPC sets SO_REUSEPORT by default: a second server on a busy explicit
+    # port would then bind silently and steal half the connections. Fail instead.
+    ("grpc.so_reuseport", 0),
+    # Accept the clients' 10 s keepalive pings (the default minimum is 5 min and
+    # the server would answer faster pings with GOAWAY "too_many_pings").
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    *_KEEPALIVE,
+]
+
+# Every peer stream holds one server worker thread for the job's life (N-1 per
+# node), plus the control RPCs; 64 covers jobs of up to ~60 ranks.
+SERVER_WORKERS = 64
+
+
+def make_server(max_workers: int = SERVER_WORKERS) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker"),
+                       options=SERVER_OPTIONS)
+
+
+def split_hostport(address: str, field: str = "address") -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port). Raises ConfigError naming ``field``."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(field, address, "HOST:PORT with PORT in 0..65535 (IPv6 as [ADDR]:PORT)")
+    return host.strip("[]"), int(port)
+
+
+def join_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,59 @@
+"""Plain records exchanged between the node server and the orchestrator (no protobuf here).
+
+testbed.node.serde converts them to and from the wire messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from testbed.comm.trace import Trace
+from testbed.job import JobSpec
+
+
+@dataclass
+class LoadArgs:
+    """What one node needs to load its rank of a job."""
+
+    job_id: str
+    job: JobSpec
+    rank: int
+    peers: list[str]  # data-plane host:port by rank, this node's own entry included
+    comm_timeout_s: float  # deadline of every wait for a peer's message
+    connect_timeout_s: float  # deadline for reaching every peer at load
+
+
+@dataclass
+class LoadTimes:
+    build_s: float  # model, method and input, seconds
+    connect_s: float  # peer streams, seconds
+
+
+@dataclass
+class RankResult:
+    """One rank's share of one inference. Times in seconds, bytes are application payload."""
+
+    rank: int
+    output: torch.Tensor | None  # only on ranks that hold an output
+    wall_s: float  # the rank's forward pass
+    compute_s: float  # time outside collectives
+    comm_s: float  # time inside collectives
+    wait_s: float  # part of comm_s blocked on peers' data
+    serialize_s: float  # part of comm_s turning tensors into bytes and back
+    bytes_sent: int
+    bytes_recv: int
+    trace: Trace = field(repr=False)
+    address: str = ""  # control address of the node (filled in by the orchestrator)
+
+
+@dataclass
+class NodeStats:
+    pid: int
+    listen_addresses: list[str]
+    job_id: str  # "" when no job is loaded
+    rank: int  # -1 when no job is loaded
+    inferences: int  # completed since the job was loaded
+    uptime_s: float
+    max_rss_kib: int  # peak resident memory of the node process
