@@ -90,10 +90,11 @@ def unpack_codes(buf: torch.Tensor, n: int, groups: int, bits: int) -> torch.Ten
 
 # -- k-means ------------------------------------------------------------------------------
 def _pad_small(x: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
-    """n < K points: every point is an entry; the rest repeat points with a tiny seeded jitter."""
+    """n < K points: every point is an entry; the rest repeat points with a small seeded jitter
+    (distinct entries, so that training can pull them apart)."""
     n = x.shape[0]
     extra = x[torch.arange(K - n) % n]
-    scale = 1e-4 * (float(x.std()) if n > 1 else 1.0) + 1e-12
+    scale = 1e-3 * (float(x.std()) if n > 1 else 1.0) + 1e-12
     return torch.cat([x, extra + scale * torch.randn(extra.shape, generator=gen, dtype=x.dtype)])
 
 
@@ -115,7 +116,7 @@ def kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 0) -> torch.Ten
     """K centres [K, d] of points x [n, d]: k-means++ seeding then Lloyd iterations (squared L2).
 
     Deterministic for a given seed. With n < K every point becomes an entry and the remaining
-    entries repeat points with a tiny seeded jitter. Empty clusters keep their previous centre.
+    entries repeat points with a small seeded jitter (1e-3 std). Empty clusters keep their previous centre.
     """
     check(isinstance(K, int) and K >= 2, "codebook_size", K, "an integer >= 2")
     check(x.dim() == 2 and x.shape[0] >= 1, "x", tuple(x.shape), "a non-empty [n, d] tensor")
