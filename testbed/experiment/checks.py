@@ -1,0 +1,125 @@
+"""Validation of an experiment against the rest of the testbed, before anything is written.
+
+``load_spec`` checks the file's shape and ranges; ``check_spec`` checks what needs the
+other packages: the model name and token count, the dataset, the topology file and its
+host count, and every method's params -- by building each method for real (ranks 0 and
+N-1, the real model, the real codebooks) with the methods' own validation, so a sweep
+never fails late on a bad parameter. Errors are re-rooted at the experiment's YAML path
+(``methods[2].params.groups``). The model and astra codebooks made here are handed to
+the runner (``Prepared``), so the work is not done twice.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import ConfigError, check
+from testbed.experiment import fields as F
+from testbed.experiment.codebooks import Codebooks, codebook_key, save
+from testbed.experiment.spec import ExperimentSpec, MethodSpec
+
+
+@dataclass
+class Prepared:
+    """What validation built and the runner reuses."""
+
+    model: Any  # the unsharded model (reference output, calibration)
+    codebooks: Codebooks
+    topology: Any = None  # testbed.net.topology.Topology (mininet, sim)
+
+
+def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None) -> Prepared:
+    """Raise ONE ConfigError (YAML path, value, allowed) if the experiment cannot run; writes nothing."""
+    model = _check_model(spec)
+    topology = _check_topology(spec)
+    cbs = Codebooks(spec, model, existing_dir=codebook_dir)
+    _check_methods(spec, model, cbs)
+    return Prepared(model, cbs, topology)
+
+
+def _check_model(spec: ExperimentSpec):
+    from testbed.models import CONFIGS, build_model
+
+    m = spec.model
+    check(m.name in CONFIGS, "model.name", m.name, " | ".join(CONFIGS))
+    cfg = CONFIGS[m.name]
+    t = spec.input.tokens
+    if cfg.kind == "vit":
+        check(t >= 2, "input.tokens", t, f"an integer >= 2 for {m.name} (patches + CLS)")
+    else:
+        check(t <= cfg.max_positions, "input.tokens", t, f"an integer in [1, {cfg.max_positions}] for {m.name}")
+    if m.dataset is not None:
+        from testbed.train.data import SPLITS
+
+        check(m.dataset in SPLITS, "model.dataset", m.dataset, " | ".join(SPLITS))
+    try:
+        return build_model(m.name, seed=spec.input.seed, weights_path=m.weights_path)
+    except ConfigError as e:
+        raise ConfigError("model.weights_path", m.weights_path, f"weights for {m.name} ({e})") from None
+
+
+def _check_topology(spec: ExperimentSpec):
+    """The topology must exist and parse; emulated and simulated runs need one host per node."""
+    from testbed.net.topology import TOPOLOGY_DIR, load_topology
+
+    src = spec.topology
+    if isinstance(src, str) and not Path(src).suffix:
+        names = sorted(p.stem for p in TOPOLOGY_DIR.glob("*.yaml"))
+        check(src in names, "topology", src, " | ".join(names) + " (files in topologies/), a YAML path, or a mapping")
+    try:
+        topo = load_topology(src)
+    except ConfigError as e:
+        raise (F.rebase(e, "topology") if not e.field.startswith("topology") else e) from None
+    if spec.backend in ("mininet", "sim"):
+        n = len(topo.hosts)
+        check(n == spec.nodes.count, "nodes.count", spec.nodes.count,
+              f"{n}, the number of hosts of topology {topo.name!r} (one node per host)")
+    return topo
+
+
+def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks) -> None:
+    from testbed.comm.inprocess import InProcessGroup
+    from testbed.methods import METHODS, build_method
+
+    N, T = spec.nodes.count, spec.input.tokens
+    for i, m in enumerate(spec.methods):
+        check(m.name in METHODS, f"methods[{i}].name", m.name, " | ".join(METHODS))
+    with tempfile.TemporaryDirectory(prefix="testbed-check-") as tmp:
+        for i, m in enumerate(spec.methods):
+            group = InProcessGroup(N, timeout_s=1.0)
+            try:
+                path = _codebook_file(cbs, m, Path(tmp)) if m.name == "astra" else None
+                for rank in sorted({0, N - 1}):  # building does not communicate
+                    build_method(m.name, model, dict(m.params), rank, N, group.communicator(rank), tokens=T,
+                                 codebook_path=path)
+            except ConfigError as e:
+                raise _method_error(e, i, m) from None
+
+
+def _codebook_file(cbs: Codebooks, m: MethodSpec, tmp: Path) -> str:
+    if cbs.trained():
+        return cbs.trained()
+    from testbed.methods.astra import Astra
+    from testbed.methods.base import parse_params
+
+    parse_params("astra", m.params, Astra.DEFAULTS)  # unknown keys fail before any k-means is spent
+    key = codebook_key(m.params)
+    path = tmp / f"check-{'-'.join(map(str, key))}.pt"
+    if not path.exists():
+        save(path, cbs.tensor(key), cbs.meta(key))
+    return str(path)
+
+
+def _method_error(e: ConfigError, i: int, m: MethodSpec) -> ConfigError:
+    """A method's own error, placed at the YAML field the user has to change."""
+    base = f"methods[{i}].params"
+    if e.field == "params":  # unknown key: the value is the key's name
+        return ConfigError(f"{base}.{e.value}", m.params.get(e.value), e.allowed)
+    if e.field in m.params or e.field in ("groups", "codebook_size", "dct", "n_b", "lookup_tables",
+                                          "calibration_samples"):
+        return ConfigError(f"{base}.{e.field}", e.value, e.allowed)
+    where = {"world_size": "nodes.count", "tokens": "input.tokens", "codebook_path": "model.codebook_path"}
+    return ConfigError(where.get(e.field, f"methods[{i}] ({e.field})"), e.value, f"{e.allowed} (method {m.name})")

@@ -1,0 +1,229 @@
+"""The experiment runner: sweep link profiles live over nodes started once, one row per repetition.
+
+Order of work (what ``testbed run`` does):
+1. compute the single-device reference output once, in this process;
+2. calibrate astra codebooks once per (groups, codebook_size) and save them in the
+   run directory (nodes load them by path), unless the model brings trained ones;
+3. start the backend's nodes once; for each cell apply its link profile live (or
+   start its bandwidth trace), for each method load the job, run ``warmup``
+   unmeasured inferences, then ``repetitions`` measured ones, appending one row
+   (and its per-rank traces) per repetition as soon as it is measured;
+4. write Parquet, finish the manifest, make the plots.
+
+A failure inside a cell (load, warm-up or a repetition) is recorded as rows with
+status "error" and the message; the nodes are restarted and the sweep goes on.
+SIGTERM and Ctrl-C stop the run between two Python statements: the backend is
+torn down, what was measured stays, and ``--resume DIR`` measures only the
+(cell, repetition) pairs that have no row yet.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.experiment.checks import Prepared, check_spec
+from testbed.experiment.manifest import Manifest, now_iso
+from testbed.experiment.metrics import Reference, make_reference, output_columns, timing_columns
+from testbed.experiment.progress import Progress
+from testbed.experiment.session import NodeSession
+from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
+from testbed.experiment.store import ResultStore, read_rows
+from testbed.job import JobSpec
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived: stop the sweep, keep what was measured (not an Exception: no cell catches it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@dataclass
+class RunOutcome:
+    out_dir: Path
+    status: str  # complete | interrupted | failed
+    rows: int = 0
+    failed_rows: int = 0
+    measured_now: int = 0
+    plots: list[str] = field(default_factory=list)
+    signum: int | None = None
+
+
+def cell_id(cell: Cell, method_index: int) -> str:
+    """Row key of a (cell, method) unit: stable for a given experiment file."""
+    return f"p{cell.index}/m{method_index}"
+
+
+class Runner:
+    def __init__(self, spec: ExperimentSpec, out_dir: Path, *, prepared: Prepared | None = None, resume: bool = False,
+                 source: str | None = None, progress: bool = True, plots: bool = True):
+        """``prepared``: what check_spec built (model, codebooks); made here if None (the spec is checked again)."""
+        self.spec, self.out_dir, self.resume = spec, Path(out_dir), resume
+        self.prepared = prepared if prepared is not None else check_spec(
+            spec, codebook_dir=Path(out_dir) / "codebooks" if resume else None)
+        self.source, self.show_progress, self.make_plots = source, progress, plots
+        self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
+        self.mechanism = "?"  # the backend's shaping mechanism, known once it started
+        self.trace_t0: float | None = None  # when the current cell's bandwidth trace started (monotonic s)
+
+    # ------------------------------------------------------------------ top level
+    def run(self) -> RunOutcome:
+        outcome = RunOutcome(self.out_dir, "failed")
+        old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+        store = ResultStore(self.out_dir)
+        manifest = Manifest(self.out_dir, self.spec.to_dict(), self.source, self.resume)
+        try:
+            done = store.done()
+            total = len(self.plan) * self.spec.repetitions
+            prog = Progress(total, done=len(done), enabled=self.show_progress)
+            outcome.measured_now = self._sweep(store, manifest, done, prog)
+            outcome.status = "complete"
+        except Interrupted as e:
+            outcome.status, outcome.signum = "interrupted", e.signum
+        finally:
+            for s, h in old.items():  # from here on a second signal kills at once: nothing long is left
+                signal.signal(s, h)
+            store.close()
+            self._finish(store, manifest, outcome)
+        return outcome
+
+    def _finish(self, store: ResultStore, manifest: Manifest, outcome: RunOutcome) -> None:
+        df = read_rows(self.out_dir)
+        outcome.rows, outcome.failed_rows = len(df), int((df["status"] != "ok").sum()) if len(df) else 0
+        if len(df):
+            store.write_parquet()
+        if self.make_plots and len(df):
+            from testbed.experiment.plots import save_all
+
+            outcome.plots = [str(p) for p in save_all(df, self.out_dir / "plots")]
+        manifest.finish(outcome.status, outcome.rows, outcome.failed_rows, outcome.plots)
+
+    def _sweep(self, store: ResultStore, manifest: Manifest, done: set, prog: Progress) -> int:
+        todo = [(c, mi, m, [r for r in range(self.spec.repetitions) if (cell_id(c, mi), r) not in done])
+                for c, mi, m in self.plan]
+        todo = [t for t in todo if t[3]]
+        if not todo:
+            return 0
+        if self.spec.backend == "sim":
+            from testbed.experiment.simcells import run_sim_cells
+
+            return run_sim_cells(self.spec, todo, store, prog, self.base_row)
+        s = self.spec
+        prog.show("computing the single-device reference")
+        ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset)
+        prog.show("astra codebooks")
+        codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
+        manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
+        measured = 0
+        session = NodeSession(self.spec, on_start=lambda b: self._on_backend(manifest, b))
+        try:
+            for cell in self.spec.cells():
+                units = [t for t in todo if t[0].index == cell.index]
+                if not units:
+                    continue
+                prog.show(f"cell {cell.index}: {describe_cell(cell)}")
+                self._enter_cell(session, cell)
+                try:
+                    for _, mi, method, reps in units:
+                        path = codebooks.get(mi)
+                        measured += self._unit(session, store, prog, ref, cell, mi, method, reps, path)
+                finally:
+                    if cell.trace is not None:
+                        session.stop_trace()
+        finally:
+            session.close()
+            prog.close()
+        return measured
+
+    def _enter_cell(self, session: NodeSession, cell: Cell) -> None:
+        session.apply(cell.profile)
+        self.trace_t0 = None
+        if cell.trace is not None:
+            session.start_trace(cell.trace)
+            self.trace_t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ one method in one cell
+    def _unit(self, session: NodeSession, store: ResultStore, prog: Progress, ref: Reference, cell: Cell,
+              mi: int, method: MethodSpec, reps: list[int], codebook_path: str | None) -> int:
+        """Load, warm up and measure the pending repetitions of one method in one cell; return rows written."""
+        prog.show(f"{describe_cell(cell)} | {method.display}")
+        job, phase = self.job(method, codebook_path), "load"
+        try:
+            session.load(job)
+            phase = "warm-up"
+            for _ in range(self.spec.warmup):
+                session.infer()
+        except Exception as e:  # noqa: BLE001 - any failure is this cell's result, recorded below
+            return self._fail(session, store, prog, cell, mi, method, reps, f"{phase}: {_msg(e)}")
+        for k, rep in enumerate(reps):
+            row = self.base_row(cell, mi, method, rep)
+            wire0 = session.wire_bytes()
+            try:
+                res = session.infer()
+            except Exception as e:  # noqa: BLE001
+                msg = f"repetition {rep}: {_msg(e)}"
+                return k + self._fail(session, store, prog, cell, mi, method, reps[k:], msg)
+            wire1 = session.wire_bytes()
+            row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref))
+            row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
+            row["status"], row["error"] = "ok", ""
+            store.append(row, [n.trace.to_dict() for n in res.nodes])
+            prog.step(1)
+        return len(reps)
+
+    def _fail(self, session, store, prog, cell, mi, method, reps, msg: str) -> int:
+        session.reset()  # nodes may be gone or out of step: the next unit starts fresh ones
+        for rep in reps:
+            row = self.base_row(cell, mi, method, rep)
+            row.update(status="error", error=msg if rep == reps[0] else f"skipped after: {msg}")
+            store.append(row)
+            prog.step(1)
+        return len(reps)
+
+    def job(self, method: MethodSpec, codebook_path: str | None) -> JobSpec:
+        s = self.spec
+        return JobSpec(model=s.model.name, method=method.name, world_size=s.nodes.count, tokens=s.input.tokens,
+                       params=dict(method.params), seed=s.input.seed, batch=s.input.batch,
+                       weights_path=s.model.weights_path, codebook_path=codebook_path, threads=s.nodes.threads,
+                       dataset=s.model.dataset)
+
+    def base_row(self, cell: Cell, mi: int, method: MethodSpec, rep: int) -> dict:
+        s, p = self.spec, cell.profile
+        t0 = self.trace_t0
+        return {
+            "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism, "cell": cell_id(cell, mi),
+            "method": method.name, "method_params": method.params_json, "label": method.display,
+            "model": s.model.name, "tokens": s.input.tokens, "batch": s.input.batch, "nodes": s.nodes.count,
+            "topology": s.topology_name,
+            "bandwidth_mbps": None if cell.trace is not None else p.bandwidth_mbps,
+            "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms, "loss_pct": p.loss_pct,
+            "trace": cell.trace.name if cell.trace is not None else "",
+            "trace_time_s": time.monotonic() - t0 if t0 is not None and cell.trace is not None else None,
+            "repetition": rep, "started_at": now_iso(),
+        }
+
+    def _on_backend(self, manifest: Manifest, backend) -> None:
+        self.mechanism = getattr(backend, "mechanism", "none")
+        fidelity = getattr(backend, "fidelity_table", None)
+        manifest.backend(getattr(backend, "name", "?"), self.mechanism, fidelity() if callable(fidelity) else fidelity)
+
+
+def describe_cell(cell: Cell) -> str:
+    p = cell.profile
+    bw = f"trace {cell.trace.name}" if cell.trace else ("unshaped" if p.bandwidth_mbps is None
+                                                          else f"{p.bandwidth_mbps:g} Mbit/s")
+    extra = "".join(f" {v:g}{u}" for v, u in ((p.delay_ms, " ms"), (p.jitter_ms, " ms jitter"), (p.loss_pct, "% loss"))
+                    if v)
+    return bw + extra
+
+
+def _msg(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)

@@ -1,0 +1,165 @@
+"""The result store of one run directory: append-only rows, per-rank traces, the manifest.
+
+Layout of a run directory::
+
+    rows.csv        one row per repetition (COLUMNS), appended and flushed as produced
+    rows.parquet    the same rows, written at the end of a run (and of a resumed run)
+    traces.jsonl    per-rank schedule traces of every measured inference (for the simulator)
+    manifest.json   resolved config, versions, machine, shaping mechanism, times, status
+    codebooks/      astra codebooks the runner calibrated (one file per groups x codebook_size)
+    plots/          PNG and SVG made by `testbed plot`
+
+rows.csv is the source of truth: a crash loses at most the row being written
+(a torn last line is cut off when the directory is reopened).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# One row per measured repetition. Units are in the names; bytes are totals over ranks.
+COLUMNS = [
+    "experiment", "backend", "mechanism", "cell", "method", "method_params", "label", "model", "tokens", "batch",
+    "nodes", "topology", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace", "trace_time_s",
+    "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
+    "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
+    "agreement", "max_abs_err", "accuracy", "status", "error", "started_at",
+]
+NUMERIC = ["tokens", "batch", "nodes", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace_time_s",
+           "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
+           "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
+           "agreement", "max_abs_err", "accuracy"]
+ROWS_CSV, ROWS_PARQUET, TRACES, MANIFEST = "rows.csv", "rows.parquet", "traces.jsonl", "manifest.json"
+
+
+class ResultStore:
+    """Appends rows and traces to a run directory; knows which (cell, repetition) are already recorded."""
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows_path, self.traces_path = self.dir / ROWS_CSV, self.dir / TRACES
+        for p in (self.rows_path, self.traces_path):
+            _cut_torn_line(p)
+        new = not self.rows_path.exists() or self.rows_path.stat().st_size == 0
+        self._rows = open(self.rows_path, "a", newline="")
+        self._traces = open(self.traces_path, "a")
+        if new:
+            self._write_line(self._rows, _csv_line(COLUMNS))
+
+    def done(self) -> set[tuple[str, int]]:
+        """(cell, repetition) of every row already recorded."""
+        df = read_rows(self.dir)
+        return {(str(c), int(r)) for c, r in zip(df["cell"], df["repetition"])}
+
+    def append(self, row: dict[str, Any], traces: list[dict] | None = None) -> None:
+        """Record one row (missing columns empty) and, if given, its per-rank traces. Flushed to disk at once."""
+        unknown = set(row) - set(COLUMNS)
+        assert not unknown, f"columns not in COLUMNS: {unknown}"
+        if traces is not None:
+            key = {k: row[k] for k in ("cell", "method", "method_params", "repetition", "bandwidth_mbps",
+                                       "delay_ms", "jitter_ms", "loss_pct", "trace")}
+            self._write_line(self._traces, json.dumps({**key, "ranks": traces}) + "\n")
+        self._write_line(self._rows, _csv_line([_cell(row.get(c)) for c in COLUMNS]))
+
+    @staticmethod
+    def _write_line(f, line: str) -> None:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+    def write_parquet(self) -> Path:
+        path = self.dir / ROWS_PARQUET
+        tmp = path.with_suffix(".parquet.tmp")
+        read_rows(self.dir).to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        for f in (self._rows, self._traces):
+            if not f.closed:
+                f.close()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_rows(out_dir: str | Path) -> pd.DataFrame:
+    """All rows of a run directory (rows.csv, else rows.parquet) with typed columns."""
+    d = Path(out_dir)
+    if (d / ROWS_CSV).exists():
+        df = pd.read_csv(d / ROWS_CSV, dtype={"method_params": str, "error": str, "cell": str, "trace": str},
+                         keep_default_na=False, na_values=[""])
+    elif (d / ROWS_PARQUET).exists():
+        df = pd.read_parquet(d / ROWS_PARQUET)
+    else:
+        return pd.DataFrame({c: pd.Series(dtype=float if c in NUMERIC else object) for c in COLUMNS})
+    for c in NUMERIC:
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    for c in ("error", "trace", "label"):
+        if c in df:
+            df[c] = df[c].fillna("")
+    return df
+
+
+def read_traces(out_dir: str | Path) -> list[dict]:
+    """Traces of every recorded row: its key plus ``ranks`` (one Trace.to_dict per rank).
+
+    Traces are written just before their row; a run stopped between the two re-measures that
+    repetition on resume, so a later line for the same (cell, repetition) replaces an earlier one.
+    """
+    p = Path(out_dir) / TRACES
+    if not p.exists():
+        return []
+    done = {(c, int(r)) for c, r in zip(read_rows(out_dir)["cell"], read_rows(out_dir)["repetition"])}
+    latest: dict[tuple[str, int], dict] = {}
+    for line in p.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            latest[(str(rec["cell"]), int(rec["repetition"]))] = rec
+    return [rec for key, rec in latest.items() if key in done]
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (a reader never sees half a manifest)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, p)
+
+
+def _csv_line(values: list) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(values)
+    return buf.getvalue()
+
+
+def _cell(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, str):
+        return " ".join(v.split("\n"))  # one physical line per row keeps the file easy to grep and repair
+    return v
+
+
+def _cut_torn_line(p: Path) -> None:
+    """Drop a last line left without its newline by a crash in the middle of a write."""
+    if not p.exists() or p.stat().st_size == 0:
+        return
+    with open(p, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
