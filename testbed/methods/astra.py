@@ -115,6 +115,10 @@ class Astra(Method):
             out.append(tuple(pair))
         return out
 
+    def describe(self) -> str:
+        return (f"G={self.groups}, K={self.codebook_size}, dct={self.dct}, "
+                f"tables={'on' if self.tables is not None else 'off'}")
+
     # -- one inference --------------------------------------------------------------------------
     def _local_embed(self, inp: torch.Tensor) -> torch.Tensor:
         s, e = self.chunks[self.rank]
