@@ -28,19 +28,23 @@ from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError, check
 from testbed.sim.network import Network, TcpModel, WireModel, mathis_rate_bps, slow_start_extra_s
 
-_C, _S, _R = 0, 1, 2  # compiled op codes: compute(duration), send(dst, bytes), recv(srcs)
+_C, _S, _R, _Z = 0, 1, 2, 3  # compiled op codes: compute(s), send(dst, bytes), recv(srcs), serialize(s)
 
 
 @dataclass
 class RankStats:
+    """Simulated seconds of one rank, split as the runtime's traces split them."""
+
     rank: int
-    finish_s: float = 0.0  # simulated time the rank finished its trace
-    compute_s: float = 0.0  # scaled compute + serialization
+    finish_s: float = 0.0  # when the rank finished its trace
+    compute_s: float = 0.0  # compute segments, scaled to the device
+    serialize_s: float = 0.0  # serialization inside collectives, scaled to the device
+    wait_s: float = 0.0  # blocked in recvs, waiting for messages
     bytes_sent: int = 0  # application payload
 
     @property
     def comm_s(self) -> float:
-        """Time in collectives not spent on serialization: transfers and waiting for peers."""
+        """Time inside collectives (serialization and waiting included), as Trace.comm_s."""
         return self.finish_s - self.compute_s
 
 
@@ -85,20 +89,20 @@ def compile_traces(traces: Sequence[Trace | dict]) -> list[list[tuple]]:
         check(tr.rank == r, "traces", f"trace of rank {tr.rank} at position {r}", "traces in rank order")
         ops: list[tuple] = []
 
-        def compute(d: float) -> None:
+        def compute(d: float, code: int) -> None:
             check(d >= 0, "trace duration_s", d, "a number of seconds >= 0")
             if d == 0:
                 return
-            if ops and ops[-1][0] == _C:
-                ops[-1] = (_C, ops[-1][1] + d)
+            if ops and ops[-1][0] == code:
+                ops[-1] = (code, ops[-1][1] + d)
             else:
-                ops.append((_C, d))
+                ops.append((code, d))
 
         for ev in tr.events:
             if isinstance(ev, Compute):
-                compute(ev.duration_s)
+                compute(ev.duration_s, _C)
                 continue
-            compute(ev.serialize_s)
+            compute(ev.serialize_s, _Z)
             for kind, peer, nbytes in ev.ops:
                 check(0 <= peer < n and peer != r, "trace peer", peer, f"another rank in [0, {n}) (rank {r})")
                 check(nbytes >= 0, "trace payload bytes", nbytes, "an integer >= 0")
@@ -237,11 +241,14 @@ class _Replay:
             if code == _C:
                 stats.compute_s += op[1] * speed
                 yield env.timeout(op[1] * speed)
+            elif code == _Z:
+                stats.serialize_s += op[1] * speed
+                yield env.timeout(op[1] * speed)
             elif code == _S:
                 stats.bytes_sent += op[2]
                 self.send(r, op[1], op[2])
             else:  # the recvs of a run have no op between them: wait for all, then go on
-                ready = env.now
+                ready = t_wait = env.now
                 for src in op[1]:
                     q = self.inbox[(src, r)]
                     while not q or q[0][0] is None:  # not sent yet, or still on its way through the hops
@@ -250,6 +257,7 @@ class _Replay:
                     ready = max(ready, q.popleft()[0])  # max: a stream delivers in order
                 if ready > env.now:
                     yield env.timeout(ready - env.now)
+                stats.wait_s += env.now - t_wait
         stats.finish_s = env.now
 
 

@@ -4,26 +4,30 @@ Everything here is pure (no SimPy): the engine asks a ``Network`` for the path o
 message and asks ``WireModel`` / ``TcpModel`` what a message costs. Splitting it
 this way lets tests check each formula by hand.
 
-Topology conventions (the link profile of a sweep cell applies to every link):
+A ``Network`` is built from a ``SimTopology`` (a kind and a node count: any N) or
+from a ``testbed.net.topology.Topology`` (the Mininet engineer's YAML topologies,
+with their sweep mapping). The kinds follow topologies/*.yaml, so that the same
+sweep profile means the same path in emulation and in simulation:
 
-- ``star``: every host has an access link to one switch, shaped in both
-  directions. A message a->b crosses a's uplink then b's downlink, so its
-  one-way delay is ``2 * delay_ms`` and its rate the slower of the two links
-  (Mininet's star shapes both ends of each host link and composes delay per hop).
-- ``mesh``: one dedicated link per ordered host pair: one hop.
-- ``line``: hosts 0..N-1 in a chain; a message crosses every link in between.
+- ``star``: every host has an access link to one switch, shaped both ways with
+  the profile's bandwidth and half its delay, jitter and loss (``sweep: half``).
+  A message a->b crosses a's uplink then b's downlink: its path has the
+  profile's delay and loss, and it shares a's uplink and b's downlink.
+- ``mesh``: one dedicated link per ordered host pair with the profile: one hop.
+- ``line``: hosts 0..N-1 on a chain of links with the profile; a message crosses
+  every link in between (delays add up, losses compound).
 - ``shared_medium``: one channel carries every transmission (one Wi-Fi cell):
-  one transmitter at a time, one hop.
+  one transmitter at a time, one hop with the profile.
 
 A message uses a hop as a fluid pipe (cut-through): the hops of a path carry it
 at the same time, the last bit leaves a hop no earlier than it entered it.
-Each hop is FIFO in the order messages were issued (a busy hop delays later ones).
+Each hop serves messages first come, first served (see engine.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from testbed.errors import ConfigError, check
 from testbed.net.profile import LinkProfile
@@ -62,13 +66,64 @@ def _hop(resource: str, p: LinkProfile) -> Hop:
     return Hop(resource, bw, p.delay_ms / 1e3, p.jitter_ms / 1e3, p.loss_pct / 100.0)
 
 
-class Network:
-    """Paths between hosts of a ``SimTopology`` (or of a net.topology.Topology, see ``from_topology``)."""
+def _half(p: LinkProfile) -> LinkProfile:
+    """One of two star access hops: same rate, half the delay and jitter, loss compounding to p's."""
+    keep = math.sqrt(1.0 - p.loss_pct / 100.0)
+    return replace(p, delay_ms=p.delay_ms / 2, jitter_ms=p.jitter_ms / 2, loss_pct=100.0 * (1.0 - keep))
 
-    def __init__(self, topology: SimTopology):
-        self.topology = topology
-        self.n = topology.n_nodes
+
+def _kind_path(topo: SimTopology, a: int, b: int) -> tuple[Hop, ...]:
+    kind, p = topo.kind, topo.profile
+    if kind == "star":
+        h = _half(p)
+        return (_hop(f"up{a}", h), _hop(f"down{b}", h))
+    if kind == "mesh":
+        return (_hop(f"link{a}->{b}", p),)
+    if kind == "shared_medium":
+        return (_hop("medium", p),)
+    step = 1 if b > a else -1  # line
+    return tuple(_hop(f"link{i}->{i + step}", p) for i in range(a, b, step))
+
+
+class Network:
+    """Paths between the hosts (ranks 0..n-1) of a topology.
+
+    ``topology`` is a ``SimTopology``, or a ``testbed.net.topology.Topology`` whose
+    first ``nodes`` hosts are the ranks; ``profile`` (a sweep cell's) is then mapped
+    onto its links and mediums by the topology's own ``sweep`` modes. Each direction
+    of a link is one hop; a switch's ``medium`` is one more hop shared by every frame
+    entering the switch. Unshaped hops without delay or loss cost nothing and are
+    left out.
+    """
+
+    def __init__(self, topology, nodes: int | None = None, profile: LinkProfile | None = None):
         self._paths: dict[tuple[int, int], tuple[Hop, ...]] = {}
+        if isinstance(topology, SimTopology):
+            check(nodes in (None, topology.n_nodes), "nodes", nodes, f"{topology.n_nodes} (the topology's)")
+            check(profile is None, "profile", profile, "None: a SimTopology carries its profile")
+            self.n, self.name = topology.n_nodes, topology.kind
+            self._build = lambda a, b: _kind_path(topology, a, b)
+            return
+        check(hasattr(topology, "host_names") and hasattr(topology, "with_sweep"), "topology", topology,
+              "a SimTopology or a testbed.net.topology.Topology")
+        nodes = len(topology.hosts) if nodes is None else nodes
+        check(isinstance(nodes, int) and 1 <= nodes <= len(topology.hosts), "nodes", nodes,
+              f"1..{len(topology.hosts)} (the hosts of topology {topology.name!r})")
+        topo = topology.with_sweep(profile) if profile is not None else topology
+        names = topo.host_names[:nodes]
+        self.n, self.name = nodes, topo.name
+
+        def build(a: int, b: int) -> tuple[Hop, ...]:
+            hops = []
+            for lk, frm in topo.path(names[a], names[b]):
+                to = lk.b if frm == lk.a else lk.a
+                hops.append(_hop(f"{frm}->{to}", lk.profile_from(frm)))
+                sw = topo.switch(to)
+                if sw is not None and sw.medium is not None:
+                    hops.append(_hop(f"medium:{to}", sw.medium))
+            return tuple(h for h in hops if h.bandwidth_bps is not None or h.delay_s or h.jitter_s or h.loss)
+
+        self._build = build
 
     def path(self, src: int, dst: int) -> tuple[Hop, ...]:
         """Hops from host ``src`` to host ``dst`` in order."""
@@ -78,17 +133,6 @@ class Network:
         if key not in self._paths:
             self._paths[key] = self._build(src, dst)
         return self._paths[key]
-
-    def _build(self, a: int, b: int) -> tuple[Hop, ...]:
-        kind, p = self.topology.kind, self.topology.profile
-        if kind == "star":
-            return (_hop(f"up{a}", p), _hop(f"down{b}", p))
-        if kind == "mesh":
-            return (_hop(f"link{a}->{b}", p),)
-        if kind == "shared_medium":
-            return (_hop("medium", p),)
-        step = 1 if b > a else -1  # line
-        return tuple(_hop(f"link{i}->{i + step}", p) for i in range(a, b, step))
 
     def one_way_s(self, src: int, dst: int) -> float:
         return sum(h.delay_s for h in self.path(src, dst))

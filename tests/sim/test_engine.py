@@ -43,14 +43,15 @@ def net(kind: str, n: int, mbps: float | None = 10, delay_ms: float = 5, **kw) -
     return Network(SimTopology(kind, n, LinkProfile(mbps, delay_ms, **kw)))
 
 
-def test_two_ranks_all_gather_without_overhead_is_compute_plus_bytes_over_rate_plus_two_hops():
-    # star: a->b crosses a's uplink and b's downlink, 5 ms each
+def test_two_ranks_all_gather_without_overhead_is_compute_plus_bytes_over_rate_plus_delay():
+    # star: a->b crosses a's uplink and b's downlink, 2.5 ms each (the path has the profile's 5 ms)
     res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), WireModel.none(), STEADY)
-    assert res.latency_s == pytest.approx(0.010 + 1_000_000 * 8 / 10e6 + 2 * 0.005, rel=1e-12)
+    assert res.latency_s == pytest.approx(0.010 + 1_000_000 * 8 / 10e6 + 0.005, rel=1e-12)
     assert res.bytes_sent == 2_000_000
     assert res.bytes_on_wire == 2_000_000
     assert [s.compute_s for s in res.ranks] == [pytest.approx(0.010)] * 2
-    assert res.critical.comm_s == pytest.approx(0.81, rel=1e-12)
+    assert res.critical.comm_s == pytest.approx(0.805, rel=1e-12)
+    assert res.critical.wait_s == pytest.approx(0.805, rel=1e-12)
 
 
 def expected_wire_bytes(payload: int) -> int:
@@ -64,14 +65,15 @@ def test_two_ranks_all_gather_with_overhead():
     res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), wire, STEADY)
     wb = expected_wire_bytes(1_000_000)
     assert wb == 1_046_294  # worked by hand: 692 segments
-    assert res.latency_s == pytest.approx(0.010 + 0.001 + wb * 8 / 10e6 + 0.010, rel=1e-12)
+    assert res.latency_s == pytest.approx(0.010 + 0.001 + wb * 8 / 10e6 + 0.005, rel=1e-12)
     acks = math.ceil(692 / 2) * 66
     assert res.bytes_on_wire == 2 * (wb + acks)
 
 
 def test_slow_start_adds_rounds_until_the_window_covers_the_bdp():
     # RTT 20 ms at 10 Mbit/s with 1514-byte frames: BDP = 16.5 segments; IW 10 -> one round, then full rate
-    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), WireModel(), TcpModel(mode="slow_start"))
+    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2, delay_ms=10), WireModel(),
+                   TcpModel(mode="slow_start"))
     seg_rate = 10e6 / (8 * 1514)
     extra = 0.020 - 10 / seg_rate
     assert res.latency_s == pytest.approx(0.010 + expected_wire_bytes(1_000_000) * 8 / 10e6 + 0.010 + extra, rel=1e-12)
@@ -91,7 +93,7 @@ def test_shared_medium_is_n_times_slower_than_star_for_an_all_gather_and_mesh_n_
 def test_ring_all_reduce_is_2_n_minus_1_dependent_steps():
     n, size = 4, 400_000
     res = simulate(ring_all_reduce_traces(n, size), net("star", n), WireModel.none(), STEADY)
-    step = size / n * 8 / 10e6 + 2 * 0.005
+    step = size / n * 8 / 10e6 + 0.005
     assert res.latency_s == pytest.approx(2 * (n - 1) * step, rel=1e-12)
     assert res.bytes_sent == n * 2 * (n - 1) * size // n
 
@@ -105,7 +107,7 @@ def test_line_crosses_every_link_in_between():
 
 def test_unshaped_links_cost_only_delay():
     res = simulate(all_gather_traces(3, 10**9, 0.0), net("star", 3, mbps=None, delay_ms=1), WireModel.none(), STEADY)
-    assert res.latency_s == pytest.approx(0.002, rel=1e-12)
+    assert res.latency_s == pytest.approx(0.001, rel=1e-12)
 
 
 def test_speed_factors_scale_compute_per_device():
@@ -120,9 +122,11 @@ def test_speed_factors_scale_compute_per_device():
 def test_serialization_time_counts_as_compute():
     t0 = Trace(0, [Collective("send", [("send", 1, 100)], serialize_s=0.002)])
     t1 = Trace(1, [Collective("recv", [("recv", 0, 100)], serialize_s=0.003)])
-    res = simulate([t0, t1], net("mesh", 2, mbps=None, delay_ms=0), WireModel.none(), STEADY)
-    assert res.latency_s == pytest.approx(0.003)
-    assert res.ranks[0].compute_s == pytest.approx(0.002)
+    res = simulate([t0, t1], net("mesh", 2, mbps=None, delay_ms=0), WireModel.none(), STEADY, speed=[1.0, 2.0])
+    assert res.latency_s == pytest.approx(0.006)
+    assert res.ranks[0].serialize_s == pytest.approx(0.002) and res.ranks[0].compute_s == 0
+    assert res.ranks[1].serialize_s == pytest.approx(0.006)
+    assert res.ranks[1].comm_s == pytest.approx(0.006)  # as in the runtime's traces: inside the collective
 
 
 def one_message(n_bytes: int) -> list[Trace]:

@@ -15,9 +15,10 @@ def test_paths_per_topology():
     p = LinkProfile(10, 5, loss_pct=1)
     star = Network(SimTopology("star", 3, p))
     assert [h.resource for h in star.path(0, 2)] == ["up0", "down2"]
-    assert star.one_way_s(0, 2) == pytest.approx(0.010)
-    assert star.rtt_s(0, 2) == pytest.approx(0.020)
-    assert star.loss(0, 2) == pytest.approx(1 - 0.99**2)
+    # the path (two access hops) has the profile's delay and loss, as topologies/star.yaml's `sweep: half`
+    assert star.one_way_s(0, 2) == pytest.approx(0.005)
+    assert star.rtt_s(0, 2) == pytest.approx(0.010)
+    assert star.loss(0, 2) == pytest.approx(0.01)
     assert star.bottleneck_bps(0, 2) == 10e6
     assert [h.resource for h in Network(SimTopology("mesh", 3, p)).path(2, 0)] == ["link2->0"]
     assert [h.resource for h in Network(SimTopology("shared_medium", 3, p)).path(1, 2)] == ["medium"]

@@ -1,0 +1,123 @@
+"""Measuring compute profiles on this host: one job's per-rank traces, without contention.
+
+The host has 2 cores; N ranks run as threads of one process, and if they computed
+at the same time each compute segment would be stretched by the others. So the
+ranks run in-process (the real method, the real collectives, the same schedule
+as every other backend) but take turns on the CPU: a rank holds the group's
+``cpu`` lock while it runs and lets go of it only while it blocks waiting for a
+message. Every compute segment (and every serialization) is therefore timed with
+the CPU to itself, at ``job.threads`` torch threads, exactly as a device of its
+own would run it. The ordering cost of taking turns lands in the collectives'
+wait time, which the simulator does not use: it replays only compute and
+serialization times, and models the waiting itself.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from typing import Callable, TypeVar
+
+import torch
+
+from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup
+from testbed.comm.trace import Collective, Trace
+from testbed.errors import check
+from testbed.job import JobSpec, RankRunner
+
+T = TypeVar("T")
+
+
+class _TurnTakingGroup(InProcessGroup):
+    def __init__(self, world_size: int, timeout_s: float):
+        super().__init__(world_size, timeout_s)
+        self.cpu = threading.Lock()  # held by the one rank that computes now
+
+    def communicator(self, rank: int) -> "_TurnTakingCommunicator":
+        return _TurnTakingCommunicator(self, rank)
+
+
+class _TurnTakingCommunicator(InProcessCommunicator):
+    group: _TurnTakingGroup
+
+    def _take(self, src: int, tag: int) -> bytes:
+        self.group.cpu.release()  # blocked: let another rank compute
+        try:
+            return super()._take(src, tag)
+        finally:
+            self.group.cpu.acquire()
+
+
+def run_turn_taking(world_size: int, fn: Callable[[int, InProcessCommunicator], T], timeout_s: float = 600.0
+                    ) -> list[T]:
+    """``fn(rank, comm)`` per rank in its own thread, one rank on the CPU at a time; results in rank order.
+
+    Like ``testbed.comm.run_inprocess``: the first real failure is re-raised after all threads stop.
+    """
+    group = _TurnTakingGroup(world_size, timeout_s)
+    results: list = [None] * world_size
+    errors: list[BaseException | None] = [None] * world_size
+
+    def body(rank: int) -> None:
+        try:
+            with group.cpu:
+                results[rank] = fn(rank, group.communicator(rank))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[rank] = e
+            group.aborted.set()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"calib-rank{r}", daemon=True)
+               for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if e is not None and "group aborted" not in str(e)]
+    first = real[0] if real else next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results
+
+
+def median_trace(reps: list[Trace]) -> Trace:
+    """Event-wise median of repeated traces of one rank (the same program every time)."""
+    first = reps[0]
+    for tr in reps[1:]:
+        same = len(tr.events) == len(first.events) and all(
+            type(a) is type(b) and (not isinstance(a, Collective) or (a.kind, a.ops) == (b.kind, b.ops))
+            for a, b in zip(tr.events, first.events))
+        check(same, "repetitions", f"rank {first.rank} ran a different schedule in a repetition",
+              "a method whose schedule does not change between inferences")
+    out = Trace.from_dict(first.to_dict())
+    for i, ev in enumerate(out.events):
+        ev.duration_s = statistics.median(tr.events[i].duration_s for tr in reps)
+        if isinstance(ev, Collective):
+            ev.wait_s = statistics.median(tr.events[i].wait_s for tr in reps)  # type: ignore[union-attr]
+            ev.serialize_s = statistics.median(tr.events[i].serialize_s for tr in reps)  # type: ignore[union-attr]
+    return out
+
+
+def measure(job: JobSpec, repetitions: int = 3, warmup: int = 1, timeout_s: float = 600.0) -> list[Trace]:
+    """Per-rank traces of ``job`` on this host (event-wise medians over ``repetitions``), ranks taking turns.
+
+    Durations are seconds of this host at ``job.threads`` torch threads.
+    """
+    check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
+    check(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
+
+    def body(rank: int, comm: InProcessCommunicator) -> list[Trace]:
+        runner = RankRunner(job, rank, comm)
+        reps = []
+        for i in range(warmup + repetitions):
+            runner.infer()
+            if i >= warmup:
+                reps.append(Trace.from_dict(comm.trace.to_dict()))
+        return reps
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(job.threads)  # process-wide; one rank computes at a time, so this is per rank
+    try:
+        per_rank = run_turn_taking(job.world_size, body, timeout_s)
+    finally:
+        torch.set_num_threads(before)
+    return [median_trace(reps) for reps in per_rank]

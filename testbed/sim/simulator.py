@@ -1,0 +1,238 @@
+"""One experiment cell on the simulator: find its compute profile, replay it, return result rows.
+
+This is the API the experiment runner calls for ``backend: sim``::
+
+    sim = Simulator(SimConfig())
+    rows = sim.run(model="vit-small", method="astra", params={"groups": 1}, tokens=197, nodes=4,
+                   topology="star", profile=LinkProfile(10, 5), repetitions=3)
+
+Where compute times come from, in order of preference:
+1. a measured profile of exactly this (model, method, params, tokens, nodes, threads, batch)
+   in the calibration directory;
+2. measuring it now (``testbed.sim.calibrate``), if ``measure_missing`` and it is small
+   enough (``max_measure_tokens``, ``max_measure_nodes``); the result is stored;
+3. extrapolating from measured profiles of the same family (``testbed.sim.extrapolate``),
+   first measuring a small basis grid if fewer than two points exist. Such rows say
+   ``sim/extrapolated`` in their ``mechanism`` column (else ``sim/measured``).
+
+Device speed: ``speed`` scales compute per rank (3.0 = three times slower than this
+host). ``speed_from_device`` turns a Mininet-style CPU share into that factor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from testbed.errors import ConfigError, check
+from testbed.job import JobSpec
+from testbed.net.profile import LinkProfile
+from testbed.sim.calibrate import measure
+from testbed.sim.engine import Schedule, SimResult, simulate
+from testbed.sim.extrapolate import extrapolate
+from testbed.sim.network import KINDS, Network, SimTopology, TcpModel, WireModel
+from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, host_info
+from testbed.sim.synth import WIDTH_SPLIT, skeleton
+
+#: the result columns a simulated row fills (a subset of testbed.experiment.store.COLUMNS)
+ROW_COLUMNS = (
+    "experiment", "backend", "mechanism", "cell", "method", "method_params", "label", "model", "tokens", "batch",
+    "nodes", "topology", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace", "trace_time_s",
+    "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
+    "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
+    "agreement", "max_abs_err", "accuracy", "status", "error", "started_at",
+)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    wire: WireModel = field(default_factory=WireModel)
+    tcp: TcpModel = field(default_factory=TcpModel)
+    calibration_dir: str = "results/calibration"
+    measure_missing: bool = True  # measure profiles that are not stored (else: extrapolate or fail)
+    max_measure_tokens: int = 1024  # larger token counts are extrapolated
+    max_measure_nodes: int = 8  # more ranks than this are extrapolated (all run in this process)
+    calibration_repetitions: int = 3
+    calibration_warmup: int = 1
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.wire, WireModel), "wire", self.wire, "a WireModel")
+        check(isinstance(self.tcp, TcpModel), "tcp", self.tcp, "a TcpModel")
+        for name in ("max_measure_tokens", "max_measure_nodes", "calibration_repetitions"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "an integer >= 1")
+        check(isinstance(self.calibration_warmup, int) and self.calibration_warmup >= 0, "calibration_warmup",
+              self.calibration_warmup, "an integer >= 0")
+
+
+def speed_from_device(cpu_share: float | None, threads: int = 1, cpus: int | None = None) -> float:
+    """Compute slow-down of a device that may use ``cpu_share`` of this machine's ``cpus`` cores.
+
+    A rank with ``threads`` torch threads was calibrated on ``threads`` free cores; a CFS
+    quota of cpu_share * cpus cores stretches its compute by threads / (cpu_share * cpus)
+    when that is below ``threads`` (never speeds it up). None: no limit, 1.0.
+    """
+    if cpu_share is None:
+        return 1.0
+    check(isinstance(cpu_share, (int, float)) and 0 < cpu_share <= 1, "cpu_share", cpu_share, "a number in (0, 1]")
+    cores = cpu_share * (cpus or os.cpu_count() or 1)
+    return max(1.0, threads / cores)
+
+
+class Simulator:
+    """Finds compute profiles (measuring or extrapolating as needed) and replays them over networks."""
+
+    def __init__(self, config: SimConfig | None = None, log: Callable[[str], None] | None = None):
+        self.config = config or SimConfig()
+        self.store = ProfileStore(self.config.calibration_dir)
+        self.log = log or (lambda msg: None)
+        self._profiles: dict[ProfileKey, ComputeProfile] = {}
+        self._schedules: dict[ProfileKey, Schedule] = {}
+
+    # -- compute profiles ---------------------------------------------------------------
+    def measurable(self, key: ProfileKey) -> bool:
+        c = self.config
+        return key.tokens <= c.max_measure_tokens and key.nodes <= c.max_measure_nodes
+
+    def measure(self, key: ProfileKey) -> ComputeProfile:
+        """Measure ``key`` on this host now and store it."""
+        c = self.config
+        self.log(f"calibrating {key.model} {key.method} {key.params_json} T={key.tokens} N={key.nodes} "
+                 f"threads={key.threads}")
+        job = JobSpec(key.model, key.method, key.nodes, key.tokens, key.params, batch=key.batch, threads=key.threads)
+        t0 = time.perf_counter()
+        traces = measure(job, c.calibration_repetitions, c.calibration_warmup)
+        meta = {**host_info(), "repetitions": c.calibration_repetitions, "warmup": c.calibration_warmup,
+                "wall_s": time.perf_counter() - t0, "how": "in-process, ranks take turns on the CPU"}
+        prof = ComputeProfile(key, traces, meta=meta)
+        self.store.put(prof)
+        return prof
+
+    def basis(self, key: ProfileKey) -> list[ProfileKey]:
+        """Small (tokens, nodes) points to fit an extrapolation of ``key`` on."""
+        from testbed.models import get_config
+
+        c, cfg = self.config, get_config(key.model)
+        top = min(key.tokens, c.max_measure_tokens)
+        tokens = sorted({max(8, top // 4), max(8, top // 2), top})
+        if key.nodes == 1:
+            nodes = [1]
+        else:
+            nodes = [n for n in (2, 4, 8) if n <= min(key.nodes, c.max_measure_nodes)
+                     and (key.method not in WIDTH_SPLIT or cfg.n_heads % n == 0)][:2]
+        return [ProfileKey(key.model, key.method, key.params_json, t, n, key.threads, key.batch)
+                for t in tokens for n in nodes if n < t]
+
+    def profile(self, key: ProfileKey) -> ComputeProfile:
+        """The compute profile of ``key`` (see the module docstring for where it comes from)."""
+        if key in self._profiles:
+            return self._profiles[key]
+        skeleton(key.model, key.method, key.params, key.tokens, key.nodes, key.batch)  # invalid cells fail here
+        prof = self.store.get(key)
+        if prof is None or prof.extrapolated:
+            if self.config.measure_missing and self.measurable(key):
+                prof = self.measure(key)
+            else:
+                measured = self.store.measured(key)
+                if self.config.measure_missing:
+                    have = {(p.key.tokens, p.key.nodes) for p in measured}
+                    for b in self.basis(key):
+                        if (b.tokens, b.nodes) not in have:
+                            measured.append(self.measure(b))
+                prof = extrapolate(key, measured)
+                self.log(f"extrapolated {key.model} {key.method} T={key.tokens} N={key.nodes} "
+                         f"from {len(prof.basis)} measured profiles")
+        self._profiles[key] = prof
+        return prof
+
+    def profiles_used(self) -> dict[ProfileKey, ComputeProfile]:
+        """Every profile this simulator has looked up so far (for a run's record of its sources)."""
+        return dict(self._profiles)
+
+    def schedule(self, key: ProfileKey) -> Schedule:
+        if key not in self._schedules:
+            self._schedules[key] = Schedule.from_traces(self.profile(key).traces)
+        return self._schedules[key]
+
+    # -- one cell -------------------------------------------------------------------------
+    def network(self, topology: Any, nodes: int, profile: LinkProfile) -> Network:
+        """``topology``: a kind (star | mesh | line | shared_medium, any N), a SimTopology, or a
+        testbed.net.topology.Topology (a name or path of a topology file is loaded as one)."""
+        if isinstance(topology, SimTopology):
+            check(topology.n_nodes == nodes, "nodes", nodes, f"{topology.n_nodes} (the SimTopology's)")
+            return Network(SimTopology(topology.kind, nodes, profile))
+        if isinstance(topology, str) and topology in KINDS:
+            return Network(SimTopology(topology, nodes, profile))
+        if isinstance(topology, (str, dict)):
+            from testbed.net.topology import load_topology
+
+            topology = load_topology(topology)
+        return Network(topology, nodes, profile)
+
+    def run(self, *, model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int,
+            topology: Any, profile: LinkProfile, speed: float | Sequence[float] = 1.0, repetitions: int = 1,
+            threads: int = 1, batch: int = 1, experiment: str = "", cell: str = "", label: str = "",
+            first_repetition: int = 0) -> list[dict]:
+        """Rows (dicts with ROW_COLUMNS) for ``repetitions`` simulated inferences of one cell.
+
+        Repetition r uses seed r for sampled loss and jitter; without loss or jitter all are equal.
+        A cell that cannot run (invalid method params, too many nodes for the heads, no calibration)
+        gives rows with status "error" and the message, as the emulated runner records failures.
+        """
+        check(isinstance(profile, LinkProfile), "profile", profile, "a testbed.net.profile.LinkProfile")
+        check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
+        key = ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
+        base = {"experiment": experiment, "backend": "sim", "cell": cell, "method": method,
+                "method_params": key.params_json, "label": label or method, "model": model, "tokens": tokens,
+                "batch": batch, "nodes": nodes, "topology": _topology_name(topology),
+                "bandwidth_mbps": profile.bandwidth_mbps, "delay_ms": profile.delay_ms,
+                "jitter_ms": profile.jitter_ms, "loss_pct": profile.loss_pct, "trace": "", "trace_time_s": None,
+                "agreement": math.nan, "max_abs_err": math.nan, "accuracy": math.nan}
+        reps = range(first_repetition, first_repetition + repetitions)
+        try:
+            sched = self.schedule(key)
+            net = self.network(topology, nodes, profile)
+            mech = "sim/extrapolated" if self._profiles[key].extrapolated else "sim/measured"
+            results = [simulate(sched, net, self.config.wire, self.config.tcp, speed, seed=r) for r in reps]
+        except ConfigError as e:
+            return [{**base, "mechanism": "sim", "repetition": r, "status": "error", "error": str(e),
+                     "started_at": _now()} for r in reps]
+        return [{**base, "mechanism": mech, "repetition": r, **result_columns(res), "status": "ok", "error": "",
+                 "started_at": _now()} for r, res in zip(reps, results)]
+
+
+def result_columns(res: SimResult) -> dict:
+    """Timing and byte columns of one simulated inference, aggregated as the runner does for
+    measured ones (testbed.experiment.metrics.timing_columns): the critical rank's split."""
+    crit = res.critical
+    busy = [s for s in res.ranks if s.finish_s >= 0.01 * crit.finish_s] or [crit]
+    return {
+        "latency_s": res.latency_s, "compute_s": crit.compute_s, "comm_s": crit.comm_s,
+        "wait_s": crit.wait_s, "serialize_s": crit.serialize_s, "critical_rank": crit.rank,
+        "compute_s_mean": sum(s.compute_s for s in busy) / len(busy),
+        "comm_s_mean": sum(s.comm_s for s in busy) / len(busy),
+        "bytes_sent": res.bytes_sent, "bytes_sent_max_rank": max(s.bytes_sent for s in res.ranks),
+        "bytes_on_wire": res.bytes_on_wire,
+    }
+
+
+def simulate_cell(config: SimConfig | None = None, **cell: Any) -> list[dict]:
+    """``Simulator(config).run(**cell)``: rows for one cell (see ``Simulator.run``)."""
+    return Simulator(config).run(**cell)
+
+
+def _topology_name(topology: Any) -> str:
+    if isinstance(topology, SimTopology):
+        return topology.kind
+    if isinstance(topology, str):
+        return os.path.splitext(os.path.basename(topology))[0]
+    if isinstance(topology, dict):
+        return str(topology.get("name", "inline"))
+    return str(getattr(topology, "name", "?"))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
