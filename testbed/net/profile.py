@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
-from testbed.errors import check
+from testbed.errors import ConfigError, check
 
 MAX_BANDWIDTH_MBPS = 10_000.0
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -19,15 +23,34 @@ class LinkProfile:
 
     def __post_init__(self) -> None:
         bw = self.bandwidth_mbps
-        check(bw is None or (isinstance(bw, (int, float)) and 0 < bw <= MAX_BANDWIDTH_MBPS),
+        check(bw is None or (_number(bw) and 0 < bw <= MAX_BANDWIDTH_MBPS),
               "bandwidth_mbps", bw, f"a number in (0, {MAX_BANDWIDTH_MBPS:g}] or null for unshaped")
-        check(isinstance(self.delay_ms, (int, float)) and self.delay_ms >= 0, "delay_ms", self.delay_ms, "a number >= 0")
-        check(isinstance(self.jitter_ms, (int, float)) and 0 <= self.jitter_ms <= max(self.delay_ms, 0) + 1e-9,
+        check(_number(self.delay_ms) and self.delay_ms >= 0, "delay_ms", self.delay_ms, "a number >= 0")
+        check(_number(self.jitter_ms) and 0 <= self.jitter_ms <= max(self.delay_ms, 0) + 1e-9,
               "jitter_ms", self.jitter_ms, "a number >= 0 and <= delay_ms")
-        check(isinstance(self.loss_pct, (int, float)) and 0 <= self.loss_pct < 100, "loss_pct", self.loss_pct,
+        check(_number(self.loss_pct) and 0 <= self.loss_pct < 100, "loss_pct", self.loss_pct,
               "a number in [0, 100)")
         q = self.queue_packets
-        check(q is None or (isinstance(q, int) and q >= 2), "queue_packets", q, "an integer >= 2 or null")
+        check(q is None or (isinstance(q, int) and not isinstance(q, bool) and q >= 2), "queue_packets", q,
+              "an integer >= 2 or null")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def shaped(self) -> bool:
+        """True when the profile changes anything about the link."""
+        return self != LinkProfile()
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "profile") -> "LinkProfile":
+        """Build from a YAML mapping; unknown keys and bad values raise ConfigError naming ``where.key``."""
+        allowed = [f.name for f in fields(cls)]
+        check(isinstance(d, dict), where, d, f"a mapping with keys {', '.join(allowed)}")
+        assert isinstance(d, dict)
+        for key in d:
+            check(key in allowed, f"{where}.{key}", d[key], f"known keys: {', '.join(allowed)}")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{e.field}", e.value, e.allowed) from None

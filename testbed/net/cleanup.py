@@ -1,0 +1,181 @@
+"""Naming, run registry and clean-up of everything an emulation creates.
+
+Every emulation run gets a 4-character id. Everything it creates in the root namespace is named
+``tb<id>`` + a kind letter (h host, s switch, c control bridge, m shared-medium IFB), e.g.
+bridge ``tbk3f9s0`` and its port ``tbk3f9s0-eth1``; every process it starts carries the
+environment label ``TESTBED_NET_RUN=<id>`` (Mininet's own shells are recognised by their
+``mininet:tb<id>...`` command line); device cgroups are named after their host. A registry
+file /run/testbed-net/<id>.json records the owner process, so `testbed clean` removes the
+leftovers of runs whose owner is gone and never touches a live run (unless told to) or
+anything not named this way. Network namespaces are anonymous (Mininet's): they vanish with
+their last process, and their veths, qdiscs and iptables rules with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import string
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REGISTRY_DIR = Path("/run/testbed-net")
+ENV_TAG = "TESTBED_NET_RUN"
+_ID = "[a-z0-9]{4}"
+LINK_RE = re.compile(rf"^tb({_ID})(?:[hsc]\d*|m\d+)(?:-eth\d+)?(?:@.*)?$")
+SHELL_RE = re.compile(rf"mininet:tb({_ID})")
+CGROUP_RE = re.compile(rf"^tb({_ID})h\d+$")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _start_time(pid: int) -> str | None:
+    """Kernel start time of a process (guards against pid reuse), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass
+class Run:
+    """One emulation run: its id and registry entry (owner = the process that built it)."""
+
+    run_id: str
+    owner_pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def create(cls, topology: str = "") -> "Run":
+        REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
+        rng = random.SystemRandom()
+        while True:
+            run_id = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(4))
+            path = REGISTRY_DIR / f"{run_id}.json"
+            try:
+                with open(path, "x") as f:  # atomic claim of the id
+                    json.dump({"run_id": run_id, "owner_pid": os.getpid(), "owner_start": _start_time(os.getpid()),
+                               "topology": topology, "created": time.time()}, f)
+                return cls(run_id)
+            except FileExistsError:
+                continue
+
+    def name(self, kind: str, index: int | None = None) -> str:
+        return f"tb{self.run_id}{kind}{'' if index is None else index}"
+
+    def forget(self) -> None:
+        (REGISTRY_DIR / f"{self.run_id}.json").unlink(missing_ok=True)
+
+
+def run_alive(run_id: str) -> bool:
+    """True while the process that owns the run is alive (same pid and start time)."""
+    try:
+        reg = json.loads((REGISTRY_DIR / f"{run_id}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return _start_time(int(reg["owner_pid"])) == reg.get("owner_start")
+
+
+@dataclass
+class Leftovers:
+    links: list[str] = field(default_factory=list)  # bridges, IFBs, root-side veths
+    processes: list[tuple[int, str]] = field(default_factory=list)  # (pid, command line)
+    cgroups: list[Path] = field(default_factory=list)
+    registries: list[Path] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.links or self.processes or self.cgroups or self.registries)
+
+    def describe(self) -> str:
+        parts = [f"{len(self.links)} links ({', '.join(self.links[:6])}{'...' if len(self.links) > 6 else ''})",
+                 f"{len(self.processes)} processes", f"{len(self.cgroups)} cgroups",
+                 f"{len(self.registries)} registry files"]
+        return ", ".join(parts)
+
+
+def _process_run(pid: int) -> tuple[str, str] | None:
+    """(run id, command line) if the process was started by an emulation run."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+    m = SHELL_RE.search(cmdline)
+    if m:
+        return m.group(1), cmdline
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    tag = f"{ENV_TAG}=".encode()
+    for item in env:
+        if item.startswith(tag):
+            return item[len(tag):].decode(errors="replace"), cmdline
+    return None
+
+
+def find_leftovers(run_id: str | None = None, include_live: bool = False) -> Leftovers:
+    """What emulation runs left in this machine: of one run, or of every run that is not alive."""
+    def wanted(rid: str) -> bool:
+        return rid == run_id if run_id is not None else (include_live or not run_alive(rid))
+
+    out = Leftovers()
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for line in links.splitlines():
+        name = line.split(":", 2)[1].strip().split("@")[0] if ":" in line else ""
+        m = LINK_RE.match(name)
+        if m and wanted(m.group(1)):
+            out.links.append(name)
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != me:
+            found = _process_run(int(entry.name))
+            if found and wanted(found[0]):
+                out.processes.append((int(entry.name), found[1]))
+    for base in [CGROUP_ROOT] + [CGROUP_ROOT / c for c in ("cpu", "cpuset", "memory")]:
+        if base.is_dir():
+            out.cgroups += [p for p in base.iterdir() if (m := CGROUP_RE.match(p.name)) and wanted(m.group(1))]
+    if REGISTRY_DIR.is_dir():
+        out.registries = [p for p in REGISTRY_DIR.glob("*.json") if wanted(p.stem)]
+    return out
+
+
+def _kill(pids: list[int], grace_s: float = 1.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_start_time(p) is not None and _state(p) != "Z" for p in pids):
+            time.sleep(0.02)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def clean(run_id: str | None = None, include_live: bool = False) -> Leftovers:
+    """Remove leftovers (see find_leftovers); returns what was found and removed."""
+    found = find_leftovers(run_id, include_live)
+    _kill([pid for pid, _ in found.processes])
+    for name in found.links:  # deleting one end of a veth deletes its peer too
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    for g in found.cgroups:
+        for _ in range(20):
+            try:
+                g.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+    for p in found.registries:
+        p.unlink(missing_ok=True)
+    return found

@@ -1,0 +1,332 @@
+"""A live emulated network: a Topology built with Mininet, shaped with tc, torn down completely.
+
+Built once per experiment; link profiles then change live (testbed.net.shaping). Mininet gives
+the hosts (network namespaces, veth pairs, shells); switches are Linux bridges made with
+iproute2 and no OpenFlow controller (no Open vSwitch here, and no bridge-utils needed). Every
+host gets one data address (10.0.0.<i+1>) on all its data interfaces and a /32 route per peer
+over the first hop of its path, so star, line and mesh all look the same to the nodes. An
+unshaped control network (one bridge, 172.16-31.x.0/24 chosen per run) joins every host and
+the root namespace, so the orchestrator never crosses a shaped link.
+
+Teardown happens on close(), on leaving a ``with`` block, at interpreter exit (atexit), and on
+SIGTERM/SIGHUP (turned into SystemExit so that with-blocks and atexit run). Processes started
+with ``popen`` die with their owner even on SIGKILL (PR_SET_PDEATHSIG); what is left after a
+SIGKILL (bridges, cgroups) is found by name by `testbed clean`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from testbed.errors import check
+from testbed.net import cleanup
+from testbed.net.cgroups import DeviceCgroup
+from testbed.net.delayline import DelayLineClient
+from testbed.net.probe import probe
+from testbed.net.profile import LinkProfile
+from testbed.net.shaping import Port, Shaper
+from testbed.net.tc import MECHANISMS
+from testbed.net.topology import DeviceProfile, LinkSpec, Topology
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _bridge_class():
+    from mininet.node import Switch
+
+    class IPBridge(Switch):
+        """A Linux bridge made with iproute2 (Mininet's LinuxBridge needs brctl from bridge-utils)."""
+
+        def start(self, _controllers) -> None:
+            self.cmd(f"ip link add name {self.name} type bridge && ip link set dev {self.name} up")
+            for intf in self.intfList():
+                if self.name in intf.name:
+                    self.cmd(f"ip link set dev {intf} master {self.name} up")
+
+        def stop(self, deleteIntfs: bool = True) -> None:
+            self.cmd(f"ip link del {self.name}")
+            super().stop(deleteIntfs)
+
+        def connected(self) -> bool:
+            return True
+
+    return IPBridge
+
+
+class _SignalGuard:
+    """Turns SIGTERM/SIGHUP into SystemExit (so with-blocks and atexit tear down) and closes at exit."""
+
+    def __init__(self, close):
+        self.close, self.previous = close, {}
+        atexit.register(self.close)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self.previous[sig] = signal.signal(sig, self._raise)
+
+    @staticmethod
+    def _raise(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    def remove(self) -> None:
+        atexit.unregister(self.close)
+        for sig, prev in self.previous.items():
+            if signal.getsignal(sig) == self._raise:
+                signal.signal(sig, prev)
+        self.previous = {}
+
+
+class Emulation:
+    """``with Emulation(load_topology("star")) as em: em.popen("h1", [...]); em.apply_profile(...)``."""
+
+    def __init__(self, topology: Topology, mechanism: str = "auto", seed: int = 0):
+        check(mechanism in ("auto",) + MECHANISMS, "mechanism", mechanism, ", ".join(("auto",) + MECHANISMS))
+        self.topology, self.requested, self.seed = topology, mechanism, seed
+        self.base_topology = topology  # what sweep profiles are mapped onto (fixed links keep theirs)
+        self.mechanism = "none"
+        self.net = None
+        self.run: cleanup.Run | None = None
+        self.delay_lines: dict[str, DelayLineClient] = {}
+        self.cgroups: dict[str, DeviceCgroup] = {}
+        self.procs: list[subprocess.Popen] = []
+        self._intf: dict[tuple[int, str], str] = {}  # (link index, node) -> interface name
+        self._ctl_intf: dict[str, str] = {}
+        self._closed = False
+        self._guard: _SignalGuard | None = None
+
+    # -- names and addresses -------------------------------------------------
+    def internal(self, name: str) -> str:
+        """The Mininet/kernel name of a topology node (unique per run, recognisable by clean)."""
+        assert self.run is not None
+        hosts = self.topology.host_names
+        if name in hosts:
+            return self.run.name("h", hosts.index(name))
+        return self.run.name("s", [s.name for s in self.topology.switches].index(name))
+
+    def data_ip(self, host: str) -> str:
+        return f"10.0.0.{self.topology.host_names.index(host) + 1}"
+
+    def control_ip(self, host: str) -> str:
+        return f"{self.control_net}.{self.topology.host_names.index(host) + 1}"
+
+    def node(self, name: str):
+        return self.net.get(self.internal(name))
+
+    def egress_port(self, topo: Topology, link: LinkSpec, frm: str) -> Port:
+        """The interface that carries ``link``'s direction leaving ``frm`` (links indexed as in ``topo``)."""
+        dev = self._intf[(topo.links.index(link), frm)]
+        return Port(frm if frm in self.topology.host_names else "", dev)
+
+    def medium_port(self, switch: str) -> Port:
+        assert self.run is not None
+        return Port("", self.run.name("m", [s.name for s in self.topology.switches].index(switch)))
+
+    def switch_ports(self, switch: str) -> list[str]:
+        return [dev for (_i, node), dev in self._intf.items() if node == switch]
+
+    def ns_argv(self, node: str) -> list[str]:
+        """Prefix that runs a command in ``node``'s namespace ("" or a switch: the root namespace)."""
+        if node in self.topology.host_names:
+            return ["mnexec", "-a", str(self.node(node).pid)]
+        return []
+
+    # -- life cycle -------------------------------------------------------------
+    def start(self) -> "Emulation":
+        self.mechanism = probe(full=False).require(self.requested)
+        self.run = cleanup.Run.create(self.topology.name)
+        self._guard = _SignalGuard(self.close)
+        try:
+            self._build()
+            self._configure_hosts()
+            if self.mechanism == "htb+nfqueue":
+                self._start_delay_lines()
+            self.shaper = Shaper(self)
+            self.shaper.setup(self.topology)
+            self._wire_base = self._wire_counters()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> "Emulation":
+        return self.start() if self.run is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        from mininet.link import Link
+        from mininet.log import setLogLevel
+        from mininet.net import Mininet
+        from mininet.node import Host
+
+        setLogLevel("error")  # Mininet narrates every step at "info"
+        t = self.topology
+        net = Mininet(topo=None, switch=_bridge_class(), controller=None, link=Link, host=Host,
+                      build=False, autoSetMacs=False, autoStaticArp=False, waitConnected=False)
+        self.net = net
+        for h in t.hosts:
+            net.addHost(self.internal(h.name), ip=None)
+        for i, s in enumerate(t.switches):
+            net.addSwitch(self.internal(s.name), dpid=f"{i + 1:016x}")
+        for i, lk in enumerate(t.links):
+            link = net.addLink(self.internal(lk.a), self.internal(lk.b))
+            self._intf[(i, lk.a)], self._intf[(i, lk.b)] = link.intf1.name, link.intf2.name
+        ctl = net.addSwitch(self.run.name("c"), dpid=f"{len(t.switches) + 1:016x}")
+        for h in t.hosts:
+            self._ctl_intf[h.name] = net.addLink(self.internal(h.name), ctl).intf1.name
+        net.build()
+        net.start()
+
+    def _configure_hosts(self) -> None:
+        """Addresses, per-peer routes, no IPv6 chatter; device cgroups; control address for root."""
+        t = self.topology
+        self.control_net = _free_control_net()
+        subprocess.run(["ip", "addr", "add", f"{self.control_net}.254/24", "dev", self.run.name("c")], check=True)
+        procs = []
+        for i, h in enumerate(t.hosts):
+            me = self.data_ip(h.name)
+            lines = [f"addr add {self.control_ip(h.name)}/24 dev {self._ctl_intf[h.name]}"]
+            lines += [f"addr add {me}/32 dev {dev}" for (_i, n), dev in self._intf.items() if n == h.name]
+            for peer in t.host_names:
+                if peer != h.name:
+                    lk, frm = t.path(h.name, peer)[0]
+                    lines.append(f"route add {self.data_ip(peer)}/32 dev {self.egress_port(t, lk, frm).dev} src {me}")
+            argv = self.ns_argv(h.name)
+            subprocess.run(argv + ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                                   "net.ipv6.conf.default.disable_ipv6=1"], check=True)
+            procs.append(subprocess.Popen(argv + ["ip", "-batch", "-"], stdin=subprocess.PIPE, text=True))
+            procs[-1].communicate("\n".join(lines) + "\n")
+            if h.device != DeviceProfile():
+                cg = DeviceCgroup(self.internal(h.name), h.device, first_core=i * (h.device.threads or 0))
+                self.cgroups[h.name] = cg
+                cg.create()
+                cg.join(self.node(h.name).pid)
+        bad = [p.args for p in procs if p.returncode != 0]
+        check(not bad, "topology", self.topology.name, f"addresses that the kernel accepts (failed: {bad})")
+
+    def _start_delay_lines(self) -> None:
+        for i, h in enumerate(self.topology.host_names):
+            proc = self.popen(h, [sys.executable, "-m", "testbed.net.delayline", "--seed", str(self.seed + i)],
+                              device=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.delay_lines[h] = DelayLineClient(proc, h)
+
+    def popen(self, host: str, argv: list[str], device: bool = True, **kwargs) -> subprocess.Popen:
+        """Start a process in ``host``'s namespace; it dies with this process.
+
+        ``device``: also confine it to the host's device profile (cgroup). Emulation machinery
+        (delay lines) passes False: the network must not slow down with the device's CPU share.
+        """
+        cg = self.cgroups.get(host) if device else None
+
+        def pre() -> None:
+            _die_with_parent()
+            if cg is not None:
+                cg.join()
+
+        env = dict(kwargs.pop("env", None) or os.environ)
+        env[cleanup.ENV_TAG] = self.run.run_id
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        proc = self.node(host).popen(argv, preexec_fn=pre, env=env, cwd=kwargs.pop("cwd", _repo_root()), **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    # -- live changes -------------------------------------------------------------
+    def apply(self, topology: Topology) -> float:
+        """Reshape live to ``topology`` (same hosts, switches and links); returns seconds taken."""
+        check([(lk.a, lk.b) for lk in topology.links] == [(lk.a, lk.b) for lk in self.topology.links]
+              and topology.host_names == self.topology.host_names, "topology", topology.name,
+              "the same hosts and links as the running emulation (only profiles may change)")
+        seconds = self.shaper.apply(topology)
+        self.topology = topology
+        return seconds
+
+    def apply_profile(self, profile: LinkProfile) -> float:
+        """Map one sweep profile onto every link (Topology.with_sweep) and reshape live."""
+        return self.apply(self.base_topology.with_sweep(profile))
+
+    def set_link(self, a: str, b: str, a_to_b: LinkProfile | None = None, b_to_a: LinkProfile | None = None) -> float:
+        """Change one link's profile(s) live (trace replay uses this)."""
+        links = list(self.topology.links)
+        i = next((k for k, lk in enumerate(links) if {lk.a, lk.b} == {a, b}), None)
+        check(i is not None, "link", f"{a}-{b}", "a link of the topology")
+        lk = links[i]
+        fwd, rev = (a_to_b, b_to_a) if lk.a == a else (b_to_a, a_to_b)
+        links[i] = replace(lk, a_to_b=fwd or lk.a_to_b, b_to_a=rev or lk.b_to_a)
+        return self.apply(replace(self.topology, links=tuple(links)))
+
+    # -- counters -------------------------------------------------------------------
+    def _wire_counters(self) -> dict[str, int]:
+        out = {}
+        for h in self.topology.host_names:
+            devs = {dev for (_i, n), dev in self._intf.items() if n == h}
+            for line in Path(f"/proc/{self.node(h).pid}/net/dev").read_text().splitlines()[2:]:
+                name, rest = line.split(":", 1)
+                if name.strip() in devs:
+                    out[name.strip()] = int(rest.split()[8])  # transmit bytes
+        return out
+
+    def wire_bytes(self) -> int:
+        """Bytes the hosts' data interfaces transmitted since start (frames as counted by the kernel)."""
+        now = self._wire_counters()
+        return sum(v - self._wire_base.get(k, 0) for k, v in now.items())
+
+    # -- teardown ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every process, remove every namespace, link, qdisc, rule and cgroup. Idempotent."""
+        if self._closed or self.run is None:
+            return
+        self._closed = True
+        for dl in self.delay_lines.values():
+            dl.close()
+        for p in self.procs:
+            _stop(p)
+        if self.net is not None:
+            try:
+                self.net.stop()
+            except Exception as e:  # noqa: BLE001 - the sweep below removes what stop() missed
+                print(f"testbed.net: Mininet stop failed ({e}); cleaning by name", file=sys.stderr)
+        for cg in self.cgroups.values():
+            cg.remove()
+        cleanup.clean(self.run.run_id)
+        self.run.forget()
+        if self._guard is not None:
+            self._guard.remove()
+
+
+def _stop(p: subprocess.Popen, grace_s: float = 2.0) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _free_control_net() -> str:
+    """A 172.16.0.0/12 /24 that no route of the root namespace uses (runs may overlap in time)."""
+    used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    rng = random.SystemRandom()
+    while True:
+        k = rng.randrange(16 * 256)
+        net = f"172.{16 + k // 256}.{k % 256}"
+        if f"{net}.0/24" not in used:
+            return net
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[2])

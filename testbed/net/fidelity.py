@@ -1,0 +1,170 @@
+"""Fidelity self-check: do the emulated paths deliver what their profiles promise?
+
+For each measured host pair: TCP goodput by iperf3 (receiver side, first second omitted so TCP's
+start-up is not counted) against the path's narrowest configured bandwidth; ping RTT against the
+configured one-way delays of both directions added up; ping loss against the configured losses. Ping runs with ``-U`` (user-space timestamps): the kernel's receive
+timestamp is taken before the receive-side delay line holds a packet, so kernel-timestamped RTTs
+would miss the pinging host's own receive delay.
+
+Goodput is TCP payload: at most 1448/1514 = 0.956 of a link's rate with full-size frames.
+
+CLI: ``testbed fidelity TOPOLOGY.yaml [--out DIR]`` prints the table and writes fidelity.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from testbed.errors import ConfigError
+
+IPERF_PORT = 5201  # every host has its own namespace, so a fixed port cannot collide
+
+
+@dataclass
+class FidelityRow:
+    src: str
+    dst: str
+    bandwidth_mbps: float | None  # narrowest configured hop of the path (None: unshaped)
+    delay_ms: float  # configured one-way delay src -> dst
+    loss_pct: float  # configured loss src -> dst
+    goodput_mbps: float | None = None
+    goodput_ratio: float | None = None  # goodput / bandwidth_mbps
+    rtt_expected_ms: float = 0.0  # configured delay src -> dst plus dst -> src
+    rtt_ms: float | None = None  # mean ping RTT
+    rtt_error_ms: float | None = None  # rtt_ms - rtt_expected_ms
+    ping_loss_pct: float | None = None  # round-trip loss seen by ping
+
+    def ok(self, ratio_range: tuple[float, float] = (0.93, 1.0), rtt_abs_ms: float = 0.5, rtt_rel: float = 0.02) -> bool:
+        good = self.goodput_ratio is None or ratio_range[0] <= self.goodput_ratio <= ratio_range[1]
+        rtt = self.rtt_error_ms is None or abs(self.rtt_error_ms) <= rtt_abs_ms + rtt_rel * self.rtt_expected_ms
+        return good and rtt
+
+
+def iperf_goodput(em, src: str, dst: str, seconds: float = 3.0, omit_s: float = 1.0,
+                  reverse: bool = False) -> float:
+    """TCP goodput src -> dst in Mbit/s as the receiver counted it (first ``omit_s`` not counted)."""
+    server = em.popen(dst, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    try:
+        for attempt in range(20):
+            out = em.node(src).cmd(f"iperf3 -c {em.data_ip(dst)} -p {IPERF_PORT} -t {seconds:g} "
+                                   f"-O {omit_s:g} -J{' -R' if reverse else ''}")
+            try:
+                result = json.loads(out[out.index("{"):])
+            except ValueError:
+                result = {"error": out.strip()[-300:]}
+            if "error" not in result:
+                return result["end"]["sum_received"]["bits_per_second"] / 1e6
+            if "refused" not in result["error"] or attempt == 19:
+                raise RuntimeError(f"iperf3 {src} -> {dst}: {result['error']}")
+            time.sleep(0.1)  # the server is not listening yet
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    raise AssertionError("unreachable")
+
+
+_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
+_LOSS = re.compile(r"([\d.]+)% packet loss")
+
+
+def ping(em, src: str, dst: str, count: int = 20, interval_s: float = 0.02,
+         deadline_s: float | None = None) -> tuple[float | None, float, list[int]]:
+    """(mean RTT in ms or None if nothing came back, loss %, icmp_seq of replies in arrival order)."""
+    em.node(src).cmd(f"ping -n -c 1 -w 2 {em.data_ip(dst)}")  # resolve ARP first: not part of the path's RTT
+    deadline = math.ceil(deadline_s or (count * interval_s + 5))  # ping -w takes whole seconds
+    out = em.node(src).cmd(f"ping -U -n -c {count} -i {interval_s:g} -w {deadline:g} {em.data_ip(dst)}")
+    seqs = [int(m) for m in re.findall(r"icmp_seq=(\d+)", out)]
+    rtt = _RTT.search(out)
+    loss = _LOSS.search(out)
+    if loss is None:
+        raise RuntimeError(f"ping {src} -> {dst} printed no summary: {out.strip()[-300:]}")
+    return (float(rtt.group(1)) if rtt else None), float(loss.group(1)), seqs
+
+
+def check_pair(em, src: str, dst: str, seconds: float = 3.0, pings: int = 20) -> FidelityRow:
+    """Measure one path (goodput only where the path is shaped)."""
+    fwd = em.topology.path_effect(src, dst)
+    row = FidelityRow(src, dst, fwd.bandwidth_mbps, fwd.delay_ms, fwd.loss_pct, rtt_expected_ms=fwd.rtt_ms)
+    rtt, loss, _ = ping(em, src, dst, count=pings)
+    row.rtt_ms, row.ping_loss_pct = rtt, loss
+    row.rtt_error_ms = None if rtt is None else rtt - fwd.rtt_ms
+    if fwd.bandwidth_mbps is not None:
+        row.goodput_mbps = iperf_goodput(em, src, dst, seconds)
+        row.goodput_ratio = row.goodput_mbps / fwd.bandwidth_mbps
+    return row
+
+
+def distinct_pairs(topology) -> list[tuple[str, str]]:
+    """One host pair per distinct (forward, reverse) path profile: enough to cover every link profile."""
+    seen, out = set(), []
+    names = topology.host_names
+    for i, src in enumerate(names):
+        for dst in names[i + 1:]:
+            key = (topology.path_effect(src, dst), topology.path_effect(dst, src))
+            if key not in seen:
+                seen.add(key)
+                out.append((src, dst))
+    return out
+
+
+def format_table(rows: list[FidelityRow]) -> str:
+    head = f"{'path':<14}{'bw Mbit/s':>10}{'goodput':>10}{'ratio':>7}{'delay ms':>9}{'RTT exp':>9}{'RTT':>9}" \
+           f"{'err ms':>8}{'loss %':>7}{'ping loss':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def f(x, spec):
+            return format(x, spec) if x is not None else "-"
+        lines.append(f"{r.src + '->' + r.dst:<14}{f(r.bandwidth_mbps, '10g')}{f(r.goodput_mbps, '10.2f')}"
+                     f"{f(r.goodput_ratio, '7.3f')}{r.delay_ms:9.2f}{r.rtt_expected_ms:9.2f}{f(r.rtt_ms, '9.2f')}"
+                     f"{f(r.rtt_error_ms, '8.2f')}{r.loss_pct:7.2f}{f(r.ping_loss_pct, '10.1f')}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list, path: Path, extra: dict | None = None) -> None:
+    """Rows (dataclasses) as CSV, each with the ``extra`` columns (e.g. mechanism) in front."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = extra or {}
+    names = list(extra) + [f.name for f in fields(rows[0])] if rows else list(extra)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**extra, **asdict(r)})
+
+
+def main(argv: list[str]) -> int:
+    from testbed.net.emulation import Emulation
+    from testbed.net.probe import EmulationUnavailable
+    from testbed.net.topology import load_topology
+
+    ap = argparse.ArgumentParser(prog="testbed fidelity", description="check emulated links against their profiles")
+    ap.add_argument("topology", help="topology YAML (or a name in topologies/: star, mesh, line, ...)")
+    ap.add_argument("--out", default="results/fidelity", help="directory for fidelity.csv (default: %(default)s)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 seconds per path (default: %(default)s)")
+    ap.add_argument("--mechanism", default="auto", help="auto, htb+nfqueue or htb+netem")
+    args = ap.parse_args(argv)
+    try:
+        topo = load_topology(args.topology)
+        with Emulation(topo, mechanism=args.mechanism) as em:
+            print(f"topology {topo.name}: {len(topo.hosts)} hosts, mechanism {em.mechanism}")
+            rows = [check_pair(em, s, d, args.seconds) for s, d in distinct_pairs(topo)]
+            mechanism = em.mechanism
+    except (ConfigError, EmulationUnavailable) as e:
+        print(f"testbed fidelity: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    out = Path(args.out) / "fidelity.csv"
+    write_csv(rows, out, {"topology": topo.name, "mechanism": mechanism})
+    print(f"saved {out}")
+    return 0

@@ -1,0 +1,177 @@
+"""LinkProfile -> tc and iptables command lines. Pure functions: no root needed to test them.
+
+Two mechanisms (picked by testbed.net.probe):
+- ``htb+netem``: the link direction's egress gets an htb class for the bandwidth and a netem leaf
+  for delay, jitter, loss and the queue. Standard, but needs sch_netem.
+- ``htb+nfqueue`` (kernels without netem, like ours): the egress gets the htb class with a
+  byte FIFO leaf; delay and jitter are held by the receiving host's delay line
+  (testbed.net.delayline) on NFQUEUE, per source host, and loss is dropped on the receiving
+  host by iptables' statistic match. Delays and losses of every hop of a path are composed into
+  the per-source rule (see Topology.one_way).
+
+Sizing, from the rate (Mininet's fixed 15 KB burst caps throughput well below 1 Gbit/s, and
+its TCLink refuses rates above 1000 Mbit/s):
+- burst/cburst: 1 ms of traffic at the rate, at least two full frames. The kernel releases
+  htb tokens at timer granularity; a bucket smaller than what arrives between timer runs
+  throttles the link below its rate.
+- quantum: the burst clamped to [1 frame, 200 000 B] (the kernel warns outside that range;
+  a single class never competes, so it only needs to be legal).
+- queue: ``queue_packets`` full frames when given, else the bandwidth-delay product of the
+  longest round trip that crosses the link, at least 20 ms of traffic and 16 frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from testbed.errors import check
+from testbed.net.profile import MAX_BANDWIDTH_MBPS, LinkProfile
+
+MECHANISMS = ("htb+nfqueue", "htb+netem")
+FRAME_BYTES = 1514  # an Ethernet frame carrying a 1500-byte packet: the unit of queue_packets
+BURST_S = 0.001  # htb bucket: this much time of traffic at the rate
+MIN_QUEUE_S = 0.020  # default queue holds at least this much time of traffic
+MIN_QUEUE_FRAMES = 16
+MAX_QUANTUM_BYTES = 200_000
+CHAIN = "TBNET"  # iptables chain of the testbed in each host's namespace (INPUT jumps to it)
+IPT = "iptables-legacy"  # never nft: this kernel has no nft queue, and the two must not mix
+
+
+def rate_bits(bandwidth_mbps: float) -> int:
+    """Link rate in bit/s as tc wants it (an integer)."""
+    return max(8, round(bandwidth_mbps * 1e6))
+
+
+def burst_bytes(bandwidth_mbps: float) -> int:
+    return max(2 * FRAME_BYTES, math.ceil(bandwidth_mbps * 1e6 / 8 * BURST_S))
+
+
+def quantum_bytes(bandwidth_mbps: float) -> int:
+    return min(MAX_QUANTUM_BYTES, max(FRAME_BYTES, burst_bytes(bandwidth_mbps)))
+
+
+def queue_limit_bytes(profile: LinkProfile, rtt_ms: float = 0.0) -> int:
+    """Egress queue in bytes: queue_packets frames, else max(BDP of rtt_ms, 20 ms, 16 frames)."""
+    if profile.queue_packets is not None:
+        return profile.queue_packets * FRAME_BYTES
+    rate_bps = (profile.bandwidth_mbps or MAX_BANDWIDTH_MBPS) * 1e6 / 8
+    return max(MIN_QUEUE_FRAMES * FRAME_BYTES, math.ceil(rate_bps * max(rtt_ms / 1e3, MIN_QUEUE_S)))
+
+
+def _us(ms: float) -> str:
+    return f"{round(ms * 1000)}us"
+
+
+def _htb_class(dev: str, verb: str, bandwidth_mbps: float) -> list[str]:
+    b = burst_bytes(bandwidth_mbps)
+    return ["tc", "class", verb, "dev", dev, "parent", "1:", "classid", "1:1", "htb",
+            "rate", f"{rate_bits(bandwidth_mbps)}bit", "burst", str(b), "cburst", str(b),
+            "quantum", str(quantum_bytes(bandwidth_mbps))]
+
+
+def _netem_args(profile: LinkProfile, rtt_ms: float) -> list[str]:
+    # netem's limit counts packets it is delaying as well as those queued behind the rate
+    rate_bps = (profile.bandwidth_mbps or MAX_BANDWIDTH_MBPS) * 1e6 / 8
+    in_flight = math.ceil(rate_bps * (profile.delay_ms + profile.jitter_ms) / 1e3 / FRAME_BYTES)
+    limit = max(1000, queue_limit_bytes(profile, rtt_ms) // FRAME_BYTES + in_flight)
+    args = ["netem", "limit", str(limit)]
+    if profile.delay_ms or profile.jitter_ms:
+        args += ["delay", _us(profile.delay_ms)] + ([_us(profile.jitter_ms)] if profile.jitter_ms else [])
+    if profile.loss_pct:
+        args += ["loss", f"{profile.loss_pct:.6f}%"]
+    return args
+
+
+def _layout(profile: LinkProfile | None, mechanism: str) -> str:
+    """What sits on the egress: 'none', 'htb' (htb + bfifo), 'htb+netem', or 'netem' (root)."""
+    if profile is None:
+        return "none"
+    shaped = profile.bandwidth_mbps is not None
+    if mechanism == "htb+nfqueue":
+        return "htb" if shaped else "none"
+    if shaped:
+        return "htb+netem"
+    return "netem" if (profile.delay_ms or profile.jitter_ms or profile.loss_pct) else "none"
+
+
+def egress_commands(dev: str, profile: LinkProfile, mechanism: str, rtt_ms: float = 0.0,
+                    old: LinkProfile | None = None) -> list[list[str]]:
+    """tc argv lists that make ``dev``'s egress follow ``profile``.
+
+    ``old`` is what is installed now (None: nothing). When old and new have the same layout the
+    commands change the running qdisc/class in place (no packet of the queue is lost); otherwise
+    the root qdisc is replaced. ``rtt_ms`` sizes the default queue (longest round trip crossing it).
+    """
+    check(mechanism in MECHANISMS, "mechanism", mechanism, ", ".join(MECHANISMS))
+    new_layout, old_layout = _layout(profile, mechanism), _layout(old, mechanism)
+    verb = "change" if new_layout == old_layout else "add"
+    cmds: list[list[str]] = []
+    if old_layout != "none" and new_layout != old_layout:
+        cmds.append(["tc", "qdisc", "del", "dev", dev, "root"])
+    if new_layout == "none":
+        return cmds
+    if new_layout == "netem":
+        return cmds + [["tc", "qdisc", verb, "dev", dev, "root", "handle", "1:"] + _netem_args(profile, rtt_ms)]
+    assert profile.bandwidth_mbps is not None
+    if verb == "add":
+        cmds.append(["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"])
+    cmds.append(_htb_class(dev, verb, profile.bandwidth_mbps))
+    leaf = ["tc", "qdisc", verb, "dev", dev, "parent", "1:1", "handle", "10:"]
+    if new_layout == "htb+netem":
+        return cmds + [leaf + _netem_args(profile, rtt_ms)]
+    return cmds + [leaf + ["bfifo", "limit", str(queue_limit_bytes(profile, rtt_ms))]]
+
+
+def medium_commands(ifb: str, ports: list[str]) -> list[list[str]]:
+    """Send every frame arriving on ``ports`` through the IFB device ``ifb`` (one shared queue).
+
+    The medium's own shaping is ``egress_commands(ifb, ...)``; ``ip link add <ifb> type ifb``
+    comes first (testbed.net.emulation does that).
+    """
+    cmds = []
+    for p in ports:
+        cmds.append(["tc", "qdisc", "add", "dev", p, "handle", "ffff:", "ingress"])
+        cmds.append(["tc", "filter", "add", "dev", p, "parent", "ffff:", "protocol", "all", "u32",
+                     "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", ifb])
+    return cmds
+
+
+@dataclass(frozen=True)
+class SourceRule:
+    """What a receiving host does to packets from one source host (htb+nfqueue mechanism)."""
+
+    src_ip: str
+    queue_num: int  # the delay line's queue for this source
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+    @property
+    def delayed(self) -> bool:
+        return self.delay_ms > 0 or self.jitter_ms > 0
+
+
+def receiver_rules(rules: list[SourceRule], first: bool = False) -> str:
+    """Input for ``iptables-legacy-restore --noflush`` in the receiving host's namespace.
+
+    Declaring the chain flushes it, so the whole rule set is swapped in one atomic commit
+    (a live change never passes through an empty set). ``first`` also hooks the chain into INPUT.
+    Loss comes before the queue so dropped packets are never delayed first.
+    """
+    lines = ["*filter", f":{CHAIN} - [0:0]"]
+    if first:
+        lines.append(f"-A INPUT -j {CHAIN}")
+    for r in rules:
+        if r.loss_pct > 0:
+            lines.append(f"-A {CHAIN} -s {r.src_ip}/32 -m statistic --mode random "
+                         f"--probability {r.loss_pct / 100:.10f} -j DROP")
+        if r.delayed:
+            lines.append(f"-A {CHAIN} -s {r.src_ip}/32 -j NFQUEUE --queue-num {r.queue_num}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def delayline_config(rules: list[SourceRule]) -> dict:
+    """The delay line's queue settings for a receiving host (every source, delayed or not)."""
+    return {str(r.queue_num): {"delay_ms": r.delay_ms, "jitter_ms": r.jitter_ms} for r in rules}
