@@ -48,16 +48,19 @@ class _Link:
         self.done = threading.Event()  # the reader saw the stream end
         self.call: grpc.Future | None = None  # dialling side: the RPC, to cancel on abort
         self.context: grpc.ServicerContext | None = None  # accepting side: the RPC, to cancel on abort
+        self.bye = False  # the peer said it is done (a clean end, not a death)
         self._buf: bytearray | None = None  # message being reassembled
+        self._off = 0  # bytes of it received so far
         self._next = 0  # index of the next chunk expected
 
     def outgoing(self) -> Iterator:
-        """Frames for the stream: our Hello, then every queued message, until _STOP."""
+        """Frames for the stream: our Hello, every queued message, and Bye at _STOP."""
         c = self.comm
         yield serde.hello_frame(c.job_id, c.rank, self.peer)
         while True:
             item = self.outq.get()
             if item is _STOP:
+                yield serde.bye_frame()
                 return
             tag, data = item
             yield from serde.chunk_frames(c.rank, tag, data, c.chunk_bytes)
@@ -67,17 +70,21 @@ class _Link:
         try:
             for frame in frames:
                 self._deliver(serde.read_frame(frame))
+            if not self.bye:  # a dying process's connection can end like a clean stream
+                self.comm._link_broke(self, "stream ended without a goodbye (node died or connection lost)")
         except grpc.RpcError as e:  # reset, cancelled by an aborting peer, keepalive timeout
             self.comm._link_broke(self, f"stream broke: {_rpc_text(e)}")
         except Exception as e:  # noqa: BLE001 - a malformed frame breaks the job like a reset
             self.comm._link_broke(self, f"bad frame: {e}")
-        else:  # the peer ended its side cleanly (its job is over): end ours, keep what arrived
-            self.inbox.put(_CLOSED)
-            self.outq.put(_STOP)
         finally:
             self.done.set()
 
-    def _deliver(self, msg: serde.Hello | serde.Chunk) -> None:
+    def _deliver(self, msg: serde.Hello | serde.Chunk | serde.Bye) -> None:
+        if isinstance(msg, serde.Bye):  # the peer's job is over: keep what arrived, end our side
+            self.bye = True
+            self.inbox.put(_CLOSED)
+            self.outq.put(_STOP)
+            return
         if isinstance(msg, serde.Hello):
             if (msg.src, msg.dst, msg.job_id) != (self.peer, self.comm.rank, self.comm.job_id):
                 raise ValueError(f"hello from rank {msg.src} to {msg.dst} for job {msg.job_id!r} "
@@ -91,13 +98,15 @@ class _Link:
             self.inbox.put((msg.tag, msg.payload))
             return
         if msg.index == 0:
-            self._buf = bytearray(msg.total_bytes)
-        off = msg.index * self.comm.chunk_bytes
-        self._buf[off:off + len(msg.payload)] = msg.payload  # type: ignore[index]
-        self._next += 1
+            self._buf, self._off = bytearray(msg.total_bytes), 0
+        end = self._off + len(msg.payload)
+        self._buf[self._off:end] = msg.payload  # type: ignore[index]
+        self._off, self._next = end, self._next + 1
         if self._next == msg.count:
+            if end != msg.total_bytes:
+                raise ValueError(f"message of {msg.total_bytes} bytes from rank {self.peer} arrived with {end}")
             self.inbox.put((msg.tag, self._buf))
-            self._buf, self._next = None, 0
+            self._buf, self._off, self._next = None, 0, 0
 
 
 class GrpcCommunicator(Communicator):
@@ -311,6 +320,7 @@ class PeerServer:
 
 def _rpc_text(e: grpc.RpcError) -> str:
     code = e.code() if hasattr(e, "code") else None
-    details = e.details() if hasattr(e, "details") else str(e)
-    name = code.name if code else "error"
-    return name if details in (None, "", name) else f"{name}: {details}"
+    if code is None:  # the accepting side's request iterator raises a bare RpcError
+        return "the RPC was cancelled or its connection lost"
+    details = e.details() if hasattr(e, "details") else None
+    return code.name if details in (None, "", code.name) else f"{code.name}: {details}"

@@ -29,6 +29,11 @@ class Hello:
 
 
 @dataclass(frozen=True)
+class Bye:
+    pass
+
+
+@dataclass(frozen=True)
 class Chunk:
     src: int
     tag: int
@@ -40,6 +45,10 @@ class Chunk:
 
 def hello_frame(job_id: str, src: int, dst: int) -> peer_pb2.Frame:
     return peer_pb2.Frame(hello=peer_pb2.Hello(job_id=job_id, src=src, dst=dst))
+
+
+def bye_frame() -> peer_pb2.Frame:
+    return peer_pb2.Frame(bye=peer_pb2.Bye())
 
 
 def chunk_frames(src: int, tag: int, data: bytes | bytearray, chunk_bytes: int) -> Iterator[peer_pb2.Frame]:
@@ -57,7 +66,7 @@ def chunk_frames(src: int, tag: int, data: bytes | bytearray, chunk_bytes: int) 
                                                   payload=piece))
 
 
-def read_frame(frame: peer_pb2.Frame) -> Hello | Chunk:
+def read_frame(frame: peer_pb2.Frame) -> Hello | Chunk | Bye:
     kind = frame.WhichOneof("kind")
     if kind == "hello":
         h = frame.hello
@@ -65,6 +74,8 @@ def read_frame(frame: peer_pb2.Frame) -> Hello | Chunk:
     if kind == "chunk":
         c = frame.chunk
         return Chunk(c.src, c.tag, c.index, c.count, c.total_bytes, c.payload)
+    if kind == "bye":
+        return Bye()
     raise ValueError(f"empty peer frame (kind {kind!r})")
 
 

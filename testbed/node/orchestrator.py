@@ -1,0 +1,221 @@
+"""The orchestrator: the client that drives N node servers through one job.
+
+It loads a job on every node at once (each node then opens its peer streams and
+builds its shard), runs inferences by asking every rank at once and timing the
+whole from the client's side, and stops the nodes. If any node fails, dies or
+misses the deadline, it raises a NodeError naming the rank, its address and what
+happened (the root cause is preferred over the ranks that merely lost that peer),
+and stops the other nodes so nothing is left waiting.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import grpc
+import torch
+
+from testbed.backends.base import NodeAddress
+from testbed.errors import CommError, ConfigError, check
+from testbed.job import JobSpec
+from testbed.node import serde
+from testbed.node.channels import CONTROL_CHANNEL_OPTIONS
+from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
+from testbed.proto import node_pb2_grpc
+
+
+class NodeError(CommError):
+    """A node failed, died or missed the deadline. ``rank``, ``address``, ``phase`` say which and when."""
+
+    def __init__(self, phase: str, rank: int, address: str, what: str, others: str = ""):
+        self.phase, self.rank, self.address, self.what = phase, rank, address, what
+        tail = f" [other ranks: {others}]" if others else ""
+        super().__init__(f"{phase} failed on rank {rank} ({address}): {what}{tail}")
+
+
+@dataclass
+class InferenceResult:
+    output: torch.Tensor | None  # from the lowest rank that holds one
+    latency_s: float  # client-observed: from sending the requests to the last rank's reply
+    nodes: list[RankResult]  # per rank, in rank order (times, bytes, trace)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Application payload bytes sent by all ranks together."""
+        return sum(n.bytes_sent for n in self.nodes)
+
+
+# Status codes that mean "this rank only saw another rank fail" (CommError on the node).
+_SECONDARY = {grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+# Status codes that mean the node itself died, is unreachable or hangs.
+_GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class Orchestrator:
+    """Drives the nodes at ``addresses`` (rank order). ``timeout_s``: deadline of one inference;
+    ``connect_timeout_s``: for reaching the nodes and for the nodes reaching each other;
+    ``load_timeout_s``: for building a job. The nodes wait for each peer message at most
+    ``PEER_WAIT_FRACTION * timeout_s``, so a silent rank is named by its peers before the
+    orchestrator's own deadline fires."""
+
+    PEER_WAIT_FRACTION = 0.8
+
+    def __init__(self, addresses: Sequence[NodeAddress], timeout_s: float = 120.0, connect_timeout_s: float = 10.0,
+                 load_timeout_s: float = 300.0):
+        check(len(addresses) >= 1, "addresses", list(addresses), "at least one NodeAddress")
+        for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s),
+                        ("load_timeout_s", load_timeout_s)):
+            check(isinstance(v, (int, float)) and v > 0, name, v, "a number of seconds > 0")
+        self.addresses = list(addresses)
+        self.timeout_s, self.connect_timeout_s, self.load_timeout_s = timeout_s, connect_timeout_s, load_timeout_s
+        self.job: JobSpec | None = None
+        self.job_id = ""
+        self.load_times: list[LoadTimes] = []
+        self._stopped = False
+        self._channels = [grpc.insecure_channel(a.control, options=CONTROL_CHANNEL_OPTIONS) for a in self.addresses]
+        self._stubs = [node_pb2_grpc.NodeStub(ch) for ch in self._channels]
+        try:
+            self._await_ready()
+        except BaseException:
+            self._close_channels()
+            raise
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout_s
+        for rank, ch in enumerate(self._channels):
+            try:
+                grpc.channel_ready_future(ch).result(timeout=max(0.0, deadline - time.monotonic()))
+            except grpc.FutureTimeoutError:
+                raise NodeError("connect", rank, self.addresses[rank].control,
+                                f"no node answers within {self.connect_timeout_s:g} s") from None
+
+    # -- the job ---------------------------------------------------------------
+    def load(self, job: JobSpec) -> list[LoadTimes]:
+        """Load ``job`` on every node (replacing any previous job). Returns per-rank build and connect times."""
+        self._check_running()
+        n = len(self.addresses)
+        check(job.world_size == n, "world_size", job.world_size, f"{n} (the number of node addresses)")
+        job_id = uuid.uuid4().hex[:12]
+        peers = [a.data for a in self.addresses]
+        wait_s = self.PEER_WAIT_FRACTION * self.timeout_s
+        requests = [serde.load_request(LoadArgs(job_id, job, r, peers, comm_timeout_s=wait_s,
+                                                connect_timeout_s=self.connect_timeout_s)) for r in range(n)]
+        calls = [lambda r=r: self._stubs[r].LoadJob.future(requests[r], timeout=self.load_timeout_s)
+                 for r in range(n)]
+        self.job, self.job_id = None, ""  # every node drops its previous job first
+        replies = self._fan_out("load", calls)
+        self.job, self.job_id = job, job_id
+        self.load_times = [serde.read_load_response(r) for r in replies]
+        return self.load_times
+
+    def infer(self) -> InferenceResult:
+        """One inference on every rank at once. Raises NodeError if any rank fails (and stops the nodes)."""
+        self._check_running()
+        if self.job is None:
+            raise ConfigError("job", None, "a job loaded with Orchestrator.load() before infer()")
+        req = serde.infer_request(self.job_id)
+        calls = [lambda r=r: self._stubs[r].Infer.future(req, timeout=self.timeout_s)
+                 for r in range(len(self.addresses))]
+        t0 = time.perf_counter()
+        replies = self._fan_out("infer", calls)
+        latency_s = time.perf_counter() - t0
+        nodes = [serde.read_infer_response(resp, self.addresses[r].control) for r, resp in enumerate(replies)]
+        output = next((n.output for n in nodes if n.output is not None), None)
+        return InferenceResult(output=output, latency_s=latency_s, nodes=nodes)
+
+    def stats(self) -> list[NodeStats]:
+        self._check_running()
+        calls = [lambda r=r: self._stubs[r].Stats.future(serde.stats_request(), timeout=self.connect_timeout_s)
+                 for r in range(len(self.addresses))]
+        return [serde.read_stats_response(r) for r in self._fan_out("stats", calls)]
+
+    # -- fan-out and failure ------------------------------------------------------
+    def _fan_out(self, phase: str, calls: list[Callable[[], grpc.Future]]) -> list:
+        """Start every call, wait for all. On the first failure, give the others a moment to
+        report (to find the root cause), stop every node, and raise NodeError."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        futures = []
+        for rank, call in enumerate(calls):
+            fut = call()
+            fut.add_done_callback(lambda _f, r=rank: done.put(r))
+            futures.append(fut)
+        pending = set(range(len(futures)))
+        failed: dict[int, grpc.RpcError] = {}
+        grace_until = None
+        while pending:
+            wait = None if grace_until is None else max(0.0, grace_until - time.monotonic())
+            try:
+                rank = done.get(timeout=wait)
+            except queue.Empty:
+                break  # grace over: the others are still waiting on the failed rank
+            pending.discard(rank)
+            err = futures[rank].exception()
+            if err is not None:
+                failed[rank] = err
+                grace_until = grace_until or time.monotonic() + 2.0
+        if failed:
+            for fut in futures:
+                fut.cancel()
+            raise self._failure(phase, failed)
+        return [f.result() for f in futures]
+
+    def _failure(self, phase: str, failed: dict[int, grpc.RpcError]) -> NodeError:
+        def what(err: grpc.RpcError) -> str:
+            code = err.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                return f"node unreachable or died ({err.details()})"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return "no reply within the deadline"
+            return f"{code.name}: {err.details()}"
+
+        primary = [r for r, e in failed.items() if e.code() not in _SECONDARY] or sorted(failed)
+        root = min(primary)
+        others = "; ".join(f"rank {r}: {what(e)}" for r, e in sorted(failed.items()) if r != root)
+        err = failed[root]
+        # A failed inference stops every node (nothing may be left waiting). A load that the
+        # nodes rejected (bad job, unreachable peer) leaves them healthy and jobless; only a
+        # node that died or hung during load stops them all.
+        if phase != "load" or any(e.code() in _GONE for e in failed.values()):
+            self.shutdown(f"{phase} failed on rank {root}")
+        return NodeError(phase, root, self.addresses[root].control, what(err), others)
+
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise CommError("the orchestrator has stopped its nodes; start new ones")
+
+    # -- stopping ------------------------------------------------------------------
+    def shutdown(self, reason: str = "orchestrator shutdown", wait_s: float = 5.0) -> None:
+        """Ask every node to stop, wait up to ``wait_s`` until none answers. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        req = serde.shutdown_request(reason)
+        futs = [stub.Shutdown.future(req, timeout=self.connect_timeout_s) for stub in self._stubs]
+        for fut in futs:
+            try:
+                fut.result()
+            except grpc.RpcError:
+                pass  # already gone
+        deadline = time.monotonic() + wait_s
+        for stub in self._stubs:
+            while time.monotonic() < deadline:
+                try:
+                    stub.Stats(serde.stats_request(), timeout=0.5)
+                except grpc.RpcError:
+                    break  # stopped serving
+                time.sleep(0.05)
+        self._close_channels()
+
+    def _close_channels(self) -> None:
+        for ch in self._channels:
+            ch.close()
+
+    def __enter__(self) -> "Orchestrator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,227 @@
+"""The node server: the process each edge device runs (``python -m testbed.node --listen HOST:PORT``).
+
+One gRPC server serves both the control plane (Node service: LoadJob, Infer, Stats,
+Shutdown) and the data plane (Peer service: streams from the other ranks) on every
+``--listen`` address; under emulation the orchestrator uses an unshaped control
+address and the peers a shaped data address. A job is built once per LoadJob
+(testbed.job.RankRunner) and runs inferences on demand; any failure inside an
+inference aborts the job's peer streams, so the other ranks fail at once rather
+than at their deadline. SIGTERM, SIGINT, Shutdown and (with --watch-parent) the
+death of the parent process all stop the node cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from testbed.errors import CommError, ConfigError, check
+from testbed.node import serde
+from testbed.node.channels import join_hostport, make_server, split_hostport
+from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
+from testbed.proto import node_pb2_grpc, peer_pb2_grpc
+
+log = logging.getLogger("testbed.node")
+
+
+def _rpc(method):
+    """Map exceptions to gRPC status codes: bad input, communication, anything else."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except ConfigError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except CommError as e:  # a peer failed or the job is out of step: secondary to that peer's error
+            context.abort(grpc.StatusCode.ABORTED, str(e))
+        except _Precondition as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except Exception as e:  # noqa: BLE001 - reported to the orchestrator with its type
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return wrapper
+
+
+class _Precondition(Exception):
+    """The request does not fit the node's state (no job, another job, a broken job)."""
+
+
+@dataclass
+class _Job:
+    args: LoadArgs
+    comm: object  # GrpcCommunicator
+    runner: object  # RankRunner
+    inferences: int = 0
+    broken: str | None = None  # why the job can run no more inferences
+
+
+class NodeService(node_pb2_grpc.NodeServicer):
+    def __init__(self, hub, listen_addresses: list[str], stop: threading.Event):
+        self.hub, self.listen_addresses, self.stop = hub, listen_addresses, stop
+        self.job: _Job | None = None
+        self.started = time.monotonic()
+        self._lock = threading.Lock()  # one LoadJob or Infer at a time
+
+    @_rpc
+    def LoadJob(self, request, context):  # noqa: N802 - gRPC method name
+        args = serde.read_load_request(request)
+        n = args.job.world_size
+        check(0 <= args.rank < n, "rank", args.rank, f"0..{n - 1} (world_size {n})")
+        check(len(args.peers) == n, "peer_data_addresses", args.peers, f"{n} host:port entries (world_size)")
+        for a in args.peers:
+            split_hostport(a, "peer_data_addresses")
+        with self._lock:
+            self.unload("a new job is loaded")
+            return serde.load_response(self._build(args))
+
+    def _build(self, args: LoadArgs) -> LoadTimes:
+        import torch
+
+        from testbed.comm.grpc import GrpcCommunicator
+        from testbed.job import RankRunner
+
+        torch.set_num_threads(args.job.threads)
+        t0 = time.perf_counter()
+        comm = GrpcCommunicator(args.rank, args.peers, self.hub, args.job_id, timeout_s=args.comm_timeout_s,
+                                connect_timeout_s=args.connect_timeout_s)
+        t1 = time.perf_counter()
+        try:
+            runner = RankRunner(args.job, args.rank, comm)
+        except BaseException as e:
+            comm.abort(f"rank {args.rank} failed to build its shard: {type(e).__name__}: {e}")
+            raise
+        self.job = _Job(args, comm, runner)
+        log.info("loaded job %s rank %d/%d (%s, %s)", args.job_id, args.rank, args.job.world_size,
+                 args.job.model, args.job.method)
+        return LoadTimes(build_s=time.perf_counter() - t1, connect_s=t1 - t0)
+
+    @_rpc
+    def Infer(self, request, context):  # noqa: N802
+        job_id = serde.read_infer_request(request)
+        with self._lock:
+            job = self.job
+            if job is None or job.args.job_id != job_id:
+                raise _Precondition(f"job {job_id!r} is not loaded here (loaded: {job.args.job_id if job else None!r})")
+            if job.broken:
+                raise _Precondition(f"job {job_id!r} is broken by an earlier failure ({job.broken}); load it again")
+            try:
+                out, wall_s = job.runner.infer()
+            except BaseException as e:
+                job.broken = f"{type(e).__name__}: {e}"
+                job.comm.abort(f"rank {job.args.rank} failed: {job.broken}")
+                raise
+            job.inferences += 1
+            tr = job.comm.trace
+            result = RankResult(rank=job.args.rank, output=out, wall_s=wall_s, compute_s=tr.compute_s,
+                                comm_s=tr.comm_s, wait_s=tr.wait_s, serialize_s=tr.serialize_s,
+                                bytes_sent=tr.bytes_sent, bytes_recv=tr.bytes_recv, trace=tr)
+            return serde.infer_response(result)
+
+    @_rpc
+    def Stats(self, request, context):  # noqa: N802
+        job = self.job
+        return serde.stats_response(NodeStats(
+            pid=os.getpid(), listen_addresses=self.listen_addresses, job_id=job.args.job_id if job else "",
+            rank=job.args.rank if job else -1, inferences=job.inferences if job else 0,
+            uptime_s=time.monotonic() - self.started,
+            max_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+    @_rpc
+    def Shutdown(self, request, context):  # noqa: N802
+        log.info("shutdown requested: %s", serde.read_shutdown_request(request) or "(no reason given)")
+        self.stop.set()  # the main thread stops the server after this reply has gone out
+        return serde.shutdown_response()
+
+    def unload(self, reason: str) -> None:
+        """Drop the current job. An inference still running is aborted (its peers fail at once)."""
+        job, self.job = self.job, None
+        if job is not None:
+            job.comm.close()
+
+
+class NodeServer:
+    """A running node: one gRPC server on every listen address. ``addresses`` are the bound ones."""
+
+    def __init__(self, listen: list[str]):
+        from testbed.comm.grpc import PeerHub
+
+        check(len(listen) >= 1, "listen", listen, "at least one HOST:PORT")
+        self.stop_event = threading.Event()
+        self.hub = PeerHub()
+        self.server = make_server()
+        self.addresses: list[str] = []
+        for addr in listen:
+            host, _ = split_hostport(addr, "listen")
+            try:
+                port = self.server.add_insecure_port(addr)
+            except RuntimeError as e:  # grpcio raises when the address cannot be bound
+                raise ConfigError("listen", addr, f"an address this host can bind ({e})") from None
+            check(port > 0, "listen", addr, "an address this host can bind")
+            self.addresses.append(join_hostport(host, port))
+        self.service = NodeService(self.hub, self.addresses, self.stop_event)
+        node_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
+        peer_pb2_grpc.add_PeerServicer_to_server(self.hub, self.server)
+        self.server.start()
+
+    def wait(self, poll_s: float = 0.2) -> None:
+        """Block until stop is requested (Shutdown RPC, signal, parent gone)."""
+        while not self.stop_event.wait(poll_s):
+            pass
+
+    def close(self, grace_s: float = 1.0) -> None:
+        """Abort any running job, then stop serving (in-flight RPCs get ``grace_s`` seconds)."""
+        job = self.service.job
+        if job is not None:
+            job.comm.abort("the node is shutting down")
+        self.service.unload("the node is shutting down")
+        self.server.stop(grace=grace_s).wait()
+
+
+def _watch_parent(stop: threading.Event) -> None:
+    parent = os.getppid()
+
+    def loop() -> None:
+        while not stop.wait(0.5):
+            if os.getppid() != parent:  # re-parented: whoever started us is gone
+                log.warning("parent process %d is gone; stopping", parent)
+                stop.set()
+
+    threading.Thread(target=loop, daemon=True, name="watch-parent").start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="testbed node", description="Run one edge-device node server (gRPC).")
+    ap.add_argument("--listen", action="append", required=True, metavar="HOST:PORT",
+                    help="address to serve on (repeatable; port 0 picks a free port)")
+    ap.add_argument("--watch-parent", action="store_true", help="stop when the parent process exits")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level,
+                        format=f"%(asctime)s node[{os.getpid()}] %(levelname)s %(message)s")
+    try:
+        node = NodeServer(args.listen)
+    except ConfigError as e:
+        print(f"testbed node: {e}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: node.stop_event.set())
+    if args.watch_parent:
+        _watch_parent(node.stop_event)
+    for addr in node.addresses:
+        print(f"testbed-node listening on {addr}", flush=True)
+    node.wait()
+    node.close()
+    log.info("stopped")
+    return 0
