@@ -1,0 +1,177 @@
+"""Simulation against emulation: the same cells predicted and measured, as a table and a plot.
+
+``compare(emulated, sim)`` takes emulated result rows (a DataFrame with the runner's
+columns, e.g. ``testbed.experiment.store.read_rows(RUN_DIR)``) and predicts every
+(method, params, link profile) cell that has ``ok`` rows, two ways:
+
+- ``predicted_latency_s``: the whole simulator: compute from this host's calibration
+  (``Simulator.profile``), network and TCP model, device speed factors;
+- ``replayed_latency_s`` (when the run's per-rank traces are given): the emulated
+  run's own compute segments replayed over the modelled network, which isolates the
+  network model from compute calibration (compute under emulation includes the
+  contention of N nodes on this machine's cores).
+
+Errors are relative to the measured median latency over repetitions:
+``error_pct = 100 * (predicted - measured) / measured``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from testbed.errors import check  # noqa: E402
+from testbed.net.profile import LinkProfile  # noqa: E402
+from testbed.sim.engine import simulate  # noqa: E402
+from testbed.sim.simulator import Simulator  # noqa: E402
+
+CELL = ["experiment", "model", "method", "method_params", "label", "tokens", "batch", "nodes", "topology",
+        "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
+REQUIRED = CELL + ["repetition", "latency_s", "comm_s", "bytes_on_wire", "status"]
+PROFILE_COLS = ["bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
+
+
+def _profile(row: Any) -> LinkProfile:
+    bw = row["bandwidth_mbps"]
+    return LinkProfile(None if bw is None or (isinstance(bw, float) and math.isnan(bw)) else float(bw),
+                       float(row["delay_ms"]), float(row["jitter_ms"]), float(row["loss_pct"]))
+
+
+def _trace_index(traces: list[dict] | None) -> dict[tuple, list[list[dict]]]:
+    """Per-rank traces of a run (store.read_traces) by (method, params, profile)."""
+    out: dict[tuple, list[list[dict]]] = {}
+    for t in traces or []:
+        key = (t["method"], t["method_params"], *(_num(t.get(c)) for c in PROFILE_COLS))
+        out.setdefault(key, []).append(t["ranks"])
+    return out
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = None,
+            topology: Any = None, speed: float | list[float] = 1.0) -> pd.DataFrame:
+    """One row per emulated cell: measured and predicted medians and their relative errors.
+
+    ``topology`` overrides the rows' topology name (e.g. a loaded net.topology.Topology);
+    ``traces`` are the run's per-rank traces (``testbed.experiment.store.read_traces``).
+    """
+    missing = [c for c in REQUIRED if c not in emulated.columns]
+    check(not missing, "emulated rows", missing, "the runner's columns (" + ", ".join(REQUIRED) + ")")
+    ok = emulated[(emulated["status"] == "ok") & (emulated.get("trace", "").fillna("") == "")]
+    by_trace = _trace_index(traces)
+    out = []
+    for key, grp in ok.groupby(CELL, dropna=False, sort=False):
+        cell = dict(zip(CELL, key))
+        prof = _profile(cell)
+        reps = len(grp)
+        rows = sim.run(model=cell["model"], method=cell["method"], params=_params(cell["method_params"]),
+                       tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
+                       topology=topology if topology is not None else cell["topology"], profile=prof,
+                       speed=speed, repetitions=reps)
+        pred = pd.DataFrame(rows)
+        rec = {**cell, "repetitions": reps,
+               "measured_latency_s": grp["latency_s"].median(), "measured_comm_s": grp["comm_s"].median(),
+               "measured_bytes_on_wire": grp["bytes_on_wire"].median(),
+               "predicted_latency_s": math.nan, "predicted_comm_s": math.nan, "predicted_bytes_on_wire": math.nan,
+               "replayed_latency_s": math.nan, "sim_status": rows[0]["status"], "sim_error": rows[0]["error"]}
+        if rows[0]["status"] == "ok":
+            rec.update(predicted_latency_s=pred["latency_s"].median(), predicted_comm_s=pred["comm_s"].median(),
+                       predicted_bytes_on_wire=pred["bytes_on_wire"].median())
+        runs = by_trace.get((cell["method"], cell["method_params"], *(_num(cell[c]) for c in PROFILE_COLS)))
+        if runs:
+            net = sim.network(topology if topology is not None else cell["topology"], int(cell["nodes"]), prof)
+            rec["replayed_latency_s"] = float(np.median([
+                simulate(ranks, net, sim.config.wire, sim.config.tcp, speed=1.0, seed=i).latency_s
+                for i, ranks in enumerate(runs)]))
+        out.append(rec)
+    table = pd.DataFrame(out)
+    if len(table):
+        m = table["measured_latency_s"]
+        table["error_pct"] = 100 * (table["predicted_latency_s"] - m) / m
+        table["abs_error_pct"] = table["error_pct"].abs()
+        table["replay_error_pct"] = 100 * (table["replayed_latency_s"] - m) / m
+    return table
+
+
+def _params(text: Any) -> dict:
+    import json
+
+    return json.loads(text) if isinstance(text, str) and text else {}
+
+
+def summary(table: pd.DataFrame) -> dict[str, float]:
+    """Median and 90th-percentile absolute errors (percent) over the compared cells."""
+    err = table["abs_error_pct"].dropna() if len(table) else pd.Series(dtype=float)
+    rep = table["replay_error_pct"].abs().dropna() if len(table) else pd.Series(dtype=float)
+    return {"cells": int(len(table)), "predicted": int(len(err)),
+            "median_abs_error_pct": float(err.median()) if len(err) else math.nan,
+            "p90_abs_error_pct": float(err.quantile(0.9)) if len(err) else math.nan,
+            "replay_median_abs_error_pct": float(rep.median()) if len(rep) else math.nan}
+
+
+def comparison_figure(table: pd.DataFrame) -> Figure:
+    """Predicted vs measured median latency per cell (log-log), y = x and a +-10% band."""
+    fig, ax = plt.subplots(figsize=(6.5, 6), layout="constrained")
+    t = table.dropna(subset=["predicted_latency_s"])
+    labels = list(dict.fromkeys(t["label"])) if len(t) else []
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    for i, lab in enumerate(labels):
+        d = t[t["label"] == lab]
+        ax.scatter(d["measured_latency_s"], d["predicted_latency_s"], color=cmap(i % cmap.N), label=lab, zorder=3)
+        if d["replayed_latency_s"].notna().any():
+            ax.scatter(d["measured_latency_s"], d["replayed_latency_s"], facecolors="none",
+                       edgecolors=cmap(i % cmap.N), zorder=3)
+    if len(t):
+        lo = min(t["measured_latency_s"].min(), t["predicted_latency_s"].min()) / 1.5
+        hi = max(t["measured_latency_s"].max(), t["predicted_latency_s"].max()) * 1.5
+        xs = np.geomspace(lo, hi, 50)
+        ax.plot(xs, xs, color="0.3", lw=1, label="predicted = measured")
+        ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.85", label="±10%", zorder=1)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured latency, emulation (s, median over repetitions)")
+    ax.set_ylabel("predicted latency, simulation (s)")
+    s = summary(table)
+    ax.set_title(f"Simulation vs emulation: {s['predicted']} cells, median |error| "
+                 f"{s['median_abs_error_pct']:.1f}%\n(filled: calibrated compute; hollow: emulated traces replayed)",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def save_validation(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write validation.csv and validation.png (predicted vs measured) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv, png = out / "validation.csv", out / "validation.png"
+    table.to_csv(csv, index=False)
+    fig = comparison_figure(table)
+    fig.savefig(png, dpi=150)
+    plt.close(fig)
+    return [csv, png]
+
+
+def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,
+                 topology: Any = None) -> tuple[pd.DataFrame, list[Path]]:
+    """``compare`` on a `testbed run` results directory (rows and traces), saved beside it."""
+    from testbed.experiment.store import read_rows, read_traces
+
+    d = Path(run_dir)
+    rows = read_rows(d)
+    check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
+    table = compare(rows, sim, traces=read_traces(d), topology=topology)
+    return table, save_validation(table, out_dir if out_dir is not None else d / "validation")

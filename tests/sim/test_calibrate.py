@@ -1,0 +1,91 @@
+"""Calibration: ranks take turns on the CPU; schedules of the real methods equal the synthesized ones."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from testbed.comm.trace import Collective, Compute, Trace
+from testbed.errors import ConfigError
+from testbed.job import JobSpec
+from testbed.methods import METHODS
+from testbed.sim.calibrate import measure, median_trace, run_turn_taking
+from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore
+from testbed.sim.synth import skeleton
+
+PARAMS = {"astra": {"groups": 2, "codebook_size": 16}, "block_parallel": {"n_b": 2}}
+
+
+def test_only_one_rank_computes_at_a_time():
+    busy, peak, lock = [0], [0], threading.Lock()
+
+    def work():
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.002)  # a compute segment; another rank computing now would raise the peak
+        with lock:
+            busy[0] -= 1
+
+    def body(rank, comm):
+        for _ in range(5):
+            work()
+            comm.all_gather(torch.tensor([float(rank)]))
+            work()
+            comm.all_reduce(torch.ones(8))
+        return rank
+
+    assert run_turn_taking(4, body) == [0, 1, 2, 3]
+    assert peak[0] == 1
+
+
+def test_turn_taking_reraises_the_failure():
+    def body(rank, comm):
+        if rank == 1:
+            raise ValueError("boom")
+        comm.all_gather(torch.zeros(1))
+
+    with pytest.raises(ValueError, match="boom"):
+        run_turn_taking(3, body, timeout_s=10)
+
+
+def test_median_trace_and_schedule_changes():
+    a = Trace(0, [Compute(1.0), Collective("all_gather", [("send", 1, 4)], serialize_s=0.1)])
+    b = Trace(0, [Compute(3.0), Collective("all_gather", [("send", 1, 4)], serialize_s=0.3)])
+    c = Trace(0, [Compute(2.0), Collective("all_gather", [("send", 1, 4)], serialize_s=0.2)])
+    m = median_trace([a, b, c])
+    assert m.events[0].duration_s == 2.0 and m.events[1].serialize_s == 0.2
+    other = Trace(0, [Compute(1.0), Collective("all_gather", [("send", 1, 8)])])
+    with pytest.raises(ConfigError):
+        median_trace([a, other])
+
+
+@pytest.mark.parametrize("model, tokens", [("vit-tiny", 18), ("gpt2-tiny", 13)])  # uneven chunks
+@pytest.mark.parametrize("method", METHODS)
+def test_synthesized_schedule_equals_the_methods_traces(model, tokens, method):
+    for n in (1, 4):
+        traces = measure(JobSpec(model, method, n, tokens, PARAMS.get(method, {})), repetitions=1, warmup=0)
+        sk = skeleton(model, method, PARAMS.get(method, {}), tokens, n)
+        for r, tr in enumerate(traces):
+            assert [(c.kind, c.ops) for c in tr.collectives()] == [(c.kind, c.ops) for c in sk.collectives[r]]
+            assert all(e.duration_s >= 0 for e in tr.events)
+
+
+def test_store_round_trip(tmp_path):
+    key = ProfileKey.of("vit-tiny", "astra", {"groups": 2}, 17, 2)
+    traces = [Trace(r, [Compute(0.5), Collective("all_gather", [("send", 1 - r, 9), ("recv", 1 - r, 9)])])
+              for r in range(2)]
+    store = ProfileStore(tmp_path / "cal")
+    assert store.get(key) is None and store.all() == []
+    path = store.put(ComputeProfile(key, traces, meta={"note": "x"}))
+    assert path.parent == tmp_path / "cal" and "astra" in path.name
+    back = store.get(key)
+    assert back.key == key and not back.extrapolated and back.meta == {"note": "x"}
+    assert [t.to_dict() for t in back.traces] == [t.to_dict() for t in traces]
+    assert store.measured(ProfileKey.of("vit-tiny", "astra", {"groups": 2}, 999, 8)) != []
+    assert store.measured(ProfileKey.of("vit-tiny", "astra", {"groups": 4}, 17, 2)) == []
+    with pytest.raises(ConfigError):
+        ComputeProfile(key, traces[:1])

@@ -1,0 +1,73 @@
+"""`testbed simulate` and `testbed calibrate` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from testbed.sim.cli import calibrate_main, simulate_main
+
+pytest.importorskip("testbed.experiment.spec")
+
+EXPERIMENT = """
+name: tiny-sim
+model: vit-tiny
+input: {tokens: 17}
+methods: [single, sequence_parallel, {name: astra, params: {groups: 2, codebook_size: 16}}]
+nodes: 2
+topology: star
+sweep: {bandwidth_mbps: [10, 100], delay_ms: [0, 5]}
+repetitions: 2
+"""
+FAST = ["--repetitions", "1"]
+
+
+def test_simulate_writes_rows_for_every_method_profile_and_repetition(tmp_path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text(EXPERIMENT)
+    out = tmp_path / "out"
+    rc = simulate_main([str(exp), "--out", str(out), "--calibration", str(tmp_path / "cal"), *FAST])
+    assert rc == 0
+    df = pd.read_csv(out / "rows.csv")
+    assert len(df) == 3 * 4 * 2
+    assert set(df["status"]) == {"ok"} and set(df["backend"]) == {"sim"}
+    assert df.groupby(["cell", "repetition"]).size().eq(1).all()
+    assert (out / "rows.parquet").is_file() and (out / "plots" / "latency.png").is_file()
+    meta = json.loads((out / "sim.json").read_text())
+    assert meta["tcp"]["mode"] == "slow_start" and len(meta["profiles"]) == 3
+    # the sweep shows: slower links cost sequence_parallel more than astra
+    med = df.groupby(["method", "bandwidth_mbps"])["latency_s"].median()
+    assert med["sequence_parallel", 10] > med["sequence_parallel", 100]
+
+
+def test_simulate_bad_input_writes_nothing(tmp_path, capsys):
+    exp = tmp_path / "e.yaml"
+    exp.write_text(EXPERIMENT.replace("[10, 100]", "[-10, 100]"))
+    out = tmp_path / "out"
+    assert simulate_main([str(exp), "--out", str(out)]) == 2
+    assert "bandwidth_mbps" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_calibrate_measures_small_and_extrapolates_large(tmp_path, capsys):
+    cal = tmp_path / "cal"
+    args = ["--model", "vit-tiny", "--method", "sequence_parallel", "--nodes", "2", "--calibration", str(cal),
+            "--max-measure-tokens", "33", *FAST]
+    assert calibrate_main(args + ["--tokens", "17", "33"]) == 0
+    assert len(list(cal.glob("*.json"))) == 2
+    assert calibrate_main(args + ["--tokens", "513"]) == 0
+    assert "extrapolated" in capsys.readouterr().out
+    stored = [json.loads(p.read_text()) for p in cal.glob("*.json")]
+    big = [s for s in stored if s["key"]["tokens"] == 513]
+    assert len(big) == 1 and big[0]["extrapolated"] and big[0]["basis"]
+
+
+def test_calibrate_bad_method_params(tmp_path, capsys):
+    assert calibrate_main(["--model", "vit-tiny", "--method", "astra:{groups: 2", "--calibration",
+                           str(tmp_path / "cal")]) == 2
+    assert "--method" in capsys.readouterr().err
+    assert calibrate_main(["--model", "vit-tiny", "--method", "tensor_parallel", "--nodes", "3", "--calibration",
+                           str(tmp_path / "cal")]) == 2
+    assert not (tmp_path / "cal").exists()
