@@ -40,9 +40,14 @@ def sweep_axis(df: pd.DataFrame) -> str | None:
     return None
 
 
+def facet_axes(df: pd.DataFrame, axis: str | None) -> list[str]:
+    """The other link columns that vary: one panel per combination of their values."""
+    return [c for c in AXES if c != axis and c in df and df[c].dropna().nunique() > 1]
+
+
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    d = df[(df["status"] == "ok") & (df.get("trace", "").fillna("") == "")]
-    return d
+    """Measured rows of fixed link profiles (trace cells have their own figure)."""
+    return df[(df["status"] == "ok") & (df["trace"].fillna("") == "")]
 
 
 def _labels(df: pd.DataFrame) -> list[str]:
@@ -54,30 +59,54 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
     return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
 
+def _unit(axis: str) -> str:
+    return {"bandwidth_mbps": "Mbit/s", "delay_ms": "ms", "loss_pct": "%", "jitter_ms": "ms"}[axis]
+
+
+def _short(axis: str) -> str:
+    return AXES[axis][0].split(" (")[0]
+
+
+def _facets(ok: pd.DataFrame, cols: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """(panel title, rows) for every combination of the values of ``cols``."""
+    if not cols:
+        return [("", ok)]
+    out = []
+    for key, d in ok.groupby(cols, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        out.append((", ".join(f"{_short(c)} {v:g} {_unit(c)}" for c, v in zip(cols, key)), d))
+    return out
+
+
+def _panels(n: int, w: float, h: float, sharey: bool = False):
+    cols = min(n, 3)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols + 2.2, h * rows + 1.2), squeeze=False, sharey=sharey,
+                             layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
 def _note(fig: Figure, df: pd.DataFrame, extra: str = "") -> None:
     failed = int((df["status"] != "ok").sum())
     parts = [extra] if extra else []
     if failed:
         parts.append(f"{failed} failed row(s) not plotted (status=error; see rows.csv)")
-    if parts:
-        fig.text(0.01, 0.005, "; ".join(parts), fontsize=8, color="0.35", ha="left", va="bottom")
+    if parts:  # supxlabel: constrained layout keeps room for it below the tick labels
+        fig.supxlabel("; ".join(parts), fontsize=8, color="0.35")
 
 
 def _title(df: pd.DataFrame, what: str) -> str:
     first = df.iloc[0]
-    return (f"{what} — {first['experiment']}: {first['model']}, {int(first['tokens'])} tokens, "
-            f"{int(first['nodes'])} nodes, {first['topology']}, backend {first['backend']}")
+    mech = first["mechanism"]
+    return (f"{what}\n{first['experiment']}: {first['model']}, {int(first['tokens'])} tokens, "
+            f"{int(first['nodes'])} nodes, topology {first['topology']}, backend {first['backend']}"
+            + ("" if pd.isna(mech) or mech in ("none", "?", "") else f" ({mech})"))
 
 
-def _x(df: pd.DataFrame, axis: str | None) -> pd.Series:
-    return df[axis] if axis else pd.Series(0.0, index=df.index)
-
-
-def _setup_x(ax, df: pd.DataFrame, axis: str | None) -> None:
-    if axis is None:
-        ax.set_xticks([])
-        ax.set_xlabel("one link profile (see title)")
-        return
+def _setup_x(ax, df: pd.DataFrame, axis: str) -> None:
     label, log = AXES[axis]
     xs = sorted(df[axis].dropna().unique())
     if log:
@@ -88,61 +117,109 @@ def _setup_x(ax, df: pd.DataFrame, axis: str | None) -> None:
     ax.set_xlabel(label)
 
 
+def _legend(fig: Figure, axes) -> None:
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    fig.legend([handles[lab] for lab in labels], labels, loc="outside right upper", fontsize=8)
+
+
 def latency_figure(df: pd.DataFrame) -> Figure:
-    """Median latency (s) per method vs the swept axis, min-max band over repetitions."""
+    """Median latency (s) per method vs the swept axis, min-max band over repetitions; a panel per
+    combination of the other swept link axes."""
     ok = _ok(df)
     axis = sweep_axis(ok)
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    if axis is None:
+        return _latency_bars(df)
+    facets = _facets(ok, facet_axes(ok, axis))
+    fig, axes = _panels(len(facets), 5.2, 3.8, sharey=True)
     colors = _colors(_labels(ok))
-    for lab in colors:
-        g = ok[ok["label"] == lab].assign(_x=lambda d: _x(d, axis)).groupby("_x")["latency_s"]
-        med, lo, hi = g.median(), g.min(), g.max()
-        ax.plot(med.index, med.values, marker="o", color=colors[lab], label=lab)
-        ax.fill_between(med.index, lo.values, hi.values, color=colors[lab], alpha=0.18, linewidth=0)
-    _setup_x(ax, ok, axis)
-    ax.set_yscale("log")
-    ax.set_ylabel("inference latency (s), median; band: min-max")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title(_title(df, "Latency"), fontsize=10)
+    for ax, (title, d) in zip(axes, facets):
+        for lab in colors:
+            g = d[d["label"] == lab].groupby(axis)["latency_s"]
+            med, lo, hi = g.median(), g.min(), g.max()
+            ax.plot(med.index, med.values, marker="o", color=colors[lab], label=lab)
+            ax.fill_between(med.index, lo.values, hi.values, color=colors[lab], alpha=0.18, linewidth=0)
+        _setup_x(ax, ok, axis)
+        ax.set_yscale("log")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("inference latency (s)")
+    _legend(fig, axes)
+    fig.suptitle(_title(df, "Latency"), fontsize=10)
+    _note(fig, df, "line: median over repetitions, band: min to max")
+    return fig
+
+
+def _latency_bars(df: pd.DataFrame) -> Figure:
+    """One link profile: a bar per method (median latency), whiskers from min to max."""
+    ok = _ok(df)
+    labels = _labels(ok)
+    colors = _colors(labels)
+    g = ok.groupby("label", sort=False)["latency_s"].agg(["median", "min", "max"]).reindex(labels)
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.45 * len(labels)), layout="constrained")
+    pos = np.arange(len(labels))
+    ax.barh(pos, g["median"], color=[colors[lab] for lab in labels],
+            xerr=[g["median"] - g["min"], g["max"] - g["median"]], capsize=3)
+    ax.set_yticks(pos)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("inference latency (s): median, whiskers min-max over repetitions")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(_title(df, "Latency (one link profile)"), fontsize=10)
     _note(fig, df)
     return fig
 
 
 def speedup_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows: label x swept value; columns: latency_s (median), single_s (median of single), speedup."""
+    """Median latency per method and link profile, with ``single``'s at the same profile and
+    ``speedup`` = single_s / latency_s (NaN where the profile has no single rows)."""
     ok = _ok(df)
-    axis = sweep_axis(ok)
-    med = ok.assign(_x=_x(ok, axis)).groupby(["label", "method", "_x"], sort=False)["latency_s"].median().reset_index()
-    single = med[med["method"] == "single"].groupby("_x")["latency_s"].median().rename("single_s")
-    out = med.join(single, on="_x")
+    prof = list(AXES)
+    med = (ok.groupby(["label", "method", *prof], sort=False, dropna=False)["latency_s"].median().reset_index())
+    single = (med[med["method"] == "single"].groupby(prof, dropna=False)["latency_s"].median()
+              .rename("single_s").reset_index())
+    out = med.merge(single, on=prof, how="left")
     out["speedup"] = out["single_s"] / out["latency_s"]
-    return out.rename(columns={"_x": axis or "profile"})
+    return out
 
 
 def speedup_figure(df: pd.DataFrame) -> Figure:
     """Speed-up over one device (single's median latency / method's) vs the swept axis."""
     ok = _ok(df)
     axis = sweep_axis(ok)
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     tab = speedup_table(df)
+    if axis is None:  # one profile: a bar per method
+        tab = tab.assign(profile=0.0)
     xcol = axis or "profile"
+    facets = _facets(tab, facet_axes(tab, axis)) if axis else [("", tab)]
+    fig, axes = _panels(len(facets), 5.2, 3.8, sharey=True)
     colors = _colors(_labels(ok))
-    if tab["single_s"].isna().all():
-        ax.text(0.5, 0.5, "no `single` rows: nothing to compare with", ha="center", va="center",
-                transform=ax.transAxes)
-    for lab in colors:
-        t = tab[(tab["label"] == lab) & tab["speedup"].notna()]
-        if len(t) and not (t["method"] == "single").all():
-            ax.plot(t[xcol], t["speedup"], marker="o", color=colors[lab], label=lab)
-    ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1, label="single device (1x)")
-    _setup_x(ax, ok, axis)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax.set_ylabel("speed-up over single device (median latencies)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title(_title(df, "Speed-up"), fontsize=10)
+    for ax, (title, t) in zip(axes, facets):
+        if t["single_s"].isna().all():
+            ax.text(0.5, 0.5, "no `single` rows: nothing to compare with", ha="center", va="center",
+                    transform=ax.transAxes)
+        for lab in colors:
+            r = t[(t["label"] == lab) & t["speedup"].notna() & (t["method"] != "single")]
+            if len(r):
+                ax.plot(r[xcol], r["speedup"], marker="o", color=colors[lab], label=lab)
+        ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1, label="single device (1x)")
+        if axis:
+            _setup_x(ax, ok, axis)
+        else:
+            ax.set_xticks([])
+            ax.set_xlabel("one link profile (see title)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("speed-up over single device")
+    _legend(fig, axes)
+    fig.suptitle(_title(df, "Speed-up over one device (median latencies)"), fontsize=10)
     _note(fig, df, "above 1x: faster than one device")
     return fig
 
@@ -151,34 +228,28 @@ def breakdown_figure(df: pd.DataFrame) -> Figure:
     """Stacked compute / communication seconds (critical rank, medians) per method, one panel per profile."""
     ok = _ok(df)
     axis = sweep_axis(ok)
-    xs = sorted(ok[axis].dropna().unique()) if axis else [None]
+    cols = ([axis] if axis else []) + facet_axes(ok, axis)
+    profiles = _facets(ok, cols)[:12]  # more panels than that are unreadable; the table has them all
     labels = _labels(ok)
     colors = _colors(labels)
-    cols = min(len(xs), 3)
-    rows = int(np.ceil(len(xs) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, 3.6 * rows + 0.8), squeeze=False,
-                             layout="constrained")
-    for k, x in enumerate(xs):
-        ax = axes[k // cols][k % cols]
-        d = ok if x is None else ok[ok[axis] == x]
+    fig, axes = _panels(len(profiles), 4.2, 3.4)
+    pos = np.arange(len(labels))
+    for k, (ax, (title, d)) in enumerate(zip(axes, profiles)):
         g = d.groupby("label", sort=False)[["compute_s", "comm_s", "latency_s"]].median().reindex(labels)
-        pos = np.arange(len(labels))
         ax.bar(pos, g["compute_s"], color=[colors[lab] for lab in labels], label="compute")
         ax.bar(pos, g["comm_s"], bottom=g["compute_s"], color=[colors[lab] for lab in labels], alpha=0.35,
                hatch="//", edgecolor="0.3", linewidth=0.4, label="communication")
         ax.scatter(pos, g["latency_s"], marker="_", s=300, color="black", zorder=3, label="measured latency")
         ax.set_xticks(pos)
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel("seconds (critical rank)")
-        ax.set_title("one profile" if x is None else f"{AXES[axis][0].split(' (')[0]}: {x:g} {_unit(axis)}",
-                     fontsize=9)
+        ax.set_title(title or "one link profile", fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
+        if k % 3 == 0:
+            ax.set_ylabel("seconds (critical rank)")
         if k == 0:
             ax.legend(fontsize=7, loc="upper left")
-    for k in range(len(xs), rows * cols):
-        axes[k // cols][k % cols].set_visible(False)
-    fig.suptitle(_title(df, "Compute vs communication"), fontsize=10)
-    _note(fig, df, "solid: compute, hatched: communication (incl. waiting for peers)")
+    fig.suptitle(_title(df, "Compute vs communication per method"), fontsize=10)
+    _note(fig, df, "solid: compute, hatched: communication incl. waiting for peers (medians)")
     return fig
 
 
@@ -201,10 +272,6 @@ def trace_figure(df: pd.DataFrame) -> Figure:
         ax.legend(fontsize=8)
     fig.suptitle(_title(df, "Latency under a bandwidth trace"), fontsize=10)
     return fig
-
-
-def _unit(axis: str) -> str:
-    return {"bandwidth_mbps": "Mbit/s", "delay_ms": "ms", "loss_pct": "%", "jitter_ms": "ms"}[axis]
 
 
 def figures(df: pd.DataFrame) -> dict[str, Figure]:

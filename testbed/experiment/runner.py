@@ -119,7 +119,8 @@ class Runner:
         codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
         manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
         measured = 0
-        session = NodeSession(self.spec, on_start=lambda b: self._on_backend(manifest, b))
+        session = NodeSession(self.spec, on_start=lambda b: self._on_backend(manifest, b),
+                              log_dir=self.out_dir / "node-logs")
         try:
             for cell in self.spec.cells():
                 units = [t for t in todo if t[0].index == cell.index]

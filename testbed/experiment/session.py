@@ -9,6 +9,7 @@ down and is safe to call twice, from a signal path too.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from testbed.backends.base import Backend
@@ -18,8 +19,8 @@ from testbed.job import JobSpec
 from testbed.net.profile import LinkProfile
 
 
-def make_backend(spec: ExperimentSpec) -> Backend:
-    """The backend the spec names, built but not started."""
+def make_backend(spec: ExperimentSpec, log_dir: Path | None = None) -> Backend:
+    """The backend the spec names, built but not started. Node logs go to ``log_dir`` when given."""
     if spec.backend == "inprocess":
         from testbed.experiment.inprocess import InProcessBackend
 
@@ -27,17 +28,18 @@ def make_backend(spec: ExperimentSpec) -> Backend:
     if spec.backend == "loopback":
         from testbed.backends.loopback import LoopbackBackend
 
-        return LoopbackBackend()
+        return LoopbackBackend(log_dir=str(log_dir) if log_dir else None)
     if spec.backend == "mininet":
         from testbed.experiment.topology import mininet_backend
 
-        return mininet_backend(spec)
+        return mininet_backend(spec, log_dir)
     raise ConfigError("backend", spec.backend, "inprocess | loopback | mininet (sim cells do not start nodes)")
 
 
 class NodeSession:
-    def __init__(self, spec: ExperimentSpec, on_start: Callable[[Backend], None] | None = None):
-        self.spec, self.on_start = spec, on_start
+    def __init__(self, spec: ExperimentSpec, on_start: Callable[[Backend], None] | None = None,
+                 log_dir: Path | None = None):
+        self.spec, self.on_start, self.log_dir = spec, on_start, log_dir
         self.backend: Backend | None = None
         self.client: Any = None
         self.profile: LinkProfile | None = None
@@ -47,7 +49,7 @@ class NodeSession:
     def _ensure(self) -> None:
         if self.backend is not None:
             return
-        backend = make_backend(self.spec)
+        backend = make_backend(self.spec, self.log_dir)
         self.backend = backend  # set first: close() must reach a half-started backend
         addresses = backend.start(self.spec.nodes.count)
         if hasattr(backend, "client"):
@@ -55,7 +57,9 @@ class NodeSession:
         else:
             from testbed.node.orchestrator import Orchestrator
 
-            self.client = Orchestrator(addresses, timeout_s=self.spec.timeout_s)
+            # building a large model on N nodes sharing few cores can take minutes
+            self.client = Orchestrator(addresses, timeout_s=self.spec.timeout_s,
+                                       load_timeout_s=max(300.0, self.spec.timeout_s))
         self.starts += 1
         if self.on_start is not None:
             self.on_start(backend)

@@ -81,9 +81,12 @@ class MethodSpec:
 
     @property
     def display(self) -> str:
+        """Legend text: the label, else the name and params (astra's G and K first, as in the paper)."""
         if self.label:
             return self.label
-        return self.name + "".join(f" {k}={v}" for k, v in sorted(self.params.items()))
+        p = dict(self.params)
+        short = [f"{s}={p.pop(k)}" for k, s in (("groups", "G"), ("codebook_size", "K")) if k in p]
+        return " ".join([self.name, *short, *(f"{k}={v}" for k, v in sorted(p.items()))])
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class ExperimentSpec:
         if self.sweep.traces:
             sweep["traces"] = [_trace_dict(t) for t in self.sweep.traces]
         return {
-            "name": self.name, "description": self.description,
+            "name": self.name, **({"description": self.description} if self.description else {}),
             "model": {k: v for k, v in asdict(self.model).items() if v is not None},
             "input": asdict(self.input),
             "methods": [{"name": m.name, "params": dict(m.params), **({"label": m.label} if m.label else {})}
@@ -384,10 +387,14 @@ def _check_backend_fit(spec: ExperimentSpec) -> None:
                 a = next(iter(shaped))
                 raise ConfigError(f"sweep.{a}", shaped[a], f"null/0 only with backend {b} (it cannot shape links); "
                                   "use backend mininet (root) or sim")
-    if b != "mininet":
-        for f in ("cpu_share", "memory_mb"):
-            val = getattr(spec.nodes, f)
-            check(val is None, f"nodes.{f}", val, f"null with backend {b} (only mininet limits a node's resources)")
+    if b == "sim":
+        check(not spec.sweep.traces, "sweep.traces", [t.name for t in spec.sweep.traces],
+              "none with backend sim (the simulator replays fixed link profiles); use backend mininet")
+    limits = {"cpu_share": ("mininet", "sim"), "memory_mb": ("mininet",)}
+    for f, backends in limits.items():
+        val = getattr(spec.nodes, f)
+        check(val is None or b in backends, f"nodes.{f}", val,
+              f"null with backend {b} (only {' and '.join(backends)} model a node's {f})")
 
 
 def with_output_dir(spec: ExperimentSpec, out: str) -> ExperimentSpec:
