@@ -12,7 +12,10 @@ Links are not SimPy resources but calendars (``free_at`` per link): a message
 reserves every hop of its path when it is issued. SimPy hands out issue times in
 increasing order, so the calendars see messages in FIFO order, and a message
 costs one SimPy event instead of one process with a handful of events. This is
-what makes 64 ranks x hundreds of thousands of messages fit in seconds.
+what keeps a message down to one or two events. For schedules where every rank
+runs the same collectives (all the methods), lockstep.py replays the same model
+vectorized, collective by collective; ``simulate(engine="auto")`` picks it where
+it applies (tests check both replays agree on the methods' schedules).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import simpy
 
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError, check
+from testbed.sim.lockstep import Lockstep, LockstepReplay, NotLockstepNetwork, compile_lockstep
 from testbed.sim.network import Network, TcpModel, WireModel, mathis_rate_bps, slow_start_extra_s
 
 _C, _S, _R, _Z = 0, 1, 2, 3  # compiled op codes: compute(s), send(dst, bytes), recv(srcs), serialize(s)
@@ -64,9 +69,11 @@ class SimResult:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Validated traces of one inference, compiled to compact op lists (compile once, replay often)."""
+    """Validated traces of one inference, compiled once for many replays: op lists for the SimPy
+    replay, and the lockstep form (lockstep.py) when every rank runs the same collectives."""
 
     programs: tuple[tuple[tuple, ...], ...]
+    lockstep: Lockstep | None = None
 
     @property
     def n(self) -> int:
@@ -74,7 +81,8 @@ class Schedule:
 
     @classmethod
     def from_traces(cls, traces: Sequence[Trace | dict]) -> "Schedule":
-        return cls(tuple(tuple(p) for p in compile_traces(traces)))
+        traces = [Trace.from_dict(t) if isinstance(t, dict) else t for t in traces]
+        return cls(tuple(tuple(p) for p in compile_traces(traces)), compile_lockstep(traces))
 
 
 def compile_traces(traces: Sequence[Trace | dict]) -> list[list[tuple]]:
@@ -200,9 +208,10 @@ class _Replay:
         self.messages += 1
         slot: list = [None]  # its arrival time, once the last hop is reserved
         self.inbox[pair].append(slot)
-        self._hop((pair, hops, nbytes, stall, slot), 0, now + wire.per_message_s, None)
+        ready = now + wire.per_message_s
+        self._hop((pair, hops, nbytes, stall, slot), 0, ready, ready)
 
-    def _hop(self, msg: tuple, k: int, start: float, prev_end: float | None) -> None:
+    def _hop(self, msg: tuple, k: int, start: float, prev_end: float) -> None:
         """Reserve hop k of a message whose first bit reaches it at ``start`` (fluid cut-through).
 
         Hop 0 is reserved when the message is issued; a later hop when the first bit
@@ -210,10 +219,14 @@ class _Replay:
         they reach it, not the order they were issued.
         """
         pair, hops, nbytes, stall, slot = msg
+        if k == len(hops):  # a path without hops (nothing shaped): there at once
+            slot[0] = prev_end + stall
+            self._deliver(pair)
+            return
         h = hops[k]
         s = max(start, self.free[h.resource])
         e = s if h.bandwidth_bps is None else s + nbytes * 8 / h.bandwidth_bps
-        if prev_end is not None and e < prev_end:  # the last bit cannot leave before it came in
+        if e < prev_end:  # the last bit cannot leave before it came in
             e = prev_end
         self.free[h.resource] = e
         if k == 0:
@@ -230,6 +243,9 @@ class _Replay:
                 self._hop(msg, k + 1, start, prev_end)
             return
         slot[0] = prev_end + stall
+        self._deliver(pair)
+
+    def _deliver(self, pair: tuple[int, int]) -> None:
         q = self.inbox[pair]
         if pair in self.waiting and q[0][0] is not None:  # the receiver waits for this stream's next message
             _succeed_at(self.env, self.waiting.pop(pair), q[0][0])
@@ -261,14 +277,22 @@ class _Replay:
         stats.finish_s = env.now
 
 
+ENGINES = ("auto", "simpy", "lockstep")
+
+
 def simulate(traces: Schedule | Sequence[Trace | dict], network: Network, wire: WireModel | None = None,
-             tcp: TcpModel | None = None, speed: float | Sequence[float] = 1.0, seed: int = 0) -> SimResult:
+             tcp: TcpModel | None = None, speed: float | Sequence[float] = 1.0, seed: int = 0,
+             engine: str = "auto") -> SimResult:
     """Replay one inference: ``traces[r]`` is rank r's schedule (or a compiled ``Schedule``).
 
-    Returns simulated times in seconds.
-    ``speed`` scales compute per device (3.0: a device three times slower than this
-    host), one number for all or one per rank. ``seed`` drives sampled loss and jitter.
+    Returns simulated times in seconds. ``speed`` scales compute per device (3.0: a
+    device three times slower than this host), one number for all or one per rank.
+    ``seed`` drives sampled loss and jitter. ``engine``: ``simpy`` replays message by
+    message (any schedule, any topology); ``lockstep`` replays collective by collective
+    in numpy (lockstep.py; schedules where all ranks run the same collectives, links
+    used at one hop position); ``auto`` takes lockstep where it applies, else simpy.
     """
+    check(engine in ENGINES, "engine", engine, " | ".join(ENGINES))
     n = network.n
     wire = WireModel() if wire is None else wire
     tcp = TcpModel() if tcp is None else tcp
@@ -277,10 +301,18 @@ def simulate(traces: Schedule | Sequence[Trace | dict], network: Network, wire: 
           "speed_factors", speed, f"a number > 0 or {n} numbers > 0 (one per node)")
     schedule = traces if isinstance(traces, Schedule) else Schedule.from_traces(traces)
     check(schedule.n == n, "traces", schedule.n, f"one trace per node of the topology ({n})")
-    programs = schedule.programs
+    if engine != "simpy":
+        check(engine == "auto" or schedule.lockstep is not None, "engine", engine,
+              "simpy or auto for schedules whose ranks run different collectives")
+        if schedule.lockstep is not None:
+            try:
+                replay = LockstepReplay(network, wire, tcp, np.array(factors, dtype=float), seed)
+                return _lockstep_result(replay, schedule.lockstep)
+            except NotLockstepNetwork as e:
+                check(engine == "auto", "engine", engine, f"simpy or auto here: {e}")
     sim = _Replay(network, wire, tcp, [float(f) for f in factors], seed)
     stats = [RankStats(r) for r in range(n)]
-    procs = [sim.env.process(sim.rank(r, programs[r], stats[r])) for r in range(n)]
+    procs = [sim.env.process(sim.rank(r, schedule.programs[r], stats[r])) for r in range(n)]
     sim.env.run()
     stuck = [r for r, p in enumerate(procs) if p.is_alive]
     if stuck:  # only possible for traces whose recvs wait on each other in a cycle
@@ -288,3 +320,12 @@ def simulate(traces: Schedule | Sequence[Trace | dict], network: Network, wire: 
     return SimResult(latency_s=max(s.finish_s for s in stats), ranks=stats,
                      bytes_sent=sum(s.bytes_sent for s in stats), bytes_on_wire=round(sim.bytes_on_wire),
                      messages=sim.messages)
+
+
+def _lockstep_result(replay: LockstepReplay, ls: Lockstep) -> SimResult:
+    out = replay.run(ls)
+    stats = [RankStats(r, float(out["finish_s"][r]), float(out["compute_s"][r]), float(out["serialize_s"][r]),
+                       float(out["wait_s"][r]), int(out["bytes_sent"][r])) for r in range(ls.n)]
+    return SimResult(latency_s=max(s.finish_s for s in stats), ranks=stats,
+                     bytes_sent=sum(s.bytes_sent for s in stats), bytes_on_wire=round(replay.bytes_on_wire),
+                     messages=replay.messages)

@@ -72,17 +72,22 @@ def _half(p: LinkProfile) -> LinkProfile:
     return replace(p, delay_ms=p.delay_ms / 2, jitter_ms=p.jitter_ms / 2, loss_pct=100.0 * (1.0 - keep))
 
 
-def _kind_path(topo: SimTopology, a: int, b: int) -> tuple[Hop, ...]:
+def _kind_path(topo: SimTopology, half: LinkProfile, a: int, b: int, memo: dict[str, Hop]) -> tuple[Hop, ...]:
+    def hop(name: str, p: LinkProfile) -> Hop:  # one Hop per link, shared by every path over it
+        h = memo.get(name)
+        if h is None:
+            h = memo[name] = _hop(name, p)
+        return h
+
     kind, p = topo.kind, topo.profile
     if kind == "star":
-        h = _half(p)
-        return (_hop(f"up{a}", h), _hop(f"down{b}", h))
+        return (hop(f"up{a}", half), hop(f"down{b}", half))
     if kind == "mesh":
-        return (_hop(f"link{a}->{b}", p),)
+        return (hop(f"link{a}->{b}", p),)
     if kind == "shared_medium":
-        return (_hop("medium", p),)
+        return (hop("medium", p),)
     step = 1 if b > a else -1  # line
-    return tuple(_hop(f"link{i}->{i + step}", p) for i in range(a, b, step))
+    return tuple(hop(f"link{i}->{i + step}", p) for i in range(a, b, step))
 
 
 class Network:
@@ -102,7 +107,8 @@ class Network:
             check(nodes in (None, topology.n_nodes), "nodes", nodes, f"{topology.n_nodes} (the topology's)")
             check(profile is None, "profile", profile, "None: a SimTopology carries its profile")
             self.n, self.name = topology.n_nodes, topology.kind
-            self._build = lambda a, b: _kind_path(topology, a, b)
+            half, memo = _half(topology.profile), {}
+            self._build = lambda a, b: _kind_path(topology, half, a, b, memo)
             return
         check(hasattr(topology, "host_names") and hasattr(topology, "with_sweep"), "topology", topology,
               "a SimTopology or a testbed.net.topology.Topology")

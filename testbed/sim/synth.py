@@ -76,7 +76,15 @@ def all_gather_ops(payloads: list[int], rank: int) -> list[tuple[str, int, int]]
 def ring_all_reduce_ops(numel: int, elem_bytes: int, n: int, rank: int) -> list[tuple[str, int, int]]:
     """Communicator.all_reduce: ring reduce-scatter then ring all-gather of torch.tensor_split chunks."""
     base, extra = divmod(numel, n)
-    size = [(base + (1 if i < extra else 0)) * elem_bytes for i in range(n)]
+    return ring_ops([(base + (1 if i < extra else 0)) * elem_bytes for i in range(n)], rank)
+
+
+def ring_ops(chunk_bytes: list[int], rank: int) -> list[tuple[str, int, int]]:
+    """The ring's messages for chunks of the given sizes: step s of the reduce-scatter sends chunk
+    rank-s to the right and receives chunk rank-s-1 from the left; the all-gather steps move the
+    reduced chunks on (chunk rank+1-s out, rank-s in)."""
+    n = len(chunk_bytes)
+    size = chunk_bytes
     right, left = (rank + 1) % n, (rank - 1) % n
     ops = []
     for s in range(n - 1):

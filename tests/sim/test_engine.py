@@ -17,6 +17,12 @@ from testbed.sim.network import Network, SimTopology, TcpModel, WireModel
 STEADY = TcpModel(mode="steady")
 
 
+@pytest.fixture(params=["simpy", "lockstep"])
+def engine(request):
+    """Every closed-form check runs on both replays (the lockstep one where the schedule allows it)."""
+    return request.param
+
+
 def all_gather_traces(n: int, nbytes: int, compute_s: float) -> list[Trace]:
     """What Communicator.all_gather records: send to every peer (starting after self), then recv from each."""
     traces = []
@@ -43,9 +49,9 @@ def net(kind: str, n: int, mbps: float | None = 10, delay_ms: float = 5, **kw) -
     return Network(SimTopology(kind, n, LinkProfile(mbps, delay_ms, **kw)))
 
 
-def test_two_ranks_all_gather_without_overhead_is_compute_plus_bytes_over_rate_plus_delay():
+def test_two_ranks_all_gather_without_overhead_is_compute_plus_bytes_over_rate_plus_delay(engine):
     # star: a->b crosses a's uplink and b's downlink, 2.5 ms each (the path has the profile's 5 ms)
-    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), WireModel.none(), STEADY)
+    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), WireModel.none(), STEADY, engine=engine)
     assert res.latency_s == pytest.approx(0.010 + 1_000_000 * 8 / 10e6 + 0.005, rel=1e-12)
     assert res.bytes_sent == 2_000_000
     assert res.bytes_on_wire == 2_000_000
@@ -60,9 +66,9 @@ def expected_wire_bytes(payload: int) -> int:
     return stream + math.ceil(stream / 1448) * 66  # TCP/IP + Ethernet per segment
 
 
-def test_two_ranks_all_gather_with_overhead():
+def test_two_ranks_all_gather_with_overhead(engine):
     wire = WireModel(per_message_s=0.001)
-    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), wire, STEADY)
+    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), wire, STEADY, engine=engine)
     wb = expected_wire_bytes(1_000_000)
     assert wb == 1_046_294  # worked by hand: 692 segments
     assert res.latency_s == pytest.approx(0.010 + 0.001 + wb * 8 / 10e6 + 0.005, rel=1e-12)
@@ -70,18 +76,19 @@ def test_two_ranks_all_gather_with_overhead():
     assert res.bytes_on_wire == 2 * (wb + acks)
 
 
-def test_slow_start_adds_rounds_until_the_window_covers_the_bdp():
+def test_slow_start_adds_rounds_until_the_window_covers_the_bdp(engine):
     # RTT 20 ms at 10 Mbit/s with 1514-byte frames: BDP = 16.5 segments; IW 10 -> one round, then full rate
     res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2, delay_ms=10), WireModel(),
-                   TcpModel(mode="slow_start"))
+                   TcpModel(mode="slow_start"), engine=engine)
     seg_rate = 10e6 / (8 * 1514)
     extra = 0.020 - 10 / seg_rate
     assert res.latency_s == pytest.approx(0.010 + expected_wire_bytes(1_000_000) * 8 / 10e6 + 0.010 + extra, rel=1e-12)
 
 
-def test_shared_medium_is_n_times_slower_than_star_for_an_all_gather_and_mesh_n_minus_1_times_faster():
+def test_shared_medium_is_n_times_slower_than_star_for_an_all_gather_and_mesh_n_minus_1_times_faster(engine):
     n, size = 4, 250_000
-    lat = {k: simulate(all_gather_traces(n, size, 0.0), net(k, n, delay_ms=0), WireModel.none(), STEADY).latency_s
+    traces = all_gather_traces(n, size, 0.0)
+    lat = {k: simulate(traces, net(k, n, delay_ms=0), WireModel.none(), STEADY, engine=engine).latency_s
            for k in ("star", "shared_medium", "mesh")}
     x = size * 8 / 10e6
     assert lat["mesh"] == pytest.approx(x, rel=1e-12)
@@ -90,9 +97,9 @@ def test_shared_medium_is_n_times_slower_than_star_for_an_all_gather_and_mesh_n_
     assert lat["shared_medium"] / lat["star"] == pytest.approx(n, rel=1e-12)
 
 
-def test_ring_all_reduce_is_2_n_minus_1_dependent_steps():
+def test_ring_all_reduce_is_2_n_minus_1_dependent_steps(engine):
     n, size = 4, 400_000
-    res = simulate(ring_all_reduce_traces(n, size), net("star", n), WireModel.none(), STEADY)
+    res = simulate(ring_all_reduce_traces(n, size), net("star", n), WireModel.none(), STEADY, engine=engine)
     step = size / n * 8 / 10e6 + 0.005
     assert res.latency_s == pytest.approx(2 * (n - 1) * step, rel=1e-12)
     assert res.bytes_sent == n * 2 * (n - 1) * size // n
@@ -105,14 +112,15 @@ def test_line_crosses_every_link_in_between():
     assert res.latency_s == pytest.approx(1000 * 8 / 10e6 + 3 * 0.005, rel=1e-12)
 
 
-def test_unshaped_links_cost_only_delay():
-    res = simulate(all_gather_traces(3, 10**9, 0.0), net("star", 3, mbps=None, delay_ms=1), WireModel.none(), STEADY)
+def test_unshaped_links_cost_only_delay(engine):
+    res = simulate(all_gather_traces(3, 10**9, 0.0), net("star", 3, mbps=None, delay_ms=1), WireModel.none(), STEADY,
+                   engine=engine)
     assert res.latency_s == pytest.approx(0.001, rel=1e-12)
 
 
-def test_speed_factors_scale_compute_per_device():
+def test_speed_factors_scale_compute_per_device(engine):
     traces = all_gather_traces(2, 1000, 0.010)
-    res = simulate(traces, net("mesh", 2, delay_ms=0), WireModel.none(), STEADY, speed=[1.0, 3.0])
+    res = simulate(traces, net("mesh", 2, delay_ms=0), WireModel.none(), STEADY, speed=[1.0, 3.0], engine=engine)
     assert res.ranks[1].compute_s == pytest.approx(0.030)
     # rank 0 waits for rank 1's message, sent after 30 ms of compute
     assert res.latency_s == pytest.approx(0.030 + 1000 * 8 / 10e6, rel=1e-12)
@@ -129,22 +137,17 @@ def test_serialization_time_counts_as_compute():
     assert res.ranks[1].comm_s == pytest.approx(0.006)  # as in the runtime's traces: inside the collective
 
 
-def one_message(n_bytes: int) -> list[Trace]:
-    return [Trace(0, [Collective("send", [("send", 1, n_bytes)])]),
-            Trace(1, [Collective("recv", [("recv", 0, n_bytes)])])]
-
-
-def test_expected_loss_cost_of_a_one_segment_message():
+def test_expected_loss_cost_of_a_one_segment_message(engine):
     p, d = 0.05, 0.005
     wire = WireModel.none()
-    res = simulate(one_message(100), net("mesh", 2, delay_ms=d * 1e3, loss_pct=p * 100), wire,
-                   TcpModel(mode="steady", loss_mode="expected"))
+    res = simulate(all_gather_traces(2, 100, 0.0), net("mesh", 2, delay_ms=d * 1e3, loss_pct=p * 100), wire,
+                   TcpModel(mode="steady", loss_mode="expected"), engine=engine)
     nbytes = 100 / (1 - p)  # retransmissions in expectation
     rto = max(0.2, 2 * d)
     mathis = 1448 * 8 / (2 * d) * math.sqrt(1.5 / p)
     stall = p * rto + max(0.0, nbytes * 8 / mathis - nbytes * 8 / 10e6)
     assert res.latency_s == pytest.approx(nbytes * 8 / 10e6 + d + stall, rel=1e-9)
-    assert res.bytes_on_wire == round(nbytes)
+    assert res.bytes_on_wire == round(2 * nbytes)
 
 
 def test_sampled_loss_is_reproducible_per_seed_and_costs_rtos():

@@ -1,0 +1,133 @@
+"""Benchmark of the simulator: how fast it simulates at scale, and how close it is to emulation.
+
+    python -m testbed.bench.sim [--model vit-base] [--nodes 64] [--tokens 8192] [--emulated RUN_DIR ...]
+
+Part 1 (scale; target < 10 s): every method at ``--nodes`` ranks and ``--tokens``
+tokens over 10 link profiles (a star). Traces for that many ranks cannot be measured
+here, so they are synthesized: each method's communication pattern
+(testbed.sim.synth, the same messages the methods send) with compute segments from
+the fit on profiles measured on this host at small sizes (testbed.sim.extrapolate).
+The model keeps ``--model``'s dimensions but gets ``--heads`` heads (default = nodes)
+so that tensor and block parallelism can split over all ranks (the real vit-base has
+12). Calibration is measured once and cached in ``--calibration``; it is timed apart.
+
+Part 2 (fidelity; target median |error| <= 10%): for each ``--emulated`` results
+directory of `testbed run` (e.g. the quickstart grid on Mininet), every cell is
+predicted and compared (testbed.sim.validate); the table and plot go to
+RUN_DIR/validation/. Without ``--emulated`` this part is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from testbed.models import get_config
+from testbed.net.profile import LinkProfile
+from testbed.sim.engine import ENGINES, Schedule, simulate
+from testbed.sim.extrapolate import Fit, fill
+from testbed.sim.network import Network, SimTopology
+from testbed.sim.profiles import ProfileKey
+from testbed.sim.simulator import SimConfig, Simulator
+from testbed.sim.synth import METHOD_NAMES, skeleton
+
+PROFILES = [LinkProfile(bw, d) for bw in (10, 20, 50, 100, 500) for d in (1.0, 10.0)]  # 10 profiles
+BASIS_TOKENS, BASIS_NODES = (65, 129, 257), (2, 4)
+
+
+def calibrate(sim: Simulator, model: str, tokens: tuple[int, ...]) -> tuple[dict[str, Fit], float]:
+    """Measured profiles at small sizes (cached) and the per-method fits; returns (fits, seconds)."""
+    t0 = time.perf_counter()
+    fits = {}
+    for m in METHOD_NAMES:
+        keys = [ProfileKey.of(model, m, {}, t, n) for t in tokens for n in BASIS_NODES]
+        fits[m] = Fit([sim.profile(k) for k in keys])
+    return fits, time.perf_counter() - t0
+
+
+def scale_part(args: argparse.Namespace, sim: Simulator) -> None:
+    base = get_config(args.model)
+    cfg = replace(base, n_heads=args.heads or args.nodes)
+    print(f"[scale] {args.model} dims (D={cfg.dim}, L={cfg.n_layers}) with {cfg.n_heads} heads, "
+          f"{args.nodes} nodes, {args.tokens} tokens, {len(PROFILES)} link profiles (star), all six methods")
+    fits, t_cal = calibrate(sim, args.model, tuple(args.basis_tokens))
+    print(f"[scale] compute fits from {len(args.basis_tokens) * len(BASIS_NODES)} measured profiles per method "
+          f"(T={args.basis_tokens}, N={list(BASIS_NODES)}): {t_cal:.1f} s (cached in {sim.config.calibration_dir})")
+    t_start = time.perf_counter()
+    scheds, t_synth = {}, {}
+    for m in METHOD_NAMES:
+        t0 = time.perf_counter()
+        scheds[m] = Schedule.from_traces(fill(skeleton(cfg, m, {}, args.tokens, args.nodes), fits[m]))
+        t_synth[m] = time.perf_counter() - t0
+    t_replay = {m: 0.0 for m in METHOD_NAMES}
+    lat: dict[str, list[float]] = {m: [] for m in METHOD_NAMES}
+    msgs = {m: 0 for m in METHOD_NAMES}
+    t_net = 0.0
+    for prof in PROFILES:
+        t0 = time.perf_counter()
+        net = Network(SimTopology("star", args.nodes, prof))  # shared by the methods, as in a sweep
+        t_net += time.perf_counter() - t0
+        for m in METHOD_NAMES:
+            t0 = time.perf_counter()
+            res = simulate(scheds[m], net, sim.config.wire, sim.config.tcp, engine=args.engine)
+            t_replay[m] += time.perf_counter() - t0
+            lat[m].append(res.latency_s)
+            msgs[m] += res.messages
+    total = time.perf_counter() - t_start
+    head = " ".join(f"{p.bandwidth_mbps:>4g}/{p.delay_ms:<3g}" for p in PROFILES)
+    print(f"  {'method':<24} {'synth_s':>7} {'replay_s':>8} {'messages':>10}   latency_s per Mbit/s / ms: {head}")
+    for m in METHOD_NAMES:
+        print(f"  {m:<24} {t_synth[m]:7.2f} {t_replay[m]:8.2f} {msgs[m]:>10}   " + " ".join(f"{x:8.2f}" for x in lat[m]))
+    verdict = "meets" if total < 10 else "MISSES"
+    print(f"[scale] simulate {args.nodes} nodes x {len(PROFILES)} profiles x {len(METHOD_NAMES)} methods at "
+          f"{args.tokens} tokens, engine {args.engine}: {total:.2f} s (synthesize+compile {sum(t_synth.values()):.2f} s, "
+          f"networks {t_net:.2f} s, replay {sum(t_replay.values()):.2f} s); target < 10 s: {verdict}")
+
+
+def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
+    if not args.emulated:
+        print("[fidelity] skipped: no emulated results given. Run the quickstart grid on Mininet "
+              "(sudo make run, or testbed run experiments/quickstart.yaml) and pass its results "
+              "directory with --emulated RUN_DIR.")
+        return
+    from testbed.sim.validate import summary, validate_run
+
+    for run_dir in args.emulated:
+        table, paths = validate_run(run_dir, sim)
+        s = summary(table)
+        verdict = "meets" if s["median_abs_error_pct"] <= 10 else "MISSES"
+        print(f"[fidelity] {run_dir}: {s['predicted']}/{s['cells']} cells predicted; median |error| "
+              f"{s['median_abs_error_pct']:.1f}% (p90 {s['p90_abs_error_pct']:.1f}%; emulated traces replayed: "
+              f"{s['replay_median_abs_error_pct']:.1f}%); target <= 10%: {verdict}")
+        cols = ["label", "bandwidth_mbps", "delay_ms", "loss_pct", "measured_latency_s", "predicted_latency_s",
+                "replayed_latency_s", "error_pct"]
+        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(f"[fidelity] table and plot: {', '.join(str(p) for p in paths)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m testbed.bench.sim", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit-base")
+    p.add_argument("--nodes", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=None, help="heads of the scaled model (default: --nodes)")
+    p.add_argument("--basis-tokens", type=int, nargs="+", default=list(BASIS_TOKENS))
+    p.add_argument("--calibration", default="results/calibration")
+    p.add_argument("--emulated", nargs="*", default=[], metavar="RUN_DIR")
+    p.add_argument("--skip-scale", action="store_true")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="replay engine (auto: lockstep where it applies)")
+    args = p.parse_args(argv)
+    sim = Simulator(SimConfig(calibration_dir=args.calibration, calibration_repetitions=2),
+                    log=lambda m: print(f"  {m}", flush=True))
+    print(f"host: {os.cpu_count()} cpus; simulator: SimPy, {sim.config.tcp.mode} TCP, {sim.config.tcp.loss_mode} loss")
+    if not args.skip_scale:
+        scale_part(args, sim)
+    fidelity_part(args, sim)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""Vectorized replay of lockstep schedules: the engine.py model, one collective at a time in numpy.
+
+Every method of this testbed makes every rank call the same collectives in the same
+order, each an all-gather or a ring all-reduce of the Communicator (comm/base.py).
+For such schedules the replay needs no event per message: all messages of one
+all-gather, or of one ring step, go through the hops of their paths together.
+Per hop, messages are served first come first served exactly as in engine.py
+(start = max(arrival, link free), end = max(start + size/rate, upstream end)); the
+sequential recursion is evaluated in closed form per link with cumulative sums and
+running maxima (end_k = S_k + max(free, max_{m<=k}(b_m - S_m)), S the cumulative
+transmission times, b_m = max(arrival_m + size_m, upstream_end_m)).
+
+It is the same model as the SimPy replay with one difference: a link serves the
+messages of collective k only after those of collective k-1 (the SimPy replay
+interleaves them by arrival when a link is still busy with the previous one).
+Tests check both replays agree on the methods' schedules. It applies where every
+link is used at one hop position only (star, mesh, shared medium, edge_cloud-like
+trees); elsewhere (line) and for other schedules, ``simulate`` uses the SimPy replay.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from testbed.comm.trace import Collective, Compute, Trace
+from testbed.sim.network import Network, TcpModel, WireModel
+from testbed.sim.synth import all_gather_ops, ring_ops
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """A schedule whose ranks all run the same collectives: per collective k, compute[k] runs first."""
+
+    compute: np.ndarray  # [K+1, N] seconds on this host before collective k (last row: after the last)
+    serialize: np.ndarray  # [K, N] seconds inside collective k
+    colls: tuple[tuple[str, np.ndarray], ...]  # ("all_gather", bytes per rank) | ("ring", bytes per chunk)
+
+    @property
+    def n(self) -> int:
+        return self.compute.shape[1]
+
+
+def compile_lockstep(traces: list[Trace]) -> Lockstep | None:
+    """The lockstep form of per-rank traces, or None if they are not (then the SimPy replay runs)."""
+    n = len(traces)
+    per_rank = [t.collectives() for t in traces]
+    if len({len(c) for c in per_rank}) != 1:
+        return None
+    comp = np.zeros((len(per_rank[0]) + 1, n))
+    for r, tr in enumerate(traces):
+        k = 0
+        for ev in tr.events:
+            if isinstance(ev, Compute):
+                comp[k, r] += ev.duration_s
+            else:
+                k += 1
+    colls, ser = [], np.zeros((len(per_rank[0]), n))
+    for k in range(len(per_rank[0])):
+        cs = [c[k] for c in per_rank]
+        ser[k] = [c.serialize_s for c in cs]
+        coll = _pattern(cs, n)
+        if coll is None:
+            return None
+        colls.append(coll)
+    return Lockstep(comp, ser, tuple(colls))
+
+
+def _pattern(cs: list[Collective], n: int) -> tuple[str, np.ndarray] | None:
+    if all(not c.ops for c in cs):
+        return ("none", np.zeros(0))
+    if n < 2:
+        return None
+    if all(c.kind == "all_gather" and len(c.ops) == 2 * (n - 1) for c in cs):
+        payload = [c.ops[0][2] for c in cs]
+        if all(c.ops == all_gather_ops(payload, r) for r, c in enumerate(cs)):
+            return ("all_gather", np.array(payload, dtype=np.int64))
+    if all(c.kind == "all_reduce" and len(c.ops) == 4 * (n - 1) for c in cs):
+        o = cs[0].ops  # rank 0 sends chunk -s in reduce-scatter step s, chunk 1 first in the all-gather
+        chunks = [0] * n
+        for s in range(n - 1):
+            chunks[(-s) % n] = o[2 * s][2]
+        chunks[1 % n] = o[2 * (n - 1)][2]
+        if all(c.ops == ring_ops(chunks, r) for r, c in enumerate(cs)):
+            return ("ring", np.array(chunks, dtype=np.int64))
+    return None
+
+
+class NotLockstepNetwork(Exception):
+    """A link is used at different hop positions by different paths (e.g. a line): use the SimPy replay."""
+
+
+class _Paths:
+    """Per ordered pair: hop resources, rates, delays as [N, N, H] arrays (built once per Network)."""
+
+    def __init__(self, net: Network):
+        n = net.n
+        paths = {(a, b): net.path(a, b) for a in range(n) for b in range(n) if a != b}
+        self.h = max((len(p) for p in paths.values()), default=0)
+        names: dict[str, int] = {}
+        level: dict[str, int] = {}
+        shape = (n, n, max(self.h, 1))
+        self.res = np.zeros(shape, dtype=np.int64)
+        self.valid = np.zeros(shape, dtype=bool)
+        self.inv_bps = np.zeros(shape)  # 1 / rate (0: unshaped)
+        self.delay, self.jitter, keep = np.zeros(shape), np.zeros(shape), np.ones(shape)
+        bps = np.full(shape, np.inf)
+        for (a, b), hops in paths.items():
+            for k, hop in enumerate(hops):
+                if level.setdefault(hop.resource, k) != k:
+                    raise NotLockstepNetwork(f"{hop.resource} is used at several hop positions")
+                self.res[a, b, k] = names.setdefault(hop.resource, len(names))
+                self.valid[a, b, k] = True
+                if hop.bandwidth_bps is not None:
+                    self.inv_bps[a, b, k], bps[a, b, k] = 1.0 / hop.bandwidth_bps, hop.bandwidth_bps
+                self.delay[a, b, k], self.jitter[a, b, k], keep[a, b, k] = hop.delay_s, hop.jitter_s, 1.0 - hop.loss
+        one_way = self.delay.sum(-1)
+        self.rtt = one_way + one_way.T  # as Network.rtt_s, Network.loss, Network.bottleneck_bps
+        self.loss = 1.0 - keep.prod(-1)
+        self.bottleneck = bps.min(-1)
+        self.n_resources = len(names)
+
+
+_PATHS: "weakref.WeakKeyDictionary[Network, _Paths]" = weakref.WeakKeyDictionary()
+
+
+def _paths(net: Network) -> _Paths:
+    """The arrays of a network, cached with it (a sweep replays every method over the same network)."""
+    if net not in _PATHS:
+        _PATHS[net] = _Paths(net)
+    return _PATHS[net]
+
+
+def _fifo(res: np.ndarray, a: np.ndarray, x: np.ndarray, u: np.ndarray, seq: np.ndarray, free: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Serve messages on their links first come first served; returns (start, end) per message."""
+    order = np.lexsort((seq, a, res))
+    r, a_, x_, u_ = res[order], a[order], x[order], u[order]
+    m = len(r)
+    new = np.empty(m, dtype=bool)
+    new[0], new[1:] = True, r[1:] != r[:-1]
+    starts = np.flatnonzero(new)
+    seg = np.cumsum(new) - 1
+    csum = np.cumsum(x_)
+    s_incl = csum - (csum - x_)[starts][seg]  # transmission times summed within each link, inclusive
+    term = np.maximum(a_ + x_, u_) - s_incl
+    pos = np.arange(m) - starts[seg]
+    grid = np.full((len(starts), int(pos.max()) + 1), -np.inf)
+    grid[seg, pos] = term
+    np.maximum.accumulate(grid, axis=1, out=grid)
+    f = s_incl + np.maximum(free[r], grid[seg, pos])
+    prev = np.empty(m)
+    prev[1:] = f[:-1]
+    prev[starts] = free[r[starts]]
+    ends = np.r_[starts[1:], m] - 1
+    free[r[ends]] = f[ends]
+    start, end = np.empty(m), np.empty(m)
+    start[order], end[order] = np.maximum(a_, prev), f
+    return start, end
+
+
+class LockstepReplay:
+    """One replay (one link profile, one seed) of a Lockstep schedule."""
+
+    def __init__(self, net: Network, wire: WireModel, tcp: TcpModel, speed: np.ndarray, seed: int):
+        self.p = _paths(net)
+        self.wire, self.tcp, self.speed = wire, tcp, speed
+        self.rng = np.random.default_rng(seed)
+        n = net.n
+        self.free = np.zeros(self.p.n_resources)
+        self.cwnd = np.full((n, n), float(tcp.initial_window_segments))
+        self.sent_until = np.zeros((n, n))
+        self.bytes_on_wire = 0.0
+        self.messages = 0
+        self.tcp_costs = tcp.mode != "steady" or bool(np.any(self.p.loss > 0))
+        self.sampled_jitter = tcp.loss_mode == "sampled" and bool(np.any(self.p.jitter > 0))
+        self.full = [bool(self.p.valid[..., k][~np.eye(n, dtype=bool)].all()) for k in range(self.p.h)]
+
+    def _sizes(self, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w = self.wire
+        framed = payload + w.message_header_bytes
+        stream = framed + -(-framed // w.frame_bytes) * w.frame_header_bytes
+        segs = np.maximum(1, -(-stream // w.mss_bytes))
+        acks = -(-segs // w.ack_every) * w.segment_header_bytes if w.ack_every else np.zeros_like(segs)
+        return segs, (stream + segs * w.segment_header_bytes).astype(float), acks
+
+    def _stall(self, src, dst, segs, nbytes, t) -> np.ndarray:
+        """engine._Replay._stall_s for a batch of messages (distinct pairs)."""
+        tcp, p = self.tcp, self.p
+        rtt, bw, loss = p.rtt[src, dst], p.bottleneck[src, dst], p.loss[src, dst]
+        rto = np.maximum(tcp.min_rto_s, rtt)
+        stall = np.zeros(len(src))
+        if tcp.mode == "slow_start":
+            iw = float(tcp.initial_window_segments)
+            w = self.cwnd[src, dst]
+            w = np.where(t - self.sent_until[src, dst] > rto, np.minimum(w, iw), w)
+            rate = bw / (8 * (self.wire.mss_bytes + self.wire.segment_header_bytes))
+            bdp = rate * rtt
+            sent, rounds = np.zeros(len(src)), np.zeros(len(src))
+            while True:
+                go = (w < bdp) & (sent + w < segs)
+                if not go.any():
+                    break
+                sent, rounds, w = sent + go * w, rounds + go * rtt, np.where(go, 2 * w, w)
+            stall += np.maximum(0.0, rounds - sent / rate)
+            self.cwnd[src, dst] = w
+        if np.any(loss > 0):
+            k = np.minimum(segs, tcp.dupack_threshold)
+            if tcp.loss_mode == "expected":
+                stall += (1.0 - (1.0 - loss) ** k) * rto
+            else:
+                stall += self.rng.binomial(k, loss) * rto
+            with np.errstate(divide="ignore"):
+                mathis = np.where(loss > 0, self.wire.mss_bytes * 8 / np.where(rtt > 0, rtt, np.nan)
+                                  * np.sqrt(1.5 / np.where(loss > 0, loss, 1.0)), np.inf)
+            mathis = np.nan_to_num(mathis, nan=np.inf)
+            slow = mathis < bw
+            stall += np.where(slow, nbytes * 8 / mathis - nbytes * 8 / bw, 0.0)
+        return stall
+
+    def transfer(self, src: np.ndarray, dst: np.ndarray, payload: np.ndarray, t: np.ndarray,
+                 unique: bool = False) -> np.ndarray:
+        """Arrival times of messages src->dst issued at t (one batch, distinct pairs, program order).
+
+        ``unique``: no two messages of the batch share a link (e.g. one ring step on a star),
+        so each link serves at most one of them and no ordering is needed.
+        """
+        p = self.p
+        segs, nbytes, acks = self._sizes(payload)
+        loss = p.loss[src, dst]
+        if self.tcp_costs and np.any(loss > 0):  # retransmitted segments occupy the links too
+            if self.tcp.loss_mode == "expected":
+                nbytes = nbytes / (1.0 - loss)
+            else:
+                nbytes = nbytes + self.rng.binomial(segs, loss) * nbytes / segs
+        stall = self._stall(src, dst, segs, nbytes, t) if self.tcp_costs else 0.0
+        self.bytes_on_wire += float(nbytes.sum() + acks.sum())
+        self.messages += len(src)
+        a = t + self.wire.per_message_s
+        u = a.copy()
+        for k in range(p.h):
+            on = slice(None) if self.full[k] else np.flatnonzero(p.valid[src, dst, k])
+            s_, d_ = src[on], dst[on]
+            res = p.res[s_, d_, k]
+            x = nbytes[on] * 8 * p.inv_bps[s_, d_, k]
+            if unique:  # each link carries one message of the batch: the FIFO step directly
+                start = np.maximum(a[on], self.free[res])
+                end = np.maximum(start + x, u[on])
+                self.free[res] = end
+            else:
+                start, end = _fifo(res, a[on], x, u[on], np.arange(len(res)), self.free)
+            if k == 0 and self.tcp.mode == "slow_start":
+                self.sent_until[s_, d_] = end
+            d = p.delay[s_, d_, k]
+            if self.sampled_jitter:
+                d = d + self.rng.uniform(-1.0, 1.0, len(res)) * p.jitter[s_, d_, k]
+            a[on], u[on] = start + d, end + d
+        return u + stall
+
+    def ring_is_unique(self, n: int) -> bool:
+        """Whether the ring's messages (r -> r+1 for every r) use distinct links at every hop."""
+        ranks = np.arange(n)
+        res = self.p.res[ranks, (ranks + 1) % n]
+        valid = self.p.valid[ranks, (ranks + 1) % n]
+        return all(len(set(res[valid[:, k], k].tolist())) == int(valid[:, k].sum()) for k in range(res.shape[1]))
+
+    def run(self, ls: Lockstep) -> dict[str, np.ndarray]:
+        """Replay the whole schedule; per-rank arrays finish_s, compute_s, serialize_s, wait_s, bytes_sent."""
+        n = ls.n
+        if any(kind == "ring" for kind, _ in ls.colls) and not self.ring_is_unique(n):
+            raise NotLockstepNetwork("ring steps share a link (their order across steps matters)")
+        ranks = np.arange(n)
+        clock, compute, ser, wait = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+        sent = np.zeros(n, dtype=np.int64)
+        right = (ranks + 1) % n
+        src_ag = np.repeat(ranks, n - 1)
+        dst_ag = (src_ag + np.tile(np.arange(1, n), n)) % n  # peers in the Communicator's order
+        for k, (kind, sizes) in enumerate(ls.colls):
+            c, z = ls.compute[k] * self.speed, ls.serialize[k] * self.speed
+            clock, compute, ser = clock + c + z, compute + c, ser + z
+            if kind == "all_gather":
+                arr = self.transfer(src_ag, dst_ag, sizes[src_ag], clock[src_ag])
+                done = clock.copy()
+                np.maximum.at(done, dst_ag, arr)
+                wait += done - clock
+                clock = done
+                sent += sizes * (n - 1)
+            elif kind == "ring":
+                steps = [(ranks - s) % n for s in range(n - 1)] + [(ranks + 1 - s) % n for s in range(n - 1)]
+                for chunk in steps:  # each rank sends one chunk right, then waits for one from the left
+                    arr = self.transfer(ranks, right, sizes[chunk], clock, unique=True)
+                    got = np.empty(n)
+                    got[right] = arr
+                    done = np.maximum(clock, got)
+                    wait += done - clock
+                    clock = done
+                    sent += sizes[chunk]
+        c = ls.compute[-1] * self.speed
+        return {"finish_s": clock + c, "compute_s": compute + c, "serialize_s": ser, "wait_s": wait,
+                "bytes_sent": sent}
