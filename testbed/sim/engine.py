@@ -9,10 +9,10 @@ on its path at once and does not block the rank (the transport queues it, as
 Messages of one ordered pair are received in order (one TCP stream per pair).
 
 Links are not SimPy resources but calendars (``free_at`` per link): a message
-reserves every hop of its path when it is issued. SimPy hands out issue times in
-increasing order, so the calendars see messages in FIFO order, and a message
-costs one SimPy event instead of one process with a handful of events. This is
-what keeps a message down to one or two events. For schedules where every rank
+reserves its first hop when it is issued and each later hop when its first bit
+gets there (a scheduled callback). SimPy hands out those times in increasing
+order, so every link serves messages first come, first served, and a message
+costs one or two events instead of a process with a handful. For schedules where every rank
 runs the same collectives (all the methods), lockstep.py replays the same model
 vectorized, collective by collective; ``simulate(engine="auto")`` picks it where
 it applies (tests check both replays agree on the methods' schedules).
