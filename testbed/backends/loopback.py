@@ -49,7 +49,8 @@ class LoopbackBackend(Backend):
         self._pgid: int | None = None
 
     def start(self, n_nodes: int) -> list[NodeAddress]:
-        check(isinstance(n_nodes, int) and 1 <= n_nodes <= MAX_NODES, "n_nodes", n_nodes, f"an integer in 1..{MAX_NODES}")
+        check(isinstance(n_nodes, int) and 1 <= n_nodes <= MAX_NODES, "n_nodes", n_nodes,
+              f"an integer in 1..{MAX_NODES}")
         if self.procs:
             raise ConfigError("n_nodes", n_nodes, "one start() per backend (close() it first)")
         if self.log_dir is None:

@@ -27,10 +27,9 @@ from typing import Iterator, Sequence
 import grpc
 
 from testbed.comm.base import Communicator, check_tag
-from testbed.errors import CommError
+from testbed.errors import CommError, check
 from testbed.node import serde
-from testbed.node.channels import CHUNK_BYTES, DATA_CHANNEL_OPTIONS, make_server
-from testbed.proto import peer_pb2_grpc
+from testbed.node.channels import CHUNK_BYTES, data_channel_options, make_server
 
 _STOP = object()  # outbound sentinel: end the stream
 _BROKEN = object()  # inbound sentinel: the job is broken (any stream broke); see .failure
@@ -56,20 +55,20 @@ class _Link:
     def outgoing(self) -> Iterator:
         """Frames for the stream: our Hello, every queued message, and Bye at _STOP."""
         c = self.comm
-        yield serde.hello_frame(c.job_id, c.rank, self.peer)
+        yield serde.encode_hello(c.job_id, c.rank, self.peer)
         while True:
             item = self.outq.get()
             if item is _STOP:
-                yield serde.bye_frame()
+                yield serde.encode_bye()
                 return
             tag, data = item
-            yield from serde.chunk_frames(c.rank, tag, data, c.chunk_bytes)
+            yield from serde.encode_chunks(c.rank, tag, data, c.chunk_bytes)
 
     def read(self, frames: Iterator) -> None:
         """Reader thread: deliver the peer's frames until its stream ends or breaks."""
         try:
             for frame in frames:
-                self._deliver(serde.read_frame(frame))
+                self._deliver(serde.decode_frame(frame))
             if not self.bye:  # a dying process's connection can end like a clean stream
                 self.comm._link_broke(self, "stream ended without a goodbye (node died or connection lost)")
         except grpc.RpcError as e:  # reset, cancelled by an aborting peer, keepalive timeout
@@ -122,6 +121,9 @@ class GrpcCommunicator(Communicator):
     def __init__(self, rank: int, addresses: Sequence[str], hub: "PeerHub", job_id: str,
                  timeout_s: float = 120.0, connect_timeout_s: float = 10.0, chunk_bytes: int = CHUNK_BYTES):
         super().__init__(rank, len(addresses), timeout_s)
+        check(isinstance(chunk_bytes, int) and chunk_bytes >= 1, "chunk_bytes", chunk_bytes, "an integer >= 1")
+        for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
+            check(isinstance(v, (int, float)) and v > 0, name, v, "a number of seconds > 0")
         self.addresses, self.hub, self.job_id = list(addresses), hub, job_id
         self.connect_timeout_s, self.chunk_bytes = connect_timeout_s, chunk_bytes
         self.links = {p: _Link(self, p) for p in range(self.world_size) if p != rank}
@@ -143,7 +145,8 @@ class GrpcCommunicator(Communicator):
     def _connect(self) -> None:
         """Probe every peer, dial the higher ranks, wait for every stream's Hello."""
         deadline = time.monotonic() + self.connect_timeout_s
-        probes = {p: grpc.insecure_channel(self.addresses[p], options=DATA_CHANNEL_OPTIONS) for p in self.links}
+        options = data_channel_options(self.chunk_bytes)
+        probes = {p: grpc.insecure_channel(self.addresses[p], options=options) for p in self.links}
         self._channels += probes.values()
         futures = {p: grpc.channel_ready_future(ch) for p, ch in probes.items()}
         unreachable = []
@@ -157,17 +160,18 @@ class GrpcCommunicator(Communicator):
                             f"within {self.connect_timeout_s:g} s (no gRPC server answers there)")
         for p, link in self.links.items():
             if p > self.rank:  # the lower rank of a pair dials; the probe channel becomes the stream's
-                link.call = peer_pb2_grpc.PeerStub(probes[p]).Exchange(link.outgoing())
+                link.call = probes[p].stream_stream(serde.EXCHANGE_METHOD)(link.outgoing())  # raw bytes frames
                 link.call.add_done_callback(lambda _f, q=link.outq: q.put(_STOP))
                 self._start_reader(link, link.call)
             else:
                 probes[p].close()  # the peer dials us; the probe only proved it is reachable
         for p, link in self.links.items():
-            if not link.ready.wait(max(0.0, deadline - time.monotonic())):
-                raise CommError(f"rank {self.rank}: no stream with {self.peer_name(p)} within "
-                                f"{self.connect_timeout_s:g} s (is it loaded with job {self.job_id!r}?)")
-            if self.failure:
-                raise CommError(f"rank {self.rank}: {self.failure}")
+            while not link.ready.wait(0.05):  # short waits: a stream refused meanwhile ends this at once
+                if self.failure:
+                    raise CommError(f"rank {self.rank}: {self.failure}")
+                if time.monotonic() > deadline:
+                    raise CommError(f"rank {self.rank}: no stream with {self.peer_name(p)} within "
+                                    f"{self.connect_timeout_s:g} s (is it loaded with job {self.job_id!r}?)")
 
     def _start_reader(self, link: _Link, frames: Iterator) -> None:
         threading.Thread(target=link.read, args=(frames,), daemon=True,
@@ -187,8 +191,9 @@ class GrpcCommunicator(Communicator):
 
     # -- transport primitives ---------------------------------------------------
     def _post(self, dst: int, tag: int, data: bytes) -> None:
-        if self.failure:
-            raise CommError(f"rank {self.rank}: cannot send to {self.peer_name(dst)}: {self.failure}")
+        if self.failure or self._closed:
+            why = self.failure or "this communicator is closed"
+            raise CommError(f"rank {self.rank}: cannot send to {self.peer_name(dst)}: {why}")
         self.links[dst].outq.put((tag, data))
 
     def _take(self, src: int, tag: int) -> bytes:
@@ -256,8 +261,11 @@ class GrpcCommunicator(Communicator):
             ch.close()
 
 
-class PeerHub(peer_pb2_grpc.PeerServicer):
-    """The Peer service of one server: routes each incoming stream to its job's communicator."""
+class PeerHub:
+    """The Peer service of one server: routes each incoming stream to its job's communicator.
+
+    Frames travel as raw bytes (no (de)serializer): testbed.node.serde encodes them.
+    """
 
     def __init__(self, accept_timeout_s: float = 30.0):
         # a peer may dial before this node has received its LoadJob; wait that long for it
@@ -275,11 +283,18 @@ class PeerHub(peer_pb2_grpc.PeerServicer):
             if self._comms.get((job_id, rank)) is comm:
                 del self._comms[(job_id, rank)]
 
+    def add_to_server(self, server: grpc.Server) -> None:
+        handler = grpc.stream_stream_rpc_method_handler(self.Exchange)  # bytes in, bytes out
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(serde.PEER_SERVICE,
+                                                                              {"Exchange": handler}),))
+
     def Exchange(self, request_iterator, context):  # noqa: N802 - gRPC method name
         try:
-            hello = serde.read_frame(next(request_iterator))
+            hello = serde.decode_frame(next(request_iterator))
         except (StopIteration, grpc.RpcError):
             return iter(())  # the dialler went away before saying who it is
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad first frame: {e}")
         if not isinstance(hello, serde.Hello):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame of a peer stream must be a Hello")
         key = (hello.job_id, hello.dst)
@@ -303,7 +318,7 @@ class PeerServer:
         host, _ = split_hostport(listen, "listen")
         self.hub = PeerHub()
         self.server = make_server()
-        peer_pb2_grpc.add_PeerServicer_to_server(self.hub, self.server)
+        self.hub.add_to_server(self.server)
         port = self.server.add_insecure_port(listen)
         self.address = join_hostport(host, port)
         self.server.start()

@@ -18,7 +18,7 @@ from testbed.errors import ConfigError
 CHUNK_BYTES = 1 << 20
 
 # A data frame is one chunk plus a few header fields; the headroom covers them.
-_DATA_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
+_FRAME_HEADROOM_BYTES = 64 << 10
 
 # Control replies carry a rank's output tensor (e.g. logits for every prompt token:
 # 1024 tokens x 50257 classes x 4 B = 206 MB); 1 GiB covers the models we run.
@@ -37,9 +37,14 @@ _KEEPALIVE = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # let the 10 s pings through
 ]
 
-DATA_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", _DATA_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", _DATA_MESSAGE_BYTES),
+def data_channel_options(chunk_bytes: int = CHUNK_BYTES) -> list[tuple[str, int]]:
+    """Options of a channel that carries peer frames of at most ``chunk_bytes`` payload."""
+    frame = chunk_bytes + _FRAME_HEADROOM_BYTES
+    return [("grpc.max_send_message_length", frame), ("grpc.max_receive_message_length", frame),
+            *_DATA_CHANNEL_OPTIONS]
+
+
+_DATA_CHANNEL_OPTIONS = [
     # Each channel gets its own TCP connection: gRPC otherwise shares one connection
     # between channels to the same address in a process (two ranks in one test
     # process, or the orchestrator and a peer), which would mix their traffic.

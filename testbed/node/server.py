@@ -29,7 +29,7 @@ from testbed.errors import CommError, ConfigError, check
 from testbed.node import serde
 from testbed.node.channels import join_hostport, make_server, split_hostport
 from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
-from testbed.proto import node_pb2_grpc, peer_pb2_grpc
+from testbed.proto import node_pb2_grpc
 
 log = logging.getLogger("testbed.node")
 
@@ -172,7 +172,7 @@ class NodeServer:
             self.addresses.append(join_hostport(host, port))
         self.service = NodeService(self.hub, self.addresses, self.stop_event)
         node_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
-        peer_pb2_grpc.add_PeerServicer_to_server(self.hub, self.server)
+        self.hub.add_to_server(self.server)
         self.server.start()
 
     def wait(self, poll_s: float = 0.2) -> None:

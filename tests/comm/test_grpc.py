@@ -15,7 +15,7 @@ import torch
 
 from testbed.comm import run_inprocess
 from testbed.comm.grpc import GrpcCommunicator, PeerServer
-from testbed.errors import CommError
+from testbed.errors import CommError, ConfigError
 
 
 def run_grpc(n, fn, timeout_s=30.0, chunk_bytes=None, job_id="job"):
@@ -227,3 +227,31 @@ def test_ranks_running_different_programs_fail_out_of_step():
 
     with pytest.raises(CommError, match="out of step"):
         run_grpc(2, fn, timeout_s=10)
+
+
+def test_ranks_of_different_jobs_do_not_connect():
+    servers = [PeerServer(f"127.0.0.{r + 1}:0") for r in range(2)]
+    addresses = [s.address for s in servers]
+    errors = []
+
+    def build(rank, job_id):
+        try:
+            GrpcCommunicator(rank, addresses, servers[rank].hub, job_id, connect_timeout_s=1.0).close()
+        except CommError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=build, args=(r, f"job-{r}")) for r in range(2)]
+    try:
+        [t.start() for t in threads]
+        [t.join(20) for t in threads]
+    finally:
+        for s in servers:
+            s.stop()
+    assert len(errors) == 2 and all("no stream with rank" in e for e in errors)
+    assert any("job-0" in e and addresses[1] in e for e in errors)
+
+
+def test_bad_chunk_size_is_refused_by_name():
+    with PeerServer() as server, pytest.raises(ConfigError) as info:
+        GrpcCommunicator(0, [server.address, "127.0.0.1:1"], server.hub, "job", chunk_bytes=0)
+    assert info.value.field == "chunk_bytes"

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from testbed.comm.serde import tensor_to_bytes
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
 from testbed.job import JobSpec
@@ -56,19 +57,32 @@ def test_stats_round_trip():
     assert serde.read_stats_response(wire(serde.stats_response(s))) == s
 
 
-@pytest.mark.parametrize("size,chunk", [(0, 4), (3, 4), (4, 4), (9, 4), (1 << 16, 1000)])
-def test_chunk_frames_cut_and_carry_a_message_exactly(size, chunk):
+@pytest.mark.parametrize("size,chunk", [(0, 4), (3, 4), (4, 4), (9, 4), (1 << 16, 1000), (300, 1 << 20)])
+@pytest.mark.parametrize("src,tag", [(0, 0), (2, 77), (63, (1 << 40) + 5)])
+def test_hand_encoded_chunks_are_exactly_what_protobuf_makes(size, chunk, src, tag):
     data = bytes(i % 251 for i in range(size))
-    frames = [serde.read_frame(wire(f)) for f in serde.chunk_frames(2, 77, data, chunk)]
-    assert len(frames) == max(1, -(-size // chunk))
-    assert [f.index for f in frames] == list(range(len(frames)))
-    assert all(f.count == len(frames) and f.total_bytes == size and f.src == 2 and f.tag == 77 for f in frames)
-    assert all(len(f.payload) <= chunk for f in frames)
-    assert b"".join(f.payload for f in frames) == data
+    wires = list(serde.encode_chunks(src, tag, data, chunk))
+    assert len(wires) == max(1, -(-size // chunk))
+    pieces = [data[i * chunk:(i + 1) * chunk] for i in range(len(wires))]
+    for i, (w, piece) in enumerate(zip(wires, pieces)):
+        pb = peer_pb2.Frame(chunk=peer_pb2.Chunk(src=src, tag=tag, index=i, count=len(wires), total_bytes=size,
+                                                 payload=piece))
+        assert w == pb.SerializeToString()  # byte for byte, so either side may use either codec
+        got = serde.decode_frame(w)
+        assert (got.src, got.tag, got.index, got.count, got.total_bytes) == (src, tag, i, len(wires), size)
+        assert bytes(got.payload) == piece and len(got.payload) <= chunk
 
 
-def test_hello_bye_and_empty_frames():
-    assert serde.read_frame(wire(serde.hello_frame("j", 0, 3))) == serde.Hello("j", 0, 3)
-    assert serde.read_frame(wire(serde.bye_frame())) == serde.Bye()
+def test_chunks_of_a_tensor_reassemble_to_the_same_bytes():
+    data = tensor_to_bytes(torch.arange(1000, dtype=torch.float64))
+    frames = [serde.decode_frame(w) for w in serde.encode_chunks(1, 9, data, 777)]
+    assert b"".join(bytes(f.payload) for f in frames) == data
+
+
+def test_hello_bye_and_malformed_frames():
+    assert serde.decode_frame(serde.encode_hello("j", 0, 3)) == serde.Hello("j", 0, 3)
+    assert serde.decode_frame(serde.encode_bye()) == serde.Bye()
     with pytest.raises(ValueError):
-        serde.read_frame(peer_pb2.Frame())
+        serde.decode_frame(peer_pb2.Frame().SerializeToString())  # no kind
+    with pytest.raises(Exception):
+        serde.decode_frame(b"\x12\x05\x08")  # truncated

@@ -1,0 +1,1 @@
+"""Benchmark scripts: timings measured side by side in one run, printed as ratios (never asserted in tests)."""

@@ -1,0 +1,260 @@
+"""Benchmark: our gRPC collectives against torch.distributed's gloo, side by side in one run.
+
+``python -m testbed.bench.collectives [--sizes 1K,64K,1M] [--world 4]`` starts one
+worker process per rank (rank i on 127.0.0.(i+1) by default, or on ``--hosts``).
+Every worker opens both a GrpcCommunicator and a gloo process group between the
+same processes and times all_gather and all_reduce of each size with both,
+alternating rep by rep, so both see the same machine load. A rep's time is the
+slowest rank's (each rank starts after a gloo barrier); the table shows medians
+over reps and the ratio ours/gloo per size. Sizes are per-rank tensor bytes.
+
+To run inside emulated hosts (Mininet), call :func:`run` with ``hosts`` set to the
+hosts' data addresses and ``launch`` starting each worker in its host, e.g.
+``lambda rank, argv: net.hosts[rank].popen(argv, stdin=PIPE, stdout=PIPE, text=True)``.
+Workers rendezvous over their stdin/stdout (each binds port 0 and reports its
+address), so no fixed port is needed anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Callable
+
+from testbed.errors import ConfigError, check
+
+COLLECTIVES = ("all_gather", "all_reduce")
+DEFAULT_SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+Launch = Callable[[int, list[str]], subprocess.Popen]
+
+
+@dataclass
+class Row:
+    collective: str
+    size_bytes: int  # per-rank tensor
+    ours_s: float  # median over reps of the slowest rank's time
+    gloo_s: float
+    reps: int
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_s / self.gloo_s
+
+    @property
+    def target(self) -> float:
+        return 1.0 if self.size_bytes >= 1 << 20 else 1.2
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1K,64K,1M' -> bytes (K = 1024). Each must be a positive multiple of 4 (float32 tensors)."""
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().upper().removesuffix("B").removesuffix("I")
+        num, unit = (item[:-1], item[-1]) if item and item[-1] in _UNITS else (item, "")
+        if not num.isdigit() or int(num) * _UNITS[unit] % 4 or int(num) == 0:
+            raise ConfigError("sizes", text, "comma-separated sizes like 1K,64K,1M: positive multiples of 4 bytes")
+        sizes.append(int(num) * _UNITS[unit])
+    return sizes
+
+
+def reps_for(size: int) -> int:
+    """More reps for small sizes (cheap, noisier), fewer for large ones."""
+    return 30 if size <= 64 << 10 else 10 if size <= 4 << 20 else 5
+
+
+# -- the launcher --------------------------------------------------------------------
+
+
+def local_launch(rank: int, argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def run(world: int, sizes: list[int], collectives: tuple[str, ...] = COLLECTIVES, hosts: list[str] | None = None,
+        reps: int | None = None, launch: Launch = local_launch) -> list[Row]:
+    """Start ``world`` workers with ``launch``, rendezvous them, and return one Row per (collective, size)."""
+    hosts = hosts or [f"127.0.0.{r + 1}" for r in range(world)]
+    check(len(hosts) == world, "hosts", hosts, f"{world} host addresses (one per rank)")
+    base = [sys.executable, "-m", "testbed.bench.collectives", "--worker", "--world", str(world),
+            "--sizes", ",".join(map(str, sizes)), "--collectives", ",".join(collectives)]
+    if reps:
+        base += ["--reps", str(reps)]
+    procs = []
+    try:
+        for r in range(world):
+            procs.append(launch(r, base + ["--rank", str(r), "--host", hosts[r]]))
+        hello = [_read_json(p, r) for r, p in enumerate(procs)]
+        peers = json.dumps({"grpc": [h["grpc"] for h in hello], "store": hello[0]["store"]})
+        for p in procs:
+            p.stdin.write(peers + "\n")
+            p.stdin.flush()
+        results = [_read_json(p, r) for r, p in enumerate(procs)]
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return _rows(results, sizes, collectives)
+
+
+def _read_json(proc: subprocess.Popen, rank: int) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"benchmark worker {rank} ended early (exit code {proc.wait()}); its stderr is above")
+    return json.loads(line)
+
+
+def _rows(results: list[dict], sizes: list[int], collectives: tuple[str, ...]) -> list[Row]:
+    rows = []
+    for coll in collectives:
+        for size in sizes:
+            med = {}
+            for impl in ("ours", "gloo"):
+                per_rank = [res["times"][impl][coll][str(size)] for res in results]
+                slowest = [max(rep) for rep in zip(*per_rank)]  # a rep ends when its last rank is done
+                med[impl] = statistics.median(slowest)
+            rows.append(Row(coll, size, med["ours"], med["gloo"], len(slowest)))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'collective':<11} {'size':>8} {'ours ms':>9} {'gloo ms':>9} {'ours/gloo':>9} {'target':>7}  met"]
+    for r in rows:
+        met = "yes" if r.ratio <= r.target else "NO"
+        lines.append(f"{r.collective:<11} {_human(r.size_bytes):>8} {r.ours_s * 1e3:>9.3f} {r.gloo_s * 1e3:>9.3f} "
+                     f"{r.ratio:>9.2f} {'<=' + format(r.target, 'g'):>7}  {met}")
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div} {unit}"
+    return f"{n} B"
+
+
+# -- one worker (one rank) -------------------------------------------------------------
+
+
+def worker(rank: int, world: int, host: str, sizes: list[int], collectives: tuple[str, ...], reps: int | None) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from testbed.comm.grpc import GrpcCommunicator, PeerServer
+
+    torch.set_num_threads(1)  # ranks share the machine's cores; both transports get the same
+    server = PeerServer(f"{host}:0")
+    store = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False) if rank == 0 else None
+    print(json.dumps({"grpc": server.address, "store": f"{host}:{store.port}" if store else None}), flush=True)
+    peers = json.loads(sys.stdin.readline())
+    if store is None:
+        store_host, store_port = peers["store"].rsplit(":", 1)
+        store = dist.TCPStore(store_host, int(store_port), world, is_master=False)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]  # bind gloo to this rank's address
+    opts._timeout = timedelta(seconds=300)
+    gloo = dist.ProcessGroupGloo(store, rank, world, opts)
+    comm = GrpcCommunicator(rank, peers["grpc"], server.hub, "bench", timeout_s=300)
+    times: dict = {"ours": {}, "gloo": {}}
+    for coll in collectives:
+        for impl in times:
+            times[impl][coll] = {}
+        for size in sizes:
+            ops = _ops(coll, comm, gloo, rank, world)
+            x = torch.full((size // 4,), float(rank + 1))
+            n = reps or reps_for(size)
+            for impl, op in ops.items():
+                _check(coll, op(x.clone()), rank, world, impl)  # warm-up, and proof both compute the same
+            for impl in times:
+                times[impl][coll][str(size)] = []
+            for _ in range(n):
+                for impl, op in ops.items():  # alternate: both see the same load
+                    gloo.barrier().wait()
+                    comm.trace.start()  # keep the trace from growing over thousands of calls
+                    t0 = time.perf_counter()
+                    op(x)
+                    times[impl][coll][str(size)].append(time.perf_counter() - t0)
+    gloo.barrier().wait()
+    print(json.dumps({"rank": rank, "times": times}), flush=True)
+    comm.close()
+    gloo.barrier().wait()  # every stream is closed before any server stops
+    server.stop()
+
+
+def _ops(coll: str, comm, gloo, rank: int, world: int) -> dict:
+    import torch
+
+    if coll == "all_gather":
+        def gloo_op(x):
+            out = [torch.empty_like(x) for _ in range(world)]
+            gloo.allgather([out], [x]).wait()
+            return out
+        return {"ours": comm.all_gather, "gloo": gloo_op}
+
+    def gloo_reduce(x):
+        y = x.clone()  # ours returns a new tensor; gloo reduces in place: copy for the same contract
+        gloo.allreduce([y]).wait()
+        return y
+    return {"ours": comm.all_reduce, "gloo": gloo_reduce}
+
+
+def _check(coll: str, out, rank: int, world: int, impl: str) -> None:
+    import torch
+
+    if coll == "all_gather":
+        ok = all(torch.all(t == float(r + 1)).item() for r, t in enumerate(out))
+    else:
+        ok = torch.all(out == float(world * (world + 1) // 2)).item()
+    if not ok:
+        raise RuntimeError(f"rank {rank}: {impl} {coll} returned a wrong result")
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed.bench.collectives", description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=int, default=4, help="number of ranks (processes)")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"per-rank tensor sizes (default {DEFAULT_SIZES})")
+    ap.add_argument("--collectives", default=",".join(COLLECTIVES), help="subset of all_gather,all_reduce")
+    ap.add_argument("--hosts", help="comma-separated address per rank (default 127.0.0.1..N)")
+    ap.add_argument("--reps", type=int, help="timed reps per size (default: 30 small, 10 medium, 5 large)")
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--host", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    check(a.world >= 2, "world", a.world, "an integer >= 2")
+    check(a.reps is None or a.reps >= 1, "reps", a.reps, "an integer >= 1")
+    colls = tuple(c.strip() for c in a.collectives.split(","))
+    check(set(colls) <= set(COLLECTIVES), "collectives", a.collectives, ", ".join(COLLECTIVES))
+    sizes = parse_sizes(a.sizes)
+    if a.worker:
+        worker(a.rank, a.world, a.host, sizes, colls, a.reps)
+        return 0
+    hosts = a.hosts.split(",") if a.hosts else None
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    rows = run(a.world, sizes, colls, hosts, a.reps)
+    print(f"# {a.world} ranks over {'loopback' if not hosts else ','.join(hosts)}, {os.cpu_count()} cores, "
+          f"load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after, {time.perf_counter() - t0:.0f} s; "
+          "median of reps, each rep timed by its slowest rank")
+    print(format_table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
