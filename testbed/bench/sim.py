@@ -93,10 +93,14 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
               "(sudo make run, or testbed run experiments/quickstart.yaml) and pass its results "
               "directory with --emulated RUN_DIR.")
         return
-    from testbed.sim.validate import summary, validate_run
+    from testbed.sim.validate import emulation_cpus, summary, validate_run
 
     for run_dir in args.emulated:
-        table, paths = validate_run(run_dir, sim)
+        cpus = None if args.no_contention else emulation_cpus(run_dir) or os.cpu_count()
+        print(f"[fidelity] {run_dir}: emulated nodes share {cpus or 'no'} cores "
+              "(compute of busy ranks stretched accordingly)" if cpus else "")
+        run_sim = Simulator(replace(sim.config, shared_cpus=cpus), log=sim.log)
+        table, paths = validate_run(run_dir, run_sim)
         s = summary(table)
         verdict = "meets" if s["median_abs_error_pct"] <= 10 else "MISSES"
         print(f"[fidelity] {run_dir}: {s['predicted']}/{s['cells']} cells predicted; median |error| "
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default="results/calibration")
     p.add_argument("--emulated", nargs="*", default=[], metavar="RUN_DIR")
     p.add_argument("--skip-scale", action="store_true")
+    p.add_argument("--no-contention", action="store_true", help="fidelity: ignore that emulated nodes share cores")
     p.add_argument("--engine", choices=ENGINES, default="auto", help="replay engine (auto: lockstep where it applies)")
     args = p.parse_args(argv)
     sim = Simulator(SimConfig(calibration_dir=args.calibration, calibration_repetitions=2),

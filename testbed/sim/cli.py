@@ -169,6 +169,8 @@ def _simulate_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-message-s", type=float, default=0.0, help="fixed cost per message, seconds")
     p.add_argument("--speed", type=lambda s: [float(x) for x in s.split(",")],
                    help="compute slow-down per node vs this host: one factor or N comma-separated")
+    p.add_argument("--shared-cpus", type=int, help="the nodes share this many cores (as Mininet nodes on one "
+                   "machine do): busy ranks' compute is stretched by busy*threads/cores")
     p.add_argument("--no-plots", action="store_true")
     _sim_options(p)
     return p
@@ -183,7 +185,7 @@ def simulate_main(argv: list[str]) -> int:
         spec = load_spec(args.experiment, backend="sim")
         wire = WireModel.none() if args.no_overhead else WireModel()
         config = _config(args, wire=replace(wire, per_message_s=args.per_message_s),
-                         tcp=TcpModel(mode=args.tcp, loss_mode=args.loss_mode))
+                         tcp=TcpModel(mode=args.tcp, loss_mode=args.loss_mode), shared_cpus=args.shared_cpus)
         out = Path(args.out) if args.out else Path(spec.output_dir) if spec.output_dir else (
             Path("results") / f"{spec.name}-sim-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         check(not out.exists() or not any(out.iterdir()), "--out", str(out), "a new or empty directory")

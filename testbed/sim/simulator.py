@@ -57,6 +57,9 @@ class SimConfig:
     max_measure_nodes: int = 8  # more ranks than this are extrapolated (all run in this process)
     calibration_repetitions: int = 3
     calibration_warmup: int = 1
+    #: the devices share this many cores (emulation on one machine, e.g. Mininet here): compute of the
+    #: busy ranks is stretched by max(1, busy * threads / shared_cpus); None: every device has its own
+    shared_cpus: int | None = None
 
     def __post_init__(self) -> None:
         check(isinstance(self.wire, WireModel), "wire", self.wire, "a WireModel")
@@ -66,6 +69,18 @@ class SimConfig:
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "an integer >= 1")
         check(isinstance(self.calibration_warmup, int) and self.calibration_warmup >= 0, "calibration_warmup",
               self.calibration_warmup, "an integer >= 0")
+        c = self.shared_cpus
+        check(c is None or (isinstance(c, int) and c >= 1), "shared_cpus", c, "an integer >= 1 or null")
+
+
+def contention_factor(profile: ComputeProfile, shared_cpus: int | None) -> float:
+    """Compute stretch when the ranks share ``shared_cpus`` cores (first order: the ranks that compute
+    at all, each with ``threads`` threads, compute at the same time and share the cores evenly)."""
+    if shared_cpus is None:
+        return 1.0
+    comp = profile.compute_s
+    busy = sum(1 for c in comp if c >= 0.01 * max(comp)) if max(comp, default=0) > 0 else 0
+    return max(1.0, busy * profile.key.threads / shared_cpus)
 
 
 def speed_from_device(cpu_share: float | None, threads: int = 1, cpus: int | None = None) -> float:
@@ -194,6 +209,9 @@ class Simulator:
         reps = range(first_repetition, first_repetition + repetitions)
         try:
             sched = self.schedule(key)
+            stretch = contention_factor(self._profiles[key], self.config.shared_cpus)
+            if stretch != 1.0:
+                speed = [f * stretch for f in speed] if not isinstance(speed, (int, float)) else speed * stretch
             net = self.network(topology, nodes, profile)
             mech = "sim/extrapolated" if self._profiles[key].extrapolated else "sim/measured"
             results = [simulate(sched, net, self.config.wire, self.config.tcp, speed, seed=r) for r in reps]

@@ -165,6 +165,17 @@ def save_validation(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     return [csv, png]
 
 
+def emulation_cpus(run_dir: str | Path) -> int | None:
+    """Cores of the machine a run was emulated on (its manifest), for ``SimConfig.shared_cpus``."""
+    import json
+
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    cpus = json.loads(path.read_text()).get("machine", {}).get("cpu_count")
+    return int(cpus) if isinstance(cpus, int) and cpus >= 1 else None
+
+
 def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,
                  topology: Any = None) -> tuple[pd.DataFrame, list[Path]]:
     """``compare`` on a `testbed run` results directory (rows and traces), saved beside it."""

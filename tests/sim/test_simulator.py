@@ -116,3 +116,15 @@ def test_topology_files_and_kinds_give_the_same_network(kind):
     tcp = TcpModel(mode="steady", loss_mode="expected")
     lat = [simulate(all_gather(from_kind.n, 100_000), net, WireModel(), tcp).latency_s for net in (from_file, from_kind)]
     assert lat[0] == pytest.approx(lat[1], rel=1e-12)
+
+
+def test_shared_cores_stretch_the_busy_ranks(tmp_path):
+    cfg = dict(calibration_dir=str(tmp_path / "cal"), calibration_repetitions=1, calibration_warmup=0)
+    alone, shared = Simulator(SimConfig(**cfg)), Simulator(SimConfig(**cfg, shared_cpus=2))
+    sp = cell(method="sequence_parallel", nodes=4, repetitions=1)
+    a, b = alone.run(**sp)[0], shared.run(**sp)[0]
+    assert b["compute_s"] == pytest.approx(2 * a["compute_s"])  # 4 busy ranks on 2 cores
+    single = cell(method="single", nodes=4, repetitions=1)
+    assert shared.run(**single)[0]["latency_s"] == pytest.approx(alone.run(**single)[0]["latency_s"])
+    with pytest.raises(ConfigError):
+        SimConfig(shared_cpus=0)
