@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from testbed.errors import CommError, check
 from testbed.methods import vq
@@ -44,6 +45,21 @@ HEADER = struct.Struct("<BBHI")  # version, bits per code, groups, number of tok
 HEADER_BYTES = HEADER.size  # 8
 _VERSION = 1
 _TABLE_BUDGET_BYTES = 256 << 20
+_VQ_KEYS = ("encode_s", "decode_s", "encode_cpu_s", "decode_cpu_s")
+
+
+class _Timer:
+    """Adds wall and calling-thread CPU seconds of a with-block to ``acc[name + '_s' / '_cpu_s']``."""
+
+    def __init__(self, acc: dict[str, float], name: str):
+        self.acc, self.name = acc, name
+
+    def __enter__(self) -> None:
+        self.t0, self.c0 = time.perf_counter(), time.thread_time()
+
+    def __exit__(self, *exc) -> None:
+        self.acc[self.name + "_s"] += time.perf_counter() - self.t0
+        self.acc[self.name + "_cpu_s"] += time.thread_time() - self.c0
 
 
 class Astra(Method):
@@ -64,8 +80,11 @@ class Astra(Method):
         self.chunks = token_chunks(tokens - self.cls, world_size)  # over exchanged tokens
         self.output_rank = world_size - 1 if model.causal else 0
         self.codebooks = self._codebooks(codebook_path, tokens)
+        self.quantizers = [vq.Quantizer(cb) for cb in self.codebooks]
         self.tables = self._tables() if self._use_tables() else None
-        self.vq_s = {"encode_s": 0.0, "decode_s": 0.0}  # VQ time of the last forward
+        # VQ time of the last forward: wall seconds, and CPU seconds of the calling thread (the
+        # whole VQ work only with 1 torch thread; robust to other load on the machine)
+        self.vq_s = dict.fromkeys(_VQ_KEYS, 0.0)
 
     # -- build --------------------------------------------------------------------------------
     def _resolve_params(self, codebook_path: str | None) -> None:
@@ -103,16 +122,14 @@ class Astra(Method):
 
     @torch.no_grad()
     def _tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per block (T_k, T_v), each [G*K, D]: row g*K + c = C[g, c] @ W[:, g-th D/G columns]^T."""
+        """Per block (table [G*K, 2D], bias [2D]): row g*K + c = C[g, c] @ [Wk | Wv][:, g-th D/G inputs]^T,
+        so that [K^ | V^] of a token is the sum of its G rows plus [bk | bv]."""
         G, K, d = self.codebooks.shape[1:]
         out = []
         for l, blk in enumerate(self.model.blocks):
-            cb = self.codebooks[l]  # (G, K, d)
-            pair = []
-            for lin in (blk.attn.k, blk.attn.v):
-                w = lin.weight.T.reshape(G, d, -1)  # (G, d, D): input rows of group g
-                pair.append(torch.bmm(cb, w).reshape(G * K, -1))  # (G*K, D)
-            out.append(tuple(pair))
+            k, v = blk.attn.k, blk.attn.v
+            w = torch.cat([k.weight, v.weight]).T.reshape(G, d, -1)  # (G, d, 2D): input rows of group g
+            out.append((torch.bmm(self.codebooks[l], w).reshape(G * K, -1), torch.cat([k.bias, v.bias])))
         return out
 
     def describe(self) -> str:
@@ -131,7 +148,7 @@ class Astra(Method):
 
     def encode(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Local non-CLS tokens h [B, t, D] -> the uint8 message: header + packed codes."""
-        codes = vq.quantize(h, self.codebooks[layer]).reshape(-1, self.groups)
+        codes = self.quantizers[layer](h).reshape(-1, self.groups)
         head = torch.frombuffer(bytearray(HEADER.pack(_VERSION, self.bits, self.groups, codes.shape[0])), dtype=torch.uint8)
         return torch.cat([head, vq.pack_codes(codes, self.bits)])
 
@@ -146,33 +163,30 @@ class Astra(Method):
         if self.tables is None:
             h_hat = vq.dequantize(codes, self.codebooks[layer]).view(B, t, -1)
             return blk.attn.k(h_hat), blk.attn.v(h_hat)
-        rows = codes + torch.arange(self.groups) * self.codebook_size  # (B*t, G) rows of the [G*K, D] tables
-        tk, tv = self.tables[layer]
-        k = tk[rows].sum(1) + blk.attn.k.bias
-        v = tv[rows].sum(1) + blk.attn.v.bias
-        return k.view(B, t, -1), v.view(B, t, -1)
+        rows = codes + torch.arange(self.groups) * self.codebook_size  # (B*t, G) rows of the [G*K, 2D] table
+        table, bias = self.tables[layer]
+        kv = F.embedding_bag(rows, table, mode="sum") + bias  # (B*t, 2D): sum over groups
+        return kv[:, :self.cfg.dim].reshape(B, t, -1), kv[:, self.cfg.dim:].reshape(B, t, -1)
 
     def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         x = self._local_embed(inp)  # (B, cls + t, D)
         B, c = x.shape[0], self.cls
         s, e = self.chunks[self.rank]
         mask = global_mask(self.model, s, e, self.tokens) if self.model.causal else None
-        self.vq_s = {"encode_s": 0.0, "decode_s": 0.0}
+        self.vq_s = dict.fromkeys(_VQ_KEYS, 0.0)
         for l, blk in enumerate(self.model.blocks):
             a = blk.attn
             h = blk.ln1(x)
-            t0 = time.perf_counter()
-            msg = self.encode(h[:, c:], l)
-            self.vq_s["encode_s"] += time.perf_counter() - t0
+            with _Timer(self.vq_s, "encode"):
+                msg = self.encode(h[:, c:], l)
             got = self.comm.all_gather(msg)
             k_loc, v_loc = a.k(h), a.v(h)  # full precision, CLS copy included
             ks, vs = [k_loc[:, :c]], [v_loc[:, :c]]
-            t0 = time.perf_counter()
-            for r, (cs, ce) in enumerate(self.chunks):
-                kv = (k_loc[:, c:], v_loc[:, c:]) if r == self.rank else self.decode_kv(got[r], l, B, ce - cs)
-                ks.append(kv[0])
-                vs.append(kv[1])
-            self.vq_s["decode_s"] += time.perf_counter() - t0
+            with _Timer(self.vq_s, "decode"):
+                for r, (cs, ce) in enumerate(self.chunks):
+                    kv = (k_loc[:, c:], v_loc[:, c:]) if r == self.rank else self.decode_kv(got[r], l, B, ce - cs)
+                    ks.append(kv[0])
+                    vs.append(kv[1])
             x = x + a.o(attend(a.q(h), torch.cat(ks, 1), torch.cat(vs, 1), a.head_dim, mask))
             x = x + blk.mlp(blk.ln2(x))
         return self._output(x)

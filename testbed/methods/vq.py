@@ -29,31 +29,51 @@ def code_bits(codebook_size: int) -> int:
     return max(1, math.ceil(math.log2(codebook_size)))
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Nearest entry by squared L2 for batched points x [G, n, d] and codebooks c [G, K, d] -> int64 [G, n].
+class Quantizer:
+    """Nearest-entry search for one block's codebook [G, K, D//G], with the codebook prepared once
+    (transposed and scaled by -2, squared norms) so that each call is one batched matmul + min.
 
-    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every c, so argmin(||c||^2 - 2 x.c),
-    computed with one batched matmul per slice instead of cdist over a [G, n, K, d] tensor.
+    ||h - c||^2 = ||h||^2 - 2 h.c + ||c||^2; ||h||^2 is the same for every c, so the code is
+    argmin(||c||^2 - 2 h.c), computed with baddbmm over [G, n, K] slices, not cdist over [G, n, K, d].
     """
-    G, n, _ = x.shape
-    K = c.shape[1]
-    cn = (c * c).sum(-1).unsqueeze(1)  # (G, 1, K)
-    ct = c.transpose(1, 2)  # (G, d, K)
-    step = max(1, _MAX_DIST_ELEMS // max(1, G * K))
-    out = torch.empty(G, n, dtype=torch.int64)
-    for s in range(0, n, step):
-        dist = torch.baddbmm(cn, x[:, s:s + step], ct, alpha=-2.0)  # (G, n_s, K)
-        out[:, s:s + step] = dist.argmin(-1)
-    return out
+
+    def __init__(self, codebook: torch.Tensor):
+        check(codebook.dim() == 3, "codebook", tuple(codebook.shape), "a [G, K, D//G] tensor")
+        self.codebook = codebook
+        self.G, self.K, self.d = codebook.shape
+        self._ct = (-2.0 * codebook.transpose(1, 2)).contiguous()  # (G, d, K)
+        self._cn = (codebook * codebook).sum(-1).unsqueeze(1)  # (G, 1, K)
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """x [G, n, d] -> int64 [G, n]: index of the nearest entry of each group's codebook."""
+        n = x.shape[1]
+        step = max(1, _MAX_DIST_ELEMS // max(1, self.G * self.K))
+        out = torch.empty(self.G, n, dtype=torch.int64)
+        for s in range(0, n, step):
+            dist = torch.baddbmm(self._cn, x[:, s:s + step], self._ct)  # (G, n_s, K)
+            out[:, s:s + step] = dist.min(-1).indices  # min(dim) is faster than argmin on CPU; first on ties
+        return out
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Codes of h [..., D] -> int64 [..., G]."""
+        G, d = self.G, self.d
+        check(h.shape[-1] == G * d, "h", tuple(h.shape), f"last dim = groups * group width = {G * d}")
+        x = h.reshape(-1, G, d).transpose(0, 1).to(self.codebook.dtype)  # (G, n, d)
+        return self.nearest(x).transpose(0, 1).reshape(*h.shape[:-1], G)
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Nearest entry by squared L2 for batched points x [G, n, d] and codebooks c [G, K, d] -> int64 [G, n]."""
+    return Quantizer(c).nearest(x)
 
 
 def quantize(h: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Codes of h [..., D] with one block's codebook [G, K, D//G] -> int64 [..., G]."""
-    G, K, d = codebook.shape
-    check(h.shape[-1] == G * d, "h", tuple(h.shape), f"last dim = groups * group width = {G * d}")
-    lead = h.shape[:-1]
-    x = h.reshape(-1, G, d).transpose(0, 1).to(codebook.dtype)  # (G, n, d)
-    return _nearest(x, codebook).transpose(0, 1).reshape(*lead, G)
+    """Codes of h [..., D] with one block's codebook [G, K, D//G] -> int64 [..., G].
+
+    Calls with the same codebook again and again (ASTRA, every inference) should keep a
+    ``Quantizer(codebook)`` instead.
+    """
+    return Quantizer(codebook)(h)
 
 
 def dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

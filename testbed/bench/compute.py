@@ -1,0 +1,205 @@
+"""Per-rank compute time of every method, and ASTRA's VQ encode + decode share of it.
+
+`python -m testbed.bench.compute` (defaults: vit-base, 1024 tokens, N=4, 1 torch thread per rank).
+
+How ranks are isolated: on a 2-core machine, N ranks run at once contend for the cores, so their
+compute times would mostly measure the contention. Instead each method first runs once with all
+ranks in threads (in-process Communicator) while every message a rank receives is recorded; then
+each rank is run ALONE in the main thread, pinned to ``--threads`` torch threads, with a
+communicator that hands it the recorded messages of its peers (its own sends are dropped). The
+rank therefore does exactly its real work on real data, with no other rank running. Compute time
+is CPU time of the rank's thread (time.thread_time, so waiting for a core shared with other load
+does not count) outside Communicator calls; the trace's wall-clock compute time is printed
+beside it. Each figure is from the fastest of ``--reps`` runs after one warm-up.
+The replayed output is checked against the recorded one.
+
+ASTRA's VQ time: encode = nearest-code search + bit packing of the local tokens; decode = unpacking
++ turning peers' codes into K^, V^ (table lookups when lookup tables are on; otherwise dequantize,
+while the K/V projection of h^ is counted as attention compute, as SP does the same projection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import torch
+
+from testbed.comm.base import Communicator, check_tag
+from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup
+from testbed.errors import CommError
+from testbed.methods import build_method
+from testbed.methods import vq
+from testbed.models import build_model
+
+
+class _Recording(InProcessCommunicator):
+    """In-process communicator that keeps every message it receives, by (source, tag)."""
+
+    def __init__(self, group: InProcessGroup, rank: int):
+        super().__init__(group, rank)
+        self.inbox: dict[tuple[int, int], bytes] = {}
+
+    def _take(self, src: int, tag: int) -> bytes:
+        data = super()._take(src, tag)
+        self.inbox[(src, tag)] = data
+        return data
+
+
+class _Replay(Communicator):
+    """One rank alone: peers' messages come from a recording of a real run; sends are dropped."""
+
+    def __init__(self, rank: int, world_size: int, inbox: dict[tuple[int, int], bytes]):
+        super().__init__(rank, world_size)
+        self.inbox = inbox
+        self.cpu_in_comm_s = 0.0  # CPU seconds spent inside collectives (serde of replayed messages)
+
+    def _timed(self, fn, *args):
+        c0 = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            self.cpu_in_comm_s += time.thread_time() - c0
+
+    def all_gather(self, t):
+        return self._timed(super().all_gather, t)
+
+    def all_reduce(self, t):
+        return self._timed(super().all_reduce, t)
+
+    def rewind(self) -> None:
+        """Start the next inference at call number 0, as the recorded one did."""
+        self._seq = 0
+        self.cpu_in_comm_s = 0.0
+
+    def _post(self, dst: int, tag: int, data: bytes) -> None:
+        pass
+
+    def _take(self, src: int, tag: int) -> bytes:
+        if (src, tag) not in self.inbox:
+            raise CommError(f"rank {self.rank}: no recorded message from rank {src} for this call")
+        check_tag(self, src, tag, tag)
+        return self.inbox[(src, tag)]
+
+
+def record(model, name: str, params: dict, n: int, inp: torch.Tensor, tokens: int, path: str | None):
+    """Run all ranks once in threads; return (per-rank inboxes, output, output rank)."""
+    group = InProcessGroup(n, timeout_s=600)
+    comms = [_Recording(group, r) for r in range(n)]
+    outs: list = [None] * n
+    errors: list = []
+
+    def body(r: int) -> None:
+        try:
+            m = build_method(name, model, params, r, n, comms[r], tokens=tokens, codebook_path=path)
+            outs[r] = (m.forward(inp), m.output_rank)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            group.aborted.set()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    rank = outs[0][1]
+    return [c.inbox for c in comms], outs[rank][0], rank
+
+
+def time_rank(model, name, params, rank, n, inp, tokens, path, inbox, reps) -> dict:
+    """Compute seconds (and ASTRA's VQ seconds) of one rank running alone: the fastest repetition."""
+    comm = _Replay(rank, n, inbox)
+    m = build_method(name, model, params, rank, n, comm, tokens=tokens, codebook_path=path)
+    reps_out, out = [], None
+    for i in range(reps + 1):  # the first run warms up allocators and caches
+        comm.rewind()
+        comm.trace.start()
+        c0 = time.thread_time()
+        out = m.forward(inp)
+        cpu = time.thread_time() - c0 - comm.cpu_in_comm_s
+        comm.trace.finish()
+        vs = getattr(m, "vq_s", {})
+        if i:
+            reps_out.append({"cpu_s": cpu, "compute_s": comm.trace.compute_s,
+                             "vq_cpu_s": vs.get("encode_cpu_s", 0.0) + vs.get("decode_cpu_s", 0.0),
+                             "encode_cpu_s": vs.get("encode_cpu_s", 0.0), "decode_cpu_s": vs.get("decode_cpu_s", 0.0)})
+    best = min(reps_out, key=lambda r: r["cpu_s"])
+    return {**best, "out": out, "params": m.describe()}
+
+
+def bench(model, runs, n: int, inp, tokens: int, reps: int) -> list[dict]:
+    rows = []
+    for label, name, params, path in runs:
+        world = 1 if name == "single" else n
+        t0 = time.perf_counter()
+        inboxes, ref_out, out_rank = record(model, name, params, world, inp, tokens, path)
+        ranks = [time_rank(model, name, params, r, world, inp, tokens, path, inboxes[r], reps) for r in range(world)]
+        torch.testing.assert_close(ranks[out_rank]["out"], ref_out)  # the replay did the real run's work
+        rows.append({"method": label, "params": ranks[0]["params"], "cpu_s": [r["cpu_s"] for r in ranks],
+                     "wall_max_s": max(r["compute_s"] for r in ranks),
+                     "encode_s": max(r["encode_cpu_s"] for r in ranks), "decode_s": max(r["decode_cpu_s"] for r in ranks),
+                     "vq_share": max(r["vq_cpu_s"] / r["cpu_s"] for r in ranks), "wall_s": time.perf_counter() - t0})
+        print(f"  measured {label} ({rows[-1]['wall_s']:.0f} s)", flush=True)
+    return rows
+
+
+def print_table(rows: list[dict], n: int) -> None:
+    single = rows[0]["cpu_s"][0]
+    head = f"{'method':<22} {'params':<32} " + " ".join(f"{'r' + str(r) + ' cpu':>7}" for r in range(n))
+    head += f" {'max cpu':>7} {'1/max':>6} {'wall max':>8} {'VQ enc':>7} {'VQ dec':>7} {'VQ share':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        c = r["cpu_s"] + [float("nan")] * (n - len(r["cpu_s"]))
+        vq_cols = (f" {r['encode_s']:>7.3f} {r['decode_s']:>7.3f} {100 * r['vq_share']:>7.1f}%"
+                   if r["method"].startswith("astra") else f" {'':>7} {'':>7} {'':>8}")
+        print(f"{r['method']:<22} {r['params'][:32]:<32} " + " ".join(f"{x:>7.3f}" for x in c)
+              + f" {max(r['cpu_s']):>7.3f} {single / max(r['cpu_s']):>6.2f} {r['wall_max_s']:>8.3f}" + vq_cols)
+    print("cpu: CPU seconds of the rank's thread outside collectives (s); 1/max: single's cpu / slowest rank's; "
+          "wall max: slowest rank's compute wall time (s, inflated by other load); VQ enc/dec: CPU s of the "
+          "slowest-VQ rank; VQ share: max over ranks of VQ cpu / compute cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed.bench.compute", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="vit-base")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (ranks run one at a time)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--codebook-size", type=int, default=1024)
+    ap.add_argument("--kmeans-iters", type=int, default=2,
+                    help="k-means iterations for the codebooks: their quality does not change compute time")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = build_model(a.model)
+    inp = model.make_input(a.tokens, seed=0)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        runs = [("single", "single", {}, None), ("tensor_parallel", "tensor_parallel", {}, None),
+                ("sequence_parallel", "sequence_parallel", {}, None),
+                ("sequence_parallel_int8", "sequence_parallel_int8", {}, None),
+                ("block_parallel", "block_parallel", {"n_b": 1}, None)]
+        for g in (1, 32):
+            path = str(Path(tmp) / f"cb{g}.pt")
+            t0 = time.perf_counter()
+            vq.save_codebooks(path, vq.calibrate_codebooks(model, g, a.codebook_size, a.tokens, n_samples=1,
+                                                           iters=a.kmeans_iters))
+            print(f"  codebooks G={g}, K={a.codebook_size}: {time.perf_counter() - t0:.0f} s", flush=True)
+            runs.append((f"astra G={g}", "astra", {}, path))
+            if g == 1:
+                runs.append(("astra G=1 no tables", "astra", {"lookup_tables": False}, path))
+        rows = bench(model, runs, a.nodes, inp, a.tokens, a.reps)
+    print(f"\n{a.model}, {a.tokens} tokens, N={a.nodes}: per-rank compute, each rank run alone on {a.threads} "
+          f"torch thread(s) from recorded peer messages (fastest of {a.reps})")
+    print_table(rows, a.nodes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
