@@ -136,6 +136,10 @@ class Emulation:
     def switch_ports(self, switch: str) -> list[str]:
         return [dev for (_i, node), dev in self._intf.items() if node == switch]
 
+    def data_devs(self, host: str) -> list[str]:
+        """The host's data-plane interfaces (one per link)."""
+        return [dev for (_i, node), dev in self._intf.items() if node == host]
+
     def ns_argv(self, node: str) -> list[str]:
         """Prefix that runs a command in ``node``'s namespace ("" or a switch: the root namespace)."""
         if node in self.topology.host_names:

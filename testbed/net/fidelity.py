@@ -17,7 +17,9 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -49,29 +51,42 @@ class FidelityRow:
         return good and rtt
 
 
-def iperf_goodput(em, src: str, dst: str, seconds: float = 3.0, omit_s: float = 1.0,
-                  reverse: bool = False) -> float:
+def start_iperf_server(em, host: str, timeout_s: float = 15.0) -> subprocess.Popen:
+    """A one-shot iperf3 server on ``host``, returned once it listens (busy machines start slowly)."""
+    server = em.popen(host, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT), "--forceflush"],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen, deadline = b"", time.monotonic() + timeout_s
+    fd = server.stdout.fileno()  # raw reads: a buffered readline could hide the line from select
+    while b"listening" not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            break
+        seen += chunk
+    if b"listening" not in seen:
+        server.kill()
+        server.wait()
+        raise RuntimeError(f"iperf3 server on {host} did not start: {seen.decode(errors='replace')[-300:]}")
+    return server
+
+
+def iperf_goodput(em, src: str, dst: str, seconds: float = 3.0, omit_s: float = 1.0) -> float:
     """TCP goodput src -> dst in Mbit/s as the receiver counted it (first ``omit_s`` not counted)."""
-    server = em.popen(dst, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-                      stderr=subprocess.DEVNULL)
+    server = start_iperf_server(em, dst)
     try:
-        for attempt in range(20):
-            out = em.node(src).cmd(f"iperf3 -c {em.data_ip(dst)} -p {IPERF_PORT} -t {seconds:g} "
-                                   f"-O {omit_s:g} -J{' -R' if reverse else ''}")
-            try:
-                result = json.loads(out[out.index("{"):])
-            except ValueError:
-                result = {"error": out.strip()[-300:]}
-            if "error" not in result:
-                return result["end"]["sum_received"]["bits_per_second"] / 1e6
-            if "refused" not in result["error"] or attempt == 19:
-                raise RuntimeError(f"iperf3 {src} -> {dst}: {result['error']}")
-            time.sleep(0.1)  # the server is not listening yet
+        out = em.node(src).cmd(f"iperf3 -c {em.data_ip(dst)} -p {IPERF_PORT} -t {seconds:g} -O {omit_s:g} -J")
+        try:
+            result = json.loads(out[out.index("{"):])
+        except ValueError:
+            result = {"error": out.strip()[-300:]}
+        if "error" in result:
+            raise RuntimeError(f"iperf3 {src} -> {dst}: {result['error']}")
+        return result["end"]["sum_received"]["bits_per_second"] / 1e6
     finally:
         if server.poll() is None:
             server.kill()
         server.wait()
-    raise AssertionError("unreachable")
+        server.stdout.close()
 
 
 _RTT = re.compile(r"= [\d.]+/([\d.]+)/")
@@ -79,11 +94,16 @@ _LOSS = re.compile(r"([\d.]+)% packet loss")
 
 
 def ping(em, src: str, dst: str, count: int = 20, interval_s: float = 0.02,
-         deadline_s: float | None = None) -> tuple[float | None, float, list[int]]:
-    """(mean RTT in ms or None if nothing came back, loss %, icmp_seq of replies in arrival order)."""
-    em.node(src).cmd(f"ping -n -c 1 -w 2 {em.data_ip(dst)}")  # resolve ARP first: not part of the path's RTT
-    deadline = math.ceil(deadline_s or (count * interval_s + 5))  # ping -w takes whole seconds
-    out = em.node(src).cmd(f"ping -U -n -c {count} -i {interval_s:g} -w {deadline:g} {em.data_ip(dst)}")
+         wait_s: float = 1.0) -> tuple[float | None, float, list[int]]:
+    """(mean RTT in ms or None if nothing came back, loss %, icmp_seq of replies in arrival order).
+
+    Sends exactly ``count`` echo requests (no -w: with a deadline ping keeps sending until
+    ``count`` replies came back, which hides losses); waits ``wait_s`` beyond the slowest RTT
+    for late replies.
+    """
+    em.node(src).cmd(f"ping -n -c 1 -W 2 {em.data_ip(dst)}")  # resolve ARP first: not part of the path's RTT
+    timeout = math.ceil(wait_s + 2 * em.topology.path_effect(src, dst).rtt_ms / 1e3)
+    out = em.node(src).cmd(f"ping -U -n -c {count} -i {interval_s:g} -W {timeout} {em.data_ip(dst)}")
     seqs = [int(m) for m in re.findall(r"icmp_seq=(\d+)", out)]
     rtt = _RTT.search(out)
     loss = _LOSS.search(out)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from testbed.net.profile import LinkProfile
-from testbed.net.tc import (IPT, SourceRule, delayline_config, egress_commands, medium_commands, queue_limit_bytes,
-                            receiver_rules)
+from testbed.net.tc import (IPT, SourceRule, delayline_config, egress_commands, gso_max_bytes, medium_commands,
+                            queue_limit_bytes, receiver_rules)
 from testbed.net.topology import Topology
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class Shaper:
         self.mechanism = emulation.mechanism
         self.egress: dict[Port, tuple[LinkProfile, float]] = {}  # installed (profile, rtt_ms)
         self.rules: dict[str, list[SourceRule]] = {}
+        self.gso: dict[str, int] = {}  # host -> gso_max_size of its data interfaces
         self.lock = threading.Lock()
         self.last_change_s: float | None = None
 
@@ -72,6 +73,15 @@ class Shaper:
             if sw.medium is not None:
                 p = self.em.medium_port(sw.name)
                 out[p] = (sw.medium, rtt.get(p, 0.0))
+        return out
+
+    def wanted_gso(self, topo: Topology) -> dict[str, int]:
+        """Host -> GSO packet size: 1 ms of its narrowest outgoing path (see testbed.net.tc)."""
+        out = {}
+        for h in topo.host_names:
+            bws = [topo.one_way(h, p).bandwidth_mbps for p in topo.host_names if p != h]
+            shaped = [b for b in bws if b is not None]
+            out[h] = gso_max_bytes(min(shaped) if shaped else None)
         return out
 
     def wanted_rules(self, topo: Topology) -> dict[str, list[SourceRule]]:
@@ -113,18 +123,22 @@ class Shaper:
                 if old is None or self._tc_view(*old) != self._tc_view(prof, rtt):
                     tc_jobs.setdefault(port.node, []).extend(
                         egress_commands(port.dev, prof, self.mechanism, rtt, old=old[0] if old else None))
+            gso = self.wanted_gso(topo)
+            ip_jobs = {h: "".join(f"link set dev {dev} gso_max_size {n}\n" for dev in self.em.data_devs(h))
+                       for h, n in gso.items() if first or self.gso.get(h) != n}
             rules = self.wanted_rules(topo)
             ipt_jobs = {h: receiver_rules(r, first=first) for h, r in rules.items()
                         if first or _rule_set(r) != _rule_set(self.rules.get(h, []))}
             lines = {h: delayline_config(r) for h, r in rules.items() if first or r != self.rules.get(h)}
             for h, cfg in lines.items():
                 self.em.delay_lines[h].send(cfg)
-            procs = self._start_tc(tc_jobs) + self._start_ipt(ipt_jobs)
+            procs = [(_spawn(self._argv(h, ["ip", "-batch", "-"]), text), text, h) for h, text in ip_jobs.items()]
+            procs += self._start_tc(tc_jobs) + self._start_ipt(ipt_jobs)
             for h in lines:
                 self.em.delay_lines[h].wait_ok()
             _wait_all(procs)
             self.egress = wanted
-            self.rules = rules
+            self.rules, self.gso = rules, gso
             self.last_change_s = time.perf_counter() - t0
             return self.last_change_s
 

@@ -17,7 +17,15 @@ its TCLink refuses rates above 1000 Mbit/s):
 - quantum: the burst clamped to [1 frame, 200 000 B] (the kernel warns outside that range;
   a single class never competes, so it only needs to be legal).
 - queue: ``queue_packets`` full frames when given, else the bandwidth-delay product of the
-  longest round trip that crosses the link, at least 20 ms of traffic and 16 frames.
+  longest round trip that crosses the link, at least 20 ms of traffic and 16 frames; and never
+  less than one 64 KiB GSO packet plus two frames (see below).
+- GSO: TCP always hands the qdisc GSO super-packets (up to 64 KiB; segmented only after the
+  qdisc), so an htb byte queue shorter than one of them drops every one of them and TCP stalls
+  (measured: 0.006 of 10 Mbit/s). Each host's interfaces therefore get ``gso_max_size`` = 1 ms of
+  the narrowest path leaving the host (2 frames .. 64 KiB): packets stay about as long as the
+  bucket is deep and the delay line sees few of them at high rates. A connection keeps the GSO
+  size it started with, hence the queue floor above: a link slowed down live never stalls a
+  connection opened while it was fast.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ BURST_S = 0.001  # htb bucket: this much time of traffic at the rate
 MIN_QUEUE_S = 0.020  # default queue holds at least this much time of traffic
 MIN_QUEUE_FRAMES = 16
 MAX_QUANTUM_BYTES = 200_000
+MAX_GSO_BYTES = 65_536  # the kernel's default (and largest IPv4) GSO packet
 CHAIN = "TBNET"  # iptables chain of the testbed in each host's namespace (INPUT jumps to it)
 IPT = "iptables-legacy"  # never nft: this kernel has no nft queue, and the two must not mix
 
@@ -52,11 +61,20 @@ def quantum_bytes(bandwidth_mbps: float) -> int:
 
 
 def queue_limit_bytes(profile: LinkProfile, rtt_ms: float = 0.0) -> int:
-    """Egress queue in bytes: queue_packets frames, else max(BDP of rtt_ms, 20 ms, 16 frames)."""
+    """Egress queue in bytes: queue_packets frames, else max(BDP of rtt_ms, 20 ms, 16 frames);
+    at least one largest GSO packet plus two frames either way (see the module docstring)."""
+    floor = MAX_GSO_BYTES + 2 * FRAME_BYTES
     if profile.queue_packets is not None:
-        return profile.queue_packets * FRAME_BYTES
+        return max(floor, profile.queue_packets * FRAME_BYTES)
     rate_bps = (profile.bandwidth_mbps or MAX_BANDWIDTH_MBPS) * 1e6 / 8
-    return max(MIN_QUEUE_FRAMES * FRAME_BYTES, math.ceil(rate_bps * max(rtt_ms / 1e3, MIN_QUEUE_S)))
+    return max(floor, MIN_QUEUE_FRAMES * FRAME_BYTES, math.ceil(rate_bps * max(rtt_ms / 1e3, MIN_QUEUE_S)))
+
+
+def gso_max_bytes(bandwidth_mbps: float | None) -> int:
+    """GSO packet size for a host whose narrowest outgoing path has this rate (None: unshaped)."""
+    if bandwidth_mbps is None:
+        return MAX_GSO_BYTES
+    return min(MAX_GSO_BYTES, burst_bytes(bandwidth_mbps))
 
 
 def _us(ms: float) -> str:

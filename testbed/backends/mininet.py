@@ -1,0 +1,206 @@
+"""Mininet backend: one node server per emulated host, links shaped with tc, reshaped live.
+
+The network (testbed.net.emulation.Emulation) is built once; rank i runs on the topology's
+i-th host, inside that host's namespace and device cgroup, serving the data plane on the host's
+emulated address (peers reach it across shaped links) and the control plane on the unshaped
+control network (the orchestrator in the root namespace reaches it directly). Between
+experiment cells ``apply_profile`` maps one sweep profile onto the topology
+(Topology.with_sweep) and changes the running links in place.
+
+Not root, or no Mininet: EmulationUnavailable with the fix (`sudo make setup`) and a pointer to
+the loopback backend, raised by the constructor, before anything is created.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from testbed.backends.base import Backend, NodeAddress
+from testbed.errors import CommError, ConfigError, check
+from testbed.net.probe import FIX, EmulationUnavailable
+from testbed.net.profile import LinkProfile
+from testbed.net.replay import BandwidthTrace, TraceReplay
+from testbed.net.topology import Topology, load_topology
+
+READY_PREFIX = "testbed-node listening on "
+
+
+def _quick_check() -> None:
+    """The cheap half of the probe: root and Mininet's API (the kernel is probed by start())."""
+    if os.geteuid() != 0:
+        raise EmulationUnavailable(f"the mininet backend needs root (network namespaces, tc, iptables). Fix: {FIX}")
+    try:
+        import mininet.net  # noqa: F401
+    except ImportError:
+        raise EmulationUnavailable(f"Mininet's Python API is not installed. Fix: {FIX}") from None
+
+
+class MininetBackend(Backend):
+    name = "mininet"
+
+    def __init__(self, topology: Topology | str | dict, mechanism: str = "auto", start_timeout_s: float = 120.0,
+                 log_dir: str | None = None, python: str = sys.executable, seed: int = 0):
+        """``topology``: a Topology, a topologies/ name, a YAML path or an inline mapping.
+        ``mechanism``: auto | htb+nfqueue | htb+netem. ``start_timeout_s``: for all nodes to
+        print their addresses. ``log_dir``: node logs (stderr) stay there; default a temporary
+        directory removed by close(). ``seed``: of the delay lines' jitter."""
+        _quick_check()
+        check(isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0, "start_timeout_s",
+              start_timeout_s, "a number of seconds > 0")
+        self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
+        self.requested_mechanism, self.start_timeout_s, self.python, self.seed = mechanism, start_timeout_s, python, seed
+        self._own_logs = log_dir is None
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.emulation = None
+        self.procs: list[subprocess.Popen] = []
+        self.hosts: list[str] = []
+        self.replays: list[TraceReplay] = []
+        self.last_change_s: float | None = None
+
+    def start(self, n_nodes: int) -> list[NodeAddress]:
+        from testbed.net.emulation import Emulation
+
+        n_hosts = len(self.topology.hosts)
+        check(isinstance(n_nodes, int) and 1 <= n_nodes <= n_hosts, "n_nodes", n_nodes,
+              f"an integer in 1..{n_hosts} (one node per host of topology {self.topology.name!r})")
+        check(self.emulation is None, "n_nodes", n_nodes, "one start() per backend (close() it first)")
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="testbed-mininet-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.emulation = Emulation(self.topology, self.requested_mechanism, seed=self.seed)
+        try:
+            self.emulation.start()
+            self.mechanism = self.emulation.mechanism
+            self.hosts = self.topology.host_names[:n_nodes]
+            self.procs = [self._spawn(h) for h in self.hosts]
+            deadline = time.monotonic() + self.start_timeout_s
+            return [self._await_addresses(rank, deadline) for rank in range(n_nodes)]
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, host: str) -> subprocess.Popen:
+        em = self.emulation
+        argv = [self.python, "-m", "testbed.node", "--listen", f"{em.data_ip(host)}:0",
+                "--listen", f"{em.control_ip(host)}:0", "--watch-parent"]
+        with open(self.log_path(host), "ab") as log:
+            return em.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+
+    def _await_addresses(self, rank: int, deadline: float) -> NodeAddress:
+        host, proc = self.hosts[rank], self.procs[rank]
+        lines = _read_lines(proc, 2, deadline)
+        addrs = [ln[len(READY_PREFIX):].strip() for ln in lines if ln.startswith(READY_PREFIX)]
+        em = self.emulation
+        data = next((a for a in addrs if a.startswith(em.data_ip(host) + ":")), None)
+        control = next((a for a in addrs if a.startswith(em.control_ip(host) + ":")), None)
+        if data is None or control is None:
+            why = (f"exited with code {proc.returncode}" if proc.poll() is not None
+                   else f"printed {lines!r} within {self.start_timeout_s:g} s")
+            raise CommError(f"node {rank} on host {host} {why}; its log ({self.log_path(host)}):\n"
+                            f"{self._log_tail(host)}")
+        proc.stdout.close()
+        return NodeAddress(control=control, data=data)
+
+    def log_path(self, host: str) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / f"node-{host}.log"
+
+    def _log_tail(self, host: str, n_bytes: int = 2000) -> str:
+        try:
+            return self.log_path(host).read_bytes()[-n_bytes:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    # -- links ---------------------------------------------------------------------
+    def apply_profile(self, profile: LinkProfile) -> None:
+        """Map ``profile`` onto every link by its sweep mode and reshape live (see Topology.with_sweep)."""
+        self._require_started()
+        self.last_change_s = self.emulation.apply_profile(profile)
+
+    def replay(self, trace: BandwidthTrace, profile: LinkProfile | None = None, loop: bool = True) -> TraceReplay:
+        """Replay ``trace`` on every swept link: at each step the sweep profile is ``profile`` with
+        the trace's bandwidth. Stopped by stop_replays() or close()."""
+        self._require_started()
+        base = profile or LinkProfile()
+
+        def apply(bw: float) -> None:
+            self.emulation.apply_profile(LinkProfile(bw, base.delay_ms, base.jitter_ms, base.loss_pct, base.queue_packets))
+
+        replay = TraceReplay(trace, apply, loop).start()
+        self.replays.append(replay)
+        return replay
+
+    def stop_replays(self) -> None:
+        replays, self.replays = self.replays, []
+        for r in replays:
+            r.stop()
+
+    def wire_bytes(self) -> int | None:
+        return self.emulation.wire_bytes() if self.emulation is not None else None
+
+    def fidelity_table(self, seconds: float = 2.0) -> list[dict]:
+        """Measure one host pair per distinct path profile (iperf3 + ping); rows as dicts."""
+        from dataclasses import asdict
+
+        from testbed.net.fidelity import check_pair, distinct_pairs
+
+        self._require_started()
+        em = self.emulation
+        return [asdict(check_pair(em, s, d, seconds)) for s, d in distinct_pairs(em.topology)]
+
+    def _require_started(self) -> None:
+        if self.emulation is None or self.emulation.run is None:
+            raise ConfigError("backend", "mininet (not started)", "start() before shaping or measuring")
+
+    # -- teardown ------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop replays and nodes, then remove the whole emulated network. Idempotent."""
+        try:
+            self.stop_replays()
+        except Exception as e:  # noqa: BLE001 - teardown goes on; the replay error is reported
+            print(f"testbed mininet: trace replay failed: {e}", file=sys.stderr)
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 3.0
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout and not p.stdout.closed:
+                p.stdout.close()
+        self.procs = []
+        if self.emulation is not None:
+            self.emulation.close()
+            self.emulation = None
+        if self._own_logs and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.log_dir = None
+
+
+def _read_lines(proc: subprocess.Popen, n: int, deadline: float) -> list[str]:
+    """Up to ``n`` lines from the process's stdout before ``deadline`` (fewer if it exits)."""
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while buf.count(b"\n") < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if sel.select(timeout=min(left, 0.2)):
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                buf += chunk
+            elif proc.poll() is not None:
+                break
+    return buf.decode(errors="replace").splitlines()[:n]

@@ -1,0 +1,96 @@
+"""Emulated links deliver their profiles (real Mininet hosts, tc, NFQUEUE delay line, iperf3, ping).
+
+One two-host network is built for the module and reshaped live between tests, so these tests
+also exercise live changes. Tolerances are the issue's: goodput/bandwidth in 0.90-1.00, RTT
+within 1 ms + 5 % of the configured round trip, 5 % loss seen as 5 +/- 2 % over 400 pings.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from testbed.net.emulation import Emulation
+from testbed.net.fidelity import iperf_goodput, ping, start_iperf_server
+from testbed.net.profile import LinkProfile
+from testbed.net.replay import BandwidthTrace, TraceReplay
+from testbed.net.topology import topology_from_dict
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def pair():
+    topo = topology_from_dict({"name": "pair", "hosts": ["h1", "h2"], "links": [{"a": "h1", "b": "h2"}]})
+    with Emulation(topo) as em:
+        yield em
+
+
+def shape(em, **profile) -> LinkProfile:
+    prof = LinkProfile(**profile)
+    em.apply_profile(prof)
+    return prof
+
+
+@pytest.mark.parametrize("mbps", [10, 50, 200])
+def test_goodput_matches_the_configured_bandwidth(pair, mbps):
+    shape(pair, bandwidth_mbps=mbps)
+    ratio = iperf_goodput(pair, "h1", "h2", seconds=3) / mbps
+    assert 0.90 <= ratio <= 1.00, f"goodput/configured = {ratio:.3f} at {mbps} Mbit/s"
+
+
+@pytest.mark.parametrize("delay_ms", [10, 50])
+def test_ping_rtt_is_twice_the_one_way_delay(pair, delay_ms):
+    assert pair.mechanism == "htb+nfqueue"  # this kernel has no netem: the delay line does the work
+    before = pair.delay_lines["h1"].stats()
+    shape(pair, bandwidth_mbps=100, delay_ms=delay_ms)
+    rtt, loss, _ = ping(pair, "h1", "h2", count=20, interval_s=0.02)
+    expected = 2 * delay_ms
+    assert loss == 0 and abs(rtt - expected) <= 1 + 0.05 * expected, f"RTT {rtt:.2f} ms, configured {expected} ms"
+    assert sum(pair.delay_lines["h1"].stats().values()) >= sum(before.values()) + 20  # replies were held at h1
+
+
+def test_loss_in_one_direction_is_seen_by_ping(pair):
+    # 5 +/- 2 % as the issue asks, but over 1600 pings, not 400: with 400 the binomial spread
+    # alone (sd 1.1 %) would fail a correct link in about 7 % of runs; with 1600 (sd 0.55 %) in 0.03 %.
+    pair.set_link("h1", "h2", a_to_b=LinkProfile(loss_pct=5), b_to_a=LinkProfile())
+    _rtt, loss, _ = ping(pair, "h1", "h2", count=1600, interval_s=0.002)
+    assert 3 <= loss <= 7, f"{loss}% of 1600 pings lost at 5% configured loss"
+
+
+def test_jitter_spreads_rtts_without_reordering(pair):
+    shape(pair, delay_ms=10, jitter_ms=8)
+    out = pair.node("h1").cmd(f"ping -U -n -c 300 -i 0.002 {pair.data_ip('h2')}")
+    seqs = [int(line.split("icmp_seq=")[1].split()[0]) for line in out.splitlines() if "icmp_seq=" in line]
+    rtts = [float(line.split("time=")[1].split()[0]) for line in out.splitlines() if "time=" in line]
+    assert len(seqs) >= 290 and seqs == sorted(seqs), "replies arrived out of order"
+    assert statistics.pstdev(rtts) > 1.0 and min(rtts) >= 2 * (10 - 8) - 0.5
+
+
+def test_bandwidth_trace_replays_live_on_a_running_flow(pair):
+    shape(pair, bandwidth_mbps=10)
+    trace = BandwidthTrace.from_points([(0, 10), (2.0, 40)], duration_s=10)
+    server = start_iperf_server(pair, "h2")
+    try:
+        replay = TraceReplay(trace, lambda bw: pair.apply_profile(LinkProfile(bandwidth_mbps=bw)), loop=False).start()
+        out = pair.node("h1").cmd(f"iperf3 -c {pair.data_ip('h2')} -t 4 -i 1 -J")
+        replay.stop()
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+    result = json.loads(out[out.index("{"):])
+    assert "error" not in result, result.get("error")  # the connection survived the change
+    rates = [iv["sum"]["bits_per_second"] / 1e6 for iv in result["intervals"]]
+    assert rates[1] < 11 and rates[-1] > 30, f"per-second goodput {rates}"  # [0] includes filling buffers
+    assert [bw for _, bw, _ in replay.log] == [10, 40]
+
+
+def test_wire_bytes_count_what_the_hosts_sent(pair):
+    shape(pair)
+    before = pair.wire_bytes()
+    pair.node("h1").cmd(f"ping -q -n -c 50 -i 0.005 -s 1000 {pair.data_ip('h2')}")
+    sent = pair.wire_bytes() - before
+    assert 2 * 50 * 1042 <= sent < 2 * 50 * 1042 + 20_000  # requests + replies (+ ARP, little else)
