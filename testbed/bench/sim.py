@@ -72,7 +72,7 @@ def scale_part(args: argparse.Namespace, sim: Simulator) -> None:
         t_net += time.perf_counter() - t0
         for m in METHOD_NAMES:
             t0 = time.perf_counter()
-            res = simulate(scheds[m], net, sim.config.wire, sim.config.tcp, engine=args.engine)
+            res = simulate(scheds[m], net, sim.wire, sim.config.tcp, engine=args.engine)
             t_replay[m] += time.perf_counter() - t0
             lat[m].append(res.latency_s)
             msgs[m] += res.messages

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+import time
 from typing import Callable, TypeVar
 
 import torch
@@ -121,3 +122,63 @@ def measure(job: JobSpec, repetitions: int = 3, warmup: int = 1, timeout_s: floa
     finally:
         torch.set_num_threads(before)
     return [median_trace(reps) for reps in per_rank]
+
+
+def measure_transport(rounds: int = 200, bulk_bytes: int = 8 << 20, timeout_s: float = 60.0) -> dict:
+    """The node runtime's gRPC transport on loopback (no shaping), two ranks in this process.
+
+    ``per_message_s``: one-way time of a small message (half a ping-pong round trip):
+    what a message costs beyond its link time in the stack, serialization, gRPC
+    framing and threads. ``bulk_bytes_per_s``: payload rate of one large message, the
+    stack's own ceiling when links are unshaped. Seconds and bytes/s of this host.
+    """
+    from testbed.comm.grpc import GrpcCommunicator, PeerServer
+
+    check(isinstance(rounds, int) and rounds >= 1, "rounds", rounds, "an integer >= 1")
+    servers = [PeerServer(f"127.0.0.{r + 1}:0") for r in range(2)]
+    addresses = [s.address for s in servers]
+    out: dict = {}
+    errors: list[BaseException] = []
+
+    def body(rank: int) -> None:
+        comm = None
+        try:
+            comm = GrpcCommunicator(rank, addresses, servers[rank].hub, "calibrate-transport", timeout_s=timeout_s)
+            small, bulk = torch.zeros(2), torch.zeros(bulk_bytes // 4)
+            for i in range(rounds + 10):  # the first 10 warm the streams up
+                if i == 10 and rank == 0:
+                    t0 = time.perf_counter()
+                if rank == 0:
+                    comm.send(small, 1)
+                    comm.recv(1)
+                else:
+                    comm.recv(0)
+                    comm.send(small, 0)
+            if rank == 0:
+                out["per_message_s"] = (time.perf_counter() - t0) / rounds / 2
+                t0 = time.perf_counter()
+                comm.send(bulk, 1)
+                comm.recv(1)  # small ack: the bulk message has fully arrived
+                out["bulk_bytes_per_s"] = bulk.nbytes / (time.perf_counter() - t0 - out["per_message_s"])
+            else:
+                comm.recv(0)
+                comm.send(small, 0)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+        finally:
+            if comm is not None:
+                comm.close()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"transport-rank{r}") for r in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for s in servers:
+            s.stop()
+    if errors:
+        raise errors[0]
+    return {**out, "rounds": rounds, "bulk_bytes": bulk_bytes, "how": "gRPC peer streams on 127.0.0.1/2, 2 ranks "
+            "as threads of one process"}

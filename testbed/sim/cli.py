@@ -79,11 +79,12 @@ def calibrate_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--force", action="store_true", help="measure again even if stored")
+    p.add_argument("--transport", action="store_true", help="also measure the gRPC transport's per-message cost")
     _sim_options(p)
     args = p.parse_args(argv)
     try:
         sim = Simulator(_config(args), log=lambda m: print(f"  {m}", flush=True))
-        keys = _calibration_keys(args)
+        keys = _calibration_keys(args) if (args.experiment or args.model or not args.transport) else []
         for k in keys:
             from testbed.sim.synth import skeleton
 
@@ -91,6 +92,15 @@ def calibrate_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"testbed calibrate: error: {e}", file=sys.stderr)
         return 2
+    if args.transport:
+        from testbed.sim.calibrate import measure_transport
+
+        path = sim.store.put_transport(measure_transport())
+        t = sim.store.transport()
+        print(f"transport: {t['per_message_s'] * 1e6:.0f} us per message one way, "
+              f"{t['bulk_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s bulk on loopback -> {path}")
+        if not keys:
+            return 0
     print(f"{'model':<12} {'method':<24} {'params':<28} {'T':>6} {'N':>3} {'thr':>3}  {'source':<12} "
           f"{'max rank compute_s':>18}  file")
     for k in keys:
@@ -166,7 +176,8 @@ def _simulate_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-mode", choices=LOSS_MODES, default="sampled", help="loss: sampled per repetition "
                    "(default) or its expected cost")
     p.add_argument("--no-overhead", action="store_true", help="payload only on the wire (the paper's model)")
-    p.add_argument("--per-message-s", type=float, default=0.0, help="fixed cost per message, seconds")
+    p.add_argument("--per-message-s", type=float, default=None, help="fixed cost per message, seconds (default: "
+                   "the gRPC transport's, measured by `testbed calibrate --transport`, or measured now)")
     p.add_argument("--speed", type=lambda s: [float(x) for x in s.split(",")],
                    help="compute slow-down per node vs this host: one factor or N comma-separated")
     p.add_argument("--shared-cpus", type=int, help="the nodes share this many cores (as Mininet nodes on one "
@@ -184,7 +195,10 @@ def simulate_main(argv: list[str]) -> int:
     try:
         spec = load_spec(args.experiment, backend="sim")
         wire = WireModel.none() if args.no_overhead else WireModel()
-        config = _config(args, wire=replace(wire, per_message_s=args.per_message_s),
+        if args.per_message_s is not None:
+            wire = replace(wire, per_message_s=args.per_message_s)
+        explicit = args.no_overhead or args.per_message_s is not None
+        config = _config(args, wire=wire if explicit else None,
                          tcp=TcpModel(mode=args.tcp, loss_mode=args.loss_mode), shared_cpus=args.shared_cpus)
         out = Path(args.out) if args.out else Path(spec.output_dir) if spec.output_dir else (
             Path("results") / f"{spec.name}-sim-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -205,7 +219,7 @@ def _write_run(spec, sim: Simulator, out: Path, args: argparse.Namespace) -> int
             n += 1
             failed += row["status"] != "ok"
         store.write_parquet()
-    meta = {"experiment": spec.to_dict(), "wire": asdict(sim.config.wire), "tcp": asdict(sim.config.tcp),
+    meta = {"experiment": spec.to_dict(), "wire": asdict(sim.wire), "tcp": asdict(sim.config.tcp),
             "calibration_dir": sim.config.calibration_dir,
             "profiles": [{"key": asdict(k), "extrapolated": p.extrapolated, "file": str(sim.store.path(k))}
                          for k, p in sim.profiles_used().items()]}

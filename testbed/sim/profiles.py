@@ -130,6 +130,20 @@ class ProfileStore:
             return []
         return [ComputeProfile.from_dict(json.loads(p.read_text())) for p in sorted(self.root.glob("*.json"))]
 
+    def transport_path(self) -> Path:
+        return self.root / "transport" / "grpc.json"  # a subdirectory: not a profile file
+
+    def transport(self) -> dict | None:
+        """The stored transport calibration (calibrate.measure_transport), if any."""
+        p = self.transport_path()
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put_transport(self, measured: dict) -> Path:
+        p = self.transport_path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({**measured, **host_info()}, indent=1))
+        return p
+
     def measured(self, key: ProfileKey) -> list[ComputeProfile]:
         """Measured (not extrapolated) profiles of ``key``'s family: fit material."""
         return [p for p in self.all() if not p.extrapolated and p.key.family() == key.family()]

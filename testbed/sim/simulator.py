@@ -49,7 +49,9 @@ ROW_COLUMNS = (
 
 @dataclass(frozen=True)
 class SimConfig:
-    wire: WireModel = field(default_factory=WireModel)
+    #: None: WireModel's defaults with ``per_message_s`` measured on this host (the gRPC transport's
+    #: one-way small-message time, calibrate.measure_transport, stored beside the profiles)
+    wire: WireModel | None = None
     tcp: TcpModel = field(default_factory=TcpModel)
     calibration_dir: str = "results/calibration"
     measure_missing: bool = True  # measure profiles that are not stored (else: extrapolate or fail)
@@ -62,7 +64,7 @@ class SimConfig:
     shared_cpus: int | None = None
 
     def __post_init__(self) -> None:
-        check(isinstance(self.wire, WireModel), "wire", self.wire, "a WireModel")
+        check(self.wire is None or isinstance(self.wire, WireModel), "wire", self.wire, "a WireModel or None")
         check(isinstance(self.tcp, TcpModel), "tcp", self.tcp, "a TcpModel")
         for name in ("max_measure_tokens", "max_measure_nodes", "calibration_repetitions"):
             v = getattr(self, name)
@@ -106,6 +108,23 @@ class Simulator:
         self.log = log or (lambda msg: None)
         self._profiles: dict[ProfileKey, ComputeProfile] = {}
         self._schedules: dict[ProfileKey, Schedule] = {}
+        self._wire = self.config.wire
+
+    @property
+    def wire(self) -> WireModel:
+        """The wire model in use (see SimConfig.wire); measures the transport once if needed."""
+        if self._wire is None:
+            t = self.store.transport()
+            if t is None and self.config.measure_missing:
+                from testbed.sim.calibrate import measure_transport
+
+                self.log("calibrating the gRPC transport (per-message cost)")
+                self.store.put_transport(measure_transport())
+                t = self.store.transport()
+            if t is None:
+                self.log("no transport calibration: per-message cost 0")
+            self._wire = WireModel(per_message_s=float(t["per_message_s"]) if t else 0.0)
+        return self._wire
 
     # -- compute profiles ---------------------------------------------------------------
     def measurable(self, key: ProfileKey) -> bool:
@@ -214,7 +233,7 @@ class Simulator:
                 speed = [f * stretch for f in speed] if not isinstance(speed, (int, float)) else speed * stretch
             net = self.network(topology, nodes, profile)
             mech = "sim/extrapolated" if self._profiles[key].extrapolated else "sim/measured"
-            results = [simulate(sched, net, self.config.wire, self.config.tcp, speed, seed=r) for r in reps]
+            results = [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r) for r in reps]
         except ConfigError as e:
             return [{**base, "mechanism": "sim", "repetition": r, "status": "error", "error": str(e),
                      "started_at": _now()} for r in reps]

@@ -92,7 +92,7 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         if runs:
             net = sim.network(topology if topology is not None else cell["topology"], int(cell["nodes"]), prof)
             rec["replayed_latency_s"] = float(np.median([
-                simulate(ranks, net, sim.config.wire, sim.config.tcp, speed=1.0, seed=i).latency_s
+                simulate(ranks, net, sim.wire, sim.config.tcp, speed=1.0, seed=i).latency_s
                 for i, ranks in enumerate(runs)]))
         out.append(rec)
     table = pd.DataFrame(out)

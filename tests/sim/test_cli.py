@@ -28,7 +28,8 @@ def test_simulate_writes_rows_for_every_method_profile_and_repetition(tmp_path):
     exp = tmp_path / "e.yaml"
     exp.write_text(EXPERIMENT)
     out = tmp_path / "out"
-    rc = simulate_main([str(exp), "--out", str(out), "--calibration", str(tmp_path / "cal"), *FAST])
+    rc = simulate_main([str(exp), "--out", str(out), "--calibration", str(tmp_path / "cal"), "--per-message-s", "1e-4",
+                        *FAST])
     assert rc == 0
     df = pd.read_csv(out / "rows.csv")
     assert len(df) == 3 * 4 * 2
@@ -37,6 +38,7 @@ def test_simulate_writes_rows_for_every_method_profile_and_repetition(tmp_path):
     assert (out / "rows.parquet").is_file() and (out / "plots" / "latency.png").is_file()
     meta = json.loads((out / "sim.json").read_text())
     assert meta["tcp"]["mode"] == "slow_start" and len(meta["profiles"]) == 3
+    assert meta["wire"]["per_message_s"] == 1e-4
     # the sweep shows: slower links cost sequence_parallel more than astra
     med = df.groupby(["method", "bandwidth_mbps"])["latency_s"].median()
     assert med["sequence_parallel", 10] > med["sequence_parallel", 100]
@@ -71,3 +73,9 @@ def test_calibrate_bad_method_params(tmp_path, capsys):
     assert calibrate_main(["--model", "vit-tiny", "--method", "tensor_parallel", "--nodes", "3", "--calibration",
                            str(tmp_path / "cal")]) == 2
     assert not (tmp_path / "cal").exists()
+
+
+def test_calibrate_transport_only(tmp_path, capsys):
+    assert calibrate_main(["--transport", "--calibration", str(tmp_path / "cal")]) == 0
+    assert "us per message" in capsys.readouterr().out
+    assert (tmp_path / "cal" / "transport" / "grpc.json").is_file()

@@ -18,7 +18,7 @@ from testbed.sim.simulator import ROW_COLUMNS, SimConfig, Simulator, speed_from_
 @pytest.fixture
 def sim(tmp_path):
     return Simulator(SimConfig(calibration_dir=str(tmp_path / "cal"), max_measure_tokens=33, max_measure_nodes=4,
-                               calibration_repetitions=1, calibration_warmup=0))
+                               calibration_repetitions=1, calibration_warmup=0, wire=WireModel()))
 
 
 def cell(**kw):
@@ -119,7 +119,8 @@ def test_topology_files_and_kinds_give_the_same_network(kind):
 
 
 def test_shared_cores_stretch_the_busy_ranks(tmp_path):
-    cfg = dict(calibration_dir=str(tmp_path / "cal"), calibration_repetitions=1, calibration_warmup=0)
+    cfg = dict(calibration_dir=str(tmp_path / "cal"), calibration_repetitions=1, calibration_warmup=0,
+               wire=WireModel())
     alone, shared = Simulator(SimConfig(**cfg)), Simulator(SimConfig(**cfg, shared_cpus=2))
     sp = cell(method="sequence_parallel", nodes=4, repetitions=1)
     a, b = alone.run(**sp)[0], shared.run(**sp)[0]
@@ -128,3 +129,13 @@ def test_shared_cores_stretch_the_busy_ranks(tmp_path):
     assert shared.run(**single)[0]["latency_s"] == pytest.approx(alone.run(**single)[0]["latency_s"])
     with pytest.raises(ConfigError):
         SimConfig(shared_cpus=0)
+
+
+def test_default_wire_takes_the_measured_per_message_cost(tmp_path):
+    sim = Simulator(SimConfig(calibration_dir=str(tmp_path / "cal")))
+    assert sim.wire.per_message_s > 0  # the gRPC transport measured on loopback, then stored
+    stored = json.loads((tmp_path / "cal" / "transport" / "grpc.json").read_text())
+    assert stored["per_message_s"] == sim.wire.per_message_s and stored["bulk_bytes_per_s"] > 0
+    again = Simulator(SimConfig(calibration_dir=str(tmp_path / "cal"), measure_missing=False))
+    assert again.wire.per_message_s == sim.wire.per_message_s
+    assert Simulator(SimConfig(calibration_dir=str(tmp_path / "none"), measure_missing=False)).wire.per_message_s == 0

@@ -7,6 +7,7 @@ import pytest
 
 from testbed.errors import ConfigError
 from testbed.net.profile import LinkProfile
+from testbed.sim.network import WireModel
 from testbed.sim.profiles import ProfileKey
 from testbed.sim.simulator import SimConfig, Simulator
 from testbed.sim.validate import compare, save_validation, summary
@@ -15,7 +16,7 @@ from testbed.sim.validate import compare, save_validation, summary
 @pytest.fixture
 def sim(tmp_path):
     return Simulator(SimConfig(calibration_dir=str(tmp_path / "cal"), calibration_repetitions=1,
-                               calibration_warmup=0))
+                               calibration_warmup=0, wire=WireModel()))
 
 
 def fake_emulated(sim: Simulator, scale: float) -> pd.DataFrame:
