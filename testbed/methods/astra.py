@@ -18,9 +18,9 @@ exchange and mixed-precision attention. /work/shared/ASTRA.md steps 1-7 is the s
 
 Params: ``groups`` (G, default 1), ``codebook_size`` (K, default 1024), ``dct`` (default True for
 ViT; GPT-2 has no CLS token), ``lookup_tables`` ("auto", True, False): since h^ is a sum of
-per-group codebook entries, K^ = sum_g T_k[g, code_g] + b_k with tables T_k[g] = C_g Wk[:, g]^T
-[G, K, D] precomputed at build time; this is the same math as the direct path (tested) and turns
-the K/V projection of non-local tokens into lookups. "auto" uses tables when they fit in 256 MiB
+per-group codebook entries, [K^ | V^] = sum_g T[g, code_g] with tables T[g] = C_g [Wk | Wv][:, g]^T
+(+ biases in group 0) [G, K, 2D] precomputed at build time; this is the same math as the direct
+path (tested) and turns the K/V projection of non-local tokens into lookups. "auto" uses tables when they fit in 256 MiB
 for the whole model. ``calibration_samples``: inputs for k-means when no codebook file is given.
 Codebooks come from ``codebook_path`` (vq.load_codebooks; G and K then default to the file's) or,
 if None, from vq.calibrate_codebooks at build time (deterministic, but every rank repeats it: the
@@ -121,15 +121,18 @@ class Astra(Method):
         return want is True or (want == "auto" and size <= _TABLE_BUDGET_BYTES)
 
     @torch.no_grad()
-    def _tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per block (table [G*K, 2D], bias [2D]): row g*K + c = C[g, c] @ [Wk | Wv][:, g-th D/G inputs]^T,
-        so that [K^ | V^] of a token is the sum of its G rows plus [bk | bv]."""
+    def _tables(self) -> list[torch.Tensor]:
+        """Per block a table [G*K, 2D]: row g*K + c = C[g, c] @ [Wk | Wv][:, g-th D/G inputs]^T, and
+        group 0's rows also hold [bk | bv] (every token has exactly one group-0 code), so that
+        [K^ | V^] of a token is exactly the sum of its G rows: one embedding_bag, no extra pass."""
         G, K, d = self.codebooks.shape[1:]
         out = []
         for l, blk in enumerate(self.model.blocks):
             k, v = blk.attn.k, blk.attn.v
             w = torch.cat([k.weight, v.weight]).T.reshape(G, d, -1)  # (G, d, 2D): input rows of group g
-            out.append((torch.bmm(self.codebooks[l], w).reshape(G * K, -1), torch.cat([k.bias, v.bias])))
+            table = torch.bmm(self.codebooks[l], w).reshape(G * K, -1)
+            table[:K] += torch.cat([k.bias, v.bias])
+            out.append(table)
         return out
 
     def describe(self) -> str:
@@ -153,20 +156,24 @@ class Astra(Method):
         return torch.cat([head, vq.pack_codes(codes, self.bits)])
 
     def decode_kv(self, msg: torch.Tensor, layer: int, B: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A peer's message -> its tokens' K^, V^ [B, t, D] (from our own codebook copy)."""
+        """A peer's message -> its tokens' K^, V^ [B, t, D] (from our own codebook copy).
+
+        Timed as VQ decode: unpacking and the table lookups, or unpacking and dequantizing; the
+        direct path's K/V projection of h^ is attention compute (SP projects the same tokens).
+        """
         got = HEADER.unpack(bytes(msg[:HEADER_BYTES].tolist()))
         if got != (_VERSION, self.bits, self.groups, B * t):
             raise CommError(f"rank {self.rank}: astra message header {got} != expected "
                             f"{(_VERSION, self.bits, self.groups, B * t)} (version, bits, groups, vectors)")
-        codes = vq.unpack_codes(msg[HEADER_BYTES:], B * t, self.groups, self.bits)  # (B*t, G)
-        blk = self.model.blocks[layer]
-        if self.tables is None:
+        with _Timer(self.vq_s, "decode"):
+            codes = vq.unpack_codes(msg[HEADER_BYTES:], B * t, self.groups, self.bits)  # (B*t, G)
+            if self.tables is not None:
+                rows = codes + torch.arange(self.groups) * self.codebook_size  # rows of the [G*K, 2D] table
+                kv = F.embedding_bag(rows, self.tables[layer], mode="sum")  # (B*t, 2D): biases included
+                return kv[:, :self.cfg.dim].reshape(B, t, -1), kv[:, self.cfg.dim:].reshape(B, t, -1)
             h_hat = vq.dequantize(codes, self.codebooks[layer]).view(B, t, -1)
-            return blk.attn.k(h_hat), blk.attn.v(h_hat)
-        rows = codes + torch.arange(self.groups) * self.codebook_size  # (B*t, G) rows of the [G*K, 2D] table
-        table, bias = self.tables[layer]
-        kv = F.embedding_bag(rows, table, mode="sum") + bias  # (B*t, 2D): sum over groups
-        return kv[:, :self.cfg.dim].reshape(B, t, -1), kv[:, self.cfg.dim:].reshape(B, t, -1)
+        attn = self.model.blocks[layer].attn
+        return attn.k(h_hat), attn.v(h_hat)
 
     def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         x = self._local_embed(inp)  # (B, cls + t, D)
@@ -182,11 +189,10 @@ class Astra(Method):
             got = self.comm.all_gather(msg)
             k_loc, v_loc = a.k(h), a.v(h)  # full precision, CLS copy included
             ks, vs = [k_loc[:, :c]], [v_loc[:, :c]]
-            with _Timer(self.vq_s, "decode"):
-                for r, (cs, ce) in enumerate(self.chunks):
-                    kv = (k_loc[:, c:], v_loc[:, c:]) if r == self.rank else self.decode_kv(got[r], l, B, ce - cs)
-                    ks.append(kv[0])
-                    vs.append(kv[1])
+            for r, (cs, ce) in enumerate(self.chunks):
+                kv = (k_loc[:, c:], v_loc[:, c:]) if r == self.rank else self.decode_kv(got[r], l, B, ce - cs)
+                ks.append(kv[0])
+                vs.append(kv[1])
             x = x + a.o(attend(a.q(h), torch.cat(ks, 1), torch.cat(vs, 1), a.head_dim, mask))
             x = x + blk.mlp(blk.ln2(x))
         return self._output(x)
