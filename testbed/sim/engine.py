@@ -204,6 +204,8 @@ class _Replay:
             else:
                 nbytes += sum(self.rng.random() < p for _ in range(segs)) * nbytes / segs
         stall = self._stall_s(pair, segs, nbytes, now) if self._tcp_costs else 0.0
+        if wire.stack_bytes_per_s is not None:
+            stall += wire.stack_extra_s(payload, nbytes, self._pair_info(src, dst)[2])
         self.bytes_on_wire += nbytes + acks
         self.messages += 1
         slot: list = [None]  # its arrival time, once the last hop is reserved

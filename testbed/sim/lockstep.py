@@ -197,7 +197,7 @@ class LockstepReplay:
             w = self.cwnd[src, dst]
             w = np.where(t - self.sent_until[src, dst] > rto, np.minimum(w, iw), w)
             rate = bw / (8 * (self.wire.mss_bytes + self.wire.segment_header_bytes))
-            bdp = rate * rtt
+            bdp = np.where(np.isinf(rate), np.inf, rate * rtt)  # unshaped: slow start never fills the pipe
             sent, rounds = np.zeros(len(src)), np.zeros(len(src))
             while True:
                 go = (w < bdp) & (sent + w < segs)
@@ -236,6 +236,9 @@ class LockstepReplay:
             else:
                 nbytes = nbytes + self.rng.binomial(segs, loss) * nbytes / segs
         stall = self._stall(src, dst, segs, nbytes, t) if self.tcp_costs else 0.0
+        if self.wire.stack_bytes_per_s is not None:  # WireModel.stack_extra_s for the batch
+            link = nbytes * 8 / p.bottleneck[src, dst]
+            stall = stall + np.maximum(0.0, payload / self.wire.stack_bytes_per_s - link)
         self.bytes_on_wire += float(nbytes.sum() + acks.sum())
         self.messages += len(src)
         a = t + self.wire.per_message_s

@@ -168,6 +168,8 @@ class WireModel:
     Ethernet (htb counts the Ethernet header); HTTP/2 DATA frames of 16 KiB with 9
     byte headers; per message a fixed header (serde header, protobuf fields, gRPC
     5-byte prefix) and a fixed time (stack and runtime latency, not link time);
+    a stream never goes faster than ``stack_bytes_per_s`` of payload (the gRPC
+    stack's own ceiling, what bounds unshaped links);
     one ACK segment (header only) per ``ack_every`` segments in the reverse
     direction, counted in bytes on the wire but not as link occupancy.
     """
@@ -179,6 +181,7 @@ class WireModel:
     message_header_bytes: int = 64
     per_message_s: float = 0.0
     ack_every: int = 2
+    stack_bytes_per_s: float | None = None  # the transport's own ceiling per stream (None: no limit)
 
     def __post_init__(self) -> None:
         check(isinstance(self.mss_bytes, int) and self.mss_bytes >= 1, "mss_bytes", self.mss_bytes, "an integer >= 1")
@@ -189,11 +192,20 @@ class WireModel:
               "an integer >= 1")
         check(isinstance(self.per_message_s, (int, float)) and self.per_message_s >= 0, "per_message_s",
               self.per_message_s, "a number of seconds >= 0")
+        r = self.stack_bytes_per_s
+        check(r is None or (isinstance(r, (int, float)) and r > 0), "stack_bytes_per_s", r, "a number > 0 or null")
 
     @classmethod
     def none(cls) -> "WireModel":
         """No overhead at all: the wire carries exactly the payload (the paper's model)."""
         return cls(segment_header_bytes=0, frame_header_bytes=0, message_header_bytes=0, ack_every=0)
+
+    def stack_extra_s(self, payload_bytes: float, wire_bytes: float, bottleneck_bps: float | None) -> float:
+        """Time a message takes beyond its link time because the stack is slower than the path."""
+        if self.stack_bytes_per_s is None:
+            return 0.0
+        link = 0.0 if bottleneck_bps is None else wire_bytes * 8 / bottleneck_bps
+        return max(0.0, payload_bytes / self.stack_bytes_per_s - link)
 
     def stream_bytes(self, payload_bytes: int) -> int:
         """Bytes of the TCP byte stream for one message: payload plus application framing."""

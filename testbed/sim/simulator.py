@@ -49,8 +49,8 @@ ROW_COLUMNS = (
 
 @dataclass(frozen=True)
 class SimConfig:
-    #: None: WireModel's defaults with ``per_message_s`` measured on this host (the gRPC transport's
-    #: one-way small-message time, calibrate.measure_transport, stored beside the profiles)
+    #: None: WireModel's defaults with ``per_message_s`` and ``stack_bytes_per_s`` measured on this host
+    #: (the gRPC transport's one-way small-message time and bulk rate, calibrate.measure_transport)
     wire: WireModel | None = None
     tcp: TcpModel = field(default_factory=TcpModel)
     calibration_dir: str = "results/calibration"
@@ -123,7 +123,8 @@ class Simulator:
                 t = self.store.transport()
             if t is None:
                 self.log("no transport calibration: per-message cost 0")
-            self._wire = WireModel(per_message_s=float(t["per_message_s"]) if t else 0.0)
+            self._wire = WireModel(per_message_s=float(t["per_message_s"]) if t else 0.0,
+                                   stack_bytes_per_s=float(t["bulk_bytes_per_s"]) if t else None)
         return self._wire
 
     # -- compute profiles ---------------------------------------------------------------

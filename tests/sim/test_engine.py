@@ -206,3 +206,14 @@ def test_recvs_waiting_on_each_other_are_reported_not_hung():
                 for r in range(2)]
     with pytest.raises(ConfigError, match="never finish"):
         simulate(deadlock, net("star", 2))
+
+
+def test_the_stack_rate_bounds_unshaped_and_fast_links(engine):
+    wire = WireModel(segment_header_bytes=0, frame_header_bytes=0, message_header_bytes=0, ack_every=0,
+                     stack_bytes_per_s=1e6)
+    unshaped = simulate(all_gather_traces(2, 500_000, 0.0), net("mesh", 2, mbps=None, delay_ms=0), wire, STEADY,
+                        engine=engine)
+    assert unshaped.latency_s == pytest.approx(0.5)  # 500 kB at 1 MB/s
+    slow_link = simulate(all_gather_traces(2, 500_000, 0.0), net("mesh", 2, mbps=1, delay_ms=0), wire, STEADY,
+                         engine=engine)
+    assert slow_link.latency_s == pytest.approx(4.0)  # the 1 Mbit/s link is the slower one

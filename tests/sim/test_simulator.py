@@ -136,6 +136,7 @@ def test_default_wire_takes_the_measured_per_message_cost(tmp_path):
     assert sim.wire.per_message_s > 0  # the gRPC transport measured on loopback, then stored
     stored = json.loads((tmp_path / "cal" / "transport" / "grpc.json").read_text())
     assert stored["per_message_s"] == sim.wire.per_message_s and stored["bulk_bytes_per_s"] > 0
+    assert sim.wire.stack_bytes_per_s == stored["bulk_bytes_per_s"]
     again = Simulator(SimConfig(calibration_dir=str(tmp_path / "cal"), measure_missing=False))
     assert again.wire.per_message_s == sim.wire.per_message_s
     assert Simulator(SimConfig(calibration_dir=str(tmp_path / "none"), measure_missing=False)).wire.per_message_s == 0
