@@ -144,25 +144,7 @@ def measure_transport(rounds: int = 200, bulk_bytes: int = 8 << 20, timeout_s: f
         comm = None
         try:
             comm = GrpcCommunicator(rank, addresses, servers[rank].hub, "calibrate-transport", timeout_s=timeout_s)
-            small, bulk = torch.zeros(2), torch.zeros(bulk_bytes // 4)
-            for i in range(rounds + 10):  # the first 10 warm the streams up
-                if i == 10 and rank == 0:
-                    t0 = time.perf_counter()
-                if rank == 0:
-                    comm.send(small, 1)
-                    comm.recv(1)
-                else:
-                    comm.recv(0)
-                    comm.send(small, 0)
-            if rank == 0:
-                out["per_message_s"] = (time.perf_counter() - t0) / rounds / 2
-                t0 = time.perf_counter()
-                comm.send(bulk, 1)
-                comm.recv(1)  # small ack: the bulk message has fully arrived
-                out["bulk_bytes_per_s"] = bulk.nbytes / (time.perf_counter() - t0 - out["per_message_s"])
-            else:
-                comm.recv(0)
-                comm.send(small, 0)
+            _ping_pong(comm, rounds, bulk_bytes, out)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
         finally:
@@ -182,3 +164,28 @@ def measure_transport(rounds: int = 200, bulk_bytes: int = 8 << 20, timeout_s: f
         raise errors[0]
     return {**out, "rounds": rounds, "bulk_bytes": bulk_bytes, "how": "gRPC peer streams on 127.0.0.1/2, 2 ranks "
             "as threads of one process"}
+
+
+def _ping_pong(comm, rounds: int, bulk_bytes: int, out: dict) -> None:
+    """Rank 0 times small round trips, then one bulk message (acknowledged); rank 1 answers."""
+    small, bulk = torch.zeros(2), torch.zeros(bulk_bytes // 4)
+    peer = 1 - comm.rank
+    t0 = 0.0
+    for i in range(rounds + 10):  # the first 10 warm the streams up
+        if i == 10:
+            t0 = time.perf_counter()
+        if comm.rank == 0:
+            comm.send(small, peer)
+            comm.recv(peer)
+        else:
+            comm.recv(peer)
+            comm.send(small, peer)
+    if comm.rank == 0:
+        out["per_message_s"] = (time.perf_counter() - t0) / rounds / 2
+        t0 = time.perf_counter()
+        comm.send(bulk, peer)
+        comm.recv(peer)  # the ack: the bulk message has fully arrived
+        out["bulk_bytes_per_s"] = bulk.nbytes / (time.perf_counter() - t0 - out["per_message_s"])
+    else:
+        comm.recv(peer)
+        comm.send(small, peer)

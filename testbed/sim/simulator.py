@@ -81,7 +81,7 @@ def contention_factor(profile: ComputeProfile, shared_cpus: int | None) -> float
     if shared_cpus is None:
         return 1.0
     comp = profile.compute_s
-    busy = sum(1 for c in comp if c >= 0.01 * max(comp)) if max(comp, default=0) > 0 else 0
+    busy = sum(1 for c in comp if c >= 0.1 * max(comp)) if max(comp, default=0) > 0 else 0
     return max(1.0, busy * profile.key.threads / shared_cpus)
 
 

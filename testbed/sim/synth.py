@@ -144,28 +144,35 @@ def skeleton(model: str | ModelConfig, method: str, params: dict[str, Any], toke
             colls[r] = [Collective("all_gather", all_gather_ops([batch * T * w * FP32_BYTES for w in width], r))
                         for _ in range(rounds)]
         shapes = [RankShape(T, T, r == 0) for r in range(n)]
-    elif method in ("sequence_parallel", "sequence_parallel_int8"):
+    else:
+        colls, shapes = _token_split(cfg, method, p, T, n, batch)
+    return Skeleton(method, T, n, colls, shapes)
+
+
+def _token_split(cfg: ModelConfig, method: str, p: dict[str, Any], T: int, n: int, batch: int
+                 ) -> tuple[list[list[Collective]], list[RankShape]]:
+    """sequence_parallel(_int8) and astra: one all-gather of each rank's chunk per block."""
+    D, L = cfg.dim, cfg.n_layers
+    if method in ("sequence_parallel", "sequence_parallel_int8"):
         chunks = token_chunks(T, n)
         per_token = D * FP32_BYTES if method == "sequence_parallel" else D + FP32_BYTES
         payloads = [batch * (e - s) * per_token for s, e in chunks]
         out = _output_index(cfg, T)
-        for r in range(n):
-            colls[r] = [Collective("all_gather", all_gather_ops(payloads, r)) for _ in range(L)]
-        shapes = [RankShape(e - s, e if cfg.causal else T, s <= out < e) for s, e in chunks]
-    else:  # astra
-        cls = 1 if p["dct"] else 0
-        check(n <= T - cls, "nodes", n, f"1..{T - cls}: at most one rank per exchanged token (tokens={T})")
-        chunks = token_chunks(T - cls, n)
-        bits = code_bits(p["codebook_size"])
-        payloads = [ASTRA_HEADER_BYTES + packed_bytes(batch * (e - s) * p["groups"], bits) for s, e in chunks]
-        out_rank = n - 1 if cfg.causal else 0
-        for r in range(n):
-            colls[r] = [Collective("all_gather", all_gather_ops(payloads, r)) for _ in range(L)]
-            if cls:
-                colls[r].append(Collective("all_gather", all_gather_ops([batch * D * FP32_BYTES] * n, r)))
-        shapes = [RankShape(e - s + cls, (e + cls) if cfg.causal else T, r == out_rank)
-                  for r, (s, e) in enumerate(chunks)]
-    return Skeleton(method, T, n, colls, shapes)
+        colls = [[Collective("all_gather", all_gather_ops(payloads, r)) for _ in range(L)] for r in range(n)]
+        return colls, [RankShape(e - s, e if cfg.causal else T, s <= out < e) for s, e in chunks]
+    cls = 1 if p["dct"] else 0  # astra
+    check(n <= T - cls, "nodes", n, f"1..{T - cls}: at most one rank per exchanged token (tokens={T})")
+    chunks = token_chunks(T - cls, n)
+    bits = code_bits(p["codebook_size"])
+    payloads = [ASTRA_HEADER_BYTES + packed_bytes(batch * (e - s) * p["groups"], bits) for s, e in chunks]
+    out_rank = n - 1 if cfg.causal else 0
+    colls = []
+    for r in range(n):
+        colls.append([Collective("all_gather", all_gather_ops(payloads, r)) for _ in range(L)])
+        if cls:  # distributed class tokens: the N final CLS vectors, gathered once
+            colls[r].append(Collective("all_gather", all_gather_ops([batch * D * FP32_BYTES] * n, r)))
+    shapes = [RankShape(e - s + cls, (e + cls) if cfg.causal else T, r == out_rank) for r, (s, e) in enumerate(chunks)]
+    return colls, shapes
 
 
 def _output_index(cfg: ModelConfig, T: int) -> int:

@@ -7,12 +7,14 @@ import math
 
 import pytest
 
-from testbed.comm.trace import Collective, Trace
+from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
 from testbed.net.profile import LinkProfile
 from testbed.sim.engine import simulate
 from testbed.sim.network import Network, SimTopology, TcpModel, WireModel
+from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore
 from testbed.sim.simulator import ROW_COLUMNS, SimConfig, Simulator, speed_from_device
+from testbed.sim.synth import skeleton
 
 
 @pytest.fixture
@@ -118,9 +120,23 @@ def test_topology_files_and_kinds_give_the_same_network(kind):
     assert lat[0] == pytest.approx(lat[1], rel=1e-12)
 
 
+def stored_profile(root, method: str, nodes: int, compute_s: list[float]) -> None:
+    """A profile with known compute per rank (one segment before each collective, one after)."""
+    sk = skeleton("vit-tiny", method, {}, 17, nodes)
+    traces = []
+    for r in range(nodes):
+        events = []
+        for c in sk.collectives[r]:
+            events += [Compute(compute_s[r]), c]
+        traces.append(Trace(r, events + [Compute(compute_s[r])]))
+    ProfileStore(root).put(ComputeProfile(ProfileKey.of("vit-tiny", method, {}, 17, nodes), traces))
+
+
 def test_shared_cores_stretch_the_busy_ranks(tmp_path):
-    cfg = dict(calibration_dir=str(tmp_path / "cal"), calibration_repetitions=1, calibration_warmup=0,
-               wire=WireModel())
+    cal = tmp_path / "cal"
+    stored_profile(cal, "sequence_parallel", 4, [0.01] * 4)
+    stored_profile(cal, "single", 4, [0.01, 0, 0, 0])
+    cfg = dict(calibration_dir=str(cal), measure_missing=False, wire=WireModel())
     alone, shared = Simulator(SimConfig(**cfg)), Simulator(SimConfig(**cfg, shared_cpus=2))
     sp = cell(method="sequence_parallel", nodes=4, repetitions=1)
     a, b = alone.run(**sp)[0], shared.run(**sp)[0]
