@@ -59,10 +59,15 @@ class Orchestrator:
     """Drives the nodes at ``addresses`` (rank order). ``timeout_s``: deadline of one inference;
     ``connect_timeout_s``: for reaching the nodes and for the nodes reaching each other;
     ``load_timeout_s``: for building a job. The nodes wait for each peer message at most
-    ``PEER_WAIT_FRACTION * timeout_s``, so a silent rank is named by its peers before the
-    orchestrator's own deadline fires."""
+    ``PEER_WAIT_FRACTION * timeout_s``, so a silent rank is named by its peers, and the
+    other nodes stopped, before the orchestrator's own deadline fires."""
 
-    PEER_WAIT_FRACTION = 0.8
+    PEER_WAIT_FRACTION = 0.5
+    # After the first failure, how long the others get to report theirs (failures cascade
+    # through broken streams within milliseconds; this only has to find the root cause).
+    GRACE_S = 1.0
+    # A Shutdown RPC gets this long: a node that cannot answer it (frozen) is the backend's to kill.
+    STOP_RPC_S = 1.0
 
     def __init__(self, addresses: Sequence[NodeAddress], timeout_s: float = 120.0, connect_timeout_s: float = 10.0,
                  load_timeout_s: float = 300.0):
@@ -156,14 +161,15 @@ class Orchestrator:
             err = futures[rank].exception()
             if err is not None:
                 failed[rank] = err
-                grace_until = grace_until or time.monotonic() + 2.0
+                grace_until = grace_until or time.monotonic() + min(self.GRACE_S, 0.1 * self.timeout_s)
         if failed:
             for fut in futures:
                 fut.cancel()
-            raise self._failure(phase, failed)
+            raise self._failure(phase, failed, sorted(pending))
         return [f.result() for f in futures]
 
-    def _failure(self, phase: str, failed: dict[int, grpc.RpcError]) -> NodeError:
+    def _failure(self, phase: str, failed: dict[int, grpc.RpcError], silent: list[int]) -> NodeError:
+        """The root cause among the failed ranks, and the ``silent`` ones still not answering."""
         def what(err: grpc.RpcError) -> str:
             code = err.code()
             if code == grpc.StatusCode.UNAVAILABLE:
@@ -172,29 +178,34 @@ class Orchestrator:
                 return "no reply within the deadline"
             return f"{code.name}: {err.details()}"
 
-        primary = [r for r, e in failed.items() if e.code() not in _SECONDARY] or sorted(failed)
-        root = min(primary)
+        primary = [r for r, e in failed.items() if e.code() not in _SECONDARY]
+        if primary:
+            root, root_what = min(primary), what(failed[min(primary)])
+        elif silent and phase != "load":  # every failure only lost a peer, and a rank never answered
+            root, root_what = silent[0], "no reply while its peers failed waiting for it (hung or overloaded?)"
+        else:
+            root = min(failed)
+            root_what = what(failed[root])
         others = "; ".join(f"rank {r}: {what(e)}" for r, e in sorted(failed.items()) if r != root)
-        err = failed[root]
         # A failed inference stops every node (nothing may be left waiting). A load that the
         # nodes rejected (bad job, unreachable peer) leaves them healthy and jobless; only a
         # node that died or hung during load stops them all.
         if phase != "load" or any(e.code() in _GONE for e in failed.values()):
             self.shutdown(f"{phase} failed on rank {root}")
-        return NodeError(phase, root, self.addresses[root].control, what(err), others)
+        return NodeError(phase, root, self.addresses[root].control, root_what, others)
 
     def _check_running(self) -> None:
         if self._stopped:
             raise CommError("the orchestrator has stopped its nodes; start new ones")
 
     # -- stopping ------------------------------------------------------------------
-    def shutdown(self, reason: str = "orchestrator shutdown", wait_s: float = 5.0) -> None:
+    def shutdown(self, reason: str = "orchestrator shutdown", wait_s: float = 3.0) -> None:
         """Ask every node to stop, wait up to ``wait_s`` until none answers. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         req = serde.shutdown_request(reason)
-        futs = [stub.Shutdown.future(req, timeout=self.connect_timeout_s) for stub in self._stubs]
+        futs = [stub.Shutdown.future(req, timeout=self.STOP_RPC_S) for stub in self._stubs]
         for fut in futs:
             try:
                 fut.result()
