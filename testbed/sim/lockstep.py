@@ -197,7 +197,9 @@ class LockstepReplay:
             w = self.cwnd[src, dst]
             w = np.where(t - self.sent_until[src, dst] > rto, np.minimum(w, iw), w)
             rate = bw / (8 * (self.wire.mss_bytes + self.wire.segment_header_bytes))
-            bdp = np.where(np.isinf(rate), np.inf, rate * rtt)  # unshaped: slow start never fills the pipe
+            with np.errstate(invalid="ignore"):
+                bdp = rate * rtt
+            bdp[np.isnan(bdp)] = np.inf  # unshaped without delay: no pipe to fill, slow start costs nothing
             sent, rounds = np.zeros(len(src)), np.zeros(len(src))
             while True:
                 go = (w < bdp) & (sent + w < segs)

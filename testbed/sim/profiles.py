@@ -69,6 +69,11 @@ class ComputeProfile:
         check(len(self.traces) == self.key.nodes, "traces", len(self.traces), f"one per node ({self.key.nodes})")
 
     @property
+    def stale(self) -> bool:
+        """Measured with other methods/models code than this checkout's (or of unknown code)."""
+        return self.meta.get("code") != code_fingerprint()
+
+    @property
     def compute_s(self) -> list[float]:
         """Per rank: compute seconds on this host (serialization excluded)."""
         return [t.compute_s for t in self.traces]
@@ -85,6 +90,22 @@ class ComputeProfile:
                    [ProfileKey(**k) for k in d.get("basis", [])], dict(d.get("meta", {})))
 
 
+#: the code a compute profile measures: a change here makes stored profiles stale
+_MEASURED_CODE = ("methods", "models", "comm/base.py", "comm/serde.py", "job.py")
+
+
+def code_fingerprint() -> str:
+    """Hash of the source files whose speed a profile measured (methods, models, collectives)."""
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha1()
+    for part in _MEASURED_CODE:
+        p = pkg / part
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(f.relative_to(pkg).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def host_info() -> dict[str, Any]:
     """Where a profile was measured (profiles from another machine do not describe this one)."""
     import torch
@@ -98,7 +119,8 @@ def host_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"hostname": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "code": code_fingerprint()}
 
 
 class ProfileStore:
@@ -144,6 +166,7 @@ class ProfileStore:
         p.write_text(json.dumps({**measured, **host_info()}, indent=1))
         return p
 
-    def measured(self, key: ProfileKey) -> list[ComputeProfile]:
-        """Measured (not extrapolated) profiles of ``key``'s family: fit material."""
-        return [p for p in self.all() if not p.extrapolated and p.key.family() == key.family()]
+    def measured(self, key: ProfileKey, current: bool = True) -> list[ComputeProfile]:
+        """Measured (not extrapolated) profiles of ``key``'s family: fit material (``current``: not stale)."""
+        return [p for p in self.all() if not p.extrapolated and p.key.family() == key.family()
+                and not (current and p.stale)]

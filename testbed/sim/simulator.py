@@ -167,11 +167,17 @@ class Simulator:
             return self._profiles[key]
         skeleton(key.model, key.method, key.params, key.tokens, key.nodes, key.batch)  # invalid cells fail here
         prof = self.store.get(key)
+        if prof is not None and prof.stale and not prof.extrapolated:
+            if self.config.measure_missing:
+                self.log(f"{self.store.path(key).name}: measured with other methods/models code, measuring again")
+                prof = None
+            else:
+                self.log(f"warning: {self.store.path(key).name} was measured with other methods/models code")
         if prof is None or prof.extrapolated:
             if self.config.measure_missing and self.measurable(key):
                 prof = self.measure(key)
             else:
-                measured = self.store.measured(key)
+                measured = self.store.measured(key, current=self.config.measure_missing)
                 if self.config.measure_missing:
                     have = {(p.key.tokens, p.key.nodes) for p in measured}
                     for b in self.basis(key):

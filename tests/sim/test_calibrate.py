@@ -13,7 +13,7 @@ from testbed.errors import ConfigError
 from testbed.job import JobSpec
 from testbed.methods import METHODS
 from testbed.sim.calibrate import measure, median_trace, run_turn_taking
-from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore
+from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint
 from testbed.sim.synth import skeleton
 
 PARAMS = {"astra": {"groups": 2, "codebook_size": 16}, "block_parallel": {"n_b": 2}}
@@ -80,12 +80,16 @@ def test_store_round_trip(tmp_path):
               for r in range(2)]
     store = ProfileStore(tmp_path / "cal")
     assert store.get(key) is None and store.all() == []
-    path = store.put(ComputeProfile(key, traces, meta={"note": "x"}))
+    path = store.put(ComputeProfile(key, traces, meta={"note": "x", "code": code_fingerprint()}))
     assert path.parent == tmp_path / "cal" and "astra" in path.name
     back = store.get(key)
-    assert back.key == key and not back.extrapolated and back.meta == {"note": "x"}
+    assert back.key == key and not back.extrapolated and back.meta["note"] == "x" and not back.stale
     assert [t.to_dict() for t in back.traces] == [t.to_dict() for t in traces]
     assert store.measured(ProfileKey.of("vit-tiny", "astra", {"groups": 2}, 999, 8)) != []
     assert store.measured(ProfileKey.of("vit-tiny", "astra", {"groups": 4}, 17, 2)) == []
     with pytest.raises(ConfigError):
         ComputeProfile(key, traces[:1])
+    # measured with other methods/models code: not fit material any more
+    store.put(ComputeProfile(key, traces, meta={"code": "0000"}))
+    assert store.get(key).stale
+    assert store.measured(key) == [] and len(store.measured(key, current=False)) == 1

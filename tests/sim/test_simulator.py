@@ -12,7 +12,7 @@ from testbed.errors import ConfigError
 from testbed.net.profile import LinkProfile
 from testbed.sim.engine import simulate
 from testbed.sim.network import Network, SimTopology, TcpModel, WireModel
-from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore
+from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint
 from testbed.sim.simulator import ROW_COLUMNS, SimConfig, Simulator, speed_from_device
 from testbed.sim.synth import skeleton
 
@@ -129,7 +129,8 @@ def stored_profile(root, method: str, nodes: int, compute_s: list[float]) -> Non
         for c in sk.collectives[r]:
             events += [Compute(compute_s[r]), c]
         traces.append(Trace(r, events + [Compute(compute_s[r])]))
-    ProfileStore(root).put(ComputeProfile(ProfileKey.of("vit-tiny", method, {}, 17, nodes), traces))
+    meta = {"code": code_fingerprint()}
+    ProfileStore(root).put(ComputeProfile(ProfileKey.of("vit-tiny", method, {}, 17, nodes), traces, meta=meta))
 
 
 def test_shared_cores_stretch_the_busy_ranks(tmp_path):
@@ -156,3 +157,15 @@ def test_default_wire_takes_the_measured_per_message_cost(tmp_path):
     again = Simulator(SimConfig(calibration_dir=str(tmp_path / "cal"), measure_missing=False))
     assert again.wire.per_message_s == sim.wire.per_message_s
     assert Simulator(SimConfig(calibration_dir=str(tmp_path / "none"), measure_missing=False)).wire.per_message_s == 0
+
+
+def test_stale_profiles_are_measured_again(tmp_path):
+    cal = tmp_path / "cal"
+    stored_profile(cal, "sequence_parallel", 2, [5.0, 5.0])  # 5 s per segment: clearly not this host
+    store = ProfileStore(cal)
+    key = ProfileKey.of("vit-tiny", "sequence_parallel", {}, 17, 2)
+    old = store.get(key)
+    store.put(ComputeProfile(key, old.traces, meta={"code": "other"}))
+    sim = Simulator(SimConfig(calibration_dir=str(cal), calibration_repetitions=1, wire=WireModel()))
+    row = sim.run(**cell(repetitions=1))[0]
+    assert row["compute_s"] < 5.0 and not store.get(key).stale
