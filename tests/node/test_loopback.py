@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -48,3 +51,34 @@ def test_a_node_that_cannot_start_is_reported_with_its_log(tmp_path):
     with pytest.raises(Exception, match="exited with code 1"):
         backend.start(1)
     assert backend.procs == []
+
+
+OWNER = """
+import os, signal, sys
+from testbed.backends.loopback import LoopbackBackend
+b = LoopbackBackend()
+b.start(2)
+print(" ".join(map(str, b.pids)), flush=True)
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: the nodes must notice by themselves
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_nodes_do_not_outlive_the_process_that_started_them(how):
+    out = subprocess.run([sys.executable, "-c", OWNER, how], capture_output=True, text=True, timeout=120)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if _running(p)]
+
+
+def _running(pid: int) -> bool:
+    """In the process table and not a zombie (an orphan's zombie is reaped by init, not by us)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
