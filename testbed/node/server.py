@@ -74,6 +74,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.started = time.monotonic()
         self._lock = threading.Lock()  # one LoadJob or Infer at a time
 
+    @property
+    def busy(self) -> bool:
+        """A LoadJob or Infer is running."""
+        return self._lock.locked()
+
     @_rpc
     def LoadJob(self, request, context):  # noqa: N802 - gRPC method name
         args = serde.read_load_request(request)
@@ -145,9 +150,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
         return serde.shutdown_response()
 
     def unload(self, reason: str) -> None:
-        """Drop the current job. An inference still running is aborted (its peers fail at once)."""
+        """Drop the current job, ending its peer streams cleanly."""
         job, self.job = self.job, None
         if job is not None:
+            log.info("unloading job %s: %s", job.args.job_id, reason)
             job.comm.close()
 
 
@@ -181,9 +187,10 @@ class NodeServer:
             pass
 
     def close(self, grace_s: float = 1.0) -> None:
-        """Abort any running job, then stop serving (in-flight RPCs get ``grace_s`` seconds)."""
+        """Stop serving (in-flight RPCs get ``grace_s`` seconds). A job in the middle of an
+        inference or a load is aborted, so that its peers fail at once instead of waiting."""
         job = self.service.job
-        if job is not None:
+        if job is not None and self.service.busy:
             job.comm.abort("the node is shutting down")
         self.service.unload("the node is shutting down")
         self.server.stop(grace=grace_s).wait()
