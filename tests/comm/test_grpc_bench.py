@@ -1,0 +1,32 @@
+"""The collectives benchmark runs end to end (it checks both transports' results itself); no timing asserted."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from testbed.bench.collectives import COLLECTIVES, format_table, parse_sizes, run
+from testbed.errors import ConfigError
+
+
+def test_benchmark_runs_both_transports_between_worker_processes():
+    launched = []
+
+    def launch(rank, argv):  # the hook a Mininet runner replaces with host.popen
+        launched.append((rank, argv[argv.index("--host") + 1]))
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    rows = run(2, [1024, 12], reps=1, launch=launch)
+    assert launched == [(0, "127.0.0.1"), (1, "127.0.0.2")]
+    assert [(r.collective, r.size_bytes) for r in rows] == [(c, s) for c in COLLECTIVES for s in (1024, 12)]
+    assert all(r.ours_s > 0 and r.gloo_s > 0 and r.reps == 1 for r in rows)
+    assert "ours/gloo" in format_table(rows)
+
+
+def test_sizes_parse_and_bad_sizes_are_refused_by_name():
+    assert parse_sizes("1K,64KiB,1M,12") == [1024, 65536, 1 << 20, 12]
+    for bad in ("3", "1X", "0", ""):
+        with pytest.raises(ConfigError) as info:
+            parse_sizes(bad)
+        assert info.value.field == "sizes"
