@@ -73,6 +73,10 @@ def _check_topology(spec: ExperimentSpec):
         topo = load_topology(src)
     except ConfigError as e:
         raise (F.rebase(e, "topology") if not e.field.startswith("topology") else e) from None
+    for i, t in enumerate(spec.sweep.traces):
+        from testbed.experiment.topology import bandwidth_trace
+
+        bandwidth_trace(t, f"sweep.traces[{i}]")
     if spec.backend in ("mininet", "sim"):
         n = len(topo.hosts)
         check(n == spec.nodes.count, "nodes.count", spec.nodes.count,

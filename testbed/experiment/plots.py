@@ -117,6 +117,17 @@ def _setup_x(ax, df: pd.DataFrame, axis: str) -> None:
     ax.set_xlabel(label)
 
 
+def _log_y(ax, suffix: str = "") -> None:
+    """Log y axis with plain numbers (0.02, not 2x10^-2); minor ticks labelled when the range is narrow."""
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}")
+    ax.yaxis.set_major_formatter(plain)
+    lo, hi = ax.get_ylim()
+    narrow = lo > 0 and hi / lo < 30
+    ax.yaxis.set_minor_formatter(plain if narrow else matplotlib.ticker.NullFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def _legend(fig: Figure, axes) -> None:
     handles, labels = {}, []
     for ax in axes:
@@ -144,7 +155,7 @@ def latency_figure(df: pd.DataFrame) -> Figure:
             ax.plot(med.index, med.values, marker="o", color=colors[lab], label=lab)
             ax.fill_between(med.index, lo.values, hi.values, color=colors[lab], alpha=0.18, linewidth=0)
         _setup_x(ax, ok, axis)
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.grid(True, which="major", alpha=0.3)
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("inference latency (s)")
@@ -212,9 +223,7 @@ def speedup_figure(df: pd.DataFrame) -> Figure:
         else:
             ax.set_xticks([])
             ax.set_xlabel("one link profile (see title)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        _log_y(ax, "x")
         ax.grid(True, which="major", alpha=0.3)
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("speed-up over single device")
@@ -267,7 +276,7 @@ def trace_figure(df: pd.DataFrame) -> Figure:
             ax.plot(r["trace_time_s"], r["latency_s"], marker="o", linestyle="-", color=colors[lab], label=lab)
         ax.set_xlabel(f"time since trace '{name}' started (s)")
         ax.set_ylabel("inference latency (s)")
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(_title(df, "Latency under a bandwidth trace"), fontsize=10)

@@ -34,6 +34,9 @@ from testbed.experiment.store import ResultStore, read_rows
 from testbed.job import JobSpec
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived: stop the sweep, keep what was measured (not an Exception: no cell catches it)."""
 
@@ -73,7 +76,7 @@ class Runner:
     # ------------------------------------------------------------------ top level
     def run(self) -> RunOutcome:
         outcome = RunOutcome(self.out_dir, "failed")
-        old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+        old = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
         store = ResultStore(self.out_dir)
         manifest = Manifest(self.out_dir, self.spec.to_dict(), self.source, self.resume)
         try:
@@ -84,6 +87,10 @@ class Runner:
             outcome.status = "complete"
         except Interrupted as e:
             outcome.status, outcome.signum = "interrupted", e.signum
+        except SystemExit as e:  # a signal handler of a lower layer (the emulation's own guard) got there first
+            if e.code not in {128 + s for s in STOP_SIGNALS}:
+                raise
+            outcome.status, outcome.signum = "interrupted", int(e.code) - 128
         finally:
             for s, h in old.items():  # from here on a second signal kills at once: nothing long is left
                 signal.signal(s, h)
@@ -127,7 +134,7 @@ class Runner:
                 if not units:
                     continue
                 prog.show(f"cell {cell.index}: {describe_cell(cell)}")
-                self._enter_cell(session, cell)
+                self._enter_cell(session, cell, manifest)
                 try:
                     for _, mi, method, reps in units:
                         path = codebooks.get(mi)
@@ -140,9 +147,18 @@ class Runner:
             prog.close()
         return measured
 
-    def _enter_cell(self, session: NodeSession, cell: Cell) -> None:
+    def _enter_cell(self, session: NodeSession, cell: Cell, manifest: Manifest) -> None:
         session.apply(cell.profile)
         self.trace_t0 = None
+        measure = getattr(session.backend, "fidelity_table", None)
+        if measure is not None and self.spec.fidelity_s > 0 and cell.trace is None:
+            try:  # what the links really do in this cell, next to what was configured
+                table = measure(seconds=self.spec.fidelity_s)
+            except Exception as e:  # noqa: BLE001 - a failed check is recorded, the sweep goes on
+                table = {"error": _msg(e)}
+            manifest.data.setdefault("fidelity", []).append(
+                {"cell": cell.index, "profile": describe_cell(cell), "measured_at": now_iso(), "paths": table})
+            manifest.write()
         if cell.trace is not None:
             session.start_trace(cell.trace)
             self.trace_t0 = time.monotonic()
@@ -209,8 +225,13 @@ class Runner:
 
     def _on_backend(self, manifest: Manifest, backend) -> None:
         self.mechanism = getattr(backend, "mechanism", "none")
-        fidelity = getattr(backend, "fidelity_table", None)
-        manifest.backend(getattr(backend, "name", "?"), self.mechanism, fidelity() if callable(fidelity) else fidelity)
+        run = getattr(getattr(backend, "emulation", None), "run", None)  # mininet: the id `testbed clean` knows
+        ids = manifest.data["backend"].get("emulation_runs", []) + ([run.run_id] if run is not None else [])
+        manifest.backend(getattr(backend, "name", "?"), self.mechanism,
+                         "per cell, under `fidelity`" if hasattr(backend, "fidelity_table") else None,
+                         {"emulation_runs": ids} if ids else None)
+        for s in STOP_SIGNALS:  # a backend may install its own handlers; ours stop the sweep between rows
+            signal.signal(s, _raise_interrupted)
 
 
 def describe_cell(cell: Cell) -> str:

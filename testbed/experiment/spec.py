@@ -30,6 +30,8 @@ Schema (units in the names; see experiments/quickstart.yaml for a full example):
     backend: mininet                 # inprocess | loopback | mininet | sim
     output_dir: null                 # default results/<name>-<YYYYmmdd-HHMMSS>
     timeout_s: 600                   # deadline of one inference (and of loading a job)
+    fidelity_s: 1.0                  # mininet: iperf3 seconds per distinct path when a cell starts
+                                     # (goodput and ping RTT vs configured, into the manifest); 0: off
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class ExperimentSpec:
     backend: str = "mininet"
     output_dir: str | None = None
     timeout_s: float = 600.0
+    fidelity_s: float = 1.0  # mininet: iperf3 seconds per distinct path measured at each cell's start; 0: off
     description: str = ""
 
     def cells(self) -> list[Cell]:
@@ -180,7 +183,7 @@ class ExperimentSpec:
                         for m in self.methods],
             "nodes": asdict(self.nodes), "topology": self.topology, "sweep": sweep,
             "repetitions": self.repetitions, "warmup": self.warmup, "backend": self.backend,
-            "output_dir": self.output_dir, "timeout_s": self.timeout_s,
+            "output_dir": self.output_dir, "timeout_s": self.timeout_s, "fidelity_s": self.fidelity_s,
         }
 
 
@@ -214,7 +217,7 @@ def parse_spec(data: Any) -> ExperimentSpec:
     """Validate a mapping (an experiment file's content) into an ExperimentSpec."""
     d = F.mapping(data, "", {"name": True, "description": False, "model": True, "input": True, "methods": True,
                              "nodes": True, "topology": True, "sweep": False, "repetitions": False, "warmup": False,
-                             "backend": False, "output_dir": False, "timeout_s": False})
+                             "backend": False, "output_dir": False, "timeout_s": False, "fidelity_s": False})
     name = F.string(d["name"], "name")
     check(bool(NAME_RE.match(name)), "name", name, "letters, digits, '.', '_' and '-' only (it names a directory)")
     spec = ExperimentSpec(
@@ -231,7 +234,10 @@ def parse_spec(data: Any) -> ExperimentSpec:
         backend=F.string(d.get("backend", "mininet"), "backend", BACKENDS),
         output_dir=F.optional(d.get("output_dir"), F.string, "output_dir"),
         timeout_s=F.number(d.get("timeout_s", 600.0), "timeout_s", 0, 86400, lo_open=True),
+        fidelity_s=F.number(d.get("fidelity_s", 1.0), "fidelity_s", 0, 60),
     )
+    # iperf3 is run with -O 1 (the first second not counted): shorter runs never end
+    check(spec.fidelity_s == 0 or spec.fidelity_s >= 1, "fidelity_s", spec.fidelity_s, "0 (off) or a number in [1, 60]")
     _check_backend_fit(spec)
     return spec
 
