@@ -9,6 +9,7 @@ the last prompt token for GPT-2). ``forward`` composes them; it is the single-de
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -137,9 +138,15 @@ class GPT2(TransformerModel):
         return torch.randint(0, self.cfg.vocab_size, (batch, tokens), generator=gen)
 
 
+# nn.init draws from torch's process-wide generator: in-process ranks building their models in
+# threads at the same time would interleave draws and get different weights.
+_INIT_LOCK = threading.Lock()
+
+
 def new_model(cfg: ModelConfig, seed: int = 0) -> TransformerModel:
-    """A model with deterministic random weights: the same seed gives the same weights in every process."""
-    with torch.random.fork_rng(devices=[]):
+    """A model with deterministic random weights: the same seed gives the same weights in every
+    process and every thread."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = (ViT if cfg.kind == "vit" else GPT2)(cfg)
         init_weights(model)

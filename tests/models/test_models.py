@@ -101,3 +101,22 @@ def test_fused_attention_matches_the_reference_path_for_any_head_subset(heads):
     mask = causal_mask(torch.arange(2, 7), torch.arange(7))
     for m in (None, mask):
         torch.testing.assert_close(attend(q, k, v, 8, m), attend_reference(q, k, v, 8, m), rtol=1e-5, atol=1e-6)
+
+
+def test_models_built_in_parallel_threads_get_identical_weights():
+    """In-process ranks build their models concurrently; the seed alone must fix the weights."""
+    import threading
+
+    from testbed.models import build_model
+
+    out: list = [None] * 4
+
+    def build(i: int) -> None:
+        out[i] = build_model("vit-tiny", seed=1).state_dict()
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(out[0][k], o[k]) for o in out[1:] for k in out[0])
