@@ -7,6 +7,8 @@ same processes and times all_gather and all_reduce of each size with both,
 alternating rep by rep, so both see the same machine load. A rep's time is the
 slowest rank's (each rank starts after a gloo barrier); the table shows medians
 over reps and the ratio ours/gloo per size. Sizes are per-rank tensor bytes.
+"(serde)" is the part of ours spent turning tensors into bytes and back
+(testbed.comm.serde, shared with the in-process transport).
 
 To run inside emulated hosts (Mininet), call :func:`run` with ``hosts`` set to the
 hosts' data addresses and ``launch`` starting each worker in its host, e.g.
@@ -44,6 +46,7 @@ class Row:
     ours_s: float  # median over reps of the slowest rank's time
     gloo_s: float
     reps: int
+    ours_serialize_s: float = 0.0  # part of ours_s in testbed.comm.serde (median over reps, slowest rank)
 
     @property
     def ratio(self) -> float:
@@ -119,20 +122,22 @@ def _rows(results: list[dict], sizes: list[int], collectives: tuple[str, ...]) -
     for coll in collectives:
         for size in sizes:
             med = {}
-            for impl in ("ours", "gloo"):
+            for impl in ("ours", "gloo", "ours_serialize"):
                 per_rank = [res["times"][impl][coll][str(size)] for res in results]
                 slowest = [max(rep) for rep in zip(*per_rank)]  # a rep ends when its last rank is done
                 med[impl] = statistics.median(slowest)
-            rows.append(Row(coll, size, med["ours"], med["gloo"], len(slowest)))
+            rows.append(Row(coll, size, med["ours"], med["gloo"], len(slowest), med["ours_serialize"]))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'collective':<11} {'size':>8} {'ours ms':>9} {'gloo ms':>9} {'ours/gloo':>9} {'target':>7}  met"]
+    lines = [f"{'collective':<11} {'size':>8} {'ours ms':>9} {'(serde)':>9} {'gloo ms':>9} {'ours/gloo':>9} "
+             f"{'target':>7}  met"]
     for r in rows:
         met = "yes" if r.ratio <= r.target else "NO"
-        lines.append(f"{r.collective:<11} {_human(r.size_bytes):>8} {r.ours_s * 1e3:>9.3f} {r.gloo_s * 1e3:>9.3f} "
-                     f"{r.ratio:>9.2f} {'<=' + format(r.target, 'g'):>7}  {met}")
+        lines.append(f"{r.collective:<11} {_human(r.size_bytes):>8} {r.ours_s * 1e3:>9.3f} "
+                     f"{r.ours_serialize_s * 1e3:>9.3f} {r.gloo_s * 1e3:>9.3f} {r.ratio:>9.2f} "
+                     f"{'<=' + format(r.target, 'g'):>7}  {met}")
     return "\n".join(lines)
 
 
@@ -165,7 +170,7 @@ def worker(rank: int, world: int, host: str, sizes: list[int], collectives: tupl
     opts._timeout = timedelta(seconds=300)
     gloo = dist.ProcessGroupGloo(store, rank, world, opts)
     comm = GrpcCommunicator(rank, peers["grpc"], server.hub, "bench", timeout_s=300)
-    times: dict = {"ours": {}, "gloo": {}}
+    times: dict = {"ours": {}, "gloo": {}, "ours_serialize": {}}
     for coll in collectives:
         for impl in times:
             times[impl][coll] = {}
@@ -178,12 +183,14 @@ def worker(rank: int, world: int, host: str, sizes: list[int], collectives: tupl
             for impl in times:
                 times[impl][coll][str(size)] = []
             for _ in range(n):
-                for impl, op in ops.items():  # alternate: both see the same load
+                for impl, op in ops.items():  # alternate rep by rep: both see the same load
                     gloo.barrier().wait()
                     comm.trace.start()  # keep the trace from growing over thousands of calls
                     t0 = time.perf_counter()
                     op(x)
                     times[impl][coll][str(size)].append(time.perf_counter() - t0)
+                    if impl == "ours":
+                        times["ours_serialize"][coll][str(size)].append(comm.trace.serialize_s)
     gloo.barrier().wait()
     print(json.dumps({"rank": rank, "times": times}), flush=True)
     comm.close()
