@@ -156,7 +156,7 @@ class Simulator:
         if key.nodes == 1:
             nodes = [1]
         else:
-            nodes = [n for n in (2, 4, 8) if n <= min(key.nodes, c.max_measure_nodes)
+            nodes = [n for n in (2, 3, 4, 6, 8) if n <= min(key.nodes, c.max_measure_nodes)
                      and (key.method not in WIDTH_SPLIT or cfg.n_heads % n == 0)][:2]
         return [ProfileKey(key.model, key.method, key.params_json, t, n, key.threads, key.batch)
                 for t in tokens for n in nodes if n < t]
