@@ -23,7 +23,6 @@ import argparse
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from testbed.models import get_config
 from testbed.net.profile import LinkProfile

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import simpy
 
-from testbed.comm.trace import Collective, Compute, Trace
+from testbed.comm.trace import Compute, Trace
 from testbed.errors import ConfigError, check
 from testbed.sim.lockstep import Lockstep, LockstepReplay, NotLockstepNetwork, compile_lockstep
 from testbed.sim.network import Network, TcpModel, WireModel, mathis_rate_bps, slow_start_extra_s
