@@ -92,7 +92,11 @@ class LoopbackBackend(Backend):
                     buf += chunk
         line = buf.split(b"\n", 1)[0].decode(errors="replace")
         if not line.startswith(READY_PREFIX):
-            why = (f"exited with code {proc.returncode}" if proc.poll() is not None
+            try:  # its output ended or time ran out: if it is exiting, say how
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            why = (f"exited with code {proc.returncode}" if proc.returncode is not None
                    else f"printed no address within {self.start_timeout_s:g} s")
             raise CommError(f"loopback node {rank} {why}; its log ({self.log_path(rank)}):\n{self._log_tail(rank)}")
         proc.stdout.close()  # the node prints nothing after its addresses
