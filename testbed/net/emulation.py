@@ -38,6 +38,7 @@ from testbed.net.tc import MECHANISMS
 from testbed.net.topology import DeviceProfile, LinkSpec, Topology
 
 _PR_SET_PDEATHSIG = 1
+DELAYLINE_RT_PRIORITY = 10  # SCHED_FIFO: the delay lines must release packets on time on a busy machine
 
 
 def _die_with_parent() -> None:
@@ -223,7 +224,8 @@ class Emulation:
 
     def _start_delay_lines(self) -> None:
         for i, h in enumerate(self.topology.host_names):
-            proc = self.popen(h, [sys.executable, "-m", "testbed.net.delayline", "--seed", str(self.seed + i)],
+            proc = self.popen(h, [sys.executable, "-m", "testbed.net.delayline", "--seed", str(self.seed + i),
+                                  "--rt-priority", str(DELAYLINE_RT_PRIORITY)],
                               device=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             self.delay_lines[h] = DelayLineClient(proc, h)
 
@@ -245,6 +247,17 @@ class Emulation:
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
         proc = self.node(host).popen(argv, preexec_fn=pre, env=env, cwd=kwargs.pop("cwd", _repo_root()), **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def spawn(self, node: str, argv: list[str]) -> subprocess.Popen:
+        """Emulation machinery in ``node``'s namespace ("" or a switch: root), outside any device
+        cgroup, stdin/stdout piped (stderr joined to stdout), dying with this process."""
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if node in self.topology.host_names:
+            return self.popen(node, argv, device=False, **pipes)
+        env = dict(os.environ, **{cleanup.ENV_TAG: self.run.run_id})
+        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, env=env, **pipes)
         self.procs.append(proc)
         return proc
 
@@ -294,6 +307,8 @@ class Emulation:
         if self._closed or self.run is None:
             return
         self._closed = True
+        if getattr(self, "shaper", None) is not None:
+            self.shaper.close()
         for dl in self.delay_lines.values():
             dl.close()
         for p in self.procs:

@@ -1,11 +1,12 @@
 """Applies a Topology's link profiles to a live emulation, and changes them live.
 
-The shaper keeps what it installed (egress profile per interface, source rules per receiving
-host) and on every ``apply(topology)`` issues only the commands for what differs: ``tc class
-change`` / ``tc qdisc change`` on a running link, one atomic iptables-restore per receiving host
-whose loss or delay set changed, one JSON line per delay line. All commands of one change run at
-once, one process per namespace (``tc -batch``, ``iptables-legacy-restore``), so a change of a
-whole star costs a few process start-ups, not one per command.
+The shaper keeps what it installed (egress profile per interface, GSO size per host, source
+rules per receiving host) and on every ``apply(topology)`` issues only the commands for what
+differs: ``tc class change`` / ``tc qdisc change`` on a running link (through the namespace's
+long-running tc batch, testbed.net.batch), ``ip link set ... gso_max_size``, one atomic
+iptables-restore per receiving host whose loss or delay set changed, one JSON line per delay
+line. All namespaces get their part at once; then the answers are collected. A bandwidth or
+delay change of a whole 4-host star costs a few milliseconds (loss changes spawn iptables).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from testbed.net.batch import Batch, BatchError
 from testbed.net.profile import LinkProfile
 from testbed.net.tc import (IPT, SourceRule, delayline_config, egress_commands, gso_max_bytes, medium_commands,
                             queue_limit_bytes, receiver_rules)
@@ -45,6 +47,7 @@ class Shaper:
         self.rules: dict[str, list[SourceRule]] = {}
         self.gso: dict[str, int] = {}  # host -> gso_max_size of its data interfaces
         self.lock = threading.Lock()
+        self.batches: dict[tuple[str, str], Batch] = {}  # (node or "" for root, tool) -> running batch
         self.last_change_s: float | None = None
 
     # -- what a topology wants ---------------------------------------------
@@ -102,45 +105,51 @@ class Shaper:
     # -- applying ------------------------------------------------------------
     def setup(self, topo: Topology) -> None:
         """First shaping of a freshly built network (mediums' ingress redirects included)."""
-        jobs: dict[str, list[list[str]]] = {}
+        ip_lines, tc_lines = [], []
         for sw in topo.switches:
             if sw.medium is not None:
                 ifb = self.em.medium_port(sw.name).dev
-                subprocess.run(["ip", "link", "add", ifb, "type", "ifb"], check=True, capture_output=True)
-                subprocess.run(["ip", "link", "set", "dev", ifb, "up"], check=True, capture_output=True)
-                jobs.setdefault("", []).extend(medium_commands(ifb, self.em.switch_ports(sw.name)))
-        self._run_tc(jobs)
+                ip_lines += [f"link add {ifb} type ifb", f"link set dev {ifb} up"]
+                tc_lines += [" ".join(c[1:]) for c in medium_commands(ifb, self.em.switch_ports(sw.name))]
+        self._run_blocks({("", "ip"): ip_lines})
+        self._run_blocks({("", "tc"): tc_lines})
         self.apply(topo, first=True)
 
     def apply(self, topo: Topology, first: bool = False) -> float:
         """Make the live network follow ``topo``; returns the seconds the change took."""
         with self.lock:
             t0 = time.perf_counter()
-            tc_jobs: dict[str, list[list[str]]] = {}
-            wanted = self.wanted_egress(topo)
-            for port, (prof, rtt) in wanted.items():
-                old = None if first else self.egress.get(port)
-                if old is None or self._tc_view(*old) != self._tc_view(prof, rtt):
-                    tc_jobs.setdefault(port.node, []).extend(
-                        egress_commands(port.dev, prof, self.mechanism, rtt, old=old[0] if old else None))
-            gso = self.wanted_gso(topo)
-            ip_jobs = {h: "".join(f"link set dev {dev} gso_max_size {n}\n" for dev in self.em.data_devs(h))
-                       for h, n in gso.items() if first or self.gso.get(h) != n}
-            rules = self.wanted_rules(topo)
-            ipt_jobs = {h: receiver_rules(r, first=first) for h, r in rules.items()
-                        if first or _rule_set(r) != _rule_set(self.rules.get(h, []))}
-            lines = {h: delayline_config(r) for h, r in rules.items() if first or r != self.rules.get(h)}
-            for h, cfg in lines.items():
+            egress, gso, rules = self.wanted_egress(topo), self.wanted_gso(topo), self.wanted_rules(topo)
+            blocks = {**self._gso_blocks(gso, first), **self._tc_blocks(egress, first)}
+            ipt = {h: receiver_rules(r, first=first) for h, r in rules.items()
+                   if first or _rule_set(r) != _rule_set(self.rules.get(h, []))}
+            delays = {h: delayline_config(r) for h, r in rules.items() if first or r != self.rules.get(h)}
+            # everything starts at once; then the answers are collected
+            for h, cfg in delays.items():
                 self.em.delay_lines[h].send(cfg)
-            procs = [(_spawn(self._argv(h, ["ip", "-batch", "-"]), text), text, h) for h, text in ip_jobs.items()]
-            procs += self._start_tc(tc_jobs) + self._start_ipt(ipt_jobs)
-            for h in lines:
+            procs = [(_spawn(self.em.ns_argv(h) + [f"{IPT}-restore", "--noflush"], text), text, h)
+                     for h, text in ipt.items()]
+            self._run_blocks(blocks)
+            for h in delays:
                 self.em.delay_lines[h].wait_ok()
             _wait_all(procs)
-            self.egress = wanted
-            self.rules, self.gso = rules, gso
+            self.egress, self.gso, self.rules = egress, gso, rules
             self.last_change_s = time.perf_counter() - t0
             return self.last_change_s
+
+    def _tc_blocks(self, egress: dict[Port, tuple[LinkProfile, float]], first: bool) -> dict:
+        """(namespace, "tc") -> tc batch lines for every egress whose qdiscs must change."""
+        lines: dict[str, list[str]] = {}
+        for port, (prof, rtt) in egress.items():
+            old = None if first else self.egress.get(port)
+            if old is None or self._tc_view(*old) != self._tc_view(prof, rtt):
+                cmds = egress_commands(port.dev, prof, self.mechanism, rtt, old=old[0] if old else None)
+                lines.setdefault(port.node, []).extend(" ".join(c[1:]) for c in cmds)
+        return {(node, "tc"): ls for node, ls in lines.items()}
+
+    def _gso_blocks(self, gso: dict[str, int], first: bool) -> dict:
+        return {(h, "ip"): [f"link set dev {dev} gso_max_size {n}" for dev in self.em.data_devs(h)]
+                for h, n in gso.items() if first or self.gso.get(h) != n}
 
     def _tc_view(self, prof: LinkProfile, rtt_ms: float) -> tuple:
         """What of a profile the egress qdiscs implement (under nfqueue, delay and loss live elsewhere)."""
@@ -148,22 +157,28 @@ class Shaper:
             return prof.bandwidth_mbps, queue_limit_bytes(prof, rtt_ms)
         return prof, queue_limit_bytes(prof, rtt_ms)
 
-    def _argv(self, node: str, cmd: list[str]) -> list[str]:
-        return self.em.ns_argv(node) + cmd
+    def _run_blocks(self, blocks: dict[tuple[str, str], list[str]]) -> None:
+        """Send every namespace its block at once, then collect the answers."""
+        sent = []
+        for (node, tool), lines in blocks.items():
+            if lines:
+                if (node, tool) not in self.batches:
+                    self.batches[(node, tool)] = Batch(tool, lambda argv, n=node: self.em.spawn(n, argv), node or "root")
+                sent.append((self.batches[(node, tool)], self.batches[(node, tool)].send(lines)))
+        errors = []
+        for batch, marker in sent:
+            try:
+                batch.wait(marker)
+            except BatchError as e:
+                errors.append(str(e))
+        if errors:
+            raise ShapingError("\n".join(errors))
 
-    def _start_tc(self, jobs: dict[str, list[list[str]]]) -> list[tuple[subprocess.Popen, str, str]]:
-        procs = []
-        for node, cmds in jobs.items():
-            if cmds:
-                text = "".join(" ".join(c[1:]) + "\n" for c in cmds)
-                procs.append((_spawn(self._argv(node, ["tc", "-batch", "-"]), text), text, node or "root"))
-        return procs
+    def close(self) -> None:
+        for b in self.batches.values():
+            b.close()
+        self.batches = {}
 
-    def _start_ipt(self, jobs: dict[str, str]) -> list[tuple[subprocess.Popen, str, str]]:
-        return [(_spawn(self._argv(h, [f"{IPT}-restore", "--noflush"]), text), text, h) for h, text in jobs.items()]
-
-    def _run_tc(self, jobs: dict[str, list[list[str]]]) -> None:
-        _wait_all(self._start_tc(jobs))
 
 
 def _rule_set(rules: list[SourceRule]) -> list[tuple]:
