@@ -6,8 +6,8 @@ over the configured rate, and median ping RTT (user-space timestamps) minus the 
 trip. Targets (issue 4): goodput ratio 0.93-1.00 (TCP payload is at most 1448/1514 = 0.956 of
 the wire rate); RTT error <= 0.5 ms + 2 %. Then the time of live changes (bandwidth, delay, loss
 and all three) on that link and on a 4-host star (target <= 50 ms). ``--collectives`` re-runs
-the collectives benchmark inside a 4-host star at 10 and 100 Mbit/s (when that benchmark offers
-``run_with_addresses``).
+the collectives benchmark (ours vs gloo) with its ranks inside the hosts of a 4-host star at 10
+and 100 Mbit/s.
 
 Numbers depend on the machine's load: on 2 shared cores, the delay line and iperf3 compete with
 everything else that runs.
@@ -83,24 +83,30 @@ def print_changes(label: str, times: dict[str, list[float]]) -> None:
               f"max {1e3 * ts[-1]:6.1f} ms")
 
 
-def run_collectives(bandwidths=(10, 100)) -> None:
-    """Hook: the collectives benchmark inside a 4-host star, if it can take node addresses."""
-    try:
-        from testbed.bench import collectives
-    except ImportError:
-        print("  testbed.bench.collectives is not there yet: skipped")
-        return
-    run = getattr(collectives, "run_with_addresses", None)
-    if run is None:
-        print("  testbed.bench.collectives has no run_with_addresses(addresses, label) yet: skipped")
-        return
-    from testbed.backends.mininet import MininetBackend
+def run_collectives(bandwidths=(10, 100), sizes=("1K,16K,256K,1M", "1K,64K,1M,4M"), reps: int = 3) -> None:
+    """The collectives benchmark (ours vs gloo) with its ranks in the hosts of a 4-host star.
 
-    with MininetBackend("star") as backend:
-        addresses = backend.start(4)
-        for bw in bandwidths:
-            backend.apply_profile(LinkProfile(bandwidth_mbps=bw))
-            run(addresses, label=f"mininet star, {bw} Mbit/s per host link ({backend.mechanism})")
+    Both libraries' traffic crosses the shaped access links (star sweep: every host pair sees
+    ``bandwidth`` Mbit/s); sizes are smaller than on loopback so a rep stays within seconds.
+    """
+    import subprocess
+
+    from testbed.bench import collectives
+    from testbed.net.emulation import Emulation
+    from testbed.net.topology import load_topology
+
+    with Emulation(load_topology("star")) as em:
+        hosts = em.topology.host_names
+
+        def launch(rank: int, argv: list[str]) -> subprocess.Popen:
+            return em.popen(hosts[rank], argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True)
+
+        for bw, size_text in zip(bandwidths, sizes):
+            em.apply_profile(LinkProfile(bandwidth_mbps=bw))
+            rows = collectives.run(len(hosts), collectives.parse_sizes(size_text), hosts=[em.data_ip(h) for h in hosts],
+                                   reps=reps, launch=launch)
+            print(f"# 4-host star, {bw:g} Mbit/s between any two hosts ({em.mechanism}), median of {reps} reps")
+            print(collectives.format_table(rows))
 
 
 def main(argv: list[str] | None = None) -> int:

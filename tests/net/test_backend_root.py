@@ -71,3 +71,22 @@ def test_every_method_over_emulated_links_equals_inprocess(star, method):
     # one-way delay 2 ms between any two hosts: any method that exchanges messages takes longer
     if got.bytes_sent:
         assert got.latency_s > 0.002
+
+
+def test_trace_replay_and_fidelity_table_on_the_running_backend(star):
+    import time
+
+    from testbed.net.replay import BandwidthTrace
+
+    backend, _ = star
+    replay = backend.replay(BandwidthTrace.from_points([(0, 20), (0.2, 40)]), LinkProfile(delay_ms=2), loop=False)
+    deadline = time.monotonic() + 10
+    while len(replay.log) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    backend.stop_replays()
+    assert [bw for _, bw, _ in replay.log] == [20, 40]
+    assert all(lk.a_to_b.bandwidth_mbps == 40 for lk in backend.emulation.topology.links)
+    rows = backend.fidelity_table(seconds=1)
+    assert len(rows) == 1 and rows[0]["bandwidth_mbps"] == 40  # every star pair has the same path
+    assert 0.85 <= rows[0]["goodput_ratio"] <= 1.0 and abs(rows[0]["rtt_error_ms"]) < 1.5
+    backend.apply_profile(LinkProfile(bandwidth_mbps=50, delay_ms=2))  # as the other tests expect
