@@ -54,9 +54,18 @@ class FidelityRow:
         return good and rtt
 
 
+def run_in(em, host: str, argv: list[str], timeout_s: float = 120.0) -> str:
+    """Run a measuring tool in ``host``'s namespace but outside its device cgroup (the link is
+    measured, not the device: a 0.25 CPU share must not cap iperf3, and such a cgroup may not
+    allow real-time scheduling); returns stdout and stderr together."""
+    p = subprocess.run(em.ns_argv(host) + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout_s)
+    return p.stdout
+
+
 def start_iperf_server(em, host: str, timeout_s: float = 15.0) -> subprocess.Popen:
     """A one-shot iperf3 server on ``host``, returned once it listens (busy machines start slowly)."""
-    server = em.popen(host, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT), "--forceflush"],
+    server = em.popen(host, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT), "--forceflush"], device=False,
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen, deadline = b"", time.monotonic() + timeout_s
     fd = server.stdout.fileno()  # raw reads: a buffered readline could hide the line from select
@@ -89,8 +98,9 @@ def iperf_goodput(em, src: str, dst: str, seconds: float = 3.0, omit_s: float = 
     server = start_iperf_server(em, dst)
     window = socket_buffer_bytes(em, src, dst)
     try:
-        out = em.node(src).cmd(f"iperf3 -c {em.data_ip(dst)} -p {IPERF_PORT} -t {seconds:g} -O {omit_s:g} -J"
-                               + (f" -w {window}" if window else ""))
+        out = run_in(em, src, ["iperf3", "-c", em.data_ip(dst), "-p", str(IPERF_PORT), "-t", f"{seconds:g}",
+                               "-O", f"{omit_s:g}", "-J"] + (["-w", str(window)] if window else []),
+                     timeout_s=seconds + omit_s + 60)
         try:
             result = json.loads(out[out.index("{"):])
         except ValueError:
@@ -133,12 +143,13 @@ def ping(em, src: str, dst: str, count: int = 20, interval_s: float = 0.02, wait
     ``count`` replies came back, which hides losses); waits ``wait_s`` beyond the slowest RTT
     for late replies.
     """
-    em.node(src).cmd(f"ping -n -c 1 -W 2 {em.data_ip(dst)}")  # resolve ARP first: not part of the path's RTT
+    run_in(em, src, ["ping", "-n", "-c", "1", "-W", "2", em.data_ip(dst)])  # ARP first: not part of the RTT
     timeout = math.ceil(wait_s + 2 * em.topology.path_effect(src, dst).rtt_ms / 1e3)
     # SCHED_FIFO (below the delay lines): on a busy machine a normally scheduled ping reads its
     # replies tens of ms late (measured: 20 ms RTT seen as up to 63 ms at load 9 on 2 cores)
-    out = em.node(src).cmd(f"chrt -f {PING_RT_PRIORITY} ping -U -n -c {count} -i {interval_s:g} -W {timeout} "
-                           f"{em.data_ip(dst)}")
+    out = run_in(em, src, ["chrt", "-f", str(PING_RT_PRIORITY), "ping", "-U", "-n", "-c", str(count),
+                           "-i", f"{interval_s:g}", "-W", str(timeout), em.data_ip(dst)],
+                 timeout_s=count * interval_s + timeout + 30)
     replies = _REPLY.findall(out)
     loss = _LOSS.search(out)
     if loss is None:
