@@ -91,3 +91,20 @@ def test_device_profile_confines_node_processes_not_the_delay_line():
         finally:
             app.kill()
             app.wait()
+
+
+def test_device_memory_limit_and_cores():
+    topo = topology_from_dict({"name": "dev", "links": [{"a": "h1", "b": "h2"}], "hosts": [
+        {"name": "h1", "device": {"threads": 1, "memory_mb": 256}}, "h2"]})
+    with Emulation(topo) as em:
+        cg = em.cgroups["h1"]
+        if cgroup_v2():
+            assert cg.dirs[0].joinpath("memory.max").read_text().strip() == str(256 << 20)
+            cpus = cg.dirs[0].joinpath("cpuset.cpus").read_text().strip()
+        else:
+            _cpu, cpuset, mem = cg.dirs
+            assert int(mem.joinpath("memory.limit_in_bytes").read_text()) == 256 << 20
+            cpus = cpuset.joinpath("cpuset.cpus").read_text().strip()
+        assert cpus.isdigit()  # exactly one core
+        out = em.node("h1").cmd("python3 -c 'import os; print(sorted(os.sched_getaffinity(0)))'")
+        assert out.strip() == f"[{cpus}]"
