@@ -2,7 +2,7 @@
 
 ``python -m testbed.bench.fidelity`` (root) builds one two-host link and, reshaping it live,
 measures for every bandwidth x one-way delay: TCP goodput by iperf3 (first second omitted)
-over the configured rate, and median ping RTT (user-space timestamps) minus the configured round
+over the configured rate, and mean ping RTT (user-space timestamps) minus the configured round
 trip. Targets (issue 4): goodput ratio 0.93-1.00 (TCP payload is at most 1448/1514 = 0.956 of
 the wire rate); RTT error <= 0.5 ms + 2 %. Then the time of live changes (bandwidth, delay, loss
 and all three) on that link and on a 4-host star (target <= 50 ms). ``--collectives`` re-runs
@@ -50,7 +50,7 @@ def fidelity_grid(em, rates, delays, seconds: float) -> list[Cell]:
     for d in delays:
         for bw in rates:
             em.apply_profile(LinkProfile(bandwidth_mbps=bw, delay_ms=d))
-            rtt = ping(em, "h1", "h2", count=30, interval_s=0.02).median_ms  # idle link: no queueing delay
+            rtt = ping(em, "h1", "h2", count=30, interval_s=0.02).mean_ms  # idle link: no queueing delay
             good = iperf_goodput(em, "h1", "h2", seconds=seconds + (2 if d >= 20 and bw >= 500 else 0))
             cell = Cell(bw, d, good, good / bw, 2 * d, rtt, rtt - 2 * d)
             cells.append(cell)

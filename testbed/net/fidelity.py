@@ -2,8 +2,8 @@
 
 For each measured host pair: TCP goodput by iperf3 (receiver side, first second omitted so TCP's
 start-up is not counted) against the path's narrowest configured bandwidth; ping RTT against the
-configured one-way delays of both directions added up (median RTT: the pinging process itself
-may be scheduled late on a busy machine); ping loss against the configured losses. Ping runs with ``-U`` (user-space timestamps): the kernel's receive
+configured one-way delays of both directions added up (ping runs SCHED_FIFO: a normally scheduled
+ping on a busy machine reads replies late); ping loss against the configured losses. Ping runs with ``-U`` (user-space timestamps): the kernel's receive
 timestamp is taken before the receive-side delay line holds a packet, so kernel-timestamped RTTs
 would miss the pinging host's own receive delay.
 
@@ -44,7 +44,7 @@ class FidelityRow:
     goodput_mbps: float | None = None
     goodput_ratio: float | None = None  # goodput / bandwidth_mbps
     rtt_expected_ms: float = 0.0  # configured delay src -> dst plus dst -> src
-    rtt_ms: float | None = None  # median ping RTT
+    rtt_ms: float | None = None  # mean ping RTT
     rtt_error_ms: float | None = None  # rtt_ms - rtt_expected_ms
     ping_loss_pct: float | None = None  # round-trip loss seen by ping
 
@@ -116,24 +116,20 @@ def iperf_goodput(em, src: str, dst: str, seconds: float = 3.0, omit_s: float = 
 
 
 _LOSS = re.compile(r"([\d.]+)% packet loss")
+_SUMMARY = re.compile(r"= [\d.]+/([\d.]+)/")
 _REPLY = re.compile(r"icmp_seq=(\d+) ttl=\d+ time=([\d.]+) ms")
 
 
 @dataclass
 class PingStats:
-    rtts_ms: list[float]  # per reply, in arrival order
+    rtts_ms: list[float]  # per reply, in arrival order (ping rounds them: 0.1 ms above 10 ms, 1 ms above 100)
     seqs: list[int]  # icmp_seq of each reply, in arrival order
     loss_pct: float
+    mean_ms: float | None = None  # ping's own mean, to the microsecond (None: no reply)
 
     @property
     def median_ms(self) -> float | None:
-        """The RTT statistic the fidelity checks use: robust to the pinging process being
-        scheduled late on a busy machine, which is measurement noise, not link delay."""
         return statistics.median(self.rtts_ms) if self.rtts_ms else None
-
-    @property
-    def mean_ms(self) -> float | None:
-        return statistics.fmean(self.rtts_ms) if self.rtts_ms else None
 
 
 def ping(em, src: str, dst: str, count: int = 20, interval_s: float = 0.02, wait_s: float = 1.0) -> PingStats:
@@ -154,7 +150,9 @@ def ping(em, src: str, dst: str, count: int = 20, interval_s: float = 0.02, wait
     loss = _LOSS.search(out)
     if loss is None:
         raise RuntimeError(f"ping {src} -> {dst} printed no summary: {out.strip()[-300:]}")
-    return PingStats([float(t) for _s, t in replies], [int(s) for s, _t in replies], float(loss.group(1)))
+    mean = _SUMMARY.search(out)
+    return PingStats([float(t) for _s, t in replies], [int(s) for s, _t in replies], float(loss.group(1)),
+                     float(mean.group(1)) if mean else None)
 
 
 def check_pair(em, src: str, dst: str, seconds: float = 3.0, pings: int = 20) -> FidelityRow:
@@ -162,7 +160,7 @@ def check_pair(em, src: str, dst: str, seconds: float = 3.0, pings: int = 20) ->
     fwd = em.topology.path_effect(src, dst)
     row = FidelityRow(src, dst, fwd.bandwidth_mbps, fwd.delay_ms, fwd.loss_pct, rtt_expected_ms=fwd.rtt_ms)
     stats = ping(em, src, dst, count=pings)
-    rtt = stats.median_ms
+    rtt = stats.mean_ms
     row.rtt_ms, row.ping_loss_pct = rtt, stats.loss_pct
     row.rtt_error_ms = None if rtt is None else rtt - fwd.rtt_ms
     if fwd.bandwidth_mbps is not None:
