@@ -30,8 +30,7 @@ $(VENV)/.stamp: pyproject.toml
 	@test -x $(PY) || $(SYS_PY) -m venv --system-site-packages $(VENV)
 	@echo "installing Python packages into $(VENV) (torch pinned to the local CPU wheel)"
 	@extra=""; [ -d /opt/wheels ] && extra="--find-links /opt/wheels"; \
-	if dpkg-query -W -f='$${Status}' libnetfilter-queue-dev 2>/dev/null | grep -q "ok installed"; then pkg=".[emulation]"; else pkg="."; fi; \
-	$(PY) -m pip install -q $$extra -e "$$pkg" 2>&1 | grep -v "is ignored: it is neither" || true
+	set -o pipefail; $(PY) -m pip install -q $$extra -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(PY) -c "import torch, grpc, simpy, pandas, matplotlib, yaml" || { echo "set-up failed: Python packages missing"; exit 1; }
 	@touch $@
 
