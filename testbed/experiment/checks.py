@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from testbed.errors import ConfigError, check
 from testbed.experiment import fields as F
@@ -31,12 +31,17 @@ class Prepared:
     topology: Any = None  # testbed.net.topology.Topology (mininet, sim)
 
 
-def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None) -> Prepared:
-    """Raise ONE ConfigError (YAML path, value, allowed) if the experiment cannot run; writes nothing."""
+def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
+               log: Callable[[str], None] | None = None) -> Prepared:
+    """Raise ONE ConfigError (YAML path, value, allowed) if the experiment cannot run; writes nothing.
+
+    ``codebook_dir``: codebooks of an earlier session of the same run (--resume) are read, not
+    calibrated again. ``log``: told about slow steps (astra calibration takes minutes at paper scale).
+    """
     model = _check_model(spec)
     topology = _check_topology(spec)
     cbs = Codebooks(spec, model, existing_dir=codebook_dir)
-    _check_methods(spec, model, cbs)
+    _check_methods(spec, model, cbs, log or (lambda _msg: None))
     return Prepared(model, cbs, topology)
 
 
@@ -84,17 +89,22 @@ def _check_topology(spec: ExperimentSpec):
     return topo
 
 
-def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks) -> None:
+def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[str], None]) -> None:
     from testbed.comm.inprocess import InProcessGroup
     from testbed.methods import METHODS, build_method
 
     N, T = spec.nodes.count, spec.input.tokens
     for i, m in enumerate(spec.methods):
         check(m.name in METHODS, f"methods[{i}].name", m.name, " | ".join(METHODS))
+    # cheap ones first: an error in any other method is reported before minutes of k-means
+    order = sorted(range(len(spec.methods)), key=lambda i: spec.methods[i].name == "astra")
     with tempfile.TemporaryDirectory(prefix="testbed-check-") as tmp:
-        for i, m in enumerate(spec.methods):
+        for i in order:
+            m = spec.methods[i]
             group = InProcessGroup(N, timeout_s=1.0)
             try:
+                if m.name == "astra":
+                    log(f"checking methods[{i}] ({m.display}): calibrating its codebooks (once per run)")
                 path = _codebook_file(cbs, m, Path(tmp)) if m.name == "astra" else None
                 for rank in sorted({0, N - 1}):  # building does not communicate
                     build_method(m.name, model, dict(m.params), rank, N, group.communicator(rank), tokens=T,

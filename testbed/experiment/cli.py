@@ -36,6 +36,10 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepared]:
     """Spec, output directory, resume flag and what validation built; raises ConfigError, writes nothing."""
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(f"testbed run: {msg}", file=sys.stderr, flush=True)
+
     from testbed.experiment.manifest import read_manifest
 
     if args.resume:
@@ -51,7 +55,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepa
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ConfigError("--resume", args.resume, f"a run of the same experiment (differs in: {', '.join(diff)})")
         spec = with_output_dir(spec, str(out.resolve()))
-        return spec, out, True, check_spec(spec, codebook_dir=out / "codebooks")
+        return spec, out, True, check_spec(spec, codebook_dir=out / "codebooks", log=log)
     if not args.experiment:
         raise ConfigError("EXPERIMENT.yaml", None, "a path to an experiment file (or --resume DIR)")
     spec = load_spec(args.experiment, backend=args.backend)
@@ -64,7 +68,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepa
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out" if args.out else "output_dir", str(out),
                           f"a new or empty directory (to continue a run there: --resume {out})")
-    return with_output_dir(spec, str(out.resolve())), out, False, check_spec(spec)
+    return with_output_dir(spec, str(out.resolve())), out, False, check_spec(spec, log=log)
 
 
 def run_main(argv: list[str]) -> int:

@@ -89,13 +89,18 @@ def _panels(n: int, w: float, h: float, sharey: bool = False):
     return fig, flat[:n]
 
 
-def _note(fig: Figure, df: pd.DataFrame, extra: str = "") -> None:
+def _note_text(df: pd.DataFrame, extra: str = "") -> str:
     failed = int((df["status"] != "ok").sum())
     parts = [extra] if extra else []
     if failed:
         parts.append(f"{failed} failed row(s) not plotted (status=error; see rows.csv)")
-    if parts:  # supxlabel: constrained layout keeps room for it below the tick labels
-        fig.supxlabel("; ".join(parts), fontsize=8, color="0.35")
+    return "; ".join(parts)
+
+
+def _note(fig: Figure, df: pd.DataFrame, extra: str = "") -> None:
+    text = _note_text(df, extra)
+    if text:  # supxlabel: constrained layout keeps room for it below the tick labels
+        fig.supxlabel(text, fontsize=8, color="0.35")
 
 
 def _title(df: pd.DataFrame, what: str) -> str:
@@ -118,24 +123,27 @@ def _setup_x(ax, df: pd.DataFrame, axis: str) -> None:
 
 
 def _log_y(ax, suffix: str = "") -> None:
-    """Log y axis with plain numbers (0.02, not 2x10^-2); minor ticks labelled when the range is narrow."""
+    """Log y axis with plain numbers (0.02, not 2x10^-2), ticks at 1-2-5 steps when the range allows."""
     ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}")
-    ax.yaxis.set_major_formatter(plain)
     lo, hi = ax.get_ylim()
-    narrow = lo > 0 and hi / lo < 30
-    ax.yaxis.set_minor_formatter(plain if narrow else matplotlib.ticker.NullFormatter())
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    if lo > 0 and hi / lo <= 1e3:
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def _legend(fig: Figure, axes) -> None:
+def _legend(fig: Figure, axes, note: str = "") -> None:
+    """One legend for all panels, below them (never over the title), with the figure's note as its title."""
     handles, labels = {}, []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    fig.legend([handles[lab] for lab in labels], labels, loc="outside right upper", fontsize=8)
+    leg = fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center", fontsize=8,
+                     ncols=min(4, len(labels)), frameon=False, title=note or None, title_fontsize=8)
+    if note:
+        leg.get_title().set_color("0.35")
 
 
 def latency_figure(df: pd.DataFrame) -> Figure:
@@ -159,9 +167,8 @@ def latency_figure(df: pd.DataFrame) -> Figure:
         ax.grid(True, which="major", alpha=0.3)
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("inference latency (s)")
-    _legend(fig, axes)
+    _legend(fig, axes, _note_text(df, "line: median over repetitions, band: min to max"))
     fig.suptitle(_title(df, "Latency"), fontsize=10)
-    _note(fig, df, "line: median over repetitions, band: min to max")
     return fig
 
 
@@ -227,9 +234,8 @@ def speedup_figure(df: pd.DataFrame) -> Figure:
         ax.grid(True, which="major", alpha=0.3)
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("speed-up over single device")
-    _legend(fig, axes)
+    _legend(fig, axes, _note_text(df, "above 1x: faster than one device"))
     fig.suptitle(_title(df, "Speed-up over one device (median latencies)"), fontsize=10)
-    _note(fig, df, "above 1x: faster than one device")
     return fig
 
 
