@@ -46,9 +46,11 @@ def test_malformed_file_one_error_no_output(case, tmp_path, monkeypatch, capsys)
     out = tmp_path / "explicit-out"
     path = write(tmp_path / "exp.yaml", {**data, "output_dir": str(out)})
     assert run_main([str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err  # one line
-    assert err.startswith("testbed run: error: ") and where in err and allowed in err, err
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("testbed run: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines  # progress lines may precede it
+    err = errors[0]
+    assert where in err and allowed in err, err
     assert not out.exists() and not (tmp_path / "results").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]
 
