@@ -115,7 +115,19 @@ def plot_main(argv: list[str]) -> int:
         print(f"testbed plot: error: results_dir: got {str(d)!r}; allowed: a directory with rows.csv or rows.parquet "
               "made by testbed run", file=sys.stderr)
         return 2
-    paths = save_all(rows, Path(args.out) if args.out else d / "plots")
+    paths = save_all(rows, Path(args.out) if args.out else d / "plots", _schedules(d))
     for path in paths:
         print(path)
     return 0
+
+
+def _schedules(run_dir: Path) -> dict | None:
+    """Bandwidth traces of the run's experiment (from its manifest) for the trace plot, if readable."""
+    from testbed.experiment.manifest import read_manifest
+    from testbed.experiment.topology import trace_schedules
+
+    config = read_manifest(run_dir).get("config")
+    try:
+        return trace_schedules(parse_spec(config)) if config else None
+    except ConfigError:  # e.g. a trace file moved since: the plot falls back to the sampled bandwidths
+        return None

@@ -268,45 +268,73 @@ def breakdown_figure(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def trace_figure(df: pd.DataFrame) -> Figure:
-    """Latency of each repetition against seconds since its cell's bandwidth trace started."""
+def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]] | None = None) -> Figure:
+    """Latency of each repetition against seconds since its method's replay of the trace started (every
+    method replays the trace from its start), over the trace's bandwidth steps. ``schedules``: trace name ->
+    (points [(time_s, bandwidth_mbps)], period_s, loop); without it the steps are those sampled by the rows."""
     d = df[(df["status"] == "ok") & (df["trace"].fillna("") != "")]
     traces = list(dict.fromkeys(d["trace"]))
-    fig, axes = plt.subplots(len(traces), 1, figsize=(8, 3.8 * len(traces) + 0.6), squeeze=False,
+    fig, axes = plt.subplots(len(traces), 1, figsize=(8, 3.8 * len(traces) + 1.2), squeeze=False,
                              layout="constrained")
     colors = _colors(_labels(d))
     for ax, name in zip(axes[:, 0], traces):
         t = d[d["trace"] == name]
+        bx, by = _steps(t, (schedules or {}).get(name))
+        twin = ax.twinx()
+        twin.step(bx, by, where="post", color="0.55", linestyle="--", linewidth=1,
+                  label="trace bandwidth (right axis)")
+        twin.set_ylabel("bandwidth (Mbit/s)", color="0.4")
+        twin.set_ylim(bottom=0)
         for lab in colors:
-            r = t[t["label"] == lab]
+            r = t[t["label"] == lab].sort_values("trace_time_s")
             ax.plot(r["trace_time_s"], r["latency_s"], marker="o", linestyle="-", color=colors[lab], label=lab)
-        ax.set_xlabel(f"time since trace '{name}' started (s)")
+        ax.set_xlabel(f"time since the method's replay of trace '{name}' started (s)")
         ax.set_ylabel("inference latency (s)")
         _log_y(ax)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_zorder(twin.get_zorder() + 1)  # latency markers above the bandwidth steps
+        ax.patch.set_visible(False)
+    _legend(fig, [*axes[:, 0], *[a for a in fig.axes if a not in axes[:, 0]]])
     fig.suptitle(_title(df, "Latency under a bandwidth trace"), fontsize=10)
     return fig
 
 
-def figures(df: pd.DataFrame) -> dict[str, Figure]:
-    """Every figure that applies to these rows, by file stem."""
+def _steps(rows: pd.DataFrame, schedule: tuple[list, float, bool] | None) -> tuple[list, list]:
+    """x, y of the bandwidth steps over the time the rows span (the schedule looped as the replay did)."""
+    end = float(rows["trace_time_s"].max() + rows["latency_s"].max())
+    if schedule is None:
+        r = rows.sort_values("trace_time_s")
+        return list(r["trace_time_s"]) + [end], list(r["bandwidth_mbps"]) + [r["bandwidth_mbps"].iloc[-1]]
+    points, period, loop = schedule
+    xs, ys, base = [], [], 0.0
+    while base <= end:
+        for t, bw in points:
+            xs.append(base + t)
+            ys.append(bw)
+        if not loop:
+            break
+        base += period
+    return xs + [max(end, xs[-1])], ys + [ys[-1]]
+
+
+def figures(df: pd.DataFrame, schedules: dict | None = None) -> dict[str, Figure]:
+    """Every figure that applies to these rows, by file stem (``schedules``: see trace_figure)."""
     out: dict[str, Figure] = {}
     if len(_ok(df)):
         out["latency"] = latency_figure(df)
         out["speedup"] = speedup_figure(df)
         out["breakdown"] = breakdown_figure(df)
     if "trace" in df and ((df["trace"].fillna("") != "") & (df["status"] == "ok")).any():
-        out["trace"] = trace_figure(df)
+        out["trace"] = trace_figure(df, schedules)
     return out
 
 
-def save_all(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def save_all(df: pd.DataFrame, out_dir: str | Path, schedules: dict | None = None) -> list[Path]:
     """Write every applicable figure as PNG and SVG; return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for stem, fig in figures(df).items():
+    for stem, fig in figures(df, schedules).items():
         for ext in ("png", "svg"):
             p = out / f"{stem}.{ext}"
             fig.savefig(p, dpi=130 if ext == "png" else None)

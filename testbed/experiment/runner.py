@@ -4,10 +4,14 @@ Order of work (what ``testbed run`` does):
 1. compute the single-device reference output once, in this process;
 2. calibrate astra codebooks once per (groups, codebook_size) and save them in the
    run directory (nodes load them by path), unless the model brings trained ones;
-3. start the backend's nodes once; for each cell apply its link profile live (or
-   start its bandwidth trace), for each method load the job, run ``warmup``
-   unmeasured inferences, then ``repetitions`` measured ones, appending one row
-   (and its per-rank traces) per repetition as soon as it is measured;
+3. start the backend's nodes once; for each cell apply its link profile live, for
+   each method load the job, run ``warmup`` unmeasured inferences, then
+   ``repetitions`` measured ones, appending one row (and its per-rank traces) per
+   repetition as soon as it is measured. In a trace cell the bandwidth trace
+   restarts from its beginning when each method's repetitions start (after its
+   warm-up, which runs at the trace's first bandwidth), so every method sees the
+   same bandwidth timeline; ``trace_time_s`` is the time since that start and
+   ``bandwidth_mbps`` the bandwidth the trace scheduled for that moment;
 4. write Parquet, finish the manifest, make the plots.
 
 A failure inside a cell (load, warm-up or a repetition) is recorded as rows with
@@ -32,6 +36,7 @@ from testbed.experiment.session import NodeSession
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
 from testbed.experiment.store import ResultStore, read_rows
 from testbed.job import JobSpec
+from testbed.net.profile import LinkProfile
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -71,7 +76,8 @@ class Runner:
         self.source, self.show_progress, self.make_plots = source, progress, plots
         self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
         self.mechanism = "?"  # the backend's shaping mechanism, known once it started
-        self.trace_t0: float | None = None  # when the current cell's bandwidth trace started (monotonic s)
+        self.trace_t0: float | None = None  # when the current unit's bandwidth trace started (monotonic s)
+        self.trace_bw = None  # the current trace cell's testbed.net.replay.BandwidthTrace
 
     # ------------------------------------------------------------------ top level
     def run(self) -> RunOutcome:
@@ -106,7 +112,9 @@ class Runner:
         if self.make_plots and len(df):
             from testbed.experiment.plots import save_all
 
-            outcome.plots = [str(p) for p in save_all(df, self.out_dir / "plots")]
+            from testbed.experiment.topology import trace_schedules
+
+            outcome.plots = [str(p) for p in save_all(df, self.out_dir / "plots", trace_schedules(self.spec))]
         manifest.finish(outcome.status, outcome.rows, outcome.failed_rows, outcome.plots)
 
     def _sweep(self, store: ResultStore, manifest: Manifest, done: set, prog: Progress) -> int:
@@ -149,7 +157,7 @@ class Runner:
 
     def _enter_cell(self, session: NodeSession, cell: Cell, manifest: Manifest) -> None:
         session.apply(cell.profile)
-        self.trace_t0 = None
+        self.trace_t0, self.trace_bw = None, None
         measure = getattr(session.backend, "fidelity_table", None)
         if measure is not None and self.spec.fidelity_s > 0 and cell.trace is None:
             try:  # what the links really do in this cell, next to what was configured
@@ -159,9 +167,6 @@ class Runner:
             manifest.data.setdefault("fidelity", []).append(
                 {"cell": cell.index, "profile": describe_cell(cell), "measured_at": now_iso(), "paths": table})
             manifest.write()
-        if cell.trace is not None:
-            session.start_trace(cell.trace)
-            self.trace_t0 = time.monotonic()
 
     # ------------------------------------------------------------------ one method in one cell
     def _unit(self, session: NodeSession, store: ResultStore, prog: Progress, ref: Reference, cell: Cell,
@@ -170,10 +175,16 @@ class Runner:
         prog.show(f"{describe_cell(cell)} | {method.display}")
         job, phase = self.job(method, codebook_path), "load"
         try:
+            if cell.trace is not None:
+                self._hold_trace_start(session, cell)
             session.load(job)
             phase = "warm-up"
             for _ in range(self.spec.warmup):
                 session.infer()
+            if cell.trace is not None:
+                phase = "trace start"
+                session.start_trace(cell.trace)
+                self.trace_t0 = time.monotonic()
         except Exception as e:  # noqa: BLE001 - any failure is this cell's result, recorded below
             return self._fail(session, store, prog, cell, mi, method, reps, f"{phase}: {_msg(e)}")
         for k, rep in enumerate(reps):
@@ -191,6 +202,15 @@ class Runner:
             store.append(row, [n.trace.to_dict() for n in res.nodes])
             prog.step(1)
         return len(reps)
+
+    def _hold_trace_start(self, session: NodeSession, cell: Cell) -> None:
+        """Stop the previous method's replay and hold the links at the trace's first bandwidth."""
+        from testbed.experiment.topology import bandwidth_trace
+
+        session.stop_trace()
+        self.trace_bw, self.trace_t0 = bandwidth_trace(cell.trace), None
+        p = cell.profile
+        session.apply(LinkProfile(self.trace_bw.points[0][1], p.delay_ms, p.jitter_ms, p.loss_pct))
 
     def _fail(self, session, store, prog, cell, mi, method, reps, msg: str) -> int:
         session.reset()  # nodes may be gone or out of step: the next unit starts fresh ones
@@ -210,16 +230,19 @@ class Runner:
 
     def base_row(self, cell: Cell, mi: int, method: MethodSpec, rep: int) -> dict:
         s, p = self.spec, cell.profile
-        t0 = self.trace_t0
+        bw, t = p.bandwidth_mbps, None
+        if cell.trace is not None and self.trace_t0 is not None:
+            t = time.monotonic() - self.trace_t0
+            bw = self.trace_bw.bandwidth_at(t, loop=cell.trace.loop)
         return {
             "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism, "cell": cell_id(cell, mi),
             "method": method.name, "method_params": method.params_json, "label": method.display,
             "model": s.model.name, "tokens": s.input.tokens, "batch": s.input.batch, "nodes": s.nodes.count,
             "topology": s.topology_name,
-            "bandwidth_mbps": None if cell.trace is not None else p.bandwidth_mbps,
+            "bandwidth_mbps": bw,
             "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms, "loss_pct": p.loss_pct,
             "trace": cell.trace.name if cell.trace is not None else "",
-            "trace_time_s": time.monotonic() - t0 if t0 is not None and cell.trace is not None else None,
+            "trace_time_s": t,
             "repetition": rep, "started_at": now_iso(),
         }
 

@@ -63,3 +63,12 @@ def start_trace(backend, trace: TraceSpec) -> None:
 def stop_trace(backend) -> None:
     if hasattr(backend, "stop_replays"):
         backend.stop_replays()
+
+
+def trace_schedules(spec: ExperimentSpec) -> dict[str, tuple[list, float, bool]]:
+    """name -> (points, period_s, loop) of every trace of the sweep, for plots."""
+    out = {}
+    for t in spec.sweep.traces:
+        bt = bandwidth_trace(t)
+        out[t.name] = (list(bt.points), bt.duration_s, t.loop)
+    return out

@@ -20,17 +20,23 @@ def test_tiny_sweep_in_mininet(tmp_path, monkeypatch):
     from testbed.net.cleanup import find_leftovers
 
     monkeypatch.chdir(tmp_path)
-    data = tiny(backend="mininet", nodes={"count": 4}, sweep={"bandwidth_mbps": [20, 200], "delay_ms": [1]},
-                repetitions=2, warmup=1, fidelity_s=1)
+    trace = {"name": "drop", "points": [[0, 50], [0.05, 5]], "delay_ms": 1, "loop": False}
+    data = tiny(backend="mininet", nodes={"count": 4}, repetitions=2, warmup=1, fidelity_s=1,
+                sweep={"bandwidth_mbps": [20, 200], "delay_ms": [1], "traces": [trace]})
     out = tmp_path / "out"
     assert run_main([str(write(tmp_path / "e.yaml", data)), "--out", str(out), "--quiet"]) == 0
     rows = read_rows(out)
     n_methods = len(ALL_METHODS)
-    assert len(rows) == n_methods * 2 * 2
+    assert len(rows) == n_methods * 3 * 2  # two fixed profiles and one trace cell
     assert sorted(zip(rows["cell"], rows["repetition"])) == sorted(
-        (f"p{p}/m{m}", r) for p in range(2) for m in range(n_methods) for r in range(2))
+        (f"p{p}/m{m}", r) for p in range(3) for m in range(n_methods) for r in range(2))
     assert (rows["status"] == "ok").all(), rows.loc[rows["status"] != "ok", "error"].tolist()
-    assert set(rows["bandwidth_mbps"]) == {20.0, 200.0} and (rows["delay_ms"] == 1.0).all()
+    assert (rows["delay_ms"] == 1.0).all()
+    fixed, traced = rows[rows["trace"] == ""], rows[rows["trace"] == "drop"]
+    assert set(fixed["bandwidth_mbps"]) == {20.0, 200.0} and fixed["trace_time_s"].isna().all()
+    for _, g in traced.groupby("method"):  # each method replays the trace from its start
+        assert g["trace_time_s"].iloc[0] < 0.05 and g["trace_time_s"].is_monotonic_increasing
+        assert g["bandwidth_mbps"].iloc[0] == 50.0 and set(g["bandwidth_mbps"]) <= {50.0, 5.0}
     assert rows["mechanism"].isin(["htb+nfqueue", "htb+netem"]).all()
     exact = rows[rows["method"].isin(["single", "tensor_parallel", "sequence_parallel"])]
     assert (exact["agreement"] == 1.0).all()
@@ -44,7 +50,7 @@ def test_tiny_sweep_in_mininet(tmp_path, monkeypatch):
     assert manifest["status"] == "complete" and manifest["backend"]["name"] == "mininet"
     assert [f["profile"] for f in manifest["fidelity"]] == ["20 Mbit/s 1 ms", "200 Mbit/s 1 ms"]
     assert all(p["rtt_ms"] is not None for f in manifest["fidelity"] for p in f["paths"])
-    assert {p.name for p in (out / "plots").iterdir()} >= {"latency.png", "speedup.svg", "breakdown.png"}
+    assert {p.name for p in (out / "plots").iterdir()} >= {"latency.png", "speedup.svg", "breakdown.png", "trace.png"}
     for run_id in manifest["backend"]["emulation_runs"]:
         left = find_leftovers(run_id)
         assert left.empty(), left.describe()
