@@ -40,6 +40,7 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
     """
     model = _check_model(spec)
     topology = _check_topology(spec)
+    _check_backend_available(spec)
     cbs = Codebooks(spec, model, existing_dir=codebook_dir)
     _check_methods(spec, model, cbs, log or (lambda _msg: None))
     return Prepared(model, cbs, topology)
@@ -82,11 +83,28 @@ def _check_topology(spec: ExperimentSpec):
         from testbed.experiment.topology import bandwidth_trace
 
         bandwidth_trace(t, f"sweep.traces[{i}]")
-    if spec.backend in ("mininet", "sim"):
+    from testbed.sim.network import KINDS
+
+    sim_kind = spec.backend == "sim" and isinstance(src, str) and src in KINDS  # the simulator scales these to N
+    if spec.backend in ("mininet", "sim") and not sim_kind:
         n = len(topo.hosts)
         check(n == spec.nodes.count, "nodes.count", spec.nodes.count,
               f"{n}, the number of hosts of topology {topo.name!r} (one node per host)")
     return topo
+
+
+def _check_backend_available(spec: ExperimentSpec) -> None:
+    """Mininet needs root and its API: say so before anything is written (the constructor creates nothing)."""
+    if spec.backend != "mininet":
+        return
+    from testbed.experiment.topology import mininet_backend
+    from testbed.net.probe import EmulationUnavailable
+
+    try:
+        mininet_backend(spec)
+    except EmulationUnavailable as e:
+        raise ConfigError("backend", "mininet", f"a machine that can emulate ({e}); or run without root with "
+                          "`--backend sim` (simulated links) or `--backend loopback` (unshaped profiles only)") from None
 
 
 def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[str], None]) -> None:

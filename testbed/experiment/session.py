@@ -9,6 +9,8 @@ down and is safe to call twice, from a signal path too.
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,9 +108,20 @@ class NodeSession:
     def close(self) -> None:
         client, backend = self.client, self.backend
         self.client, self.backend, self.job = None, None, None
+        if client is None and backend is None:
+            return
+        # a second Ctrl-C / SIGTERM must not cut the teardown short: hold signals until it is done
+        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:
             if client is not None:
                 client.shutdown()
         finally:
-            if backend is not None:
-                backend.close()
+            try:
+                if backend is not None:
+                    backend.close()
+            finally:
+                if main:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
