@@ -85,11 +85,12 @@ class Runner:
         old = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
         store = ResultStore(self.out_dir)
         manifest = Manifest(self.out_dir, self.spec.to_dict(), self.source, self.resume)
+        done: set = set()
         try:
             done = store.done()
             total = len(self.plan) * self.spec.repetitions
             prog = Progress(total, done=len(done), enabled=self.show_progress)
-            outcome.measured_now = self._sweep(store, manifest, done, prog)
+            self._sweep(store, manifest, done, prog)
             outcome.status = "complete"
         except Interrupted as e:
             outcome.status, outcome.signum = "interrupted", e.signum
@@ -102,6 +103,7 @@ class Runner:
                 signal.signal(s, h)
             store.close()
             self._finish(store, manifest, outcome)
+            outcome.measured_now = outcome.rows - len(done)
         return outcome
 
     def _finish(self, store: ResultStore, manifest: Manifest, outcome: RunOutcome) -> None:
@@ -250,9 +252,10 @@ class Runner:
         self.mechanism = getattr(backend, "mechanism", "none")
         run = getattr(getattr(backend, "emulation", None), "run", None)  # mininet: the id `testbed clean` knows
         ids = manifest.data["backend"].get("emulation_runs", []) + ([run.run_id] if run is not None else [])
+        starts = manifest.data["backend"].get("starts", 0) + 1  # > 1: nodes were restarted after a failure
         manifest.backend(getattr(backend, "name", "?"), self.mechanism,
                          "per cell, under `fidelity`" if hasattr(backend, "fidelity_table") else None,
-                         {"emulation_runs": ids} if ids else None)
+                         {"starts": starts, **({"emulation_runs": ids} if ids else {})})
         for s in STOP_SIGNALS:  # a backend may install its own handlers; ours stop the sweep between rows
             signal.signal(s, _raise_interrupted)
 
