@@ -25,6 +25,8 @@ CASES = {
     "missing field": ({k: v for k, v in tiny().items() if k != "model"}, "model: got None",
                       "this field is required"),
     "unknown topology": (tiny(topology="ring"), "topology: got 'ring'", "star"),
+    "bad inline topology": (tiny(topology={"name": "pair", "hosts": ["h1", "h2"], "linkz": []}),
+                            "topology.linkz", "allowed"),
     "unknown model": (tiny(model="vit-huge"), "model.name: got 'vit-huge'", "vit-tiny"),
     "astra groups not dividing D": (tiny(methods=_methods({"name": "astra", "params": {"groups": 5}})),
                                     "methods[1].params.groups: got 5", "hidden size D=64"),
