@@ -47,7 +47,14 @@ def facet_axes(df: pd.DataFrame, axis: str | None) -> list[str]:
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
     """Measured rows of fixed link profiles (trace cells have their own figure)."""
-    return df[(df["status"] == "ok") & (df["trace"].fillna("") == "")]
+    return df[(df["status"] == "ok") & (_trace(df) == "")]
+
+
+def _trace(df: pd.DataFrame) -> pd.Series:
+    """The trace name of every row, "" for fixed profiles (also when the column is missing or all-NaN)."""
+    if "trace" not in df:
+        return pd.Series("", index=df.index)
+    return df["trace"].map(lambda v: v if isinstance(v, str) else "")
 
 
 def _labels(df: pd.DataFrame) -> list[str]:
@@ -272,7 +279,7 @@ def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]
     """Latency of each repetition against seconds since its method's replay of the trace started (every
     method replays the trace from its start), over the trace's bandwidth steps. ``schedules``: trace name ->
     (points [(time_s, bandwidth_mbps)], period_s, loop); without it the steps are those sampled by the rows."""
-    d = df[(df["status"] == "ok") & (df["trace"].fillna("") != "")]
+    d = df[(df["status"] == "ok") & (_trace(df) != "")]
     traces = list(dict.fromkeys(d["trace"]))
     fig, axes = plt.subplots(len(traces), 1, figsize=(8, 3.8 * len(traces) + 1.2), squeeze=False,
                              layout="constrained")
@@ -324,7 +331,7 @@ def figures(df: pd.DataFrame, schedules: dict | None = None) -> dict[str, Figure
         out["latency"] = latency_figure(df)
         out["speedup"] = speedup_figure(df)
         out["breakdown"] = breakdown_figure(df)
-    if "trace" in df and ((df["trace"].fillna("") != "") & (df["status"] == "ok")).any():
+    if ((_trace(df) != "") & (df["status"] == "ok")).any():
         out["trace"] = trace_figure(df, schedules)
     return out
 
