@@ -16,7 +16,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from testbed.errors import ConfigError
+from testbed.errors import ConfigError, TestbedError
 from testbed.experiment.checks import Prepared, check_spec
 from testbed.experiment.spec import BACKENDS, ExperimentSpec, load_spec, parse_spec, with_output_dir
 
@@ -81,8 +81,12 @@ def run_main(argv: list[str]) -> int:
     from testbed.experiment.runner import Runner
 
     source = str(Path(args.experiment).resolve()) if args.experiment else None
-    outcome = Runner(spec, out, prepared=prepared, resume=resume, source=source, progress=not args.quiet,
-                     plots=not args.no_plots).run()
+    try:
+        outcome = Runner(spec, out, prepared=prepared, resume=resume, source=source, progress=not args.quiet,
+                         plots=not args.no_plots).run()
+    except TestbedError as e:  # the run could not go on (e.g. the backend did not start); rows so far are kept
+        print(f"\ntestbed run: failed: {e}\n  rows and manifest so far: {out}", file=sys.stderr)
+        return 1
     _report(outcome)
     if outcome.status == "interrupted":
         return 128 + (outcome.signum or 15)

@@ -98,6 +98,9 @@ class Runner:
             if e.code not in {128 + s for s in STOP_SIGNALS}:
                 raise
             outcome.status, outcome.signum = "interrupted", int(e.code) - 128
+        except Exception as e:  # e.g. the backend could not start: no cell can run; say why in the manifest
+            manifest.data["error"] = _msg(e)
+            raise
         finally:
             for s, h in old.items():  # from here on a second signal kills at once: nothing long is left
                 signal.signal(s, h)
@@ -113,7 +116,6 @@ class Runner:
             store.write_parquet()
         if self.make_plots and len(df):
             from testbed.experiment.plots import save_all
-
             from testbed.experiment.topology import trace_schedules
 
             outcome.plots = [str(p) for p in save_all(df, self.out_dir / "plots", trace_schedules(self.spec))]
