@@ -35,6 +35,6 @@ def bytes_to_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
     code, ndim = struct.unpack_from("<BB", data, 0)
     shape = struct.unpack_from(f"<{ndim}Q", data, 2)
     raw = np.frombuffer(data, dtype=np.uint8, offset=header_size(ndim))
-    if isinstance(data, bytes):  # immutable: torch needs a writable buffer; a fresh bytearray is ours to keep
+    if not isinstance(data, bytearray):  # read-only views: torch needs a writable buffer; a bytearray is ours
         raw = raw.copy()
     return torch.from_numpy(raw).view(_DTYPES[code]).reshape(shape)

