@@ -51,12 +51,15 @@ class InProcessCommunicator(Communicator):
         return data
 
 
-def run_inprocess(world_size: int, fn: Callable[[int, Communicator], T], timeout_s: float = 120.0) -> list[T]:
+def run_inprocess(world_size: int, fn: Callable[[int, Communicator], T], timeout_s: float = 120.0,
+                  group: InProcessGroup | None = None) -> list[T]:
     """Run ``fn(rank, comm)`` for every rank in its own thread; return results in rank order.
 
-    The first exception (lowest rank among the failures) is re-raised after all threads stop.
+    ``group``: a prepared group (e.g. one whose communicators take turns on the CPU); by default a
+    plain InProcessGroup(world_size, timeout_s). The first exception (lowest rank among the
+    failures) is re-raised after all threads stop.
     """
-    group = InProcessGroup(world_size, timeout_s)
+    group = group or InProcessGroup(world_size, timeout_s)
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
 

@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup
+from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_inprocess
 from testbed.comm.trace import Collective, Trace
 from testbed.errors import check
 from testbed.job import JobSpec, RankRunner
@@ -56,28 +56,12 @@ def run_turn_taking(world_size: int, fn: Callable[[int, InProcessCommunicator], 
     Like ``testbed.comm.run_inprocess``: the first real failure is re-raised after all threads stop.
     """
     group = _TurnTakingGroup(world_size, timeout_s)
-    results: list = [None] * world_size
-    errors: list[BaseException | None] = [None] * world_size
 
-    def body(rank: int) -> None:
-        try:
-            with group.cpu:
-                results[rank] = fn(rank, group.communicator(rank))
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors[rank] = e
-            group.aborted.set()
+    def body(rank: int, comm: InProcessCommunicator) -> T:
+        with group.cpu:
+            return fn(rank, comm)
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"calib-rank{r}", daemon=True)
-               for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    real = [e for e in errors if e is not None and "group aborted" not in str(e)]
-    first = real[0] if real else next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
-    return results
+    return run_inprocess(world_size, body, group=group)
 
 
 def median_trace(reps: list[Trace]) -> Trace:
