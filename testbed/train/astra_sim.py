@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from testbed.methods.base import token_chunks
-from testbed.methods.vq import check_codebooks, dequantize
+from testbed.methods.vq import check_codebooks, dequantize, quantize
 from testbed.models.layers import attend
-from testbed.train.kmeans import quantize
 
 
 def token_layout(T: int, world_size: int, dct: bool) -> tuple[list[int], torch.Tensor, torch.Tensor, list[int]]:

@@ -15,12 +15,12 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from testbed.methods import vq
 from testbed.methods.vq import block_inputs
 from testbed.models import TransformerModel
 from testbed.train.astra_sim import AstraSim
 from testbed.train.base import param_groups
 from testbed.train.config import FinetuneConfig
-from testbed.train.kmeans import kmeans_groups
 from testbed.train.loop import History, train
 
 
@@ -39,7 +39,7 @@ def calibrate(model: TransformerModel, images: torch.Tensor, groups: int, codebo
     for l, h in enumerate(block_inputs(model, images)):
         pts = h[:, 1:].reshape(-1, D)  # (B*P, D): patch tokens, CLS left out
         pts = pts[torch.randperm(len(pts), generator=gen)[:n_tokens]].view(-1, groups, d)
-        out[l] = kmeans_groups(pts.transpose(0, 1), codebook_size, iters=iters, seed=seed * 7919 + l)
+        out[l] = vq.kmeans_groups(pts.transpose(0, 1), codebook_size, iters=iters, seed=seed * 7919 + l)
     return out
 
 

@@ -12,7 +12,6 @@ from testbed.train.base import train_base
 from testbed.train.config import BaseTrainConfig, FinetuneConfig
 from testbed.train.data import load_split
 from testbed.train.finetune import calibrate, finetune
-from testbed.train.kmeans import kmeans_groups, nearest, quantize
 
 
 def _ce(predict, x, y) -> float:
@@ -57,16 +56,10 @@ def test_kmeans_groups_finds_separated_clusters_deterministically():
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 8, 2, generator=gen) * 10  # 3 groups, 8 clusters in 2-d
     pts = centres.repeat_interleave(50, dim=1) + 0.01 * torch.randn(3, 400, 2, generator=gen)
-    c = kmeans_groups(pts, 8, iters=20, seed=1)
-    assert torch.equal(c, kmeans_groups(pts, 8, iters=20, seed=1))
+    c = vq.kmeans_groups(pts, 8, iters=20, seed=1)
+    assert torch.equal(c, vq.kmeans_groups(pts, 8, iters=20, seed=1))
     for g in range(3):  # every true centre has a found centre within the noise
         d = torch.cdist(centres[g], c[g]).min(-1).values
         assert d.max() < 0.1
 
 
-def test_sliced_search_equals_vq():
-    gen = torch.Generator().manual_seed(0)
-    h, cb = torch.randn(3, 70, 128, generator=gen), torch.randn(32, 1024, 4, generator=gen)
-    assert torch.equal(quantize(h, cb), vq.quantize(h, cb))
-    x = torch.randn(32, 500, 4, generator=gen)
-    assert torch.equal(nearest(x, cb), vq.Quantizer(cb).nearest(x))
