@@ -1,0 +1,44 @@
+"""The paper comparison: speed-ups and the compute + bytes/bandwidth estimate from result rows."""
+
+import math
+
+import pandas as pd
+
+from testbed.experiment.report import main, summarize, to_markdown
+
+
+def _rows() -> pd.DataFrame:
+    base = dict(status="ok", bytes_on_wire=0, bytes_sent=0, bytes_sent_max_rank=0, comm_s=0.0)
+    rows = []
+    for rep, jitter in enumerate((0.0, 0.2, -0.2)):  # medians must ignore the spread
+        rows += [
+            dict(base, method="single", label="single", bandwidth_mbps=10.0, latency_s=2.0 + jitter, compute_s=2.0),
+            dict(base, method="sequence_parallel", label="sp", bandwidth_mbps=10.0, latency_s=4.0 + jitter,
+                 compute_s=0.5, comm_s=3.5, bytes_sent=3_000_000, bytes_sent_max_rank=1_000_000,
+                 bytes_on_wire=3_150_000),
+            dict(base, method="astra", label="astra G=1", bandwidth_mbps=10.0, latency_s=1.0 + jitter,
+                 compute_s=0.8, comm_s=0.2, bytes_sent=30_000, bytes_sent_max_rank=10_000, bytes_on_wire=60_000),
+        ]
+    rows.append(dict(base, method="astra", label="astra G=1", bandwidth_mbps=10.0, latency_s=99.0,
+                     compute_s=0.0, status="error"))  # failed rows do not count
+    return pd.DataFrame(rows)
+
+
+def test_summary_speedups_estimate_and_wire_ratio():
+    s = summarize(_rows()).set_index("label")
+    assert s.loc["astra G=1", "latency_s"] == 1.0
+    assert s.loc["astra G=1", "speedup_vs_single"] == 2.0
+    assert s.loc["astra G=1", "speedup_vs_best_baseline"] == 4.0  # sp is the only baseline here
+    assert s.loc["sp", "estimate_s"] == 0.5 + 8 * 1_000_000 / 10e6  # compute + busiest rank's bytes / bandwidth
+    assert s.loc["sp", "wire_over_app"] == 1.05
+    assert math.isnan(s.loc["single", "wire_over_app"])
+    assert s.loc["sp", "comm_share"] == 3.5 / 4.0
+
+
+def test_cli_prints_markdown_and_rejects_a_missing_dir(tmp_path, capsys):
+    _rows().to_csv(tmp_path / "rows.csv", index=False)
+    assert main([str(tmp_path), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("| bandwidth_mbps | label |") and "| astra G=1 |" in out
+    assert main([str(tmp_path / "nope")]) == 2
+    assert to_markdown(pd.DataFrame({"a": [1.23456, float("nan")]})).splitlines()[2:] == ["| 1.23 |", "|  |"]
