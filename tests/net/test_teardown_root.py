@@ -32,8 +32,11 @@ def machine_state() -> dict:
 
 
 def start_victim(mode: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    # A shell starting a job in the background makes it ignore SIGINT, and children inherit that
+    # (a CI runner may do so): give the victim SIGINT's default, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen([sys.executable, str(VICTIM), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=str(Path(__file__).parents[2]))
+                            text=True, cwd=str(Path(__file__).parents[2]),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_id, deadline = None, time.monotonic() + timeout_s
     for line in proc.stdout:
         if line.startswith("run "):
