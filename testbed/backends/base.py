@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 from testbed.net.profile import LinkProfile
 
@@ -45,3 +46,11 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def log_tail(path: Path, n_bytes: int = 2000) -> str:
+    """The end of a node's log, for error messages that say why a node did not come up."""
+    try:
+        return path.read_bytes()[-n_bytes:].decode(errors="replace")
+    except OSError:
+        return "(no log)"

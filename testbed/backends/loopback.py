@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed.backends.base import Backend, NodeAddress
+from testbed.backends.base import Backend, NodeAddress, log_tail
 from testbed.errors import CommError, ConfigError, check
 from testbed.net.profile import LinkProfile
 
@@ -107,11 +107,8 @@ class LoopbackBackend(Backend):
         assert self.log_dir is not None
         return self.log_dir / f"node{rank}.log"
 
-    def _log_tail(self, rank: int, n_bytes: int = 2000) -> str:
-        try:
-            return self.log_path(rank).read_bytes()[-n_bytes:].decode(errors="replace")
-        except OSError:
-            return "(no log)"
+    def _log_tail(self, rank: int) -> str:
+        return log_tail(self.log_path(rank))
 
     @property
     def pids(self) -> list[int]:

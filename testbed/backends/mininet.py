@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed.backends.base import Backend, NodeAddress
+from testbed.backends.base import Backend, NodeAddress, log_tail
 from testbed.errors import CommError, ConfigError, check
 from testbed.net.probe import FIX, EmulationUnavailable
 from testbed.net.profile import LinkProfile
@@ -112,11 +112,8 @@ class MininetBackend(Backend):
         assert self.log_dir is not None
         return self.log_dir / f"node-{host}.log"
 
-    def _log_tail(self, host: str, n_bytes: int = 2000) -> str:
-        try:
-            return self.log_path(host).read_bytes()[-n_bytes:].decode(errors="replace")
-        except OSError:
-            return "(no log)"
+    def _log_tail(self, host: str) -> str:
+        return log_tail(self.log_path(host))
 
     # -- links ---------------------------------------------------------------------
     def apply_profile(self, profile: LinkProfile) -> None:
