@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 
+import testbed  # noqa: F401  (sets gRPC's fork-support switch before any test module imports grpc)
+
 
 def emulation_unavailable() -> str | None:
     """Why emulation tests cannot run here, or None if they can."""
