@@ -31,12 +31,28 @@ def machine_state() -> dict:
                 ln.split(":")[1].strip().split("@")[0]))}
 
 
-def start_victim(mode: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+@pytest.fixture
+def victims():
+    """Victims still running when a test ends (it failed early) are stopped: their own teardown
+    removes what they built, so a failing test leaks nothing either."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def start_victim(mode: str, victims: list, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
     # A shell starting a job in the background makes it ignore SIGINT, and children inherit that
     # (a CI runner may do so): give the victim SIGINT's default, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen([sys.executable, str(VICTIM), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=str(Path(__file__).parents[2]),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    victims.append(proc)
     run_id, deadline = None, time.monotonic() + timeout_s
     for line in proc.stdout:
         if line.startswith("run "):
@@ -54,9 +70,9 @@ def own_links(run_id: str) -> list[str]:
 
 
 @pytest.mark.parametrize("mode, sig", [("infer", signal.SIGTERM), ("build", signal.SIGINT)])
-def test_signal_mid_run_leaves_nothing(mode, sig):
+def test_signal_mid_run_leaves_nothing(mode, sig, victims):
     before = machine_state()
-    proc, run_id = start_victim(mode)
+    proc, run_id = start_victim(mode, victims)
     time.sleep(1.0)  # well inside an inference (2 Mbit/s, 40 ms) or the idle network
     during = find_leftovers(run_id)
     assert during.links and during.processes  # there was something to clean up
@@ -70,8 +86,8 @@ def test_signal_mid_run_leaves_nothing(mode, sig):
     assert not own_links(run_id)
 
 
-def test_sigkill_leftovers_are_removed_by_clean_and_live_runs_are_spared():
-    proc, run_id = start_victim("build")
+def test_sigkill_leftovers_are_removed_by_clean_and_live_runs_are_spared(victims):
+    proc, run_id = start_victim("build", victims)
     with Emulation(load_topology("mesh")) as live:
         proc.kill()  # no chance to clean up: bridges and the registry stay behind
         proc.wait(30)
