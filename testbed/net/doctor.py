@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from testbed.net.cgroups import host_cpus
 from testbed.net.probe import FIX, probe
 
 EXPLAIN = {
@@ -15,9 +16,20 @@ EXPLAIN = {
 }
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="testbed doctor", description=__doc__)
-    ap.parse_args(argv)
+    ap.add_argument("experiment", nargs="?", help="also say how this experiment would use the host's cores "
+                    "(time dilation)")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    parser().parse_args(argv)
+    return report()
+
+
+def report() -> int:
+    """Print what the kernel offers; 0 when Mininet emulation works here."""
     caps = probe(full=True)
     width = max(len(c.name) for c in caps.checks)
     for c in caps.checks:
@@ -33,5 +45,8 @@ def main(argv: list[str]) -> int:
     if not caps.ok("ifb"):
         print("  shared-medium topologies need IFB devices, which are missing")
     if not caps.ok("cgroups"):
-        print("  device profiles (cpu_share, threads, memory_mb) need cgroups, which are missing")
+        print("  device profiles (speed, threads, memory_mb) and time dilation need cgroups, which are missing")
+    cores = len(host_cpus())
+    print(f"\nCores for emulated devices: {cores}. An experiment whose nodes need more (sum of speed x threads) "
+          "contends for them unless it runs time-dilated (`emulation: {time_dilation: auto}`, the default).")
     return 0

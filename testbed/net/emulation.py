@@ -29,13 +29,13 @@ from pathlib import Path
 
 from testbed.errors import check
 from testbed.net import cleanup
-from testbed.net.cgroups import DeviceCgroup
+from testbed.net.cgroups import DEFAULT_SLICE_MS, DeviceCgroup, allocate_cores, host_cpus
 from testbed.net.delayline import DelayLineClient
 from testbed.net.probe import probe
 from testbed.net.profile import LinkProfile
 from testbed.net.shaping import Port, Shaper
 from testbed.net.tc import MECHANISMS
-from testbed.net.topology import DeviceProfile, LinkSpec, Topology
+from testbed.net.topology import LinkSpec, Topology
 
 _PR_SET_PDEATHSIG = 1
 DELAYLINE_RT_PRIORITY = 10  # SCHED_FIFO: the delay lines must release packets on time on a busy machine
@@ -92,9 +92,18 @@ class _SignalGuard:
 class Emulation:
     """``with Emulation(load_topology("star")) as em: em.popen("h1", [...]); em.apply_profile(...)``."""
 
-    def __init__(self, topology: Topology, mechanism: str = "auto", seed: int = 0):
+    def __init__(self, topology: Topology, mechanism: str = "auto", seed: int = 0,
+                 cpu_slice_ms: float = DEFAULT_SLICE_MS, tcp_rto_min_ms: float | None = None):
+        """``cpu_slice_ms``: CPU time per CFS period of each confined device core (testbed.net.cgroups).
+        ``tcp_rto_min_ms``: minimum TCP retransmission timeout on every host-to-host route
+        (None: the kernel's 200 ms)."""
         check(mechanism in ("auto",) + MECHANISMS, "mechanism", mechanism, ", ".join(("auto",) + MECHANISMS))
+        check(isinstance(cpu_slice_ms, (int, float)) and 0.5 <= cpu_slice_ms <= 1000, "cpu_slice_ms", cpu_slice_ms,
+              "a number of milliseconds in [0.5, 1000]")
+        check(tcp_rto_min_ms is None or (isinstance(tcp_rto_min_ms, (int, float)) and tcp_rto_min_ms >= 1),
+              "tcp_rto_min_ms", tcp_rto_min_ms, "a number of milliseconds >= 1, or null")
         self.topology, self.requested, self.seed = topology, mechanism, seed
+        self.cpu_slice_ms, self.tcp_rto_min_ms = cpu_slice_ms, tcp_rto_min_ms
         self.base_topology = topology  # what sweep profiles are mapped onto (fixed links keep theirs)
         self.mechanism = "none"
         self.net = None
@@ -200,6 +209,8 @@ class Emulation:
         t = self.topology
         self.control_net = _free_control_net()
         subprocess.run(["ip", "addr", "add", f"{self.control_net}.254/24", "dev", self.run.name("c")], check=True)
+        cores = allocate_cores([h.device for h in t.hosts], host_cpus())
+        rto = f" rto_min {self.tcp_rto_min_ms:g}ms" if self.tcp_rto_min_ms is not None else ""
         procs = []
         for i, h in enumerate(t.hosts):
             me = self.data_ip(h.name)
@@ -208,14 +219,14 @@ class Emulation:
             for peer in t.host_names:
                 if peer != h.name:
                     lk, frm = t.path(h.name, peer)[0]
-                    lines.append(f"route add {self.data_ip(peer)}/32 dev {self.egress_port(t, lk, frm).dev} src {me}")
+                    lines.append(f"route add {self.data_ip(peer)}/32 dev {self.egress_port(t, lk, frm).dev} src {me}{rto}")
             argv = self.ns_argv(h.name)
             subprocess.run(argv + ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                                    "net.ipv6.conf.default.disable_ipv6=1"], check=True)
             procs.append(subprocess.Popen(argv + ["ip", "-batch", "-"], stdin=subprocess.PIPE, text=True))
             procs[-1].communicate("\n".join(lines) + "\n")
-            if h.device != DeviceProfile():
-                cg = DeviceCgroup(self.internal(h.name), h.device, first_core=i * (h.device.threads or 0))
+            if h.device.confined:
+                cg = DeviceCgroup(self.internal(h.name), h.device, cores[i], self.cpu_slice_ms)
                 self.cgroups[h.name] = cg
                 cg.create()
                 cg.join(self.node(h.name).pid)

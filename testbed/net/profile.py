@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from testbed.errors import ConfigError, check
 
@@ -36,6 +36,17 @@ class LinkProfile:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def dilated(self, factor: float) -> "LinkProfile":
+        """This profile ``factor`` times slower in time: bandwidth / factor, delay and jitter x factor.
+
+        Loss and the queue in packets stay (a queue sized from the bandwidth-delay product keeps
+        its size, since bandwidth x delay is unchanged)."""
+        if factor == 1:
+            return self
+        bw = self.bandwidth_mbps
+        return replace(self, bandwidth_mbps=None if bw is None else bw / factor,
+                       delay_ms=self.delay_ms * factor, jitter_ms=self.jitter_ms * factor)
 
     @property
     def shaped(self) -> bool:

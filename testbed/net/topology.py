@@ -4,7 +4,7 @@ Validated without root; testbed.net.emulation turns one into a live Mininet netw
 same structure comes from topologies/*.yaml or inline from an experiment YAML (a dict):
 
     name: star
-    hosts: [h1, {name: h2, device: {cpu_share: 0.5, threads: 1, memory_mb: 2048}}]
+    hosts: [h1, {name: h2, device: {speed: 0.5, threads: 1, memory_mb: 2048}}]
     switches: [s1, {name: cell, medium: {bandwidth_mbps: 20}, sweep: full}]
     links:
       - {a: h1, b: s1, profile: {bandwidth_mbps: 100, delay_ms: 5}, sweep: half}
@@ -41,25 +41,47 @@ from testbed.net.profile import LinkProfile
 SWEEP_MODES = ("full", "half", "fixed")
 MAX_HOSTS = 250  # data addresses are 10.0.0.1 .. 10.0.0.250
 MAX_SWITCHES = 99  # keeps generated interface names within Linux's 15 characters
+MAX_SPEED = 64.0  # a device core 64x faster than this host's is surely a typo
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """What an emulated edge device may use of this machine."""
+    """What an emulated edge device may use of this machine.
 
-    cpu_share: float | None = None  # fraction (0, 1] of the whole machine's CPU time (CFS quota)
-    threads: int | None = None  # CPU cores the device may run on (cpuset)
+    ``speed`` is the speed of each of the device's cores in cores of this host (1.0: one core
+    of this host; 0.25: a core four times slower, e.g. a small board); ``threads`` is how many
+    cores the device has. The device gets a CFS quota of speed x threads cores of this host,
+    pinned to ``threads`` cores (testbed.net.cgroups); ``threads`` None: no quota and no
+    pinning unless speed is below 1 (then one core).
+    """
+
+    speed: float = 1.0
+    threads: int | None = None
     memory_mb: int | None = None  # memory limit in MiB
 
     def __post_init__(self) -> None:
-        c, t, m = self.cpu_share, self.threads, self.memory_mb
-        check(c is None or (isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c <= 1),
-              "cpu_share", c, "a number in (0, 1] or null")
+        s, t, m = self.speed, self.threads, self.memory_mb
+        check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_SPEED, "speed", s,
+              f"a number in (0, {MAX_SPEED:g}] (1.0 = one core of this host)")
         check(t is None or (isinstance(t, int) and not isinstance(t, bool) and t >= 1), "threads", t,
               "an integer >= 1 or null")
         check(m is None or (isinstance(m, int) and not isinstance(m, bool) and m >= 16), "memory_mb", m,
               "an integer >= 16 or null")
+
+    @property
+    def cores(self) -> int:
+        """Cores of the device (1 when ``threads`` is not given)."""
+        return self.threads or 1
+
+    @property
+    def confined(self) -> bool:
+        """True when the device needs a cgroup (a CPU quota, pinned cores or a memory limit)."""
+        return self != DeviceProfile()
+
+    def dilated(self, factor: float) -> "DeviceProfile":
+        """The device ``factor`` times slower: what time dilation gives each device of this host."""
+        return self if factor == 1 else replace(self, speed=self.speed / factor)
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,18 @@ class Topology:
                          for s in self.switches)
         return replace(self, links=links, switches=switches)
 
+    def dilated(self, factor: float) -> "Topology":
+        """Every link, medium and device ``factor`` times slower (time-dilated emulation)."""
+        if factor == 1:
+            return self
+        return replace(
+            self,
+            hosts=tuple(replace(h, device=h.device.dilated(factor)) for h in self.hosts),
+            switches=tuple(replace(s, medium=s.medium.dilated(factor)) if s.medium is not None else s
+                           for s in self.switches),
+            links=tuple(replace(lk, a_to_b=lk.a_to_b.dilated(factor), b_to_a=lk.b_to_a.dilated(factor))
+                        for lk in self.links))
+
     def to_dict(self) -> dict:
         def prof(p: LinkProfile) -> dict:
             return {k: v for k, v in p.to_dict().items() if v != getattr(LinkProfile(), k)}
@@ -252,6 +286,9 @@ def _check_loop_free(t: Topology) -> None:
 
 
 # -- loading ----------------------------------------------------------------
+CPU_SHARE_MIGRATION = ("`speed` instead (cpu_share was replaced): speed is per device core in cores of this host, "
+                       "so cpu_share S on a C-core host with T threads is speed S*C/T (e.g. 0.25 on 2 cores, "
+                       "1 thread: speed 0.5)")
 _TOP_KEYS = ("name", "hosts", "switches", "links", "description")
 _LINK_KEYS = ("a", "b", "profile", "a_to_b", "b_to_a", "sweep")
 
@@ -273,7 +310,10 @@ def _named(item: object, allowed: tuple[str, ...], where: str) -> dict:
 
 def _host(item: object, where: str) -> HostSpec:
     d = _named(item, ("name", "device"), where)
-    dev = _keys(d.get("device") or {}, ("cpu_share", "threads", "memory_mb"), f"{where}.device")
+    raw = d.get("device") or {}
+    if isinstance(raw, dict) and "cpu_share" in raw:
+        raise ConfigError(f"{where}.device.cpu_share", raw["cpu_share"], CPU_SHARE_MIGRATION)
+    dev = _keys(raw, ("speed", "threads", "memory_mb"), f"{where}.device")
     try:
         return HostSpec(d["name"], DeviceProfile(**dev))
     except ConfigError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.net.cgroups import PERIOD_US, cgroup_v2
+from testbed.net.cgroups import cgroup_v2, cpu_quota
 from testbed.net.cleanup import find_leftovers
 from testbed.net.emulation import Emulation
 from testbed.net.fidelity import IPERF_PORT, iperf_goodput, start_iperf_server
@@ -74,14 +74,11 @@ def test_shared_medium_is_one_bottleneck_for_all_pairs():
 
 
 def test_device_profile_confines_node_processes_not_the_delay_line():
-    topo = load_topology("edge_cloud")  # e1..e3: cpu_share 0.25 of the machine
+    topo = load_topology("edge_cloud")  # e1..e3: speed 0.5 (half a core of this host)
     with Emulation(topo) as em:
         cg = em.cgroups["e1"]
-        if cgroup_v2():
-            quota = int(cg.dirs[0].joinpath("cpu.max").read_text().split()[0])
-        else:
-            quota = int(cg.dirs[0].joinpath("cpu.cfs_quota_us").read_text())
-        assert quota == int(0.25 * PERIOD_US * (os.cpu_count() or 1))
+        quota, period = cg.cpu_limit()
+        assert (quota, period) == cpu_quota(topo.hosts[0].device) and quota / period == 0.5
         assert "server" not in em.cgroups  # no device profile, no cgroup
         app = em.popen("e1", ["sleep", "30"])
         try:

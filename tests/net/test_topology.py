@@ -122,3 +122,38 @@ def test_inline_topology_errors_can_be_rebased():
     with pytest.raises(ConfigError) as e:
         topology_from_dict({"hosts": ["h1"], "extra": 1}, where="experiment.topology")
     assert e.value.field == "experiment.topology.extra"
+
+
+def test_dilated_profile_and_topology_are_slower_by_the_factor():
+    from testbed.net.topology import DeviceProfile
+
+    p = LinkProfile(bandwidth_mbps=20, delay_ms=5, jitter_ms=1, loss_pct=2, queue_packets=50)
+    d = p.dilated(4)
+    assert (d.bandwidth_mbps, d.delay_ms, d.jitter_ms, d.loss_pct, d.queue_packets) == (5, 20, 4, 2, 50)
+    assert LinkProfile().dilated(3) == LinkProfile() and p.dilated(1) is p
+    topo = topology_from_dict({"name": "t", "hosts": [{"name": "a", "device": {"speed": 0.5, "threads": 2}}, "b"],
+                               "switches": [{"name": "ap", "medium": {"bandwidth_mbps": 30}}],
+                               "links": [{"a": "a", "b": "ap", "profile": {"bandwidth_mbps": 10, "delay_ms": 2}},
+                                         {"a": "b", "b": "ap"}]})
+    slow = topo.dilated(2)
+    assert slow.hosts[0].device == DeviceProfile(speed=0.25, threads=2)
+    assert slow.hosts[1].device.speed == 0.5  # every device, configured or not, runs at 1/F
+    assert slow.switches[0].medium.bandwidth_mbps == 15
+    assert slow.links[0].a_to_b == LinkProfile(5, 4) and slow.links[1].a_to_b == LinkProfile()
+    assert slow.path_effect("a", "b").rtt_ms == 2 * topo.path_effect("a", "b").rtt_ms
+
+
+def test_cpu_quota_gives_each_core_a_fixed_slice_and_cores_are_spread():
+    from testbed.net.cgroups import allocate_cores, cpu_quota
+    from testbed.net.topology import DeviceProfile
+
+    assert cpu_quota(DeviceProfile()) is None  # full speed, not pinned: no limit
+    assert cpu_quota(DeviceProfile(speed=1, threads=1)) == (10_000, 10_000)  # one whole core
+    assert cpu_quota(DeviceProfile(speed=0.25, threads=1)) == (10_000, 40_000)  # a quarter core, 10 ms slices
+    assert cpu_quota(DeviceProfile(speed=0.375, threads=2), slice_ms=5) == (10_000, 13_333)
+    assert cpu_quota(DeviceProfile(speed=0.001, threads=1)) == (1000, 1_000_000)  # the kernel's longest period
+    devs = [DeviceProfile(speed=0.375, threads=1)] * 4
+    assert allocate_cores(devs, [0, 1]) == [[0], [1], [0], [1]]  # two per core, 0.75 of each
+    mixed = [DeviceProfile(speed=0.2, threads=1), DeviceProfile(speed=0.5, threads=2), DeviceProfile()]
+    assert allocate_cores(mixed, [0, 1, 2]) == [[2], [0, 1], None]
+    assert allocate_cores([DeviceProfile(speed=1, threads=8)], [0, 1]) == [[0, 1]]
