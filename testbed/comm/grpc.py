@@ -29,7 +29,7 @@ import grpc
 from testbed.comm.base import Communicator, check_tag
 from testbed.errors import CommError, check
 from testbed.node import serde
-from testbed.node.channels import CHUNK_BYTES, data_channel_options, make_server
+from testbed.node.channels import CHUNK_BYTES, KEEPALIVE_TIMEOUT_S, data_channel_options, make_server
 
 _STOP = object()  # outbound sentinel: end the stream
 _BROKEN = object()  # inbound sentinel: the job is broken (any stream broke); see .failure
@@ -115,17 +115,20 @@ class GrpcCommunicator(Communicator):
     own entry is where its ``hub`` is served). ``timeout_s``: deadline of each wait
     for a peer's message; ``connect_timeout_s``: deadline for reaching every peer
     and opening every stream, at construction. ``chunk_bytes``: largest payload per
-    frame (both ends of a job must use the same value).
+    frame (both ends of a job must use the same value). ``keepalive_timeout_s``: of the
+    peer channels (testbed.node.channels).
     """
 
     def __init__(self, rank: int, addresses: Sequence[str], hub: "PeerHub", job_id: str,
-                 timeout_s: float = 120.0, connect_timeout_s: float = 10.0, chunk_bytes: int = CHUNK_BYTES):
+                 timeout_s: float = 120.0, connect_timeout_s: float = 10.0, chunk_bytes: int = CHUNK_BYTES,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
         super().__init__(rank, len(addresses), timeout_s)
         check(isinstance(chunk_bytes, int) and chunk_bytes >= 1, "chunk_bytes", chunk_bytes, "an integer >= 1")
         for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
             check(isinstance(v, (int, float)) and v > 0, name, v, "a number of seconds > 0")
         self.addresses, self.hub, self.job_id = list(addresses), hub, job_id
         self.connect_timeout_s, self.chunk_bytes = connect_timeout_s, chunk_bytes
+        self.keepalive_timeout_s = keepalive_timeout_s
         self.links = {p: _Link(self, p) for p in range(self.world_size) if p != rank}
         self.failure: str | None = None
         self._channels: list[grpc.Channel] = []
@@ -145,7 +148,7 @@ class GrpcCommunicator(Communicator):
     def _connect(self) -> None:
         """Probe every peer, dial the higher ranks, wait for every stream's Hello."""
         deadline = time.monotonic() + self.connect_timeout_s
-        options = data_channel_options(self.chunk_bytes)
+        options = data_channel_options(self.chunk_bytes, self.keepalive_timeout_s)
         probes = {p: grpc.insecure_channel(self.addresses[p], options=options) for p in self.links}
         self._channels += probes.values()
         futures = {p: grpc.channel_ready_future(ch) for p, ch in probes.items()}

@@ -28,20 +28,32 @@ _CONTROL_MESSAGE_BYTES = 1 << 30
 # emulation) must break the stream well before a collective's deadline. Pings every
 # 10 s; the 20 s ack timeout leaves room for a ping queued behind megabytes of data
 # on a slow shaped link (64 MB at 10 Mbit/s is 50 s, but the kernel queue ahead of a
-# ping is only the socket buffer, a few MB at most: ~3 s at 10 Mbit/s).
-_KEEPALIVE = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),  # streams idle between inferences
-    ("grpc.http2.max_pings_without_data", 0),  # 0 = no limit: idle streams keep being checked
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # let the 10 s pings through
-]
+# ping is only the socket buffer, a few MB at most: ~3 s at 10 Mbit/s). Links run
+# slower under time dilation: a node is then started with a longer timeout, and the
+# ping interval grows with it (testbed.backends.mininet).
+KEEPALIVE_TIMEOUT_S = 20.0
 
-def data_channel_options(chunk_bytes: int = CHUNK_BYTES) -> list[tuple[str, int]]:
+
+def keepalive_options(timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:
+    """Keepalive of a channel or server whose ack timeout is ``timeout_s`` (ping every half of it)."""
+    t_ms = int(timeout_s * 1000)
+    return [
+        ("grpc.keepalive_time_ms", t_ms // 2),
+        ("grpc.keepalive_timeout_ms", t_ms),
+        ("grpc.keepalive_permit_without_calls", 1),  # streams idle between inferences
+        ("grpc.http2.max_pings_without_data", 0),  # 0 = no limit: idle streams keep being checked
+        ("grpc.http2.min_ping_interval_without_data_ms", t_ms // 4),  # let the pings through
+    ]
+
+
+_KEEPALIVE = keepalive_options()
+
+def data_channel_options(chunk_bytes: int = CHUNK_BYTES,
+                         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:
     """Options of a channel that carries peer frames of at most ``chunk_bytes`` payload."""
     frame = chunk_bytes + _FRAME_HEADROOM_BYTES
     return [("grpc.max_send_message_length", frame), ("grpc.max_receive_message_length", frame),
-            *_DATA_CHANNEL_OPTIONS]
+            *_DATA_CHANNEL_OPTIONS, *keepalive_options(keepalive_timeout_s)]
 
 
 _DATA_CHANNEL_OPTIONS = [
@@ -52,7 +64,6 @@ _DATA_CHANNEL_OPTIONS = [
     # Retries buffer every sent message until the call commits; a stream never
     # retries usefully, so the buffering would only cost memory and copies.
     ("grpc.enable_retries", 0),
-    *_KEEPALIVE,
 ]
 
 CONTROL_CHANNEL_OPTIONS = [
@@ -63,26 +74,28 @@ CONTROL_CHANNEL_OPTIONS = [
     *_KEEPALIVE,
 ]
 
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", _CONTROL_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", _CONTROL_MESSAGE_BYTES),
-    # Linux gRPC sets SO_REUSEPORT by default: a second server on a busy explicit
-    # port would then bind silently and steal half the connections. Fail instead.
-    ("grpc.so_reuseport", 0),
-    # Accept the clients' 10 s keepalive pings (the default minimum is 5 min and
-    # the server would answer faster pings with GOAWAY "too_many_pings").
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    *_KEEPALIVE,
-]
+def server_options(keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", _CONTROL_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", _CONTROL_MESSAGE_BYTES),
+        # Linux gRPC sets SO_REUSEPORT by default: a second server on a busy explicit
+        # port would then bind silently and steal half the connections. Fail instead.
+        ("grpc.so_reuseport", 0),
+        # Accept the clients' keepalive pings (the default minimum is 5 min and the
+        # server would answer faster pings with GOAWAY "too_many_pings"); the fastest
+        # client (the orchestrator, default keepalive) pings every 10 s.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        *keepalive_options(keepalive_timeout_s),
+    ]
 
 # Every peer stream holds one server worker thread for the job's life (N-1 per
 # node), plus the control RPCs; 64 covers jobs of up to ~60 ranks.
 SERVER_WORKERS = 64
 
 
-def make_server(max_workers: int = SERVER_WORKERS) -> grpc.Server:
+def make_server(max_workers: int = SERVER_WORKERS, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> grpc.Server:
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker"),
-                       options=SERVER_OPTIONS)
+                       options=server_options(keepalive_timeout_s))
 
 
 def split_hostport(address: str, field: str = "address") -> tuple[str, int]:

@@ -27,7 +27,7 @@ import grpc
 
 from testbed.errors import CommError, ConfigError, check
 from testbed.node import serde
-from testbed.node.channels import join_hostport, make_server, split_hostport
+from testbed.node.channels import KEEPALIVE_TIMEOUT_S, join_hostport, make_server, split_hostport
 from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
 
@@ -68,8 +68,10 @@ class _Job:
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
-    def __init__(self, hub, listen_addresses: list[str], stop: threading.Event):
+    def __init__(self, hub, listen_addresses: list[str], stop: threading.Event,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
         self.hub, self.listen_addresses, self.stop = hub, listen_addresses, stop
+        self.keepalive_timeout_s = keepalive_timeout_s
         self.job: _Job | None = None
         self.started = time.monotonic()
         self._lock = threading.Lock()  # one LoadJob or Infer at a time
@@ -100,7 +102,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         torch.set_num_threads(args.job.threads)
         t0 = time.perf_counter()
         comm = GrpcCommunicator(args.rank, args.peers, self.hub, args.job_id, timeout_s=args.comm_timeout_s,
-                                connect_timeout_s=args.connect_timeout_s)
+                                connect_timeout_s=args.connect_timeout_s,
+                                keepalive_timeout_s=self.keepalive_timeout_s)
         t1 = time.perf_counter()
         try:
             runner = RankRunner(args.job, args.rank, comm)
@@ -160,13 +163,15 @@ class NodeService(node_pb2_grpc.NodeServicer):
 class NodeServer:
     """A running node: one gRPC server on every listen address. ``addresses`` are the bound ones."""
 
-    def __init__(self, listen: list[str]):
+    def __init__(self, listen: list[str], keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
         from testbed.comm.grpc import PeerHub
 
         check(len(listen) >= 1, "listen", listen, "at least one HOST:PORT")
+        check(isinstance(keepalive_timeout_s, (int, float)) and keepalive_timeout_s >= 1, "keepalive_timeout_s",
+              keepalive_timeout_s, "a number of seconds >= 1")
         self.stop_event = threading.Event()
         self.hub = PeerHub()
-        self.server = make_server()
+        self.server = make_server(keepalive_timeout_s=keepalive_timeout_s)
         self.addresses: list[str] = []
         for addr in listen:
             host, _ = split_hostport(addr, "listen")
@@ -176,7 +181,7 @@ class NodeServer:
                 raise ConfigError("listen", addr, f"an address this host can bind ({e})") from None
             check(port > 0, "listen", addr, "an address this host can bind")
             self.addresses.append(join_hostport(host, port))
-        self.service = NodeService(self.hub, self.addresses, self.stop_event)
+        self.service = NodeService(self.hub, self.addresses, self.stop_event, keepalive_timeout_s)
         node_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
         self.hub.add_to_server(self.server)
         self.server.start()
@@ -213,12 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", action="append", required=True, metavar="HOST:PORT",
                     help="address to serve on (repeatable; port 0 picks a free port)")
     ap.add_argument("--watch-parent", action="store_true", help="stop when the parent process exits")
+    ap.add_argument("--keepalive-timeout-s", type=float, default=KEEPALIVE_TIMEOUT_S, metavar="S",
+                    help="gRPC keepalive ack timeout of every stream (pings every S/2 seconds); longer on "
+                         "slow links")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format=f"%(asctime)s node[{os.getpid()}] %(levelname)s %(message)s")
     try:
-        node = NodeServer(args.listen)
+        node = NodeServer(args.listen, keepalive_timeout_s=args.keepalive_timeout_s)
     except ConfigError as e:
         print(f"testbed node: {e}", file=sys.stderr)
         return 2
