@@ -7,6 +7,15 @@ control network (the orchestrator in the root namespace reaches it directly). Be
 experiment cells ``apply_profile`` maps one sweep profile onto the topology
 (Topology.with_sweep) and changes the running links in place.
 
+Time dilation (``time_dilation`` F > 1): the emulated network is the topology made F times
+slower (Topology.dilated: every device at speed / F, every link at bandwidth / F and delay x F),
+every profile applied later and every bandwidth trace likewise; TCP's minimum retransmission
+timeout on the host routes and the nodes' gRPC keepalive grow by F; ``client`` multiplies the
+deadlines by F and divides every duration the nodes report by F (testbed.backends.dilation).
+What stays undilated: the kernel's delayed-ACK timers (40-200 ms, no per-route knob), TCP's
+initial 1 s RTO of a connection's SYN, and the timer resolution of the delay lines and of htb;
+all of them are then F times shorter in device time than on a real link.
+
 Not root, or no Mininet: EmulationUnavailable with the fix (`sudo make setup`) and a pointer to
 the loopback backend, raised by the constructor, before anything is created.
 """
@@ -20,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from testbed.backends.base import Backend, NodeAddress, log_tail
+from testbed.net.cgroups import DEFAULT_SLICE_MS
 from testbed.errors import CommError, ConfigError, check
 from testbed.net.probe import FIX, EmulationUnavailable
 from testbed.net.profile import LinkProfile
@@ -30,6 +41,8 @@ from testbed.net.replay import BandwidthTrace, TraceReplay
 from testbed.net.topology import Topology, load_topology
 
 READY_PREFIX = "testbed-node listening on "
+LINUX_RTO_MIN_MS = 200.0  # TCP_RTO_MIN: the minimum retransmission timeout of Linux
+KEEPALIVE_TIMEOUT_S = 20.0  # the nodes' default gRPC keepalive ack timeout (testbed.node.channels)
 
 
 def _quick_check() -> None:
@@ -46,14 +59,20 @@ class MininetBackend(Backend):
     name = "mininet"
 
     def __init__(self, topology: Topology | str | dict, mechanism: str = "auto", start_timeout_s: float = 120.0,
-                 log_dir: str | None = None, python: str = sys.executable, seed: int = 0):
-        """``topology``: a Topology, a topologies/ name, a YAML path or an inline mapping.
-        ``mechanism``: auto | htb+nfqueue | htb+netem. ``start_timeout_s``: for all nodes to
-        print their addresses. ``log_dir``: node logs (stderr) stay there; default a temporary
-        directory removed by close(). ``seed``: of the delay lines' jitter."""
+                 log_dir: str | None = None, python: str = sys.executable, seed: int = 0,
+                 time_dilation: float = 1.0, cpu_slice_ms: float = DEFAULT_SLICE_MS):
+        """``topology``: a Topology, a topologies/ name, a YAML path or an inline mapping, in
+        device time. ``mechanism``: auto | htb+nfqueue | htb+netem. ``start_timeout_s``: for
+        all nodes to print their addresses. ``log_dir``: node logs (stderr) stay there; default a
+        temporary directory removed by close(). ``seed``: of the delay lines' jitter.
+        ``time_dilation``: F >= 1 (see the module docstring). ``cpu_slice_ms``: see
+        testbed.net.cgroups."""
         _quick_check()
         check(isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0, "start_timeout_s",
               start_timeout_s, "a number of seconds > 0")
+        check(isinstance(time_dilation, (int, float)) and not isinstance(time_dilation, bool) and time_dilation >= 1,
+              "time_dilation", time_dilation, "a number >= 1")
+        self.time_dilation, self.cpu_slice_ms = float(time_dilation), cpu_slice_ms
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         self.requested_mechanism, self.start_timeout_s, self.python, self.seed = mechanism, start_timeout_s, python, seed
         self._own_logs = log_dir is None
@@ -74,13 +93,16 @@ class MininetBackend(Backend):
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="testbed-mininet-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.emulation = Emulation(self.topology, self.requested_mechanism, seed=self.seed)
+        f = self.time_dilation
+        self.emulation = Emulation(self.topology.dilated(f), self.requested_mechanism, seed=self.seed,
+                                   cpu_slice_ms=self.cpu_slice_ms,
+                                   tcp_rto_min_ms=LINUX_RTO_MIN_MS * f if f != 1 else None)
         try:
             self.emulation.start()
             self.mechanism = self.emulation.mechanism
             self.hosts = self.topology.host_names[:n_nodes]
             self.procs = [self._spawn(h) for h in self.hosts]
-            deadline = time.monotonic() + self.start_timeout_s
+            deadline = time.monotonic() + self.start_timeout_s * self.time_dilation  # nodes start at speed / F
             return [self._await_addresses(rank, deadline) for rank in range(n_nodes)]
         except BaseException:
             self.close()
@@ -89,7 +111,8 @@ class MininetBackend(Backend):
     def _spawn(self, host: str) -> subprocess.Popen:
         em = self.emulation
         argv = [self.python, "-m", "testbed.node", "--listen", f"{em.data_ip(host)}:0",
-                "--listen", f"{em.control_ip(host)}:0", "--watch-parent"]
+                "--listen", f"{em.control_ip(host)}:0", "--watch-parent",
+                "--keepalive-timeout-s", f"{KEEPALIVE_TIMEOUT_S * self.time_dilation:g}"]
         with open(self.log_path(host), "ab") as log:
             return em.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
 
@@ -115,20 +138,30 @@ class MininetBackend(Backend):
     def _log_tail(self, host: str) -> str:
         return log_tail(self.log_path(host))
 
+    def client(self, addresses: list[NodeAddress], timeout_s: float, load_timeout_s: float | None = None):
+        """The runner's handle on the nodes: deadlines in device time, results in device time."""
+        from testbed.backends.dilation import DilatedClient
+
+        return DilatedClient(addresses, self.time_dilation, timeout_s,
+                             load_timeout_s if load_timeout_s is not None else max(300.0, timeout_s))
+
     # -- links ---------------------------------------------------------------------
     def apply_profile(self, profile: LinkProfile) -> None:
-        """Map ``profile`` onto every link by its sweep mode and reshape live (see Topology.with_sweep)."""
+        """Map ``profile`` (device time) onto every link by its sweep mode and reshape live (see
+        Topology.with_sweep)."""
         self._require_started()
-        self.last_change_s = self.emulation.apply_profile(profile)
+        self.last_change_s = self.emulation.apply_profile(profile.dilated(self.time_dilation))
 
     def replay(self, trace: BandwidthTrace, profile: LinkProfile | None = None, loop: bool = True) -> TraceReplay:
-        """Replay ``trace`` on every swept link: at each step the sweep profile is ``profile`` with
-        the trace's bandwidth. Stopped by stop_replays() or close()."""
+        """Replay ``trace`` (device time) on every swept link: at each step the sweep profile is
+        ``profile`` with the trace's bandwidth. Stopped by stop_replays() or close()."""
         self._require_started()
-        base = profile or LinkProfile()
+        base, f = (profile or LinkProfile()).dilated(self.time_dilation), self.time_dilation
+        if f != 1:  # F times slower: each step lasts F times as long at 1/F of the bandwidth
+            trace = BandwidthTrace(tuple((t * f, bw / f) for t, bw in trace.points), trace.duration_s * f)
 
-        def apply(bw: float) -> None:
-            self.emulation.apply_profile(LinkProfile(bw, base.delay_ms, base.jitter_ms, base.loss_pct, base.queue_packets))
+        def apply(bw: float) -> None:  # bw and base are dilated already
+            self.emulation.apply_profile(replace(base, bandwidth_mbps=bw))
 
         replay = TraceReplay(trace, apply, loop).start()
         self.replays.append(replay)
@@ -143,14 +176,26 @@ class MininetBackend(Backend):
         return self.emulation.wire_bytes() if self.emulation is not None else None
 
     def fidelity_table(self, seconds: float = 2.0) -> list[dict]:
-        """Measure one host pair per distinct path profile (iperf3 + ping); rows as dicts."""
+        """Measure one host pair per distinct path profile (iperf3 + ping); rows as dicts.
+
+        Under dilation the links are measured as they run (bandwidth / F, delay x F) and every
+        figure is then given in device time (goodput x F, delays and RTTs / F); ratios and
+        errors compare like with like. ``seconds`` of iperf3 are wall-clock seconds."""
         from dataclasses import asdict
 
         from testbed.net.fidelity import check_pair, distinct_pairs
 
         self._require_started()
-        em = self.emulation
-        return [asdict(check_pair(em, s, d, seconds)) for s, d in distinct_pairs(em.topology)]
+        em, f = self.emulation, self.time_dilation
+        rows = [asdict(check_pair(em, s, d, seconds)) for s, d in distinct_pairs(em.topology)]
+        if f != 1:
+            for row in rows:
+                for k in ("bandwidth_mbps", "goodput_mbps"):
+                    row[k] = row[k] * f if row.get(k) is not None else None
+                for k in ("delay_ms", "rtt_expected_ms", "rtt_ms", "rtt_error_ms"):
+                    row[k] = row[k] / f if row.get(k) is not None else None
+                row["time_dilation"] = f
+        return rows
 
     def _require_started(self) -> None:
         if self.emulation is None or self.emulation.run is None:
