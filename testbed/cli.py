@@ -12,7 +12,7 @@ COMMANDS = {
     "simulate": ("testbed.sim.cli", "simulate_main", "run an experiment YAML on the SimPy model (backend: sim)"),
     "calibrate": ("testbed.sim.cli", "calibrate_main", "measure compute profiles on this host for the simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
-    "doctor": ("testbed.net.doctor", "main", "what this machine can emulate, and why"),
+    "doctor": ("testbed.experiment.doctor", "main", "what this machine can emulate, and why"),
     "clean": ("testbed.net.clean", "main", "remove leftovers of a crashed run (namespaces, links, rules, processes)"),
     "node": ("testbed.node.server", "main", "run one edge-device node server (gRPC)"),
     "compare": ("testbed.methods.compare", "main", "compare all methods in-process on one model (no network)"),

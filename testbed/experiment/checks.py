@@ -29,6 +29,7 @@ class Prepared:
     model: Any  # the unsharded model (reference output, calibration)
     codebooks: Codebooks
     topology: Any = None  # testbed.net.topology.Topology (mininet, sim)
+    dilation: Any = None  # testbed.experiment.dilation.Dilation: the run's time-dilation factor
 
 
 def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
@@ -38,12 +39,15 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
     ``codebook_dir``: codebooks of an earlier session of the same run (--resume) are read, not
     calibrated again. ``log``: told about slow steps (astra calibration takes minutes at paper scale).
     """
+    from testbed.experiment.dilation import resolve_dilation
+
     model = _check_model(spec)
     topology = _check_topology(spec)
+    dilation = resolve_dilation(spec, topology)
     _check_backend_available(spec)
     cbs = Codebooks(spec, model, existing_dir=codebook_dir)
     _check_methods(spec, model, cbs, log or (lambda _msg: None))
-    return Prepared(model, cbs, topology)
+    return Prepared(model, cbs, topology, dilation)
 
 
 def _check_model(spec: ExperimentSpec):

@@ -14,6 +14,10 @@ Order of work (what ``testbed run`` does):
    ``bandwidth_mbps`` the bandwidth the trace scheduled for that moment;
 4. write Parquet, finish the manifest, make the plots.
 
+Under time dilation (testbed.experiment.dilation) the backend runs F times slower than real
+time and hands back results in device time; the runner only says so (one line at the start,
+the manifest, the ``time_dilation`` column) and measures ``trace_time_s`` in device time.
+
 A failure inside a cell (load, warm-up or a repetition) is recorded as rows with
 status "error" and the message; the nodes are restarted and the sweep goes on.
 SIGTERM and Ctrl-C stop the run between two Python statements: the backend is
@@ -24,6 +28,7 @@ torn down, what was measured stays, and ``--resume DIR`` measures only the
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +80,11 @@ class Runner:
             spec, codebook_dir=Path(out_dir) / "codebooks" if resume else None)
         self.source, self.show_progress, self.make_plots = source, progress, plots
         self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
+        self.dilation = self.prepared.dilation
+        if self.dilation is None:
+            from testbed.experiment.dilation import resolve_dilation
+
+            self.dilation = resolve_dilation(spec, self.prepared.topology)
         self.mechanism = "?"  # the backend's shaping mechanism, known once it started
         self.trace_t0: float | None = None  # when the current unit's bandwidth trace started (monotonic s)
         self.trace_bw = None  # the current trace cell's testbed.net.replay.BandwidthTrace
@@ -86,6 +96,10 @@ class Runner:
         store = ResultStore(self.out_dir)
         manifest = Manifest(self.out_dir, self.spec.to_dict(), self.source, self.resume)
         done: set = set()
+        manifest.set(time_dilation=self.dilation.to_dict())
+        self._say(self.dilation.explain())
+        if self.dilation.warning():
+            print(f"testbed run: {self.dilation.warning()}", file=sys.stderr, flush=True)
         try:
             done = store.done()
             total = len(self.plan) * self.spec.repetitions
@@ -108,6 +122,10 @@ class Runner:
             self._finish(store, manifest, outcome)
             outcome.measured_now = outcome.rows - len(done)
         return outcome
+
+    def _say(self, msg: str) -> None:
+        if self.show_progress:
+            print(f"testbed run: {msg}", file=sys.stderr, flush=True)
 
     def _finish(self, store: ResultStore, manifest: Manifest, outcome: RunOutcome) -> None:
         df = read_rows(self.out_dir)
@@ -139,7 +157,8 @@ class Runner:
         manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
         measured = 0
         session = NodeSession(self.spec, on_start=lambda b: self._on_backend(manifest, b),
-                              log_dir=self.out_dir / "node-logs")
+                              log_dir=self.out_dir / "node-logs", time_dilation=self.dilation.factor,
+                              topology=self.prepared.topology)
         try:
             for cell in self.spec.cells():
                 units = [t for t in todo if t[0].index == cell.index]
@@ -236,10 +255,11 @@ class Runner:
         s, p = self.spec, cell.profile
         bw, t = p.bandwidth_mbps, None
         if cell.trace is not None and self.trace_t0 is not None:
-            t = time.monotonic() - self.trace_t0
+            t = (time.monotonic() - self.trace_t0) / self.dilation.factor  # device time
             bw = self.trace_bw.bandwidth_at(t, loop=cell.trace.loop)
         return {
-            "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism, "cell": cell_id(cell, mi),
+            "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism,
+            "time_dilation": self.dilation.factor, "cell": cell_id(cell, mi),
             "method": method.name, "method_params": method.params_json, "label": method.display,
             "model": s.model.name, "tokens": s.input.tokens, "batch": s.input.batch, "nodes": s.nodes.count,
             "topology": s.topology_name,

@@ -21,8 +21,10 @@ from testbed.job import JobSpec
 from testbed.net.profile import LinkProfile
 
 
-def make_backend(spec: ExperimentSpec, log_dir: Path | None = None) -> Backend:
-    """The backend the spec names, built but not started. Node logs go to ``log_dir`` when given."""
+def make_backend(spec: ExperimentSpec, log_dir: Path | None = None, time_dilation: float = 1.0,
+                 topology=None) -> Backend:
+    """The backend the spec names, built but not started. Node logs go to ``log_dir`` when given;
+    ``time_dilation`` and ``topology`` (already loaded) are for mininet."""
     if spec.backend == "inprocess":
         from testbed.experiment.inprocess import InProcessBackend
 
@@ -34,14 +36,15 @@ def make_backend(spec: ExperimentSpec, log_dir: Path | None = None) -> Backend:
     if spec.backend == "mininet":
         from testbed.experiment.topology import mininet_backend
 
-        return mininet_backend(spec, log_dir)
+        return mininet_backend(spec, log_dir, time_dilation, topology)
     raise ConfigError("backend", spec.backend, "inprocess | loopback | mininet (sim cells do not start nodes)")
 
 
 class NodeSession:
     def __init__(self, spec: ExperimentSpec, on_start: Callable[[Backend], None] | None = None,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, time_dilation: float = 1.0, topology=None):
         self.spec, self.on_start, self.log_dir = spec, on_start, log_dir
+        self.time_dilation, self.topology = time_dilation, topology
         self.backend: Backend | None = None
         self.client: Any = None
         self.profile: LinkProfile | None = None
@@ -51,7 +54,7 @@ class NodeSession:
     def _ensure(self) -> None:
         if self.backend is not None:
             return
-        backend = make_backend(self.spec, self.log_dir)
+        backend = make_backend(self.spec, self.log_dir, self.time_dilation, self.topology)
         self.backend = backend  # set first: close() must reach a half-started backend
         addresses = backend.start(self.spec.nodes.count)
         if hasattr(backend, "client"):

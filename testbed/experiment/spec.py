@@ -16,7 +16,9 @@ Schema (units in the names; see experiments/quickstart.yaml for a full example):
     methods:                         # each: name, optional params, optional label
       - {name: single}
       - {name: astra, params: {groups: 1, codebook_size: 1024}}
-    nodes: {count: 4, threads: 1, cpu_share: null, memory_mb: null}
+    nodes: {count: 4, threads: 1, device: {speed: 1.0}, memory_mb: null}
+                                     # speed: of each device core, in cores of this host (0.25: 4x slower);
+                                     # null device: the topology hosts' own (default speed 1.0)
     topology: star                   # a file topologies/<name>.yaml, a path to one, or an inline mapping
     sweep:                           # a grid (every combination) ...
       bandwidth_mbps: [10, 50, 200]  # null = unshaped
@@ -29,6 +31,11 @@ Schema (units in the names; see experiments/quickstart.yaml for a full example):
     warmup: 1                        # unmeasured inferences before them
     backend: mininet                 # inprocess | loopback | mininet | sim
     output_dir: null                 # default results/<name>-<YYYYmmdd-HHMMSS>
+    emulation: {time_dilation: auto, reserve_cores: 0.5, cpu_slice_ms: 10}
+                                     # mininet: run F times slower than real time so that every node
+                                     # gets its whole device (auto: the smallest such F; 1: no
+                                     # dilation, nodes contend for the host's cores); durations are
+                                     # recorded divided by F
     timeout_s: 600                   # deadline of one inference (and of loading a job)
     fidelity_s: 1.0                  # mininet: iperf3 seconds per distinct path when a cell starts
                                      # (goodput and ping RTT vs configured, into the manifest); 0: off
@@ -94,9 +101,21 @@ class MethodSpec:
 @dataclass(frozen=True)
 class NodesSpec:
     count: int  # N ranks, one node each
-    threads: int = 1  # torch intra-op threads per node
-    cpu_share: float | None = None  # fraction of the host's CPU per node (mininet CPULimitedHost); None: no limit
+    threads: int = 1  # torch intra-op threads per node, and cores of its device
+    speed: float | None = None  # nodes.device.speed: per device core, in cores of this host; None: the topology's
     memory_mb: int | None = None  # memory limit per node (mininet only); None: no limit
+
+
+MAX_DILATION = 1000.0
+
+
+@dataclass(frozen=True)
+class EmulationSpec:
+    """How emulated time relates to real time (mininet backend)."""
+
+    time_dilation: float | str = "auto"  # "auto" or a factor >= 1
+    reserve_cores: float = 0.5  # host cores auto leaves to delay lines, the orchestrator and the kernel
+    cpu_slice_ms: float = 10.0  # CPU time per CFS period of each device core (see testbed.net.cgroups)
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,7 @@ class ExperimentSpec:
     timeout_s: float = 600.0
     fidelity_s: float = 1.0  # mininet: iperf3 seconds per distinct path measured at each cell's start; 0: off
     description: str = ""
+    emulation: EmulationSpec = field(default_factory=EmulationSpec)
 
     def cells(self) -> list[Cell]:
         return self.sweep.cells()
@@ -181,10 +201,18 @@ class ExperimentSpec:
             "input": asdict(self.input),
             "methods": [{"name": m.name, "params": dict(m.params), **({"label": m.label} if m.label else {})}
                         for m in self.methods],
-            "nodes": asdict(self.nodes), "topology": self.topology, "sweep": sweep,
+            "nodes": _nodes_dict(self.nodes), "topology": self.topology, "sweep": sweep,
             "repetitions": self.repetitions, "warmup": self.warmup, "backend": self.backend,
             "output_dir": self.output_dir, "timeout_s": self.timeout_s, "fidelity_s": self.fidelity_s,
+            "emulation": asdict(self.emulation),
         }
+
+
+def _nodes_dict(n: NodesSpec) -> dict:
+    d: dict[str, Any] = {"count": n.count, "threads": n.threads, "memory_mb": n.memory_mb}
+    if n.speed is not None:
+        d["device"] = {"speed": n.speed}
+    return d
 
 
 def _trace_dict(t: TraceSpec) -> dict:
@@ -217,7 +245,8 @@ def parse_spec(data: Any) -> ExperimentSpec:
     """Validate a mapping (an experiment file's content) into an ExperimentSpec."""
     d = F.mapping(data, "", {"name": True, "description": False, "model": True, "input": True, "methods": True,
                              "nodes": True, "topology": True, "sweep": False, "repetitions": False, "warmup": False,
-                             "backend": False, "output_dir": False, "timeout_s": False, "fidelity_s": False})
+                             "backend": False, "output_dir": False, "timeout_s": False, "fidelity_s": False,
+                             "emulation": False})
     name = F.string(d["name"], "name")
     check(bool(NAME_RE.match(name)), "name", name, "letters, digits, '.', '_' and '-' only (it names a directory)")
     spec = ExperimentSpec(
@@ -235,6 +264,7 @@ def parse_spec(data: Any) -> ExperimentSpec:
         output_dir=F.optional(d.get("output_dir"), F.string, "output_dir"),
         timeout_s=F.number(d.get("timeout_s", 600.0), "timeout_s", 0, 86400, lo_open=True),
         fidelity_s=F.number(d.get("fidelity_s", 1.0), "fidelity_s", 0, 60),
+        emulation=_emulation(d.get("emulation"), "emulation"),
     )
     # iperf3 is run with -O 1 (the first second not counted): shorter runs never end
     check(spec.fidelity_s == 0 or spec.fidelity_s >= 1, "fidelity_s", spec.fidelity_s, "0 (off) or a number in [1, 60]")
@@ -292,13 +322,34 @@ def _methods(v: Any, path: str) -> tuple[MethodSpec, ...]:
 
 
 def _nodes(v: Any, path: str) -> NodesSpec:
+    from testbed.net.topology import CPU_SHARE_MIGRATION, MAX_SPEED
+
     if F.is_int(v):  # shorthand: `nodes: 4`
         v = {"count": v}
-    d = F.mapping(v, path, {"count": True, "threads": False, "cpu_share": False, "memory_mb": False})
+    if isinstance(v, dict) and "cpu_share" in v:
+        raise ConfigError(F.join(path, "cpu_share"), v["cpu_share"],
+                          CPU_SHARE_MIGRATION.replace("`speed`", "`nodes.device.speed`", 1))
+    d = F.mapping(v, path, {"count": True, "threads": False, "device": False, "memory_mb": False})
+    dp = F.join(path, "device")
+    dev = F.mapping(d.get("device") or {}, dp, {"speed": False})
     return NodesSpec(count=F.integer(d["count"], F.join(path, "count"), 1, 64),
                      threads=F.integer(d.get("threads", 1), F.join(path, "threads"), 1, 256),
-                     cpu_share=F.optional(d.get("cpu_share"), F.number, F.join(path, "cpu_share"), 0, 1, lo_open=True),
+                     speed=F.optional(dev.get("speed"), F.number, F.join(dp, "speed"), 0, MAX_SPEED, lo_open=True),
                      memory_mb=F.optional(d.get("memory_mb"), F.integer, F.join(path, "memory_mb"), 16))
+
+
+def _emulation(v: Any, path: str) -> EmulationSpec:
+    d = F.mapping(v if v is not None else {}, path,
+                  {"time_dilation": False, "reserve_cores": False, "cpu_slice_ms": False})
+    tp = F.join(path, "time_dilation")
+    td = d.get("time_dilation", "auto")
+    if td != "auto":
+        check(F.is_number(td) and 1 <= td <= MAX_DILATION, tp, td,
+              f"auto, or a number in [1, {MAX_DILATION:g}] (1: no dilation; F: run F times slower than real time)")
+        td = float(td)
+    return EmulationSpec(time_dilation=td,
+                         reserve_cores=F.number(d.get("reserve_cores", 0.5), F.join(path, "reserve_cores"), 0, 64),
+                         cpu_slice_ms=F.number(d.get("cpu_slice_ms", 10.0), F.join(path, "cpu_slice_ms"), 0.5, 1000))
 
 
 def _topology(v: Any, path: str) -> str | dict:
@@ -396,11 +447,14 @@ def _check_backend_fit(spec: ExperimentSpec) -> None:
     if b == "sim":
         check(not spec.sweep.traces, "sweep.traces", [t.name for t in spec.sweep.traces],
               "none with backend sim (the simulator replays fixed link profiles); use backend mininet")
-    limits = {"cpu_share": ("mininet", "sim"), "memory_mb": ("mininet",)}
-    for f, backends in limits.items():
+    limits = {"speed": ("device.speed", ("mininet", "sim")), "memory_mb": ("memory_mb", ("mininet",))}
+    for f, (name, backends) in limits.items():
         val = getattr(spec.nodes, f)
-        check(val is None or b in backends, f"nodes.{f}", val,
-              f"null with backend {b} (only {' and '.join(backends)} model a node's {f})")
+        check(val is None or b in backends, f"nodes.{name}", val,
+              f"null with backend {b} (only {' and '.join(backends)} model a node's {name})")
+    td = spec.emulation.time_dilation
+    check(td in ("auto", 1.0) or b == "mininet", "emulation.time_dilation", td,
+          f"auto or 1 with backend {b} (only mininet dilates time; {b} runs in real time)")
 
 
 def with_output_dir(spec: ExperimentSpec, out: str) -> ExperimentSpec:

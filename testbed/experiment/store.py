@@ -27,13 +27,13 @@ import pandas as pd
 
 # One row per measured repetition. Units are in the names; bytes are totals over ranks.
 COLUMNS = [
-    "experiment", "backend", "mechanism", "cell", "method", "method_params", "label", "model", "tokens", "batch",
+    "experiment", "backend", "mechanism", "time_dilation", "cell", "method", "method_params", "label", "model", "tokens", "batch",
     "nodes", "topology", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace", "trace_time_s",
     "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
     "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
     "agreement", "max_abs_err", "accuracy", "status", "error", "started_at",
 ]
-NUMERIC = ["tokens", "batch", "nodes", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace_time_s",
+NUMERIC = ["time_dilation", "tokens", "batch", "nodes", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace_time_s",
            "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
            "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
            "agreement", "max_abs_err", "accuracy"]

@@ -1,10 +1,11 @@
 """How an experiment drives the Mininet backend: topology with the experiment's device
 profile, and bandwidth traces replayed while a cell runs.
 
-``nodes.cpu_share`` / ``nodes.memory_mb`` of the experiment, when given, replace those
-fields of every host's device profile in the topology (each host keeps its own cpuset
-``threads``); when null the topology's own device profiles apply. ``nodes.threads`` is
-the torch thread count of each node (JobSpec.threads), not a CPU limit.
+Every host that runs a node gets a device: ``nodes.device.speed`` and ``nodes.memory_mb`` of
+the experiment, when given, replace those fields of the host's device profile in the topology
+(else the host's own apply; speed 1.0 by default), and the device has ``threads`` cores: the
+host's own ``threads`` if the topology gives them, else ``nodes.threads`` (the torch thread
+count of each node). Hosts without a node keep their profile.
 """
 
 from __future__ import annotations
@@ -17,27 +18,39 @@ from testbed.experiment.spec import ExperimentSpec, TraceSpec
 from testbed.net.profile import LinkProfile
 
 
-def experiment_topology(spec: ExperimentSpec):
-    """The spec's topology (testbed.net.topology.Topology) with the experiment's device limits applied."""
+def experiment_topology(spec: ExperimentSpec, topology=None):
+    """The spec's topology (testbed.net.topology.Topology; ``topology``: already loaded) with the
+    experiment's devices on the hosts that run nodes."""
     from testbed.net.topology import load_topology
 
-    topo = load_topology(spec.topology)
+    topo = topology if topology is not None else load_topology(spec.topology)
     n = spec.nodes
-    if n.cpu_share is None and n.memory_mb is None:
-        return topo
     hosts = []
-    for h in topo.hosts:
+    for i, h in enumerate(topo.hosts):
         dev = h.device
-        dev = replace(dev, cpu_share=n.cpu_share if n.cpu_share is not None else dev.cpu_share,
-                      memory_mb=n.memory_mb if n.memory_mb is not None else dev.memory_mb)
+        if i < n.count:
+            dev = replace(dev, speed=n.speed if n.speed is not None else dev.speed,
+                          threads=dev.threads if dev.threads is not None else n.threads,
+                          memory_mb=n.memory_mb if n.memory_mb is not None else dev.memory_mb)
         hosts.append(replace(h, device=dev))
     return replace(topo, hosts=tuple(hosts))
 
 
-def mininet_backend(spec: ExperimentSpec, log_dir: Path | None = None):
+def node_devices(spec: ExperimentSpec, topology=None) -> list:
+    """The device profile (testbed.net.topology.DeviceProfile) of every node, in rank order."""
+    topo = experiment_topology(spec, topology)
+    hosts = list(topo.hosts[:spec.nodes.count])
+    if len(hosts) < spec.nodes.count:  # the simulator scales a topology kind to any N
+        hosts += [hosts[-1]] * (spec.nodes.count - len(hosts))
+    return [h.device for h in hosts]
+
+
+def mininet_backend(spec: ExperimentSpec, log_dir: Path | None = None, time_dilation: float = 1.0, topology=None):
     from testbed.backends.mininet import MininetBackend
 
-    return MininetBackend(experiment_topology(spec), log_dir=str(log_dir) if log_dir else None, seed=spec.input.seed)
+    return MininetBackend(experiment_topology(spec, topology), log_dir=str(log_dir) if log_dir else None,
+                          seed=spec.input.seed, time_dilation=time_dilation,
+                          cpu_slice_ms=spec.emulation.cpu_slice_ms)
 
 
 def bandwidth_trace(trace: TraceSpec, field: str = "sweep.traces"):

@@ -118,15 +118,15 @@ def calibrate_main(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------ simulate
 def spec_speeds(spec, topology, override: list[float] | None) -> list[float]:
-    """Per-rank compute factors: --speed, else the topology hosts' cpu_share, else nodes.cpu_share, else 1."""
+    """Per-rank compute factors: --speed, else nodes.device.speed, else the topology hosts' device speed, else 1."""
     n = spec.nodes.count
     if override:
         check(len(override) in (1, n), "--speed", override, f"one factor or {n} (one per node)")
         return override * n if len(override) == 1 else override
     hosts = getattr(topology, "hosts", None)
-    if hosts is not None and len(hosts) >= n:
-        return [speed_from_device(h.device.cpu_share, spec.nodes.threads) for h in hosts[:n]]
-    return [speed_from_device(getattr(spec.nodes, "cpu_share", None), spec.nodes.threads)] * n
+    if spec.nodes.speed is None and hosts is not None and len(hosts) >= n:
+        return [speed_from_device(h.device.speed) for h in hosts[:n]]
+    return [speed_from_device(spec.nodes.speed)] * n
 
 
 def simulate_spec(spec, sim: Simulator, speed: list[float] | None = None, todo: list | None = None

@@ -16,7 +16,7 @@ Where compute times come from, in order of preference:
    ``sim/extrapolated`` in their ``mechanism`` column (else ``sim/measured``).
 
 Device speed: ``speed`` scales compute per rank (3.0 = three times slower than this
-host). ``speed_from_device`` turns a Mininet-style CPU share into that factor.
+host). ``speed_from_device`` turns a device profile's core speed into that factor.
 """
 
 from __future__ import annotations
@@ -85,18 +85,15 @@ def contention_factor(profile: ComputeProfile, shared_cpus: int | None) -> float
     return max(1.0, busy * profile.key.threads / shared_cpus)
 
 
-def speed_from_device(cpu_share: float | None, threads: int = 1, cpus: int | None = None) -> float:
-    """Compute slow-down of a device that may use ``cpu_share`` of this machine's ``cpus`` cores.
-
-    A rank with ``threads`` torch threads was calibrated on ``threads`` free cores; a CFS
-    quota of cpu_share * cpus cores stretches its compute by threads / (cpu_share * cpus)
-    when that is below ``threads`` (never speeds it up). None: no limit, 1.0.
-    """
-    if cpu_share is None:
+def speed_from_device(speed: float | None) -> float:
+    """Compute slow-down of a rank on a device whose cores run at ``speed`` cores of this host
+    (testbed.net.topology.DeviceProfile.speed; profiles are calibrated on free cores of this
+    host). None: 1.0."""
+    if speed is None:
         return 1.0
-    check(isinstance(cpu_share, (int, float)) and 0 < cpu_share <= 1, "cpu_share", cpu_share, "a number in (0, 1]")
-    cores = cpu_share * (cpus or os.cpu_count() or 1)
-    return max(1.0, threads / cores)
+    check(isinstance(speed, (int, float)) and not isinstance(speed, bool) and speed > 0, "speed", speed,
+          "a number > 0 (1.0 = one core of this host)")
+    return 1.0 / speed
 
 
 class Simulator:

@@ -87,11 +87,12 @@ def test_loss_makes_repetitions_differ(sim):
 
 def test_speed_from_device():
     assert speed_from_device(None) == 1.0
-    assert speed_from_device(0.25, threads=1, cpus=2) == 2.0  # half a core for a one-thread rank
-    assert speed_from_device(0.5, threads=1, cpus=2) == 1.0
-    assert speed_from_device(1.0, threads=4, cpus=2) == 2.0
-    with pytest.raises(ConfigError):
-        speed_from_device(0.0)
+    assert speed_from_device(1.0) == 1.0
+    assert speed_from_device(0.25) == 4.0  # a core four times slower than this host's
+    assert speed_from_device(2.0) == 0.5
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(ConfigError):
+            speed_from_device(bad)
 
 
 def all_gather(n: int, nbytes: int) -> list[Trace]:

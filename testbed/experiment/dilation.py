@@ -1,0 +1,124 @@
+"""Time-dilated emulation: how much slower than real time a run goes, so that results do not
+depend on the host's cores.
+
+N emulated devices share this host's cores. Without dilation a sharded method is measured on
+a fraction of a core per device, and the answer to "does splitting pay off?" changes with the
+machine. Dilation by a factor F (Gupta et al., "To Infinity and Beyond: Time-Warped Network
+Emulation", NSDI 2006) slows everything a node can observe by F: each device gets a CPU quota of
+speed x threads / F cores, each link bandwidth / F and delay x F, and every recorded duration is
+divided by F. A run at F therefore takes F times its emulated time on the wall clock, and every
+node gets its whole device as long as the quotas fit the host's cores.
+
+``resolve_dilation`` turns the experiment's ``emulation.time_dilation`` into the factor F (``auto``:
+the smallest F at which the quotas fit the host's cores less ``reserve_cores``). The factor lives
+here and in the backend that applies it (testbed.backends.dilation); nothing below the backend
+knows it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from testbed.errors import ConfigError
+from testbed.experiment.spec import MAX_DILATION, ExperimentSpec
+
+
+#: What a factor F does not slow down, so that it is F times shorter in device time than on real links.
+UNDILATED = (
+    "TCP delayed-ACK timers (40-200 ms; Linux has no per-route knob; gRPC sets TCP_NODELAY, so "
+    "only an odd segment at the end of a burst waits for one)",
+    "TCP's initial 1 s retransmission timeout of a connection's SYN (connections are opened once, at load)",
+    "timer resolution of the delay lines and of htb (tens of microseconds: finer in device time)",
+    "sharing of caches and memory bandwidth between devices on one host core (not time, so not dilated)",
+)
+#: What the backend does dilate beyond CPU and links, by the knobs Linux and gRPC offer.
+DILATED_TIMERS = (
+    "TCP minimum retransmission timeout (per-route rto_min = 200 ms x F), so a retransmission after a loss "
+    "waits as long in device time as on a real link",
+    "gRPC keepalive interval and timeout of every node stream (x F)",
+    "inference and load deadlines (x F)",
+)
+
+
+@dataclass(frozen=True)
+class Dilation:
+    factor: float  # F: links F x slower, devices at speed / F, durations recorded / F
+    mode: str  # auto | fixed | off (the backend runs in real time)
+    host_cores: int  # cores this process may run on
+    reserve_cores: float  # of those, left to delay lines, the orchestrator and the kernel (auto)
+    demand_cores: float  # sum over nodes of speed x threads: the cores the devices need at F = 1
+    nodes: int
+
+    @property
+    def oversubscribed(self) -> bool:
+        """The devices' quotas need more cores than the host has: nodes contend, results depend on the host."""
+        return self.demand_cores / self.factor > self.host_cores + 1e-9
+
+    def explain(self) -> str:
+        """One line for the start of a run."""
+        if self.mode == "off":
+            return "time dilation: off (this backend runs in real time and does not confine devices)"
+        need = f"{self.nodes} node(s) need {self.demand_cores:g} core(s) of this host (speed x threads)"
+        have = f"it has {self.host_cores}"
+        if self.factor == 1:
+            how = "no dilation"
+        else:
+            how = (f"links run {self.factor:g}x slower, each device at 1/{self.factor:g} of its speed, recorded "
+                   f"times are divided by {self.factor:g}, and the sweep takes about {self.factor:g}x its "
+                   "emulated time")
+        reserve = f", {self.reserve_cores:g} kept for delay lines and the orchestrator" if self.mode == "auto" else ""
+        return f"time dilation {self.factor:g}x ({self.mode}): {need}; {have}{reserve}; {how}"
+
+    def warning(self) -> str | None:
+        """What is wrong with a factor that leaves the devices contending, or None."""
+        if not self.oversubscribed:
+            return None
+        return (f"warning: {self.nodes} node(s) need {self.demand_cores / self.factor:g} core(s) at time dilation "
+                f"{self.factor:g} but this host has {self.host_cores}: nodes contend for cores, so compute is "
+                "measured slower than on the devices and results depend on this machine. "
+                "Fix: `emulation: {time_dilation: auto}`")
+
+    def to_dict(self) -> dict:
+        d = {**asdict(self), "oversubscribed": self.oversubscribed, "explanation": self.explain()}
+        if self.factor != 1:
+            d.update(dilated_timers=list(DILATED_TIMERS), undilated=list(UNDILATED))
+        return d
+
+
+def device_demand(spec: ExperimentSpec, topology) -> tuple[float, float]:
+    """(sum over nodes of speed x threads, fastest device core) of the hosts that run nodes."""
+    from testbed.experiment.topology import node_devices
+
+    devices = node_devices(spec, topology)
+    return sum(d.speed * d.cores for d in devices), max(d.speed for d in devices)
+
+
+def resolve_dilation(spec: ExperimentSpec, topology, host_cores: int | None = None) -> Dilation:
+    """The factor a run uses; ConfigError (naming the field) when no factor can give every node its device."""
+    from testbed.net.cgroups import host_cpus
+
+    cores = host_cores if host_cores is not None else len(host_cpus())
+    em = spec.emulation
+    demand, fastest = device_demand(spec, topology)
+    base = dict(host_cores=cores, reserve_cores=em.reserve_cores, demand_cores=demand, nodes=spec.nodes.count)
+    if spec.backend != "mininet":
+        return Dilation(1.0, "off", **base)
+    if em.time_dilation != "auto":
+        f = float(em.time_dilation)
+        if fastest > f:
+            raise ConfigError("emulation.time_dilation", em.time_dilation,
+                              f"a factor >= {fastest:g}, the fastest device's speed (a device core faster than "
+                              "this host's needs a dilation at least as large), or auto")
+        return Dilation(f, "fixed", **base)
+    free = cores - em.reserve_cores
+    if free <= 0:
+        raise ConfigError("emulation.reserve_cores", em.reserve_cores,
+                          f"fewer than this host's {cores} core(s), so that the devices get some")
+    f = max(1.0, fastest, demand / free)
+    f = math.ceil(f * 100 - 1e-6) / 100  # two decimals, rounded up: the quotas still fit
+    if f > MAX_DILATION:
+        raise ConfigError("emulation.time_dilation", "auto",
+                          f"a factor <= {MAX_DILATION:g}; these nodes need {f:g}x on {cores} core(s) "
+                          f"({demand:g} device cores over {free:g} free): fewer nodes or threads, or slower devices")
+    return Dilation(f, "auto", **base)
