@@ -1,0 +1,203 @@
+"""Benchmark: is time-dilated emulation faithful, and does it make results independent of the host?
+
+``python -m testbed.bench.dilation`` (root) prints, measured side by side in one run:
+
+1. quota: slowdown / F of a fixed forward pass (vit-small, 197 tokens, 1 thread) run by 1, 2 and
+   4 device processes at once, each in the cgroup a device of speed 1 gets under dilation F
+   (testbed.net.cgroups: quota of 1/F core, 10 ms slices, pinned), for F = 1, 2, 2.5, 4. Each
+   configuration alternates with the same forward alone and unconfined (the reference), so drift
+   of a shared machine cancels. Target 0.95-1.05 wherever the quotas fit the host.
+2. consistency: one experiment (vit-small, 2 nodes, 20 and 100 Mbit/s x 1 and 10 ms) run
+   undilated with a dedicated core per node, then at F = 2 and F = 3; median latency per method
+   and profile under dilation / undilated. Target 0.95-1.05.
+3. host independence: one 4-node experiment run with the runner confined to 1 core and to 2
+   cores (taskset), F from auto each time; ratio of median latencies. Target 0.93-1.07.
+
+Parts 2 and 3 run `testbed run` in a subprocess, as a user would. ``--parts`` picks parts;
+``--quick`` fewer repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from testbed.net.cgroups import DeviceCgroup, allocate_cores, host_cpus
+from testbed.net.topology import DeviceProfile
+
+FACTORS = (1.0, 2.0, 2.5, 4.0)
+NODE_COUNTS = (1, 2, 4)
+
+FORWARD = """
+import sys, time, torch
+torch.set_num_threads(1)
+from testbed.models import build_model
+m = build_model("vit-small", seed=0)
+x = m.make_input(197, batch=1, seed=0)
+with torch.inference_mode():
+    m(x)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        t = time.perf_counter()
+        for _ in range(int(line)):
+            m(x)
+        print(time.perf_counter() - t, flush=True)
+"""
+
+
+# ------------------------------------------------------------------ part 1
+class _Worker:
+    def __init__(self, cgroup: DeviceCgroup | None):
+        pre = cgroup.join if cgroup is not None else None
+        self.proc = subprocess.Popen([sys.executable, "-c", FORWARD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, preexec_fn=pre, cwd=str(Path(__file__).resolve().parents[2]))
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def start(self, n: int) -> None:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> float:
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def quota_table(rounds: int, forwards: int) -> list[dict]:
+    cpus = host_cpus()
+    ref = _Worker(None)
+    rows = []
+    try:
+        for k in NODE_COUNTS:
+            for f in FACTORS:
+                devs = [DeviceProfile(speed=1.0, threads=1).dilated(f)] * k
+                groups = [DeviceCgroup(f"tbbench-dil{i}", d, c) for i, (d, c) in
+                          enumerate(zip(devs, allocate_cores(devs, cpus)))]
+                for g in groups:
+                    g.create()
+                workers = [_Worker(g) for g in groups]
+                try:
+                    alone, confined = [], []
+                    for _ in range(rounds):
+                        ref.start(forwards)
+                        alone.append(ref.result())
+                        for w in workers:
+                            w.start(forwards)
+                        confined.append(statistics.median(w.result() for w in workers))
+                finally:
+                    for w in workers:
+                        w.close()
+                    for g in groups:
+                        g.remove()
+                ratio = statistics.median(c / a for c, a in zip(confined, alone)) / f
+                fits = k / f <= len(cpus)
+                rows.append({"nodes": k, "F": f, "slowdown_over_F": ratio, "fits": fits})
+                print(f"  {k} node(s)  F={f:<4g} slowdown/F {ratio:6.3f}"
+                      + ("" if fits else f"   (quotas need {k / f:g} cores > {len(cpus)}: contention)"), flush=True)
+    finally:
+        ref.close()
+    return rows
+
+
+# ------------------------------------------------------------------ parts 2 and 3
+def _experiment(name: str, nodes: int, sweep: dict, methods: list, reps: int, dilation) -> dict:
+    return {"name": name, "model": {"name": "vit-small"}, "input": {"tokens": 197, "seed": 0}, "methods": methods,
+            "nodes": {"count": nodes, "threads": 1}, "topology": "star" if nodes == 4 else
+            {"name": "pair", "hosts": ["h1", "h2"], "links": [{"a": "h1", "b": "h2", "sweep": "full"}]},
+            "sweep": sweep, "repetitions": reps, "warmup": 1, "backend": "mininet", "timeout_s": 600,
+            "fidelity_s": 0, "emulation": {"time_dilation": dilation}}
+
+
+def _run(exp: dict, tmp: Path, cpus: list[int] | None = None) -> dict:
+    """Run an experiment in a subprocess (confined to ``cpus``); median latency per (label, bw, delay)."""
+    import pandas as pd
+
+    path, out = tmp / f"{exp['name']}.yaml", tmp / exp["name"]
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    argv = [sys.executable, "-m", "testbed.cli", "run", str(path), "--out", str(out), "--quiet", "--no-plots"]
+    if cpus is not None:
+        argv = ["taskset", "-c", ",".join(map(str, cpus))] + argv
+    t0 = time.monotonic()
+    subprocess.run(argv, check=True, cwd=str(Path(__file__).resolve().parents[2]))
+    rows = pd.read_csv(out / "rows.csv")
+    factor = json.loads((out / "manifest.json").read_text())["time_dilation"]["factor"]
+    print(f"  {exp['name']}: F={factor:g}, {len(rows)} rows, {time.monotonic() - t0:.0f} s wall", flush=True)
+    ok = rows[rows["status"] == "ok"]
+    return {k: g["latency_s"].median() for k, g in ok.groupby(["label", "bandwidth_mbps", "delay_ms"])}
+
+
+def _ratio_table(base: dict, others: dict[str, dict]) -> list[dict]:
+    rows = []
+    names = list(others)
+    print(f"  {'method':<22} {'Mbit/s':>6} {'ms':>4} {'base s':>8} " + " ".join(f"{n:>9}" for n in names))
+    for key in sorted(base):
+        label, bw, delay = key
+        ratios = {n: others[n].get(key, float("nan")) / base[key] for n in names}
+        rows.append({"method": label, "bandwidth_mbps": bw, "delay_ms": delay, "base_s": base[key], **ratios})
+        print(f"  {label:<22} {bw:>6g} {delay:>4g} {base[key]:>8.3f} " + " ".join(f"{ratios[n]:>9.3f}" for n in names))
+    return rows
+
+
+METHODS = ["single", "tensor_parallel", "sequence_parallel", "sequence_parallel_int8",
+           {"name": "block_parallel", "params": {"n_b": 1}}, {"name": "astra", "params": {"groups": 1, "codebook_size": 256}}]
+
+
+def consistency(tmp: Path, reps: int) -> list[dict]:
+    sweep = {"bandwidth_mbps": [20, 100], "delay_ms": [1, 10]}
+    cpus = host_cpus()[:2]
+    base = _run(_experiment("undilated", 2, sweep, METHODS, reps, 1), tmp, cpus)
+    others = {f"F={f}": _run(_experiment(f"dilated{f}", 2, sweep, METHODS, reps, f), tmp, cpus) for f in (2, 3)}
+    return _ratio_table(base, others)
+
+
+def host_independence(tmp: Path, reps: int) -> list[dict]:
+    cpus = host_cpus()
+    methods = ["single", "sequence_parallel", "sequence_parallel_int8",
+               {"name": "astra", "params": {"groups": 1, "codebook_size": 256}}]
+    sweep = {"bandwidth_mbps": [100], "delay_ms": [1]}
+    two = _run(_experiment("cores2", 4, sweep, methods, reps, "auto"), tmp, cpus[:2])
+    one = _run(_experiment("cores1", 4, sweep, methods, reps, "auto"), tmp, cpus[:1])
+    return _ratio_table(two, {"1 core/2": one})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed.bench.dilation", description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (default 1,2,3)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
+    ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.dilation needs root (cgroups, Mininet)", file=sys.stderr)
+        return 2
+    parts = {int(p) for p in args.parts.split(",")}
+    out: dict = {"host_cores": len(host_cpus())}
+    print(f"host: {len(host_cpus())} cores (2 shared cores here: expect noise; ratios are side by side)")
+    if 1 in parts:
+        print("\n1. quota: slowdown / F of a fixed forward (vit-small, 197 tokens), k devices at once")
+        out["quota"] = quota_table(rounds=3 if args.quick else 5, forwards=2)
+    reps = 2 if args.quick else 3
+    with tempfile.TemporaryDirectory(prefix="bench-dilation-") as d:
+        if 2 in parts:
+            print("\n2. consistency: median latency dilated / undilated (2 nodes, a dedicated core each)")
+            out["consistency"] = consistency(Path(d), reps)
+        if 3 in parts:
+            print("\n3. host independence: median latency on 1 core / on 2 cores, F from auto (4 nodes)")
+            out["host_independence"] = host_independence(Path(d), reps)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Time dilation in a live emulation (root): a device's quota slows compute by the factor, and a
+dilated link carries bandwidth / F and delays by delay x F, measured inside the hosts."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from testbed.net.profile import LinkProfile
+from testbed.net.topology import DeviceProfile, HostSpec, LinkSpec, SwitchSpec, Topology
+
+pytestmark = pytest.mark.root
+
+# One process per host: each "go" line runs the same forward passes and prints their wall time.
+FORWARD = """
+import sys, time, torch
+torch.set_num_threads(1)
+from testbed.models import build_model
+m = build_model("vit-small", seed=0)
+x = m.make_input(65, batch=1, seed=0)
+with torch.inference_mode():
+    m(x)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        t = time.perf_counter()
+        for _ in range(3):
+            m(x)
+        print(time.perf_counter() - t, flush=True)
+"""
+
+
+def test_compute_under_the_quota_is_dilated_by_the_factor():
+    from testbed.net.emulation import Emulation
+
+    factors = (1, 2, 4)
+    device = DeviceProfile(speed=1.0, threads=1)  # one core of this host, as a run with nodes.threads 1 has
+    hosts = tuple(HostSpec(f"h{f}", device.dilated(f)) for f in factors)
+    topo = Topology("dil", hosts, (SwitchSpec("s1"),), tuple(LinkSpec(h.name, "s1") for h in hosts))
+    with Emulation(topo) as em:
+        procs = {f: em.popen(f"h{f}", [sys.executable, "-c", FORWARD], stdin=subprocess.PIPE, text=True)
+                 for f in factors}
+        try:
+            for p in procs.values():
+                assert p.stdout.readline().strip() == "ready", p.stderr.read()
+            times: dict[int, list[float]] = {f: [] for f in factors}
+            for _ in range(3):  # one host at a time, rounds interleaved: no contention, same machine state
+                for f, p in procs.items():
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                    times[f].append(float(p.stdout.readline()))
+        finally:
+            for p in procs.values():
+                p.kill()
+                p.wait()
+    base = statistics.median(times[1])
+    slow2, slow4 = statistics.median(times[2]) / base, statistics.median(times[4]) / base
+    # generous bands (bench.dilation measures the precise ratios); without a quota both would be ~1
+    assert 1.6 <= slow2 <= 2.8, times
+    assert 3.0 <= slow4 <= 6.0, times
+
+
+def test_a_dilated_link_is_slower_by_the_factor():
+    from testbed.backends.mininet import MininetBackend
+    from testbed.net.fidelity import check_pair
+
+    topo = Topology("pair", (HostSpec("a"), HostSpec("b")), (),
+                    (LinkSpec("a", "b", LinkProfile(20, 5), LinkProfile(20, 5)),))
+    with MininetBackend(topo, time_dilation=2) as backend:
+        backend.start(2)
+        em = backend.emulation
+        row = check_pair(em, "a", "b", seconds=2)  # as the links run: 10 Mbit/s, 10 ms each way
+        assert 0.9 * 10 <= row.goodput_mbps <= 10.2, row
+        assert abs(row.rtt_ms - 20) <= 1.5, row  # undilated it would be 10
+        table = backend.fidelity_table(seconds=2)  # the same link reported in device time
+        assert table[0]["bandwidth_mbps"] == 20 and table[0]["rtt_expected_ms"] == 10
+        assert 0.9 * 20 <= table[0]["goodput_mbps"] <= 20.4 and abs(table[0]["rtt_ms"] - 10) <= 0.75
+        backend.apply_profile(LinkProfile(50, 2))  # a sweep profile is dilated the same way
+        row = check_pair(em, "a", "b", seconds=2)
+        assert 0.9 * 25 <= row.goodput_mbps <= 25.5 and abs(row.rtt_ms - 8) <= 1.5, row
+        routes = em.node("a").cmd(f"ip route show {em.data_ip('b')}")
+        assert "rto_min" in routes and "400ms" in routes, routes  # TCP's 200 ms minimum RTO, dilated
