@@ -45,9 +45,11 @@ def undilate(result: InferenceResult, factor: float) -> InferenceResult:
 class DilatedClient:
     """An Orchestrator whose deadlines are ``factor`` x the requested ones and whose results are in device time."""
 
-    def __init__(self, addresses, factor: float, timeout_s: float, load_timeout_s: float):
+    def __init__(self, addresses, factor: float, timeout_s: float, load_timeout_s: float,
+                 connect_timeout_s: float = 10.0):
         self.factor = factor
-        self.orchestrator = Orchestrator(addresses, timeout_s=timeout_s * factor, load_timeout_s=load_timeout_s * factor)
+        self.orchestrator = Orchestrator(addresses, timeout_s=timeout_s * factor, load_timeout_s=load_timeout_s * factor,
+                                         connect_timeout_s=connect_timeout_s * factor)
         self.last_raw: InferenceResult | None = None
 
     def load(self, job):

@@ -327,8 +327,10 @@ def _nodes(v: Any, path: str) -> NodesSpec:
     if F.is_int(v):  # shorthand: `nodes: 4`
         v = {"count": v}
     if isinstance(v, dict) and "cpu_share" in v:
-        raise ConfigError(F.join(path, "cpu_share"), v["cpu_share"],
-                          CPU_SHARE_MIGRATION.replace("`speed`", "`nodes.device.speed`", 1))
+        if v["cpu_share"] is not None:
+            raise ConfigError(F.join(path, "cpu_share"), v["cpu_share"],
+                              CPU_SHARE_MIGRATION.replace("`speed`", "`nodes.device.speed`", 1))
+        v = {k: x for k, x in v.items() if k != "cpu_share"}  # null, as run directories made before wrote it
     d = F.mapping(v, path, {"count": True, "threads": False, "device": False, "memory_mb": False})
     dp = F.join(path, "device")
     dev = F.mapping(d.get("device") or {}, dp, {"speed": False})

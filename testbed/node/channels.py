@@ -35,14 +35,18 @@ KEEPALIVE_TIMEOUT_S = 20.0
 
 
 def keepalive_options(timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:
-    """Keepalive of a channel or server whose ack timeout is ``timeout_s`` (ping every half of it)."""
+    """Keepalive of a channel or server whose ack timeout is ``timeout_s`` (ping every half of it).
+
+    The ping-rate limits stay at 5 s whatever the timeout: a server enforces them on the pings
+    it receives too, and the orchestrator's control channels always ping every 10 s (a larger
+    limit there gets them a GOAWAY "too_many_pings", which fails the calls in flight)."""
     t_ms = int(timeout_s * 1000)
     return [
         ("grpc.keepalive_time_ms", t_ms // 2),
         ("grpc.keepalive_timeout_ms", t_ms),
         ("grpc.keepalive_permit_without_calls", 1),  # streams idle between inferences
         ("grpc.http2.max_pings_without_data", 0),  # 0 = no limit: idle streams keep being checked
-        ("grpc.http2.min_ping_interval_without_data_ms", t_ms // 4),  # let the pings through
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # let the pings through
     ]
 
 
@@ -85,6 +89,10 @@ def server_options(keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tup
         # server would answer faster pings with GOAWAY "too_many_pings"); the fastest
         # client (the orchestrator, default keepalive) pings every 10 s.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        # ... but never hang up on a client for pinging more often: a node under a CPU quota
+        # (time dilation, slow devices) reads its sockets in bursts and sees its clients' pings
+        # bunched up; the default (GOAWAY after 2 strikes) then fails the calls in flight.
+        ("grpc.http2.max_ping_strikes", 0),
         *keepalive_options(keepalive_timeout_s),
     ]
 

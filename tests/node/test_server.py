@@ -53,3 +53,31 @@ def test_testbed_cli_dispatches_to_the_node(capsys):
     with pytest.raises(SystemExit) as info:
         testbed_main(["node", "--help"])
     assert info.value.code == 0 and "--listen" in capsys.readouterr().out
+
+
+def test_the_server_never_hangs_up_on_a_client_for_pinging_too_often():
+    """A node under a CPU quota (time dilation, slow devices) reads its sockets in bursts, so its
+    clients' keepalive pings reach it bunched up, closer together than the 5 s it allows. gRPC's
+    default answer after two such strikes is GOAWAY too_many_pings, which fails the calls in
+    flight; our server must bear any number. Here a client pings every second during a 6 s call."""
+    import time
+
+    from testbed.node.channels import CONTROL_CHANNEL_OPTIONS, make_server
+
+    def slow(request, context):
+        time.sleep(6)
+        return request
+
+    server = make_server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", {
+        "Slow": grpc.unary_unary_rpc_method_handler(slow)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    eager = dict(CONTROL_CHANNEL_OPTIONS) | {"grpc.keepalive_time_ms": 1000,
+                                             "grpc.http2.min_ping_interval_without_data_ms": 1000}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=list(eager.items())) as ch:
+            call = ch.unary_unary("/t.T/Slow", request_serializer=None, response_deserializer=None)
+            assert call(b"ok", timeout=30) == b"ok"
+    finally:
+        server.stop(0).wait()
