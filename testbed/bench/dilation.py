@@ -37,28 +37,13 @@ from testbed.net.topology import DeviceProfile
 FACTORS = (1.0, 2.0, 2.5, 4.0)
 NODE_COUNTS = (1, 2, 4)
 
-FORWARD = """
-import sys, time, torch
-torch.set_num_threads(1)
-from testbed.models import build_model
-m = build_model("vit-small", seed=0)
-x = m.make_input(197, batch=1, seed=0)
-with torch.inference_mode():
-    m(x)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        t = time.perf_counter()
-        for _ in range(int(line)):
-            m(x)
-        print(time.perf_counter() - t, flush=True)
-"""
-
 
 # ------------------------------------------------------------------ part 1
 class _Worker:
     def __init__(self, cgroup: DeviceCgroup | None):
         pre = cgroup.join if cgroup is not None else None
-        self.proc = subprocess.Popen([sys.executable, "-c", FORWARD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "testbed.bench.forward_worker", "vit-small", "197"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, preexec_fn=pre, cwd=str(Path(__file__).resolve().parents[2]))
         assert self.proc.stdout.readline().strip() == "ready"
 

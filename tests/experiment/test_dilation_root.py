@@ -81,3 +81,15 @@ def test_recorded_durations_are_the_nodes_raw_ones_divided_by_the_factor():
     assert (res.output == raw.output).all()
     # 2 ms one way, 2x dilated: each of the two ranks' all-gathers waits at least one 8 ms round trip raw
     assert raw.latency_s >= 0.008
+
+
+def test_doctor_says_how_an_experiment_uses_the_cores(tmp_path, capsys):
+    from testbed.cli import main
+
+    exp = {**_experiment(1), "nodes": {"count": 2, "threads": 64}}  # 128 device cores: more than any CI host
+    assert main(["doctor", str(write(tmp_path / "e.yaml", exp))]) == 0
+    out = capsys.readouterr().out
+    assert "time dilation 1x (fixed)" in out and "warning: 2 node(s) need 128 core(s)" in out
+    assert main(["doctor", str(write(tmp_path / "a.yaml", _experiment("auto")))]) == 0
+    out = capsys.readouterr().out
+    assert "(auto)" in out and "warning" not in out

@@ -14,23 +14,6 @@ from testbed.net.topology import DeviceProfile, HostSpec, LinkSpec, SwitchSpec, 
 
 pytestmark = pytest.mark.root
 
-# One process per host: each "go" line runs the same forward passes and prints their wall time.
-FORWARD = """
-import sys, time, torch
-torch.set_num_threads(1)
-from testbed.models import build_model
-m = build_model("vit-small", seed=0)
-x = m.make_input(65, batch=1, seed=0)
-with torch.inference_mode():
-    m(x)
-    print("ready", flush=True)
-    for _ in sys.stdin:
-        t = time.perf_counter()
-        for _ in range(3):
-            m(x)
-        print(time.perf_counter() - t, flush=True)
-"""
-
 
 def test_compute_under_the_quota_is_dilated_by_the_factor():
     from testbed.net.emulation import Emulation
@@ -40,15 +23,16 @@ def test_compute_under_the_quota_is_dilated_by_the_factor():
     hosts = tuple(HostSpec(f"h{f}", device.dilated(f)) for f in factors)
     topo = Topology("dil", hosts, (SwitchSpec("s1"),), tuple(LinkSpec(h.name, "s1") for h in hosts))
     with Emulation(topo) as em:
-        procs = {f: em.popen(f"h{f}", [sys.executable, "-c", FORWARD], stdin=subprocess.PIPE, text=True)
-                 for f in factors}
+        # one process per host; each "3" line runs three forward passes and prints their wall time
+        argv = [sys.executable, "-m", "testbed.bench.forward_worker", "vit-small", "65"]
+        procs = {f: em.popen(f"h{f}", argv, stdin=subprocess.PIPE, text=True) for f in factors}
         try:
             for p in procs.values():
                 assert p.stdout.readline().strip() == "ready", p.stderr.read()
             times: dict[int, list[float]] = {f: [] for f in factors}
             for _ in range(3):  # one host at a time, rounds interleaved: no contention, same machine state
                 for f, p in procs.items():
-                    p.stdin.write("go\n")
+                    p.stdin.write("3\n")
                     p.stdin.flush()
                     times[f].append(float(p.stdout.readline()))
         finally:
