@@ -18,8 +18,8 @@ pytestmark = pytest.mark.root
 PAIR = {"name": "pair", "hosts": ["a", "b"], "links": [{"a": "a", "b": "b"}]}
 
 
-def _experiment(factor: float) -> dict:
-    return {"name": f"f{factor:g}", "model": {"name": "vit-tiny"}, "input": {"tokens": 17, "seed": 0},
+def _experiment(factor: float | str) -> dict:
+    return {"name": f"f{factor}", "model": {"name": "vit-tiny"}, "input": {"tokens": 17, "seed": 0},
             "methods": ["single", "tensor_parallel", "sequence_parallel",
                         {"name": "astra", "params": {"groups": 1, "codebook_size": 16}}],
             "nodes": {"count": 2}, "topology": PAIR, "backend": "mininet", "repetitions": 2, "warmup": 1,
