@@ -113,9 +113,11 @@ def _note(fig: Figure, df: pd.DataFrame, extra: str = "") -> None:
 def _title(df: pd.DataFrame, what: str) -> str:
     first = df.iloc[0]
     mech = first["mechanism"]
+    f = first.get("time_dilation")
     return (f"{what}\n{first['experiment']}: {first['model']}, {int(first['tokens'])} tokens, "
             f"{int(first['nodes'])} nodes, topology {first['topology']}, backend {first['backend']}"
-            + ("" if pd.isna(mech) or mech in ("none", "?", "") else f" ({mech})"))
+            + ("" if pd.isna(mech) or mech in ("none", "?", "") else f" ({mech})")
+            + ("" if f is None or pd.isna(f) or f == 1 else f", time dilation {f:g}x"))
 
 
 def _setup_x(ax, df: pd.DataFrame, axis: str) -> None:
