@@ -80,11 +80,7 @@ class Runner:
             spec, codebook_dir=Path(out_dir) / "codebooks" if resume else None)
         self.source, self.show_progress, self.make_plots = source, progress, plots
         self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
-        self.dilation = self.prepared.dilation
-        if self.dilation is None:
-            from testbed.experiment.dilation import resolve_dilation
-
-            self.dilation = resolve_dilation(spec, self.prepared.topology)
+        self.dilation = self.prepared.dilation  # testbed.experiment.dilation.Dilation, resolved by check_spec
         self.mechanism = "?"  # the backend's shaping mechanism, known once it started
         self.trace_t0: float | None = None  # when the current unit's bandwidth trace started (monotonic s)
         self.trace_bw = None  # the current trace cell's testbed.net.replay.BandwidthTrace
