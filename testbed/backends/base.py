@@ -8,16 +8,10 @@ everything down on close, also after errors and signals.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.net.profile import LinkProfile
-
-
-@dataclass(frozen=True)
-class NodeAddress:
-    control: str  # host:port the orchestrator uses (never shaped)
-    data: str  # host:port peers use for the data plane (shaped under emulation)
+from testbed.node.records import NodeAddress  # noqa: F401  (backends hand these out)
 
 
 class Backend(ABC):

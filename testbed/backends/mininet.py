@@ -42,7 +42,7 @@ from testbed.net.topology import Topology, load_topology
 
 READY_PREFIX = "testbed-node listening on "
 LINUX_RTO_MIN_MS = 200.0  # TCP_RTO_MIN: the minimum retransmission timeout of Linux
-KEEPALIVE_TIMEOUT_S = 20.0  # the nodes' default gRPC keepalive ack timeout (testbed.node.channels)
+KEEPALIVE_TIMEOUT_S = 20.0  # the nodes' default gRPC keepalive ack timeout (testbed.comm.channels)
 
 
 def _quick_check() -> None:

@@ -28,8 +28,8 @@ import grpc
 
 from testbed.comm.base import Communicator, check_tag
 from testbed.errors import CommError, check
-from testbed.node import serde
-from testbed.node.channels import CHUNK_BYTES, KEEPALIVE_TIMEOUT_S, data_channel_options, make_server
+from testbed.comm import frames
+from testbed.comm.channels import CHUNK_BYTES, KEEPALIVE_TIMEOUT_S, data_channel_options, make_server
 
 _STOP = object()  # outbound sentinel: end the stream
 _BROKEN = object()  # inbound sentinel: the job is broken (any stream broke); see .failure
@@ -55,20 +55,20 @@ class _Link:
     def outgoing(self) -> Iterator:
         """Frames for the stream: our Hello, every queued message, and Bye at _STOP."""
         c = self.comm
-        yield serde.encode_hello(c.job_id, c.rank, self.peer)
+        yield frames.encode_hello(c.job_id, c.rank, self.peer)
         while True:
             item = self.outq.get()
             if item is _STOP:
-                yield serde.encode_bye()
+                yield frames.encode_bye()
                 return
             tag, data = item
-            yield from serde.encode_chunks(c.rank, tag, data, c.chunk_bytes)
+            yield from frames.encode_chunks(c.rank, tag, data, c.chunk_bytes)
 
-    def read(self, frames: Iterator) -> None:
+    def read(self, incoming: Iterator) -> None:
         """Reader thread: deliver the peer's frames until its stream ends or breaks."""
         try:
-            for frame in frames:
-                self._deliver(serde.decode_frame(frame))
+            for frame in incoming:
+                self._deliver(frames.decode_frame(frame))
             if not self.bye:  # a dying process's connection can end like a clean stream
                 self.comm._link_broke(self, "stream ended without a goodbye (node died or connection lost)")
         except grpc.RpcError as e:  # reset, cancelled by an aborting peer, keepalive timeout
@@ -78,13 +78,13 @@ class _Link:
         finally:
             self.done.set()
 
-    def _deliver(self, msg: serde.Hello | serde.Chunk | serde.Bye) -> None:
-        if isinstance(msg, serde.Bye):  # the peer's job is over: keep what arrived, end our side
+    def _deliver(self, msg: frames.Hello | frames.Chunk | frames.Bye) -> None:
+        if isinstance(msg, frames.Bye):  # the peer's job is over: keep what arrived, end our side
             self.bye = True
             self.inbox.put(_CLOSED)
             self.outq.put(_STOP)
             return
-        if isinstance(msg, serde.Hello):
+        if isinstance(msg, frames.Hello):
             if (msg.src, msg.dst, msg.job_id) != (self.peer, self.comm.rank, self.comm.job_id):
                 raise ValueError(f"hello from rank {msg.src} to {msg.dst} for job {msg.job_id!r} "
                                  f"on the link to rank {self.peer}")
@@ -116,7 +116,7 @@ class GrpcCommunicator(Communicator):
     for a peer's message; ``connect_timeout_s``: deadline for reaching every peer
     and opening every stream, at construction. ``chunk_bytes``: largest payload per
     frame (both ends of a job must use the same value). ``keepalive_timeout_s``: of the
-    peer channels (testbed.node.channels).
+    peer channels (testbed.comm.channels).
     """
 
     def __init__(self, rank: int, addresses: Sequence[str], hub: "PeerHub", job_id: str,
@@ -163,7 +163,7 @@ class GrpcCommunicator(Communicator):
                             f"within {self.connect_timeout_s:g} s (no gRPC server answers there)")
         for p, link in self.links.items():
             if p > self.rank:  # the lower rank of a pair dials; the probe channel becomes the stream's
-                link.call = probes[p].stream_stream(serde.EXCHANGE_METHOD)(link.outgoing())  # raw bytes frames
+                link.call = probes[p].stream_stream(frames.EXCHANGE_METHOD)(link.outgoing())  # raw bytes frames
                 link.call.add_done_callback(lambda _f, q=link.outq: q.put(_STOP))
                 self._start_reader(link, link.call)
             else:
@@ -176,11 +176,11 @@ class GrpcCommunicator(Communicator):
                     raise CommError(f"rank {self.rank}: no stream with {self.peer_name(p)} within "
                                     f"{self.connect_timeout_s:g} s (is it loaded with job {self.job_id!r}?)")
 
-    def _start_reader(self, link: _Link, frames: Iterator) -> None:
-        threading.Thread(target=link.read, args=(frames,), daemon=True,
+    def _start_reader(self, link: _Link, incoming: Iterator) -> None:
+        threading.Thread(target=link.read, args=(incoming,), daemon=True,
                          name=f"peer-read-{self.rank}<-{link.peer}").start()
 
-    def accept(self, hello: serde.Hello, frames: Iterator, context: grpc.ServicerContext) -> Iterator:
+    def accept(self, hello: frames.Hello, incoming: Iterator, context: grpc.ServicerContext) -> Iterator:
         """Hub callback: a lower rank dialled us and said Hello. Returns the frames to stream back."""
         link = self.links.get(hello.src)
         if link is None or hello.src > self.rank or link.ready.is_set() or self._closed:
@@ -189,7 +189,7 @@ class GrpcCommunicator(Communicator):
         link.context = context
         context.add_callback(lambda: link.outq.put(_STOP))  # the RPC ended: stop the sender
         link.ready.set()
-        self._start_reader(link, frames)
+        self._start_reader(link, incoming)
         return link.outgoing()
 
     # -- transport primitives ---------------------------------------------------
@@ -267,7 +267,7 @@ class GrpcCommunicator(Communicator):
 class PeerHub:
     """The Peer service of one server: routes each incoming stream to its job's communicator.
 
-    Frames travel as raw bytes (no (de)serializer): testbed.node.serde encodes them.
+    Frames travel as raw bytes (no (de)serializer): testbed.comm.frames encodes them.
     """
 
     def __init__(self, accept_timeout_s: float = 30.0):
@@ -288,17 +288,17 @@ class PeerHub:
 
     def add_to_server(self, server: grpc.Server) -> None:
         handler = grpc.stream_stream_rpc_method_handler(self.Exchange)  # bytes in, bytes out
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(serde.PEER_SERVICE,
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(frames.PEER_SERVICE,
                                                                               {"Exchange": handler}),))
 
     def Exchange(self, request_iterator, context):  # noqa: N802 - gRPC method name
         try:
-            hello = serde.decode_frame(next(request_iterator))
+            hello = frames.decode_frame(next(request_iterator))
         except (StopIteration, grpc.RpcError):
             return iter(())  # the dialler went away before saying who it is
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad first frame: {e}")
-        if not isinstance(hello, serde.Hello):
+        if not isinstance(hello, frames.Hello):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame of a peer stream must be a Hello")
         key = (hello.job_id, hello.dst)
         deadline = time.monotonic() + self.accept_timeout_s
@@ -316,7 +316,7 @@ class PeerServer:
     """A stand-alone gRPC server with a PeerHub, for ranks that run outside a node (tests, benchmarks)."""
 
     def __init__(self, listen: str = "127.0.0.1:0"):
-        from testbed.node.channels import join_hostport, split_hostport
+        from testbed.comm.channels import join_hostport, split_hostport
 
         host, _ = split_hostport(listen, "listen")
         self.hub = PeerHub()

@@ -62,7 +62,7 @@ def _check_model(spec: ExperimentSpec):
     else:
         check(t <= cfg.max_positions, "input.tokens", t, f"an integer in [1, {cfg.max_positions}] for {m.name}")
     if m.dataset is not None:
-        from testbed.train.data import SPLITS
+        from testbed.models.datasets import SPLITS
 
         check(m.dataset in SPLITS, "model.dataset", m.dataset, " | ".join(SPLITS))
     try:

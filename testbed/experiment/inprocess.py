@@ -23,7 +23,7 @@ import torch
 from testbed.backends.base import Backend, NodeAddress
 from testbed.comm.inprocess import InProcessGroup
 from testbed.errors import CommError, ConfigError
-from testbed.job import JobSpec, RankRunner
+from testbed.methods.job import JobSpec, RankRunner
 from testbed.net.profile import LinkProfile
 from testbed.node.records import RankResult
 

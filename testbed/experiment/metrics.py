@@ -35,7 +35,7 @@ def make_reference(model, tokens: int, batch: int, seed: int, dataset: str | Non
     """The single-device output of ``model`` (built like every node builds it) on the job's input."""
     labels = None
     if dataset:
-        from testbed.train.data import load_split
+        from testbed.models.datasets import load_split
 
         inp, labels = load_split(dataset)
     else:

@@ -40,7 +40,7 @@ from testbed.experiment.progress import Progress
 from testbed.experiment.session import NodeSession
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
 from testbed.experiment.store import ResultStore, read_rows
-from testbed.job import JobSpec
+from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from testbed.backends.base import Backend
 from testbed.errors import ConfigError
 from testbed.experiment.spec import ExperimentSpec, TraceSpec
-from testbed.job import JobSpec
+from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
 
 

@@ -68,7 +68,7 @@ class ModelSpec:
     name: str  # named config (testbed.models.CONFIGS)
     weights_path: str | None = None  # HF safetensors file or directory; None: seeded random weights
     codebook_path: str | None = None  # trained astra codebooks; None: the runner calibrates them per (G, K)
-    dataset: str | None = None  # evaluation split (testbed.train.data) used as the input batch
+    dataset: str | None = None  # evaluation split (testbed.models.datasets) used as the input batch
 
 
 @dataclass(frozen=True)

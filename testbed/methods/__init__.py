@@ -1,4 +1,4 @@
-"""Inference methods: each turns a model into the work of one rank (see /work/shared/ASTRA.md).
+"""Inference methods: each turns a model into the work of one rank.
 
 ``build_method(name, model, params, rank, world_size, comm, tokens, codebook_path)`` returns a
 Method whose ``forward(inp)`` runs that rank's part and returns the output on ``output_rank``.

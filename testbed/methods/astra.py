@@ -1,5 +1,5 @@
 """ASTRA (Liu, Zhang, Ganesan, Guan, arXiv 2505.19342): sequence parallelism with vector-quantized
-exchange and mixed-precision attention. /work/shared/ASTRA.md steps 1-7 is the spec:
+exchange and mixed-precision attention. The paper's algorithm, steps 1-7:
 
 1. Tokens split into N contiguous chunks (sizes differ by at most one); all weights everywhere.
 2. ViT with ``dct`` (Distributed Class Tokens): each rank prepends its own copy of the CLS token

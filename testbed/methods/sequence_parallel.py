@@ -7,7 +7,7 @@ global causal mask (a rank's queries see earlier chunks and earlier local tokens
 on the rank that holds ``model.output_index(T)``: the CLS token (rank 0) for ViT, the last prompt
 token (last rank) for GPT-2, so no final gather is needed.
 
-``sequence_parallel_int8`` (the compressed baseline of ASTRA.md) sends h as int8 with one fp32
+``sequence_parallel_int8`` (the paper's compressed baseline) sends h as int8 with one fp32
 absmax scale per token, packed into ONE uint8 tensor per block ([B*t*D] int8 bytes then [B*t]
 fp32 scales); receivers dequantize, local tokens keep full precision.
 """

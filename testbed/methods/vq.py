@@ -1,7 +1,7 @@
 """Vector quantization for ASTRA (Liu et al., arXiv 2505.19342, Sec. 3): codebooks, nearest-code
 search, bit packing, k-means calibration and codebook files.
 
-Codebook layout (the contract with training, issue 7): float32 ``[L, G, K, D//G]``: for every
+Codebook layout (the contract with testbed.train): float32 ``[L, G, K, D//G]``: for every
 block l and group g, K entries of width D/G. A codebook shared by all groups is stored as G
 identical copies, so readers never special-case it.
 

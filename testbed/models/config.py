@@ -45,7 +45,7 @@ CONFIGS: dict[str, ModelConfig] = {
                             patch_size=4, image_size=16, n_classes=10),
     "vit-small": ModelConfig("vit", dim=384, n_layers=12, n_heads=6, mlp_dim=1536, ln_eps=1e-12),
     "vit-base": ModelConfig("vit", dim=768, n_layers=12, n_heads=12, mlp_dim=3072, ln_eps=1e-12),
-    # for the accuracy study (issue 7): 32x32 upsampled digits, 4x4 patches -> 64 patches + CLS;
+    # for the accuracy study (testbed.train): 32x32 upsampled digits, 4x4 patches -> 64 patches + CLS;
     # D=128 so that G in {1, 4, 16, 32} all divide it
     "vit-digits": ModelConfig("vit", dim=128, n_layers=4, n_heads=4, mlp_dim=256, ln_eps=1e-12,
                               patch_size=4, image_size=32, n_classes=10, channels=1),

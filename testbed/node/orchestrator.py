@@ -19,12 +19,11 @@ from typing import Callable, Sequence
 import grpc
 import torch
 
-from testbed.backends.base import NodeAddress
 from testbed.errors import CommError, ConfigError, check
-from testbed.job import JobSpec
+from testbed.methods.job import JobSpec
 from testbed.node import serde
-from testbed.node.channels import CONTROL_CHANNEL_OPTIONS
-from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
+from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
+from testbed.node.records import LoadArgs, LoadTimes, NodeAddress, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
 
 

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 import torch
 
 from testbed.comm.trace import Trace
-from testbed.job import JobSpec
+from testbed.methods.job import JobSpec
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    """Where one node server is reached; a backend hands these out in rank order."""
+
+    control: str  # host:port the orchestrator uses (never shaped)
+    data: str  # host:port peers use for the data plane (shaped under emulation)
 
 
 @dataclass

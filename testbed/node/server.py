@@ -4,7 +4,7 @@ One gRPC server serves both the control plane (Node service: LoadJob, Infer, Sta
 Shutdown) and the data plane (Peer service: streams from the other ranks) on every
 ``--listen`` address; under emulation the orchestrator uses an unshaped control
 address and the peers a shaped data address. A job is built once per LoadJob
-(testbed.job.RankRunner) and runs inferences on demand; any failure inside an
+(testbed.methods.job.RankRunner) and runs inferences on demand; any failure inside an
 inference aborts the job's peer streams, so the other ranks fail at once rather
 than at their deadline. SIGTERM, SIGINT, Shutdown and (with --watch-parent) the
 death of the parent process all stop the node cleanly.
@@ -27,7 +27,7 @@ import grpc
 
 from testbed.errors import CommError, ConfigError, check
 from testbed.node import serde
-from testbed.node.channels import KEEPALIVE_TIMEOUT_S, join_hostport, make_server, split_hostport
+from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, join_hostport, make_server, split_hostport
 from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
 
@@ -97,7 +97,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         import torch
 
         from testbed.comm.grpc import GrpcCommunicator
-        from testbed.job import RankRunner
+        from testbed.methods.job import RankRunner
 
         torch.set_num_threads(args.job.threads)
         t0 = time.perf_counter()

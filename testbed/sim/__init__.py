@@ -1,4 +1,4 @@
-"""SimPy simulator: replays schedule traces over a modelled network (see DESIGN.md, sim/).
+"""SimPy simulator: replays schedule traces over a modelled network (the ``sim`` layer: beside node, below backends).
 
 Compute segments come from traces measured on this host (``testbed calibrate``,
 calibrate.py), scaled per device; messages cross a topology of shaped links with

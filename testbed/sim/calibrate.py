@@ -24,7 +24,7 @@ import torch
 from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_inprocess
 from testbed.comm.trace import Collective, Trace
 from testbed.errors import check
-from testbed.job import JobSpec, RankRunner
+from testbed.methods.job import JobSpec, RankRunner
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from testbed.errors import ConfigError, check
-from testbed.job import JobSpec
+from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
 from testbed.sim.calibrate import measure
 from testbed.sim.engine import Schedule, SimResult, simulate

@@ -1,6 +1,6 @@
 """Task accuracy of a checkpoint through the real node runtime, and through the training simulation.
 
-``runtime_eval`` is what a node does: N RankRunners (testbed.job) in-process, one per rank, each
+``runtime_eval`` is what a node does: N RankRunners (testbed.methods.job) in-process, one per rank, each
 building the model from the checkpoint's safetensors, the method (``astra`` reads the checkpoint's
 codebook file) and the evaluation split named in JobSpec.dataset; the output rank's logits are
 compared with the split's labels. ``sim_accuracy`` runs AstraSim (the training forward) on the same
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from testbed.comm import run_inprocess
-from testbed.job import JobSpec, RankRunner
+from testbed.methods.job import JobSpec, RankRunner
 from testbed.train.astra_sim import AstraSim
 from testbed.train.loop import accuracy
 

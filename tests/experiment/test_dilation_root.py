@@ -50,7 +50,7 @@ def test_same_outputs_bytes_and_status_under_f1_and_f2(tmp_path, monkeypatch):
 
 def test_recorded_durations_are_the_nodes_raw_ones_divided_by_the_factor():
     from testbed.backends.mininet import MininetBackend
-    from testbed.job import JobSpec
+    from testbed.methods.job import JobSpec
     from testbed.net.profile import LinkProfile
     from testbed.net.topology import topology_from_dict
 

@@ -107,7 +107,7 @@ def test_rank_runner_runs_methods_from_a_job_spec(method, params):
     import threading
 
     from testbed.comm import InProcessGroup
-    from testbed.job import JobSpec, RankRunner
+    from testbed.methods.job import JobSpec, RankRunner
     from testbed.models import build_model
 
     job = JobSpec(model="gpt2-tiny", method=method, world_size=2, tokens=T, params=params, seed=1)

@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-from testbed.backends.base import NodeAddress
+from testbed.node.records import NodeAddress
 from testbed.comm import InProcessGroup
-from testbed.job import JobSpec, RankRunner
+from testbed.methods.job import JobSpec, RankRunner
 from testbed.methods import METHODS
 from testbed.net.profile import LinkProfile
 

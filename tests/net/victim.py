@@ -22,7 +22,7 @@ def main(mode: str) -> None:
         time.sleep(600)
         return
     from testbed.backends.mininet import MininetBackend
-    from testbed.job import JobSpec
+    from testbed.methods.job import JobSpec
     from testbed.node.orchestrator import Orchestrator
 
     backend = MininetBackend("star")

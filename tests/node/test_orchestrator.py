@@ -15,10 +15,10 @@ import time
 import pytest
 import torch
 
-from testbed.backends.base import NodeAddress
+from testbed.node.records import NodeAddress
 from testbed.backends.loopback import LoopbackBackend
 from testbed.comm import InProcessGroup
-from testbed.job import JobSpec, RankRunner
+from testbed.methods.job import JobSpec, RankRunner
 from testbed.methods import METHODS
 from testbed.node.orchestrator import NodeError, Orchestrator
 

@@ -1,4 +1,4 @@
-"""Records and frames survive the trip through protobuf unchanged; bad jobs are named."""
+"""Records survive the trip through protobuf unchanged; bad jobs are named."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from testbed.comm.serde import tensor_to_bytes
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
-from testbed.job import JobSpec
+from testbed.methods.job import JobSpec
 from testbed.node import serde
 from testbed.node.records import LoadArgs, NodeStats, RankResult
-from testbed.proto import node_pb2, peer_pb2
+from testbed.proto import node_pb2
 
 
 def wire(msg):
@@ -55,34 +54,3 @@ def test_stats_round_trip():
     s = NodeStats(pid=7, listen_addresses=["a:1", "b:2"], job_id="j", rank=3, inferences=5, uptime_s=1.5,
                   max_rss_kib=1024)
     assert serde.read_stats_response(wire(serde.stats_response(s))) == s
-
-
-@pytest.mark.parametrize("size,chunk", [(0, 4), (3, 4), (4, 4), (9, 4), (1 << 16, 1000), (300, 1 << 20)])
-@pytest.mark.parametrize("src,tag", [(0, 0), (2, 77), (63, (1 << 40) + 5)])
-def test_hand_encoded_chunks_are_exactly_what_protobuf_makes(size, chunk, src, tag):
-    data = bytes(i % 251 for i in range(size))
-    wires = list(serde.encode_chunks(src, tag, data, chunk))
-    assert len(wires) == max(1, -(-size // chunk))
-    pieces = [data[i * chunk:(i + 1) * chunk] for i in range(len(wires))]
-    for i, (w, piece) in enumerate(zip(wires, pieces)):
-        pb = peer_pb2.Frame(chunk=peer_pb2.Chunk(src=src, tag=tag, index=i, count=len(wires), total_bytes=size,
-                                                 payload=piece))
-        assert w == pb.SerializeToString()  # byte for byte, so either side may use either codec
-        got = serde.decode_frame(w)
-        assert (got.src, got.tag, got.index, got.count, got.total_bytes) == (src, tag, i, len(wires), size)
-        assert bytes(got.payload) == piece and len(got.payload) <= chunk
-
-
-def test_chunks_of_a_tensor_reassemble_to_the_same_bytes():
-    data = tensor_to_bytes(torch.arange(1000, dtype=torch.float64))
-    frames = [serde.decode_frame(w) for w in serde.encode_chunks(1, 9, data, 777)]
-    assert b"".join(bytes(f.payload) for f in frames) == data
-
-
-def test_hello_bye_and_malformed_frames():
-    assert serde.decode_frame(serde.encode_hello("j", 0, 3)) == serde.Hello("j", 0, 3)
-    assert serde.decode_frame(serde.encode_bye()) == serde.Bye()
-    with pytest.raises(ValueError):
-        serde.decode_frame(peer_pb2.Frame().SerializeToString())  # no kind
-    with pytest.raises(Exception):
-        serde.decode_frame(b"\x12\x05\x08")  # truncated

@@ -62,7 +62,7 @@ def test_the_server_never_hangs_up_on_a_client_for_pinging_too_often():
     flight; our server must bear any number. Here a client pings every second during a 6 s call."""
     import time
 
-    from testbed.node.channels import CONTROL_CHANNEL_OPTIONS, make_server
+    from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS, make_server
 
     def slow(request, context):
         time.sleep(6)

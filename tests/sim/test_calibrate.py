@@ -10,7 +10,7 @@ import torch
 
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
-from testbed.job import JobSpec
+from testbed.methods.job import JobSpec
 from testbed.methods import METHODS
 from testbed.sim.calibrate import measure, median_trace, run_turn_taking
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint

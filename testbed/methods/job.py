@@ -29,7 +29,7 @@ class JobSpec:
     weights_path: str | None = None  # HF-format safetensors file or directory
     codebook_path: str | None = None  # astra: codebooks made by testbed.methods.astra (torch.save file)
     threads: int = 1  # torch intra-op threads per rank
-    dataset: str | None = None  # evaluation split (testbed.train.data) used as the input batch instead of random input
+    dataset: str | None = None  # evaluation split (testbed.models.datasets) used as the input batch instead of random input
 
     def __post_init__(self) -> None:
         check(isinstance(self.world_size, int) and self.world_size >= 1, "world_size", self.world_size, "an integer >= 1")
@@ -55,7 +55,7 @@ class RankRunner:
         self.job, self.rank, self.comm = job, rank, comm
         self.model = build_model(job.model, seed=job.seed, weights_path=job.weights_path)
         if job.dataset:
-            from testbed.train.data import load_split
+            from testbed.models.datasets import load_split
 
             self.input, self.labels = load_split(job.dataset)
         else:
