@@ -11,18 +11,89 @@ Algorithms (N ranks, payload of S bytes):
 - all_reduce: ring reduce-scatter + ring all-gather: 2*(N-1)/N*S sent.
 - broadcast: the source sends to every peer: (N-1)*S sent by the source.
 - send / recv: point to point.
+
+Each algorithm's message pattern is one pure function (``all_gather_plan``,
+``all_reduce_plan``, ``broadcast_plan``, ``send_plan``, ``recv_plan``): the
+Communicator executes it, and ``plan_ops`` turns it into the ops a trace records
+without running anything (the methods' stated schedules, the simulator).
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from typing import NamedTuple, Sequence
 
 import torch
 
 from testbed.comm.serde import bytes_to_tensor, tensor_to_bytes
 from testbed.comm.trace import Collective, Trace
 from testbed.errors import CommError
+
+
+class Msg(NamedTuple):
+    """One message of a collective, as the calling rank sees it."""
+
+    op: str  # "send" | "recv"
+    peer: int
+    step: int  # message step within the call (part of its tag)
+    part: int  # what it carries: all_gather: the origin rank; all_reduce: the chunk; else 0
+
+
+def peers(rank: int, world_size: int) -> list[int]:
+    """Other ranks, starting after ``rank`` (spreads load in direct all-to-all)."""
+    return [(rank + i) % world_size for i in range(1, world_size)]
+
+
+def all_gather_plan(rank: int, world_size: int) -> list[Msg]:
+    """Direct all-gather: own tensor to every peer, then one tensor from each peer (same order)."""
+    ps = peers(rank, world_size)
+    return [Msg("send", p, 0, rank) for p in ps] + [Msg("recv", p, 0, p) for p in ps]
+
+
+def all_reduce_plan(rank: int, world_size: int) -> list[Msg]:
+    """Ring all-reduce over N chunks (none for one rank). Reduce-scatter step s (s < N-1) sends
+    chunk rank-s right and adds chunk rank-s-1 from the left into its own; after it rank r owns the
+    sum of chunk r+1. All-gather step N+s then passes reduced chunks on (rank+1-s out, rank-s in)."""
+    n = world_size
+    right, left = (rank + 1) % n, (rank - 1) % n
+    out: list[Msg] = []
+    for s in range(n - 1):
+        out += [Msg("send", right, s, (rank - s) % n), Msg("recv", left, s, (rank - s - 1) % n)]
+    for s in range(n - 1):
+        out += [Msg("send", right, n + s, (rank + 1 - s) % n), Msg("recv", left, n + s, (rank - s) % n)]
+    return out
+
+
+def is_reduce_step(step: int, world_size: int) -> bool:
+    """Whether a message of all_reduce_plan is added into the chunk (reduce-scatter) or replaces it."""
+    return step < world_size - 1
+
+
+def broadcast_plan(rank: int, world_size: int, src: int) -> list[Msg]:
+    """The source sends to every peer; every other rank receives once from the source."""
+    if rank == src:
+        return [Msg("send", p, 0, 0) for p in peers(src, world_size)]
+    return [Msg("recv", src, 0, 0)]
+
+
+def send_plan(dst: int) -> list[Msg]:
+    return [Msg("send", dst, 0, 0)]
+
+
+def recv_plan(src: int) -> list[Msg]:
+    return [Msg("recv", src, 0, 0)]
+
+
+def split_sizes(numel: int, world_size: int) -> list[int]:
+    """Element counts of torch.tensor_split(x, world_size) for x of ``numel`` elements (all_reduce's chunks)."""
+    base, extra = divmod(numel, world_size)
+    return [base + (1 if i < extra else 0) for i in range(world_size)]
+
+
+def plan_ops(plan: Sequence[Msg], part_bytes: Sequence[int]) -> list[tuple[str, int, int]]:
+    """The trace ops (op, peer, payload bytes) of a plan whose part i has ``part_bytes[i]`` bytes."""
+    return [(m.op, m.peer, part_bytes[m.part]) for m in plan]
 
 
 class Communicator(ABC):
@@ -56,20 +127,20 @@ class Communicator(ABC):
     # -- public collectives -------------------------------------------------
     @property
     def peers(self) -> list[int]:
-        """Other ranks, starting after this one (spreads load in direct all-to-all)."""
-        n = self.world_size
-        return [(self.rank + i) % n for i in range(1, n)]
+        """Other ranks, starting after this one."""
+        return peers(self.rank, self.world_size)
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's tensor, in rank order. Shapes may differ between ranks."""
         with _Call(self, "all_gather") as c:
             data = c.encode(t)
-            for p in self.peers:
-                c.post(p, 0, data, t.nbytes)
             out: list[torch.Tensor | None] = [None] * self.world_size
             out[self.rank] = t
-            for p in self.peers:
-                out[p] = c.decode(c.take(p, 0))
+            for m in all_gather_plan(self.rank, self.world_size):
+                if m.op == "send":
+                    c.post(m.peer, m.step, data, t.nbytes)
+                else:
+                    out[m.part] = c.decode(c.take(m.peer, m.step))
             return out  # type: ignore[return-value]
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -80,15 +151,13 @@ class Communicator(ABC):
         with _Call(self, "all_reduce") as c:
             shape = t.shape
             chunks = [x.clone() for x in torch.tensor_split(t.reshape(-1), n)]
-            right, left = (self.rank + 1) % n, (self.rank - 1) % n
-            for s in range(n - 1):  # reduce-scatter: after it, rank r owns the sum of chunk r+1
-                send_i, recv_i = (self.rank - s) % n, (self.rank - s - 1) % n
-                c.post(right, s, c.encode(chunks[send_i]), chunks[send_i].nbytes)
-                chunks[recv_i] += c.decode(c.take(left, s))
-            for s in range(n - 1):  # all-gather of the reduced chunks
-                send_i, recv_i = (self.rank + 1 - s) % n, (self.rank - s) % n
-                c.post(right, n + s, c.encode(chunks[send_i]), chunks[send_i].nbytes)
-                chunks[recv_i] = c.decode(c.take(left, n + s))
+            for m in all_reduce_plan(self.rank, n):
+                if m.op == "send":
+                    c.post(m.peer, m.step, c.encode(chunks[m.part]), chunks[m.part].nbytes)
+                elif is_reduce_step(m.step, n):
+                    chunks[m.part] += c.decode(c.take(m.peer, m.step))
+                else:
+                    chunks[m.part] = c.decode(c.take(m.peer, m.step))
             return torch.cat(chunks).reshape(shape)
 
     def broadcast(self, t: torch.Tensor | None, src: int) -> torch.Tensor:
@@ -97,18 +166,22 @@ class Communicator(ABC):
             if self.rank == src:
                 assert t is not None, "broadcast source must pass a tensor"
                 data = c.encode(t)
-                for p in self.peers:
-                    c.post(p, 0, data, t.nbytes)
-                return t
-            return c.decode(c.take(src, 0))
+            for m in broadcast_plan(self.rank, self.world_size, src):
+                if m.op == "send":
+                    c.post(m.peer, m.step, data, t.nbytes)
+                else:
+                    t = c.decode(c.take(m.peer, m.step))
+            return t
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         with _Call(self, "send") as c:
-            c.post(dst, 0, c.encode(t), t.nbytes)
+            (m,) = send_plan(dst)
+            c.post(m.peer, m.step, c.encode(t), t.nbytes)
 
     def recv(self, src: int) -> torch.Tensor:
         with _Call(self, "recv") as c:
-            return c.decode(c.take(src, 0))
+            (m,) = recv_plan(src)
+            return c.decode(c.take(m.peer, m.step))
 
 
 _KINDS = ("all_gather", "all_reduce", "broadcast", "send", "recv")
