@@ -21,10 +21,10 @@ ViT; GPT-2 has no CLS token), ``lookup_tables`` ("auto", True, False): since h^ 
 per-group codebook entries, [K^ | V^] = sum_g T[g, code_g] with tables T[g] = C_g [Wk | Wv][:, g]^T
 (+ biases in group 0) [G, K, 2D] precomputed at build time; this is the same math as the direct
 path (tested) and turns the K/V projection of non-local tokens into lookups. "auto" uses tables when they fit in 256 MiB
-for the whole model. ``calibration_samples``: inputs for k-means when no codebook file is given.
+for the whole model. ``calibration_samples``: inputs k-means fits to when no codebook file is given.
 Codebooks come from ``codebook_path`` (vq.load_codebooks; G and K then default to the file's) or,
-if None, from vq.calibrate_codebooks at build time (deterministic, but every rank repeats it: the
-runner should compute them once and pass the path).
+if None, from vq.fit_codebooks at build time (deterministic, but every rank repeats it: the
+runner should fit them once and pass the path).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from testbed.errors import CommError, check
 from testbed.methods import vq
-from testbed.methods.base import FP32_BYTES, Method, all_gather_bytes, global_mask, packed_bytes, token_chunks
+from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, gathers, global_mask, packed_bytes, parse_params,
+                                  stack, token_chunks)
 from testbed.models.layers import attend
 
 HEADER = struct.Struct("<BBHI")  # version, bits per code, groups, number of token vectors (B*t)
@@ -67,53 +68,86 @@ class Astra(Method):
     DEFAULTS: dict[str, Any] = {"groups": None, "codebook_size": None, "dct": None, "lookup_tables": "auto",
                                 "calibration_samples": 2}
 
+    FALLBACK: dict[str, int] = {"groups": 1, "codebook_size": 1024}  # G, K without params or codebook file
+
     def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
         super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
-        self._resolve_params(codebook_path)
-        p, L, D = self.params, self.cfg.n_layers, self.cfg.dim
+        p = self.params
         self.groups, self.codebook_size, self.dct = p["groups"], p["codebook_size"], p["dct"]
         self.bits = vq.code_bits(self.codebook_size)
         self.cls = 1 if self.dct else 0  # leading local tokens that are never exchanged
-        if self.dct:
-            check(world_size <= tokens - 1, "world_size", world_size,
-                  f"1..{tokens - 1}: at most one rank per patch token (tokens={tokens} incl. CLS)")
         self.chunks = token_chunks(tokens - self.cls, world_size)  # over exchanged tokens
-        self.output_rank = world_size - 1 if model.causal else 0
-        self.codebooks = self._codebooks(codebook_path, tokens)
+        self.codebooks = self._codebooks(tokens)
         self.quantizers = [vq.Quantizer(cb) for cb in self.codebooks]
         self.tables = self._tables() if self._use_tables() else None
         # VQ time of the last forward: wall seconds, and CPU seconds of the calling thread (the
         # whole VQ work only with 1 torch thread; robust to other load on the machine)
         self.vq_s = dict.fromkeys(_VQ_KEYS, 0.0)
 
-    # -- build --------------------------------------------------------------------------------
-    def _resolve_params(self, codebook_path: str | None) -> None:
-        p, D, vit = self.params, self.cfg.dim, self.cfg.kind == "vit"
-        self._file = vq.load_codebooks(codebook_path) if codebook_path else None
-        if self._file is not None:
-            cb = self._file[0]
-            vq.check_codebooks(cb, self.cfg.n_layers, D, "codebook_path")
-            for key, have in (("groups", cb.shape[1]), ("codebook_size", cb.shape[2])):
-                check(p[key] in (None, have), key, p[key], f"{have} (the codebook file {codebook_path!r} has {key}={have})")
+    # -- params and schedule --------------------------------------------------------------------
+    @classmethod
+    def resolve_params(cls, params, cfg=None, codebook: tuple[str, int, int] | None = None) -> dict[str, Any]:
+        """``codebook``: (path, groups, codebook_size) of a codebook file; G and K then come from it."""
+        p = parse_params(cls.name, params, cls.DEFAULTS)
+        if codebook is not None:
+            path, *shape = codebook
+            for key, have in zip(("groups", "codebook_size"), shape):
+                check(p[key] in (None, have), key, p[key], f"{have} (the codebook file {path!r} has {key}={have})")
                 p[key] = have
-        p["groups"] = 1 if p["groups"] is None else p["groups"]
-        p["codebook_size"] = 1024 if p["codebook_size"] is None else p["codebook_size"]
-        check(isinstance(p["groups"], int) and not isinstance(p["groups"], bool) and p["groups"] >= 1
-              and D % p["groups"] == 0, "groups", p["groups"], f"a positive divisor of the hidden size D={D}")
-        check(isinstance(p["codebook_size"], int) and not isinstance(p["codebook_size"], bool)
-              and 2 <= p["codebook_size"] <= 1 << 24, "codebook_size", p["codebook_size"], "an integer K in 2..2^24")
-        p["dct"] = vit if p["dct"] is None else p["dct"]
-        check(p["dct"] in (True, False), "dct", p["dct"], "true or false")
-        check(vit or not p["dct"], "dct", p["dct"], "false for GPT-2 (Distributed Class Tokens need a CLS token)")
+        for key, fallback in cls.FALLBACK.items():
+            p[key] = fallback if p[key] is None else p[key]
+        G, K = p["groups"], p["codebook_size"]
+        D = None if cfg is None else cfg.dim
+        check(isinstance(G, int) and not isinstance(G, bool) and G >= 1 and (D is None or D % G == 0), "groups", G,
+              f"a positive divisor of the hidden size D={D}" if D else "a positive integer")
+        check(isinstance(K, int) and not isinstance(K, bool) and 2 <= K <= 1 << 24, "codebook_size", K,
+              "an integer K in 2..2^24")
+        if cfg is not None:
+            vit = cfg.kind == "vit"
+            p["dct"] = vit if p["dct"] is None else p["dct"]
+            check(p["dct"] in (True, False), "dct", p["dct"], "true or false")
+            check(vit or not p["dct"], "dct", p["dct"], "false for GPT-2 (Distributed Class Tokens need a CLS token)")
+        else:
+            check(p["dct"] in (None, True, False), "dct", p["dct"], "true or false")
         check(p["lookup_tables"] in ("auto", True, False), "lookup_tables", p["lookup_tables"], "'auto', true or false")
         n = p["calibration_samples"]
         check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "calibration_samples", n, "an integer >= 1")
+        return p
 
-    def _codebooks(self, codebook_path: str | None, tokens: int) -> torch.Tensor:
+    @classmethod
+    def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
+        cls_tokens = 1 if p["dct"] else 0  # a local CLS copy per rank, never exchanged
+        if cls_tokens:
+            check(N <= T - 1, "world_size", N, f"1..{T - 1}: at most one rank per patch token (tokens={T} incl. CLS)")
+        chunks = token_chunks(T - cls_tokens, N)
+        bits = vq.code_bits(p["codebook_size"])
+        block = gathers([message_bytes(batch * (e - s), p["groups"], bits) for s, e in chunks])
+        calls = [block] * cfg.n_layers
+        if cls_tokens:  # the N final CLS vectors [B, D] fp32
+            calls.append(gathers([batch * cfg.dim * FP32_BYTES] * N))
+        return CommSchedule(cls.name, p, stack(calls, N), [e - s + cls_tokens for s, e in chunks],
+                            [e + cls_tokens if cfg.causal else T for _, e in chunks], N - 1 if cfg.causal else 0)
+
+    def _summarize(self, sent: list[int]) -> dict[str, Any]:
+        L = self.cfg.n_layers
+        blocks, final = sent[:L], sum(sent[L:])
+        return {"per_block": blocks, "final": final, "total": sum(blocks) + final}
+
+    # -- build --------------------------------------------------------------------------------
+    def _resolve(self, params, codebook_path: str | None) -> dict[str, Any]:
+        parse_params(self.name, params, self.DEFAULTS)  # unknown keys fail before the file is read
+        self._file = vq.load_codebooks(codebook_path) if codebook_path else None
+        if self._file is None:
+            return self.resolve_params(params, self.cfg)
+        cb = self._file[0]
+        vq.check_codebooks(cb, self.cfg.n_layers, self.cfg.dim, "codebook_path")
+        return self.resolve_params(params, self.cfg, codebook=(codebook_path, cb.shape[1], cb.shape[2]))
+
+    def _codebooks(self, tokens: int) -> torch.Tensor:
         if self._file is not None:
             return self._file[0].contiguous()
-        return vq.calibrate_codebooks(self.model, self.groups, self.codebook_size, tokens,
-                                      n_samples=self.params["calibration_samples"])
+        return vq.fit_codebooks(self.model, self.groups, self.codebook_size, tokens,
+                                n_samples=self.params["calibration_samples"])
 
     def _use_tables(self) -> bool:
         want = self.params["lookup_tables"]
@@ -206,15 +240,7 @@ class Astra(Method):
         s, _ = self.chunks[self.rank]
         return self.model.output(x[:, self.model.output_index(self.tokens) - s])
 
-    # -- volume ---------------------------------------------------------------------------------
-    def payload_bytes(self, t_local: int, batch: int = 1) -> int:
-        """Bytes of one block's message for t_local exchanged tokens: header + packed codes."""
-        return HEADER_BYTES + packed_bytes(batch * t_local * self.groups, self.bits)
 
-    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
-        N = self.world_size
-        s, e = token_chunks(tokens - self.cls, N)[self.rank]
-        blocks = [all_gather_bytes(self.payload_bytes(e - s, batch), N)] * self.cfg.n_layers
-        final = all_gather_bytes(batch * self.cfg.dim * FP32_BYTES, N) if self.dct else 0
-        return {"per_block": blocks, "final": final, "total": sum(blocks) + final}
-
+def message_bytes(vectors: int, groups: int, bits: int) -> int:
+    """Bytes of one block's message for ``vectors`` (B*t) token vectors: header + packed codes."""
+    return HEADER_BYTES + packed_bytes(vectors * groups, bits)

@@ -1,27 +1,59 @@
-"""What every inference method shares: the Method interface, parameter checking, the token
-split, local embeddings and the byte counts of the Communicator's collectives.
+"""What every inference method shares: the Method interface, parameter resolution, the stated
+communication schedule, the token split and local embeddings.
 
 A Method runs ONE rank of a parallel inference. It only talks to other ranks through the
 Communicator it was given; every rank of a job makes the same sequence of Communicator calls.
-``analytic_bytes`` states, from the formulas alone, how many payload bytes this rank sends;
-tests compare it with what the Communicator's trace recorded, byte for byte.
+
+Each method states, per class and without weights or tensors:
+- ``resolve_params(params, cfg)``: its params with defaults filled in and checked (the one place);
+- ``schedule(cfg, tokens, world_size, params, batch)``: per rank the collectives it will call,
+  with their exact messages, built from the Communicator's own plans (comm.base); tests check it
+  equals the trace of a real run message for message. ``analytic_bytes`` is read off it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from testbed.comm.base import Communicator
+from testbed.comm.base import Communicator, all_gather_plan, all_reduce_plan, plan_ops, split_sizes
+from testbed.comm.trace import Collective
 from testbed.errors import ConfigError, check
 
 FP32_BYTES = 4
 
 
+@dataclass
+class CommSchedule:
+    """A method's communication for one (model, tokens, world size, params, batch), stated without running.
+
+    ``collectives[r]``: rank r's Communicator calls in program order (kind and ops as its trace
+    records them). ``local_tokens[r]``: tokens whose MLP rank r computes; ``keys[r]``: keys its
+    queries attend to (the last one it sees, for causal models); ``output_rank``: holds the output.
+    """
+
+    method: str
+    params: dict[str, Any]  # resolved
+    collectives: list[list[Collective]]
+    local_tokens: list[int]
+    keys: list[int]
+    output_rank: int
+
+    @property
+    def world_size(self) -> int:
+        return len(self.collectives)
+
+    def sent(self, rank: int) -> list[int]:
+        """Payload bytes ``rank`` sends in each of its collectives."""
+        return [c.bytes_sent for c in self.collectives[rank]]
+
+
 class Method:
-    """One rank's share of an inference. Subclasses set ``name`` and ``DEFAULTS`` (param -> default)."""
+    """One rank's share of an inference. Subclasses set ``name`` and ``DEFAULTS`` (param -> default)
+    and state their schedule in ``_schedule``."""
 
     name = "method"
     DEFAULTS: dict[str, Any] = {}
@@ -30,13 +62,47 @@ class Method:
                  tokens: int, codebook_path: str | None = None):
         self.model, self.rank, self.world_size, self.comm, self.tokens = model, rank, world_size, comm, tokens
         self.cfg = model.cfg
-        self.params = parse_params(self.name, params, self.DEFAULTS)
-        check(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "an integer >= 1")
+        self.params = self._resolve(params, codebook_path)
+        self.layout = self.schedule(self.cfg, tokens, world_size, self.params)  # checks world size and tokens
         check(comm.world_size == world_size and comm.rank == rank, "world_size", world_size,
               f"the communicator's world size ({comm.world_size}) and rank ({comm.rank})")
-        check(isinstance(tokens, int) and tokens >= 1, "tokens", tokens, "an integer >= 1")
-        self.output_rank = 0
+        self.output_rank = self.layout.output_rank
 
+    def _resolve(self, params: dict[str, Any] | None, codebook_path: str | None) -> dict[str, Any]:
+        return self.resolve_params(params, self.cfg)
+
+    # -- what the class states without running ---------------------------------------------------
+    @classmethod
+    def resolve_params(cls, params: dict[str, Any] | None, cfg=None) -> dict[str, Any]:
+        """Defaults overlaid with ``params``, every value checked (ConfigError naming the param).
+
+        ``cfg`` None: only what needs no model (checks against the model's sizes are skipped).
+        Resolving resolved params returns them unchanged.
+        """
+        p = parse_params(cls.name, params, cls.DEFAULTS)
+        cls._check_params(p, cfg)
+        return p
+
+    @classmethod
+    def _check_params(cls, p: dict[str, Any], cfg) -> None:
+        """Fill model-dependent defaults in ``p`` and check its values (in place)."""
+
+    @classmethod
+    def schedule(cls, cfg, tokens: int, world_size: int, params: dict[str, Any] | None = None,
+                 batch: int = 1) -> CommSchedule:
+        """Every rank's collectives for inputs of ``tokens`` tokens and batch ``batch`` (no weights needed)."""
+        check(isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 1,
+              "world_size", world_size, "an integer >= 1")
+        check(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1, "tokens", tokens,
+              "an integer >= 1")
+        check(isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1, "batch", batch, "an integer >= 1")
+        return cls._schedule(cfg, tokens, world_size, cls.resolve_params(params, cfg), batch)
+
+    @classmethod
+    def _schedule(cls, cfg, T: int, N: int, p: dict[str, Any], batch: int) -> CommSchedule:
+        raise NotImplementedError
+
+    # -- one rank at run time ---------------------------------------------------------------------
     def forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         """Run this rank's part of one inference on the full input ``inp`` (every rank holds it).
 
@@ -51,9 +117,15 @@ class Method:
         raise NotImplementedError
 
     def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
-        """Payload bytes this rank sends per inference: ``per_block`` (list, one entry per block or
-        per all-gather round) and ``total`` (everything, final gathers included)."""
-        raise NotImplementedError
+        """Payload bytes this rank sends per inference, read off the stated schedule: ``per_block``
+        (list, one entry per block or per all-gather round) and ``total`` (everything, final gathers
+        included)."""
+        sent = self.schedule(self.cfg, tokens, self.world_size, self.params, batch).sent(self.rank)
+        return self._summarize(sent)
+
+    def _summarize(self, sent: list[int]) -> dict[str, Any]:
+        """``analytic_bytes`` from the bytes of each collective (default: one entry per collective)."""
+        return {"per_block": sent, "total": sum(sent)}
 
     def describe(self) -> str:
         """The params as one short string (for tables)."""
@@ -108,21 +180,24 @@ def check_divides_heads(cfg, world_size: int) -> None:
           f"a divisor of the model's head count n_heads={cfg.n_heads}")
 
 
-def all_gather_bytes(payload_bytes: int, world_size: int) -> int:
-    """Bytes one rank sends in Communicator.all_gather: its payload to each of the N-1 peers."""
-    return (world_size - 1) * payload_bytes
+def gathers(payloads: list[int]) -> list[Collective]:
+    """One all_gather as each rank records it, rank r contributing ``payloads[r]`` bytes."""
+    n = len(payloads)
+    return [Collective("all_gather", plan_ops(all_gather_plan(r, n), payloads)) for r in range(n)]
 
 
-def ring_all_reduce_bytes(numel: int, elem_bytes: int, world_size: int, rank: int) -> int:
-    """Bytes ``rank`` sends in Communicator.all_reduce of ``numel`` elements: the ring sends one
-    chunk (torch.tensor_split sizes) per step, N-1 reduce-scatter steps then N-1 all-gather steps."""
-    n = world_size
-    if n == 1:
-        return 0
-    base, extra = divmod(numel, n)
-    size = [base + (1 if i < extra else 0) for i in range(n)]
-    sent = sum(size[(rank - s) % n] for s in range(n - 1)) + sum(size[(rank + 1 - s) % n] for s in range(n - 1))
-    return sent * elem_bytes
+def ring_reduces(numel: int, elem_bytes: int, world_size: int) -> list[Collective] | None:
+    """One all_reduce of ``numel`` elements as each rank records it (None for one rank: no call is recorded)."""
+    if world_size == 1:
+        return None
+    chunks = [k * elem_bytes for k in split_sizes(numel, world_size)]
+    return [Collective("all_reduce", plan_ops(all_reduce_plan(r, world_size), chunks)) for r in range(world_size)]
+
+
+def output_index(cfg, T: int) -> int:
+    """Token whose final state the head reads (as the models' ``output_index``): CLS (0) for ViT,
+    the last prompt token for GPT-2."""
+    return T - 1 if cfg.causal else 0
 
 
 def packed_bytes(n_codes: int, bits: int) -> int:
@@ -137,3 +212,8 @@ def global_mask(model, q_start: int, q_end: int, T: int) -> torch.Tensor | None:
     from testbed.models.layers import causal_mask
 
     return causal_mask(torch.arange(q_start, q_end), torch.arange(T))
+
+
+def stack(calls: list[list[Collective]], world_size: int) -> list[list[Collective]]:
+    """Per rank, its Collective of each call in order (fresh objects: traces are filled in place)."""
+    return [[Collective(c[r].kind, c[r].ops) for c in calls] for r in range(world_size)]

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from testbed.errors import check
-from testbed.methods.base import FP32_BYTES, Method, all_gather_bytes, check_divides_heads, global_mask, n_tokens
+from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, check_divides_heads, gathers, global_mask,
+                                  n_tokens, stack)
 from testbed.models.layers import attend
 
 
@@ -44,12 +45,17 @@ def group_starts(n_layers: int, n_b: int) -> list[int]:
     return list(range(0, n_layers, n_b))
 
 
+def feature_slice(dim: int, world_size: int, rank: int) -> slice:
+    """The features S_r (and heads H_r, as q/k/v output dims) that rank r owns."""
+    return slice(rank * dim // world_size, (rank + 1) * dim // world_size)
+
+
 class _NarrowBlock:
     """Rank r's slice of one block of the decoupled model."""
 
     def __init__(self, block, rank: int, world_size: int, first: bool):
         D, mlp = block.attn.q.weight.shape[0], block.mlp.fc1.weight.shape[0]
-        S = slice(rank * D // world_size, (rank + 1) * D // world_size)
+        S = feature_slice(D, world_size, rank)
         M = torch.tensor_split(torch.arange(mlp), world_size)[rank]
         inp = slice(None) if first else S  # the first block of a group reads all D features
         a, m = block.attn, block.mlp
@@ -78,11 +84,7 @@ class BlockParallel(Method):
 
     def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
         super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
-        L, n_b = self.cfg.n_layers, self.params["n_b"]
-        check(isinstance(n_b, int) and not isinstance(n_b, bool) and 1 <= n_b <= L, "n_b", n_b,
-              f"an integer number of blocks per group in 1..{L} (the model's blocks)")
-        check_divides_heads(self.cfg, world_size)
-        starts = set(group_starts(L, n_b))
+        starts = set(group_starts(self.cfg.n_layers, self.params["n_b"]))
         with torch.no_grad():
             self.blocks = [_NarrowBlock(b, rank, world_size, i in starts) for i, b in enumerate(model.blocks)]
 
@@ -99,11 +101,19 @@ class BlockParallel(Method):
             return None
         return self.model.output(x[:, self.model.output_index(T)])
 
-    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
-        D, N = self.cfg.dim, self.world_size
-        per_round = all_gather_bytes(batch * tokens * (D // N) * FP32_BYTES, N)
-        rounds = [per_round] * len(group_starts(self.cfg.n_layers, self.params["n_b"]))
-        return {"per_block": rounds, "total": sum(rounds)}
+    @classmethod
+    def _check_params(cls, p, cfg) -> None:
+        n_b, L = p["n_b"], None if cfg is None else cfg.n_layers
+        check(isinstance(n_b, int) and not isinstance(n_b, bool) and n_b >= 1 and (L is None or n_b <= L), "n_b",
+              n_b, f"an integer number of blocks per group in 1..{L or 'L'} (the model's blocks)")
+
+    @classmethod
+    def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
+        check_divides_heads(cfg, N)
+        width = [len(range(cfg.dim)[feature_slice(cfg.dim, N, r)]) for r in range(N)]
+        gather = gathers([batch * T * w * FP32_BYTES for w in width])  # the [B, T, D/N] fp32 slices
+        rounds = len(group_starts(cfg.n_layers, p["n_b"]))  # one per group, per_block has one entry per round
+        return CommSchedule(cls.name, p, stack([gather] * rounds, N), [T] * N, [T] * N, 0)
 
 
 def _grouped_ln(x: torch.Tensor, ln, N: int) -> torch.Tensor:

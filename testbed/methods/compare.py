@@ -3,7 +3,7 @@
 For each method: output agreement with ``single`` (top-1 over the batch and max abs error of the
 logits), bytes each rank sent (from the trace) against the method's analytic formula, and the
 compute and communication seconds of the slowest rank. ASTRA runs with k-means codebooks
-calibrated once (as the runner does) and, as a check, with codebooks holding this input's exact
+fit once (as the runner does) and, as a check, with codebooks holding this input's exact
 block inputs, which must reproduce ``single``. Timings here are ranks sharing this machine's cores
 in one process: use them for orientation only (testbed.bench.compute pins and isolates ranks).
 """
@@ -19,7 +19,7 @@ import torch
 
 from testbed.comm import run_inprocess
 from testbed.errors import TestbedError
-from testbed.methods import METHODS, build_method
+from testbed.methods import METHODS, build_method, resolve_params
 from testbed.methods import vq
 from testbed.models import CONFIGS, build_model
 
@@ -77,11 +77,11 @@ def compare(model_name: str = "vit-tiny", tokens: int = 65, nodes: int = 4, batc
 
 
 def _codebook_files(model, inp, tokens: int, astra_params: dict, tmp: Path) -> dict[str, str | None]:
-    """k-means codebooks computed once (as the runner does), and exact ones for this input."""
-    groups, size = astra_params.get("groups", 1), astra_params.get("codebook_size", 1024)
+    """k-means codebooks fit once (as the runner does), and exact ones for this input."""
     try:
-        cbs = vq.calibrate_codebooks(model, groups, size, tokens, n_samples=astra_params.get("calibration_samples", 2))
-        exact = vq.exact_codebooks(model, inp, groups)
+        p = resolve_params("astra", astra_params, model.cfg)
+        cbs = vq.fit_codebooks(model, p["groups"], p["codebook_size"], tokens, n_samples=p["calibration_samples"])
+        exact = vq.exact_codebooks(model, inp, p["groups"])
     except TestbedError:
         return {"kmeans": None, "exact": None}  # the astra rows then show the parameter error
     vq.save_codebooks(tmp / "kmeans.pt", cbs, {"kind": "kmeans", "tokens": tokens})

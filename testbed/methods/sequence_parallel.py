@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from testbed.methods.base import (FP32_BYTES, Method, all_gather_bytes, embed_range, global_mask, n_tokens,
-                                  token_chunks)
+from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, embed_range, gathers, global_mask, n_tokens,
+                                  output_index, stack, token_chunks)
 from testbed.models.layers import attend
 
 
@@ -47,8 +47,15 @@ class SequenceParallel(Method):
     def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
         super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
         self.chunks = token_chunks(tokens, world_size)
-        out = model.output_index(tokens)
-        self.output_rank = next(r for r, (s, e) in enumerate(self.chunks) if s <= out < e)
+
+    @classmethod
+    def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
+        chunks = token_chunks(T, N)
+        gather = gathers([cls._payload_bytes(cfg, batch, e - s) for s, e in chunks])
+        out = output_index(cfg, T)
+        return CommSchedule(cls.name, p, stack([gather] * cfg.n_layers, N), [e - s for s, e in chunks],
+                            [e if cfg.causal else T for _, e in chunks],
+                            next(r for r, (s, e) in enumerate(chunks) if s <= out < e))
 
     # the exchanged form of h: fp32 as is (int8 overrides these)
     def _encode(self, h: torch.Tensor) -> torch.Tensor:
@@ -57,8 +64,10 @@ class SequenceParallel(Method):
     def _decode(self, payload: torch.Tensor, B: int, t: int) -> torch.Tensor:
         return payload
 
-    def _payload_bytes(self, B: int, t: int) -> int:
-        return B * t * self.cfg.dim * FP32_BYTES
+    @staticmethod
+    def _payload_bytes(cfg, B: int, t: int) -> int:
+        """Bytes of one rank's message for t tokens: what ``_encode`` returns, fp32 h."""
+        return B * t * cfg.dim * FP32_BYTES
 
     def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         T = n_tokens(self.model, inp)
@@ -79,12 +88,6 @@ class SequenceParallel(Method):
             return None
         return self.model.output(x[:, self.model.output_index(T) - s])
 
-    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
-        s, e = token_chunks(tokens, self.world_size)[self.rank]
-        per = all_gather_bytes(self._payload_bytes(batch, e - s), self.world_size)
-        blocks = [per] * self.cfg.n_layers
-        return {"per_block": blocks, "total": sum(blocks)}
-
 
 class SequenceParallelInt8(SequenceParallel):
     name = "sequence_parallel_int8"
@@ -95,5 +98,6 @@ class SequenceParallelInt8(SequenceParallel):
     def _decode(self, payload: torch.Tensor, B: int, t: int) -> torch.Tensor:
         return int8_decode(payload, B, t, self.cfg.dim)
 
-    def _payload_bytes(self, B: int, t: int) -> int:
-        return B * t * (self.cfg.dim + FP32_BYTES)
+    @staticmethod
+    def _payload_bytes(cfg, B: int, t: int) -> int:
+        return B * t * (cfg.dim + FP32_BYTES)  # int8 values, then one fp32 scale per token

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from testbed.methods.base import Method
+from testbed.methods.base import CommSchedule, Method
 
 
 class Single(Method):
@@ -17,5 +17,10 @@ class Single(Method):
     def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         return self.model(inp) if self.rank == self.output_rank else None
 
-    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
+    @classmethod
+    def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
+        on_0 = [T if r == 0 else 0 for r in range(N)]
+        return CommSchedule(cls.name, p, [[] for _ in range(N)], on_0, list(on_0), 0)
+
+    def _summarize(self, sent: list[int]) -> dict[str, Any]:
         return {"per_block": [0] * self.cfg.n_layers, "total": 0}

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from testbed.methods.base import FP32_BYTES, Method, check_divides_heads, global_mask, ring_all_reduce_bytes
+from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, check_divides_heads, global_mask,
+                                  ring_reduces, stack)
 from testbed.models.layers import attend
 
 
@@ -42,7 +43,6 @@ class TensorParallel(Method):
 
     def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
         super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
-        check_divides_heads(self.cfg, world_size)
         with torch.no_grad():
             self.shards = [_Shard(b, rank, world_size) for b in model.blocks]
 
@@ -58,7 +58,13 @@ class TensorParallel(Method):
             x = x + self.comm.all_reduce(F.linear(u, s.w2)) + s.b2
         return self.model.output(x[:, self.model.output_index(T)]) if self.rank == self.output_rank else None
 
-    def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
-        per = 2 * ring_all_reduce_bytes(batch * tokens * self.cfg.dim, FP32_BYTES, self.world_size, self.rank)
-        blocks = [per] * self.cfg.n_layers
+    @classmethod
+    def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
+        check_divides_heads(cfg, N)
+        reduce = ring_reduces(batch * T * cfg.dim, FP32_BYTES, N)  # the [B, T, D] fp32 partial sums
+        calls = [] if reduce is None else [reduce] * (2 * cfg.n_layers)  # attention, then MLP, per block
+        return CommSchedule(cls.name, p, stack(calls, N), [T] * N, [T] * N, 0)
+
+    def _summarize(self, sent: list[int]) -> dict[str, Any]:
+        blocks = [a + b for a, b in zip(sent[::2], sent[1::2])] or [0] * self.cfg.n_layers
         return {"per_block": blocks, "total": sum(blocks)}

@@ -1,5 +1,5 @@
 """Vector quantization for ASTRA (Liu et al., arXiv 2505.19342, Sec. 3): codebooks, nearest-code
-search, bit packing, k-means calibration and codebook files.
+search, bit packing, k-means fitting of codebooks and codebook files.
 
 Codebook layout (the contract with testbed.train): float32 ``[L, G, K, D//G]``: for every
 block l and group g, K entries of width D/G. A codebook shared by all groups is stored as G
@@ -207,12 +207,13 @@ def _check_groups(model, groups: int) -> int:
     return D // groups
 
 
-def calibrate_codebooks(model, groups: int, codebook_size: int, tokens: int, seed: int = 0,
-                        n_samples: int = 2, iters: int = 20) -> torch.Tensor:
-    """k-means codebooks [L, G, K, D//G] from the LN1 outputs of ``n_samples`` calibration inputs.
+def fit_codebooks(model, groups: int, codebook_size: int, tokens: int, seed: int = 0,
+                  n_samples: int = 2, iters: int = 20) -> torch.Tensor:
+    """k-means codebooks [L, G, K, D//G] fit to the LN1 outputs of ``n_samples`` seeded inputs
+    (ASTRA's ``calibration_samples`` param).
 
-    Calibration inputs are ``model.make_input(tokens, seed=1_000_003 + seed + i)``: seeds away from
-    the small seeds used for evaluation inputs, so calibration never sees the evaluated input.
+    Fitting inputs are ``model.make_input(tokens, seed=1_000_003 + seed + i)``: seeds away from
+    the small seeds used for evaluation inputs, so the fit never sees the evaluated input.
     ViT's CLS token is left out (ASTRA never quantizes it: Distributed Class Tokens).
     Cost: L*G k-means runs over n_samples*tokens points; deterministic for a given seed.
     """
@@ -230,6 +231,9 @@ def calibrate_codebooks(model, groups: int, codebook_size: int, tokens: int, see
         h = torch.cat(hs).view(-1, groups, d).transpose(0, 1)  # (G, n, d)
         out[l] = kmeans_groups(h, codebook_size, iters=iters, seed=seed * 7919 + l * 131)
     return out
+
+
+calibrate_codebooks = fit_codebooks  # the former name, still imported by callers outside testbed.methods
 
 
 def exact_codebooks(model, inp: torch.Tensor, groups: int) -> torch.Tensor:
