@@ -9,10 +9,13 @@ file /run/testbed-net/<id>.json records the owner process, so `testbed clean` re
 leftovers of runs whose owner is gone and never touches a live run (unless told to) or
 anything not named this way. Network namespaces are anonymous (Mininet's): they vanish with
 their last process, and their veths, qdiscs and iptables rules with them.
+
+``main`` is the `testbed clean` command.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -20,6 +23,7 @@ import re
 import signal
 import string
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,3 +183,32 @@ def clean(run_id: str | None = None, include_live: bool = False) -> Leftovers:
     for p in found.registries:
         p.unlink(missing_ok=True)
     return found
+
+
+def main(argv: list[str]) -> int:
+    """`testbed clean [--all] [--run ID] [--dry-run]`."""
+    ap = argparse.ArgumentParser(
+        prog="testbed clean",
+        description="Remove leftovers of crashed emulation runs: their processes (node servers, delay lines, "
+                    "Mininet shells) and with them their namespaces, veths, qdiscs and iptables rules; their "
+                    "bridges, IFB devices, cgroups and registry files. Runs whose owner is still alive are left "
+                    "alone unless --all is given. Nothing not named by the testbed is touched.")
+    ap.add_argument("--all", action="store_true", help="also remove runs whose owner process is still alive")
+    ap.add_argument("--run", help="only this run id (4 characters, as in bridge tb<id>s0)")
+    ap.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("testbed clean: needs root (it removes network devices and processes); run `sudo testbed clean`",
+              file=sys.stderr)
+        return 2
+    found = find_leftovers(args.run, args.all) if args.dry_run else clean(args.run, args.all)
+    verb = "would remove" if args.dry_run else "removed"
+    if found.empty():
+        print("testbed clean: nothing to remove")
+        return 0
+    print(f"testbed clean: {verb} {found.describe()}")
+    for pid, cmd in found.processes:
+        print(f"  process {pid}: {cmd[:100]}")
+    for p in found.cgroups:
+        print(f"  cgroup {p}")
+    return 0
