@@ -1,7 +1,8 @@
 """Vectorized replay of lockstep schedules: the engine.py model, one collective at a time in numpy.
 
 Every method of this testbed makes every rank call the same collectives in the same
-order, each an all-gather or a ring all-reduce of the Communicator (comm/base.py).
+order, each an all-gather or a ring all-reduce of the Communicator; their message
+patterns are the Communicator's own plans (comm/base.py), read here, not re-derived.
 For such schedules the replay needs no event per message: all messages of one
 all-gather, or of one ring step, go through the hops of their paths together.
 Per hop, messages are served first come first served exactly as in engine.py
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from testbed.comm.base import all_gather_plan, all_reduce_plan, peers, plan_ops
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.sim.network import Network, TcpModel, WireModel
-from testbed.sim.synth import all_gather_ops, ring_ops
 
 
 @dataclass(frozen=True)
@@ -69,22 +70,25 @@ def compile_lockstep(traces: list[Trace]) -> Lockstep | None:
 
 
 def _pattern(cs: list[Collective], n: int) -> tuple[str, np.ndarray] | None:
+    """("all_gather", bytes per rank) or ("ring", bytes per chunk) if rank r's ops are exactly the
+    Communicator's plan for rank r with those sizes; None otherwise."""
     if all(not c.ops for c in cs):
         return ("none", np.zeros(0))
     if n < 2:
         return None
-    if all(c.kind == "all_gather" and len(c.ops) == 2 * (n - 1) for c in cs):
-        payload = [c.ops[0][2] for c in cs]
-        if all(c.ops == all_gather_ops(payload, r) for r, c in enumerate(cs)):
-            return ("all_gather", np.array(payload, dtype=np.int64))
-    if all(c.kind == "all_reduce" and len(c.ops) == 4 * (n - 1) for c in cs):
-        o = cs[0].ops  # rank 0 sends chunk -s in reduce-scatter step s, chunk 1 first in the all-gather
-        chunks = [0] * n
-        for s in range(n - 1):
-            chunks[(-s) % n] = o[2 * s][2]
-        chunks[1 % n] = o[2 * (n - 1)][2]
-        if all(c.ops == ring_ops(chunks, r) for r, c in enumerate(cs)):
-            return ("ring", np.array(chunks, dtype=np.int64))
+    if all(c.kind == "all_gather" for c in cs):
+        plan, pattern = all_gather_plan, "all_gather"
+        sizes = [c.ops[0][2] if c.ops else 0 for c in cs]  # each rank's own payload: its first send
+    elif all(c.kind == "all_reduce" for c in cs):
+        plan, pattern = all_reduce_plan, "ring"
+        sizes = [0] * n
+        for m, op in zip(all_reduce_plan(0, n), cs[0].ops):  # every chunk leaves rank 0 once
+            if m.op == "send":
+                sizes[m.part] = op[2]
+    else:
+        return None
+    if all(c.ops == plan_ops(plan(r, n), sizes) for r, c in enumerate(cs)):
+        return (pattern, np.array(sizes, dtype=np.int64))
     return None
 
 
@@ -281,7 +285,9 @@ class LockstepReplay:
         sent = np.zeros(n, dtype=np.int64)
         right = (ranks + 1) % n
         src_ag = np.repeat(ranks, n - 1)
-        dst_ag = (src_ag + np.tile(np.arange(1, n), n)) % n  # peers in the Communicator's order
+        dst_ag = np.array([p for r in range(n) for p in peers(r, n)], dtype=np.int64)  # the Communicator's order
+        # ring: per step, the chunk each rank sends right (its plan's sends, in order)
+        ring_sends = np.array([[m.part for m in all_reduce_plan(r, n) if m.op == "send"] for r in range(n)]).T
         for k, (kind, sizes) in enumerate(ls.colls):
             c, z = ls.compute[k] * self.speed, ls.serialize[k] * self.speed
             clock, compute, ser = clock + c + z, compute + c, ser + z
@@ -293,8 +299,7 @@ class LockstepReplay:
                 clock = done
                 sent += sizes * (n - 1)
             elif kind == "ring":
-                steps = [(ranks - s) % n for s in range(n - 1)] + [(ranks + 1 - s) % n for s in range(n - 1)]
-                for chunk in steps:  # each rank sends one chunk right, then waits for one from the left
+                for chunk in ring_sends:  # each rank sends one chunk right, then waits for one from the left
                     arr = self.transfer(ranks, right, sizes[chunk], clock, unique=True)
                     got = np.empty(n)
                     got[right] = arr
