@@ -230,9 +230,14 @@ def _swept(own: LinkProfile, sweep: LinkProfile, mode: str) -> LinkProfile:
         return own
     if mode == "full":
         return sweep
-    keep_one_hop = math.sqrt(1 - sweep.loss_pct / 100)  # two hops compound to the sweep's loss
-    return replace(sweep, delay_ms=sweep.delay_ms / 2, jitter_ms=sweep.jitter_ms / 2,
-                   loss_pct=100 * (1 - keep_one_hop))
+    return half_profile(sweep)
+
+
+def half_profile(p: LinkProfile) -> LinkProfile:
+    """The ``half`` sweep mapping: one of two hops in series (star access links) whose path is ``p``:
+    same rate and queue, half the delay and jitter, and the loss that compounds over two hops to p's."""
+    keep_one_hop = math.sqrt(1 - p.loss_pct / 100)
+    return replace(p, delay_ms=p.delay_ms / 2, jitter_ms=p.jitter_ms / 2, loss_pct=100 * (1 - keep_one_hop))
 
 
 # -- validation -------------------------------------------------------------

@@ -20,6 +20,7 @@ it applies (tests check both replays agree on the methods' schedules).
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import simpy
 from testbed.comm.trace import Compute, Trace
 from testbed.errors import ConfigError, check
 from testbed.sim.lockstep import Lockstep, LockstepReplay, NotLockstepNetwork, compile_lockstep
-from testbed.sim.network import Network, TcpModel, WireModel, mathis_rate_bps, slow_start_extra_s
+from testbed.sim.network import Network, TcpModel, WireModel, tcp_stall_s, wire_bytes_with_loss
 
 _C, _S, _R, _Z = 0, 1, 2, 3  # compiled op codes: compute(s), send(dst, bytes), recv(srcs), serialize(s)
 
@@ -161,51 +162,36 @@ class _Replay:
                                                       for b in range(network.n) if a != b)
 
     def _pair_info(self, src: int, dst: int) -> tuple:
-        """Per-pair constants: hops, rtt, bottleneck, loss (cached: paths never change in a run)."""
+        """Per-pair constants: hops, rtt, bottleneck (inf: unshaped), loss (cached: paths never change in a run)."""
         key = (src, dst)
         if key not in self._pair:
+            bw = self.net.bottleneck_bps(src, dst)
             self._pair[key] = (self.net.path(src, dst), self.net.rtt_s(src, dst),
-                               self.net.bottleneck_bps(src, dst), self.net.loss(src, dst))
+                               math.inf if bw is None else bw, self.net.loss(src, dst))
         return self._pair[key]
 
-    def _stall_s(self, pair: tuple[int, int], segs: int, wire_bytes: float, now: float) -> float:
-        """Latency TCP adds to a message beyond link time: slow start, loss recovery."""
-        _, rtt, bw, p = self._pair_info(*pair)
-        tcp, stall = self.tcp, 0.0
-        if tcp.mode == "slow_start":
-            iw = tcp.initial_window_segments
-            cwnd = self.cwnd.get(pair, iw)
-            if now - self.sent_until[pair] > tcp.rto_s(rtt):  # idle: Linux restarts from the initial window
-                cwnd = min(cwnd, iw)
-            seg_rate = None if bw is None else bw / (8 * (self.wire.mss_bytes + self.wire.segment_header_bytes))
-            extra, self.cwnd[pair] = slow_start_extra_s(segs, cwnd, rtt, seg_rate)
-            stall += extra
-        if p > 0:
-            k = min(segs, tcp.dupack_threshold)
-            if tcp.loss_mode == "expected":
-                stall += (1.0 - (1.0 - p) ** k) * tcp.rto_s(rtt)
-            else:
-                stall += sum(self.rng.random() < p for _ in range(k)) * tcp.rto_s(rtt)
-            m = mathis_rate_bps(self.wire.mss_bytes, rtt, p)
-            if bw is None or m < bw:
-                stall += wire_bytes * 8 / m - (0.0 if bw is None else wire_bytes * 8 / bw)
-        return stall
+    def _draw(self, trials: int, p: float) -> int:
+        """Sampled losses: how many of ``trials`` packets are lost, each with probability p."""
+        return sum(self.rng.random() < p for _ in range(int(trials)))
 
     def send(self, src: int, dst: int, payload: int) -> None:
-        now, wire, pair = self.env.now, self.wire, (src, dst)
-        hops, _, _, p = self._pair_info(src, dst)
+        now, wire, tcp, pair = self.env.now, self.wire, self.tcp, (src, dst)
+        hops, rtt, bw, p = self._pair_info(src, dst)
         sizes = self._sizes.get(payload)
         if sizes is None:
             sizes = self._sizes[payload] = (wire.segments(payload), wire.wire_bytes(payload), wire.ack_bytes(payload))
         segs, nbytes, acks = sizes
         if p > 0:  # retransmitted segments occupy the links too
-            if self.tcp.loss_mode == "expected":
-                nbytes /= 1.0 - p
-            else:
-                nbytes += sum(self.rng.random() < p for _ in range(segs)) * nbytes / segs
-        stall = self._stall_s(pair, segs, nbytes, now) if self._tcp_costs else 0.0
+            nbytes = wire_bytes_with_loss(tcp, segs, nbytes, p, self._draw)
+        stall = 0.0
+        if self._tcp_costs:
+            cwnd = self.cwnd.get(pair, tcp.initial_window_segments)
+            stall, cwnd = tcp_stall_s(tcp, wire, segs, nbytes, rtt, bw, p, cwnd, now - self.sent_until[pair],
+                                      self._draw)
+            if tcp.mode == "slow_start":
+                self.cwnd[pair] = cwnd
         if wire.stack_bytes_per_s is not None:
-            stall += wire.stack_extra_s(payload, nbytes, self._pair_info(src, dst)[2])
+            stall += wire.stack_extra_s(payload, nbytes, bw)
         self.bytes_on_wire += nbytes + acks
         self.messages += 1
         slot: list = [None]  # its arrival time, once the last hop is reserved

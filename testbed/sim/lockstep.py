@@ -28,7 +28,7 @@ import numpy as np
 
 from testbed.comm.base import all_gather_plan, all_reduce_plan, peers, plan_ops
 from testbed.comm.trace import Collective, Compute, Trace
-from testbed.sim.network import Network, TcpModel, WireModel
+from testbed.sim.network import Network, TcpModel, WireModel, tcp_stall_s, wire_bytes_with_loss
 
 
 @dataclass(frozen=True)
@@ -182,50 +182,6 @@ class LockstepReplay:
         self.sampled_jitter = tcp.loss_mode == "sampled" and bool(np.any(self.p.jitter > 0))
         self.full = [bool(self.p.valid[..., k][~np.eye(n, dtype=bool)].all()) for k in range(self.p.h)]
 
-    def _sizes(self, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        w = self.wire
-        framed = payload + w.message_header_bytes
-        stream = framed + -(-framed // w.frame_bytes) * w.frame_header_bytes
-        segs = np.maximum(1, -(-stream // w.mss_bytes))
-        acks = -(-segs // w.ack_every) * w.segment_header_bytes if w.ack_every else np.zeros_like(segs)
-        return segs, (stream + segs * w.segment_header_bytes).astype(float), acks
-
-    def _stall(self, src, dst, segs, nbytes, t) -> np.ndarray:
-        """engine._Replay._stall_s for a batch of messages (distinct pairs)."""
-        tcp, p = self.tcp, self.p
-        rtt, bw, loss = p.rtt[src, dst], p.bottleneck[src, dst], p.loss[src, dst]
-        rto = np.maximum(tcp.min_rto_s, rtt)
-        stall = np.zeros(len(src))
-        if tcp.mode == "slow_start":
-            iw = float(tcp.initial_window_segments)
-            w = self.cwnd[src, dst]
-            w = np.where(t - self.sent_until[src, dst] > rto, np.minimum(w, iw), w)
-            rate = bw / (8 * (self.wire.mss_bytes + self.wire.segment_header_bytes))
-            with np.errstate(invalid="ignore"):
-                bdp = rate * rtt
-            bdp[np.isnan(bdp)] = np.inf  # unshaped without delay: no pipe to fill, slow start costs nothing
-            sent, rounds = np.zeros(len(src)), np.zeros(len(src))
-            while True:
-                go = (w < bdp) & (sent + w < segs)
-                if not go.any():
-                    break
-                sent, rounds, w = sent + go * w, rounds + go * rtt, np.where(go, 2 * w, w)
-            stall += np.maximum(0.0, rounds - sent / rate)
-            self.cwnd[src, dst] = w
-        if np.any(loss > 0):
-            k = np.minimum(segs, tcp.dupack_threshold)
-            if tcp.loss_mode == "expected":
-                stall += (1.0 - (1.0 - loss) ** k) * rto
-            else:
-                stall += self.rng.binomial(k, loss) * rto
-            with np.errstate(divide="ignore"):
-                mathis = np.where(loss > 0, self.wire.mss_bytes * 8 / np.where(rtt > 0, rtt, np.nan)
-                                  * np.sqrt(1.5 / np.where(loss > 0, loss, 1.0)), np.inf)
-            mathis = np.nan_to_num(mathis, nan=np.inf)
-            slow = mathis < bw
-            stall += np.where(slow, nbytes * 8 / mathis - nbytes * 8 / bw, 0.0)
-        return stall
-
     def transfer(self, src: np.ndarray, dst: np.ndarray, payload: np.ndarray, t: np.ndarray,
                  unique: bool = False) -> np.ndarray:
         """Arrival times of messages src->dst issued at t (one batch, distinct pairs, program order).
@@ -233,18 +189,19 @@ class LockstepReplay:
         ``unique``: no two messages of the batch share a link (e.g. one ring step on a star),
         so each link serves at most one of them and no ordering is needed.
         """
-        p = self.p
-        segs, nbytes, acks = self._sizes(payload)
-        loss = p.loss[src, dst]
+        p, wire, tcp = self.p, self.wire, self.tcp
+        segs, nbytes, acks = wire.segments(payload), wire.wire_bytes(payload).astype(float), wire.ack_bytes(payload)
+        loss, bw = p.loss[src, dst], p.bottleneck[src, dst]
         if self.tcp_costs and np.any(loss > 0):  # retransmitted segments occupy the links too
-            if self.tcp.loss_mode == "expected":
-                nbytes = nbytes / (1.0 - loss)
-            else:
-                nbytes = nbytes + self.rng.binomial(segs, loss) * nbytes / segs
-        stall = self._stall(src, dst, segs, nbytes, t) if self.tcp_costs else 0.0
-        if self.wire.stack_bytes_per_s is not None:  # WireModel.stack_extra_s for the batch
-            link = nbytes * 8 / p.bottleneck[src, dst]
-            stall = stall + np.maximum(0.0, payload / self.wire.stack_bytes_per_s - link)
+            nbytes = wire_bytes_with_loss(tcp, segs, nbytes, loss, self.rng.binomial)
+        stall = 0.0
+        if self.tcp_costs:
+            stall, cwnd = tcp_stall_s(tcp, wire, segs, nbytes, p.rtt[src, dst], bw, loss, self.cwnd[src, dst],
+                                      t - self.sent_until[src, dst], self.rng.binomial)
+            if tcp.mode == "slow_start":
+                self.cwnd[src, dst] = cwnd
+        if wire.stack_bytes_per_s is not None:
+            stall = stall + wire.stack_extra_s(payload, nbytes, bw)
         self.bytes_on_wire += float(nbytes.sum() + acks.sum())
         self.messages += len(src)
         a = t + self.wire.per_message_s

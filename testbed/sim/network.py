@@ -2,7 +2,10 @@
 
 Everything here is pure (no SimPy): the engine asks a ``Network`` for the path of a
 message and asks ``WireModel`` / ``TcpModel`` what a message costs. Splitting it
-this way lets tests check each formula by hand.
+this way lets tests check each formula by hand. The cost formulas (``WireModel``'s
+sizes, ``wire_bytes_with_loss``, ``tcp_stall_s``, ``slow_start_extra_s``,
+``mathis_rate_bps``) work on numbers and on numpy arrays alike: the SimPy replay
+(engine.py) calls them per message, the lock-step replay (lockstep.py) per batch.
 
 A ``Network`` is built from a ``SimTopology`` (a kind and a node count: any N) or
 from a ``testbed.net.topology.Topology`` (the Mininet engineer's YAML topologies,
@@ -27,10 +30,14 @@ Each hop serves messages first come, first served (see engine.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
 
 from testbed.errors import ConfigError, check
 from testbed.net.profile import LinkProfile
+from testbed.net.topology import half_profile
 
 KINDS = ("star", "mesh", "line", "shared_medium")
 
@@ -64,12 +71,6 @@ class Hop:
 def _hop(resource: str, p: LinkProfile) -> Hop:
     bw = None if p.bandwidth_mbps is None else float(p.bandwidth_mbps) * 1e6
     return Hop(resource, bw, p.delay_ms / 1e3, p.jitter_ms / 1e3, p.loss_pct / 100.0)
-
-
-def _half(p: LinkProfile) -> LinkProfile:
-    """One of two star access hops: same rate, half the delay and jitter, loss compounding to p's."""
-    keep = math.sqrt(1.0 - p.loss_pct / 100.0)
-    return replace(p, delay_ms=p.delay_ms / 2, jitter_ms=p.jitter_ms / 2, loss_pct=100.0 * (1.0 - keep))
 
 
 def _kind_path(topo: SimTopology, half: LinkProfile, a: int, b: int, memo: dict[str, Hop]) -> tuple[Hop, ...]:
@@ -107,7 +108,7 @@ class Network:
             check(nodes in (None, topology.n_nodes), "nodes", nodes, f"{topology.n_nodes} (the topology's)")
             check(profile is None, "profile", profile, "None: a SimTopology carries its profile")
             self.n, self.name = topology.n_nodes, topology.kind
-            half, memo = _half(topology.profile), {}
+            half, memo = half_profile(topology.profile), {}
             self._build = lambda a, b: _kind_path(topology, half, a, b, memo)
             return
         check(hasattr(topology, "host_names") and hasattr(topology, "with_sweep"), "topology", topology,
@@ -200,30 +201,37 @@ class WireModel:
         """No overhead at all: the wire carries exactly the payload (the paper's model)."""
         return cls(segment_header_bytes=0, frame_header_bytes=0, message_header_bytes=0, ack_every=0)
 
-    def stack_extra_s(self, payload_bytes: float, wire_bytes: float, bottleneck_bps: float | None) -> float:
-        """Time a message takes beyond its link time because the stack is slower than the path."""
+    def stack_extra_s(self, payload_bytes, wire_bytes, bottleneck_bps):
+        """Time a message takes beyond its link time because the stack is slower than the path
+        (``bottleneck_bps`` None or inf: unshaped)."""
         if self.stack_bytes_per_s is None:
             return 0.0
-        link = 0.0 if bottleneck_bps is None else wire_bytes * 8 / bottleneck_bps
-        return max(0.0, payload_bytes / self.stack_bytes_per_s - link)
+        bw = math.inf if bottleneck_bps is None else bottleneck_bps
+        return np.maximum(0.0, payload_bytes / self.stack_bytes_per_s - wire_bytes * 8 / bw)
 
-    def stream_bytes(self, payload_bytes: int) -> int:
+    def stream_bytes(self, payload_bytes):
         """Bytes of the TCP byte stream for one message: payload plus application framing."""
         framed = payload_bytes + self.message_header_bytes
-        return framed + math.ceil(framed / self.frame_bytes) * self.frame_header_bytes
+        return framed + _ceil_div(framed, self.frame_bytes) * self.frame_header_bytes
 
-    def segments(self, payload_bytes: int) -> int:
-        return max(1, math.ceil(self.stream_bytes(payload_bytes) / self.mss_bytes))
+    def segments(self, payload_bytes):
+        n = _ceil_div(self.stream_bytes(payload_bytes), self.mss_bytes)
+        return np.maximum(1, n) if isinstance(n, np.ndarray) else max(1, n)
 
-    def wire_bytes(self, payload_bytes: int) -> int:
+    def wire_bytes(self, payload_bytes):
         """Bytes the message puts on the forward link (stream plus per-segment headers)."""
         return self.stream_bytes(payload_bytes) + self.segments(payload_bytes) * self.segment_header_bytes
 
-    def ack_bytes(self, payload_bytes: int) -> int:
+    def ack_bytes(self, payload_bytes):
         """Bytes of ACKs the receiver sends back for the message."""
         if self.ack_every == 0:
-            return 0
-        return math.ceil(self.segments(payload_bytes) / self.ack_every) * self.segment_header_bytes
+            return 0 * payload_bytes
+        return _ceil_div(self.segments(payload_bytes), self.ack_every) * self.segment_header_bytes
+
+
+def _ceil_div(a, b):
+    """ceil(a / b) for non-negative integers or integer arrays."""
+    return -(-a // b)
 
 
 TCP_MODES = ("steady", "slow_start")
@@ -276,26 +284,78 @@ class TcpModel:
         return max(self.min_rto_s, rtt_s)
 
 
-def slow_start_extra_s(segments: int, cwnd: float, rtt_s: float, rate_segments_per_s: float | None
-                       ) -> tuple[float, float]:
+Draw = Callable[[Any, Any], Any]  # (trials, probability) -> number of successes (numbers or arrays)
+
+
+def _where(cond, a, b):
+    """np.where for arrays; a plain choice for numbers (the per-message replay stays cheap)."""
+    return np.where(cond, a, b) if isinstance(cond, np.ndarray) else (a if cond else b)
+
+
+def _maximum(a, b):
+    return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
+
+
+def _minimum(a, b):
+    return np.minimum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else min(a, b)
+
+
+def _any(x) -> bool:
+    return bool(x.any()) if isinstance(x, np.ndarray) else bool(x)
+
+
+def wire_bytes_with_loss(tcp: TcpModel, segments, wire_bytes, loss, draw: Draw):
+    """Bytes a message occupies its links with, retransmitted segments included (path loss ``loss``)."""
+    if tcp.loss_mode == "expected":
+        return wire_bytes / (1.0 - loss)
+    return wire_bytes + draw(segments, loss) * wire_bytes / segments
+
+
+def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bottleneck_bps, loss, cwnd, idle_s,
+                draw: Draw):
+    """Latency TCP adds to a message beyond its link time: slow start, then loss recovery.
+
+    ``bottleneck_bps`` inf: unshaped. ``cwnd``: the connection's window before the message (used
+    in ``slow_start`` mode), ``idle_s``: time since its last message left (an idle gap longer than
+    the RTO restarts from the initial window). Returns (stall seconds, window afterwards).
+    """
+    rto = _maximum(tcp.min_rto_s, rtt_s)
+    stall = 0.0
+    if tcp.mode == "slow_start":
+        cwnd = _where(idle_s > rto, _minimum(cwnd, float(tcp.initial_window_segments)), cwnd)
+        seg_rate = bottleneck_bps / (8 * (wire.mss_bytes + wire.segment_header_bytes))
+        stall, cwnd = slow_start_extra_s(segments, cwnd, rtt_s, seg_rate)
+    if _any(loss > 0):
+        k = _minimum(segments, tcp.dupack_threshold)  # losses among the last k wait for an RTO
+        stall = stall + ((1.0 - (1.0 - loss) ** k) if tcp.loss_mode == "expected" else draw(k, loss)) * rto
+        m = mathis_rate_bps(wire.mss_bytes, rtt_s, loss)
+        stall = stall + _where(m < bottleneck_bps, wire_bytes * 8 / m - wire_bytes * 8 / bottleneck_bps, 0.0)
+    return stall, cwnd
+
+
+def slow_start_extra_s(segments, cwnd, rtt_s, rate_segments_per_s):
     """Extra time over steady-state sending of ``segments`` starting from window ``cwnd``.
 
     Round i sends ``cwnd * 2**i`` segments and waits one RTT for their ACKs, until the
     window reaches the bandwidth-delay product (then the pipe is full and the rest
-    goes at ``rate``). Returns (extra seconds, window afterwards in segments).
+    goes at ``rate``; None or inf: unshaped). Returns (extra seconds, window afterwards in segments).
     """
-    bdp = math.inf if rate_segments_per_s is None else rate_segments_per_s * rtt_s
-    sent, t, w = 0.0, 0.0, float(cwnd)
-    while w < bdp and sent + w < segments:
-        sent += w
-        t += rtt_s
-        w *= 2
-    extra = t if rate_segments_per_s is None else t - sent / rate_segments_per_s
-    return max(0.0, extra), w
+    rate = math.inf if rate_segments_per_s is None else rate_segments_per_s
+    with np.errstate(invalid="ignore"):
+        bdp = rate * rtt_s  # nan: unshaped without delay, no pipe to fill
+    bdp = np.where(np.isnan(bdp), math.inf, bdp) if isinstance(bdp, np.ndarray) else (math.inf if bdp != bdp else bdp)
+    w = cwnd.astype(float) if isinstance(cwnd, np.ndarray) else float(cwnd)
+    sent, rounds = 0.0 * w, 0.0 * w
+    while True:
+        go = (w < bdp) & (sent + w < segments)
+        if not _any(go):
+            break
+        sent, rounds, w = sent + go * w, rounds + go * rtt_s, _where(go, 2 * w, w)
+    return _maximum(0.0, rounds - sent / rate), w
 
 
-def mathis_rate_bps(mss_bytes: int, rtt_s: float, loss: float) -> float:
-    """Steady-state TCP throughput bound under random loss (Mathis et al. 1997), bits/s."""
-    if loss <= 0 or rtt_s <= 0:
-        return math.inf
-    return mss_bytes * 8 / rtt_s * math.sqrt(1.5 / loss)
+def mathis_rate_bps(mss_bytes: int, rtt_s, loss):
+    """Steady-state TCP throughput bound under random loss (Mathis et al. 1997), bits/s (inf without loss)."""
+    ok = (loss > 0) & (rtt_s > 0)
+    rate = mss_bytes * 8 / _where(ok, rtt_s, 1.0) * (1.5 / _where(ok, loss, 1.0)) ** 0.5
+    return _where(ok, rate, math.inf)
