@@ -157,3 +157,12 @@ def test_cpu_quota_gives_each_core_a_fixed_slice_and_cores_are_spread():
     mixed = [DeviceProfile(speed=0.2, threads=1), DeviceProfile(speed=0.5, threads=2), DeviceProfile()]
     assert allocate_cores(mixed, [0, 1, 2]) == [[2], [0, 1], None]
     assert allocate_cores([DeviceProfile(speed=1, threads=8)], [0, 1]) == [[0, 1]]
+
+
+def test_half_mapping_compounds_to_the_profile():
+    from testbed.net.topology import half_profile
+
+    p = LinkProfile(50, 8, jitter_ms=2, loss_pct=19)
+    h = half_profile(p)
+    assert (h.bandwidth_mbps, h.delay_ms, h.jitter_ms) == (50, 4, 1)
+    assert math.isclose((1 - h.loss_pct / 100) ** 2, 1 - p.loss_pct / 100)

@@ -61,3 +61,29 @@ def test_slow_start_rounds():
 def test_mathis_bound():
     assert mathis_rate_bps(1448, 0.02, 0.0) == math.inf
     assert mathis_rate_bps(1448, 0.02, 0.01) == pytest.approx(1448 * 8 / 0.02 * math.sqrt(150))
+
+
+def test_cost_formulas_take_numbers_and_arrays():
+    """The SimPy replay calls them per message, the lock-step replay per batch: same numbers."""
+    import numpy as np
+
+    from testbed.sim.network import TcpModel, tcp_stall_s, wire_bytes_with_loss
+
+    w = WireModel()
+    payload = np.array([0, 100, 20000, 3_000_000])
+    for f in (w.stream_bytes, w.segments, w.wire_bytes, w.ack_bytes):
+        assert f(payload).tolist() == [f(int(x)) for x in payload]
+    assert WireModel.none().ack_bytes(payload).tolist() == [0] * 4
+    segs, nbytes = w.segments(payload), w.wire_bytes(payload).astype(float)
+    rtt, bw, loss = np.array([0.0, 0.01, 0.05, 0.2]), np.array([np.inf, 1e7, 1e8, 1e6]), np.array([0.0, 0.01, 0, 0.05])
+    cwnd, idle = np.array([10.0, 40.0, 10.0, 80.0]), np.array([0.0, 1.0, 0.0, 0.01])
+    for tcp in (TcpModel(loss_mode="expected"), TcpModel(mode="steady", loss_mode="expected")):
+        on_wire = wire_bytes_with_loss(tcp, segs, nbytes, loss, None)
+        stall, after = tcp_stall_s(tcp, w, segs, on_wire, rtt, bw, loss, cwnd, idle, None)
+        for i in range(4):
+            one = wire_bytes_with_loss(tcp, int(segs[i]), float(nbytes[i]), float(loss[i]), None)
+            assert one == pytest.approx(on_wire[i], rel=1e-15)
+            s, a = tcp_stall_s(tcp, w, int(segs[i]), one, float(rtt[i]), float(bw[i]), float(loss[i]),
+                               float(cwnd[i]), float(idle[i]), None)
+            assert (s, a) == pytest.approx((stall[i], after[i]), rel=1e-12)
+    assert stall[0] == 0.0 and stall[1] > 0  # unshaped, lossless: free; lossy: RTOs and the Mathis bound
