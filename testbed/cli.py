@@ -9,8 +9,9 @@ import sys
 COMMANDS = {
     "run": ("testbed.experiment.cli", "run_main", "run an experiment YAML (sweep link profiles, record rows, plot)"),
     "plot": ("testbed.experiment.cli", "plot_main", "make plots from a results directory"),
-    "simulate": ("testbed.sim.cli", "simulate_main", "run an experiment YAML on the SimPy model (backend: sim)"),
-    "calibrate": ("testbed.sim.cli", "calibrate_main", "measure compute profiles on this host for the simulator"),
+    "simulate": ("testbed.experiment.cli", "simulate_main", "alias of `testbed run --backend sim` (the SimPy model)"),
+    "calibrate": ("testbed.experiment.calibrate", "calibrate_main", "measure compute profiles on this host for the "
+                  "simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
     "doctor": ("testbed.experiment.doctor", "main", "what this machine can emulate, and why"),
     "clean": ("testbed.net.clean", "main", "remove leftovers of a crashed run (namespaces, links, rules, processes)"),

@@ -1,45 +1,174 @@
-"""The contract between the experiment runner and where nodes run (loopback, Mininet).
+"""The contract between the experiment runner and what runs the ranks (in-process, loopback, Mininet, sim).
 
-A backend starts one node server per rank (``python -m testbed.node``), tells the
-runner where to reach them, reshapes links between experiment cells, and tears
-everything down on close, also after errors and signals.
+The runner drives every backend the same way: ``start(n)`` once, then per cell
+``apply_profile``, per method ``load(job)`` and ``infer()`` for each inference (one
+``InferenceResult``), ``close()`` at the end, also after errors and signals. What
+differs between backends is part of the interface, with the defaults below: how links
+are shaped (``mechanism``), whether outputs are computed (``computes``) and traces kept
+(``keeps_traces``), live bandwidth traces (``replay`` / ``stop_replays``), the link
+fidelity measurement (``measures_fidelity`` / ``fidelity_table``), bytes on the wire
+(``wire_bytes``), the ids of emulated networks for the manifest (``run_ids``).
+
+``NodeBackend`` is the shared implementation of the backends that start one node
+server per rank (``python -m testbed.node``): subclasses start the nodes and hand out
+their addresses; loading and inferring go through one Orchestrator (testbed.node).
+
+Every backend is built from a ``BackendSetup``: what the runner prepared once per run.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
+from testbed.errors import ConfigError
+from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
-from testbed.node.records import NodeAddress  # noqa: F401  (backends hand these out)
+from testbed.node.records import InferenceResult, NodeAddress
+
+
+@dataclass
+class BackendSetup:
+    """What a backend is built from, prepared once per run by the runner (nothing parsed twice)."""
+
+    nodes: int  # ranks, one per node
+    timeout_s: float = 120.0  # deadline of one inference
+    log_dir: Path | None = None  # where node logs stay (None: a temporary directory)
+    run_dir: Path | None = None  # the run's results directory (a backend may write its own record there)
+    topology: Any = None  # testbed.net.topology.Topology, the experiment's devices on the node hosts
+    topology_source: Any = None  # the experiment's ``topology`` as written (a name, a path, a mapping)
+    devices: list = field(default_factory=list)  # testbed.net.topology.DeviceProfile of every rank
+    seed: int = 0  # of randomness in the links (jitter, sampled loss)
+    time_dilation: float = 1.0
+    cpu_slice_ms: float | None = None  # testbed.net.cgroups (None: its default)
+    settings: dict[str, Any] = field(default_factory=dict)  # backend-specific options (see each backend)
+    log: Callable[[str], None] = lambda _msg: None  # told about slow steps
 
 
 class Backend(ABC):
     name: str = "?"
-    #: how links are shaped: "none" (loopback), "htb+netem", "htb+nfqueue"
+    #: how links are shaped: "none" (in-process, loopback), "htb+netem", "htb+nfqueue", "sim/measured", ...
     mechanism: str = "none"
+    #: whether inferences compute outputs (agreement with the reference); False: rows say NaN
+    computes: bool = True
+    #: whether results carry per-rank schedule traces worth storing
+    keeps_traces: bool = True
+    #: whether fidelity_table() measures the links
+    measures_fidelity: bool = False
+    #: the keys of BackendSetup.settings this backend takes
+    SETTINGS: tuple[str, ...] = ()
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise testbed.net.probe.EmulationUnavailable (with the fix) if this machine cannot run the
+        backend; cheap, creates nothing."""
+
+    @classmethod
+    def from_setup(cls, setup: BackendSetup) -> "Backend":
+        """The backend for one run, built but not started (cheap; raises EmulationUnavailable or
+        ConfigError before anything is created)."""
+        return cls()
 
     @abstractmethod
-    def start(self, n_nodes: int) -> list[NodeAddress]:
-        """Start one node server per rank; return their addresses in rank order."""
+    def start(self, n_nodes: int) -> Any:
+        """Start what runs the ``n_nodes`` ranks."""
 
     @abstractmethod
     def apply_profile(self, profile: LinkProfile) -> None:
-        """Reshape every emulated link live (no teardown). Loopback accepts only an unshaped profile."""
+        """Reshape every emulated link live (no teardown). Unshaped backends accept only an unshaped profile."""
 
-    def wire_bytes(self) -> int | None:
-        """Bytes sent on the data-plane interfaces of all nodes since start (interface counters), if known."""
-        return None
+    @abstractmethod
+    def load(self, job: JobSpec) -> None:
+        """Build every rank's shard of ``job`` (replacing the previous job)."""
+
+    @abstractmethod
+    def infer(self, repetition: int | None = None) -> InferenceResult:
+        """One inference of the loaded job. ``repetition``: the row's repetition index (None: a
+        warm-up); a model-based backend seeds its randomness with it, so resumed runs agree."""
 
     @abstractmethod
     def close(self) -> None:
-        """Stop nodes and remove everything this backend created. Idempotent."""
+        """Stop everything and remove everything this backend created. Idempotent."""
+
+    def wire_bytes(self) -> int | None:
+        """Bytes sent on the data plane of all nodes since start (a running counter), if known."""
+        return None
+
+    def replay(self, trace, profile: LinkProfile | None = None, loop: bool = True):
+        """Replay a testbed.net.replay.BandwidthTrace on every swept link until stop_replays()."""
+        raise ConfigError("sweep.traces", getattr(trace, "name", "a trace"),
+                          f"a backend that replays traces (mininet), not {self.name}")
+
+    def stop_replays(self) -> None:
+        pass
+
+    def fidelity_table(self, seconds: float = 2.0) -> list[dict]:
+        """What the links really do, one row per distinct path (only if measures_fidelity)."""
+        raise ConfigError("backend", self.name, "a backend that measures link fidelity (mininet)")
+
+    def run_ids(self) -> list[str]:
+        """Ids of the emulated networks this backend made (what `testbed clean` knows them by)."""
+        return []
 
     def __enter__(self) -> "Backend":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NodeBackend(Backend):
+    """A backend of node server processes, driven by one Orchestrator (made at the first load)."""
+
+    timeout_s: float = 120.0
+
+    def __init__(self) -> None:
+        self.addresses: list[NodeAddress] = []
+        self._client: Any = None
+
+    def start(self, n_nodes: int) -> list[NodeAddress]:
+        """Start one node server per rank; return their addresses in rank order."""
+        self.addresses = self.start_nodes(n_nodes)
+        return list(self.addresses)
+
+    @abstractmethod
+    def start_nodes(self, n_nodes: int) -> list[NodeAddress]:
+        """Start the node servers; their addresses in rank order."""
+
+    def client(self, addresses: list[NodeAddress], timeout_s: float, load_timeout_s: float | None = None):
+        """The handle on the nodes (load / infer / shutdown); building a large model on N nodes
+        sharing few cores can take minutes, hence the longer load deadline."""
+        from testbed.node.orchestrator import Orchestrator
+
+        return Orchestrator(addresses, timeout_s=timeout_s,
+                            load_timeout_s=load_timeout_s if load_timeout_s is not None else max(300.0, timeout_s))
+
+    def load(self, job: JobSpec) -> None:
+        if not self.addresses:
+            raise ConfigError("backend", f"{self.name} (not started)", "start() before load()")
+        if self._client is None:
+            self._client = self.client(self.addresses, self.timeout_s)
+        self._client.load(job)
+
+    def infer(self, repetition: int | None = None) -> InferenceResult:
+        if self._client is None:
+            raise ConfigError("job", None, "a job loaded with load() before infer()")
+        return self._client.infer()
+
+    def close(self) -> None:
+        """Stop the nodes' job (Shutdown), then the processes and whatever the subclass created."""
+        client, self._client, self.addresses = self._client, None, []
+        try:
+            if client is not None:
+                client.shutdown()
+        finally:
+            self.close_nodes()
+
+    @abstractmethod
+    def close_nodes(self) -> None:
+        """Stop the node processes and remove what start_nodes() created. Idempotent."""
 
 
 def log_tail(path: Path, n_bytes: int = 2000) -> str:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from testbed.comm.trace import Collective, Compute, Trace
-from testbed.node.orchestrator import InferenceResult, Orchestrator
-from testbed.node.records import RankResult
+from testbed.node.orchestrator import Orchestrator
+from testbed.node.records import InferenceResult, RankResult
 
 
 def undilate_trace(trace: Trace, factor: float) -> Trace:

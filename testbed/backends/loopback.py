@@ -23,32 +23,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed.backends.base import Backend, NodeAddress, log_tail
+from testbed.backends.base import BackendSetup, NodeBackend, log_tail
 from testbed.errors import CommError, ConfigError, check
 from testbed.net.profile import LinkProfile
+from testbed.node.records import NodeAddress
+from testbed.node.server import READY_PREFIX
 
-READY_PREFIX = "testbed-node listening on "
 MAX_NODES = 254  # 127.0.0.1 .. 127.0.0.254
 
 
-class LoopbackBackend(Backend):
+class LoopbackBackend(NodeBackend):
     name = "loopback"
     mechanism = "none"
 
-    def __init__(self, start_timeout_s: float = 60.0, log_dir: str | None = None, python: str = sys.executable):
+    def __init__(self, start_timeout_s: float = 60.0, log_dir: str | None = None, python: str = sys.executable,
+                 timeout_s: float = 120.0):
         """``start_timeout_s``: for all nodes to print their address (importing torch takes seconds
         on a busy machine). ``log_dir``: where node logs (stderr) go and stay; default a temporary
-        directory removed by close()."""
+        directory removed by close(). ``timeout_s``: deadline of one inference."""
+        super().__init__()
         check(isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0, "start_timeout_s",
               start_timeout_s, "a number of seconds > 0")
-        self.start_timeout_s, self.python = start_timeout_s, python
+        self.start_timeout_s, self.python, self.timeout_s = start_timeout_s, python, timeout_s
         self._own_logs = log_dir is None
         self.log_dir = Path(log_dir) if log_dir else None
         self.procs: list[subprocess.Popen] = []
-        self.addresses: list[NodeAddress] = []
         self._pgid: int | None = None
 
-    def start(self, n_nodes: int) -> list[NodeAddress]:
+    @classmethod
+    def from_setup(cls, setup: BackendSetup) -> "LoopbackBackend":
+        return cls(log_dir=str(setup.log_dir) if setup.log_dir else None, timeout_s=setup.timeout_s)
+
+    def start_nodes(self, n_nodes: int) -> list[NodeAddress]:
         check(isinstance(n_nodes, int) and 1 <= n_nodes <= MAX_NODES, "n_nodes", n_nodes,
               f"an integer in 1..{MAX_NODES}")
         if self.procs:
@@ -61,11 +67,10 @@ class LoopbackBackend(Backend):
             for i in range(n_nodes):
                 self.procs.append(self._spawn(i))
             deadline = time.monotonic() + self.start_timeout_s
-            self.addresses = [self._await_address(i, deadline) for i in range(n_nodes)]
+            return [self._await_address(i, deadline) for i in range(n_nodes)]
         except BaseException:
             self.close()
             raise
-        return list(self.addresses)
 
     def _spawn(self, rank: int) -> subprocess.Popen:
         argv = [self.python, "-m", "testbed.node", "--listen", f"127.0.0.{rank + 1}:0", "--watch-parent"]
@@ -122,7 +127,7 @@ class LoopbackBackend(Backend):
             check(getattr(profile, name) == 0, name, getattr(profile, name), f"0, {hint}")
         check(profile.queue_packets is None, "queue_packets", profile.queue_packets, f"null, {hint}")
 
-    def close(self, grace_s: float = 3.0) -> None:
+    def close_nodes(self, grace_s: float = 3.0) -> None:
         """Stop every node (SIGTERM to the group, SIGKILL after ``grace_s``), reap them. Idempotent."""
         atexit.unregister(self.close)
         if self._pgid is not None and any(p.poll() is None for p in self.procs):

@@ -32,17 +32,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from testbed.backends.base import Backend, NodeAddress, log_tail
+from testbed.backends.base import BackendSetup, NodeBackend, log_tail
+from testbed.comm.channels import KEEPALIVE_TIMEOUT_S
 from testbed.net.cgroups import DEFAULT_SLICE_MS
 from testbed.errors import CommError, ConfigError, check
 from testbed.net.probe import FIX, EmulationUnavailable
 from testbed.net.profile import LinkProfile
 from testbed.net.replay import BandwidthTrace, TraceReplay
 from testbed.net.topology import Topology, load_topology
+from testbed.node.records import NodeAddress
+from testbed.node.server import READY_PREFIX
 
-READY_PREFIX = "testbed-node listening on "
 LINUX_RTO_MIN_MS = 200.0  # TCP_RTO_MIN: the minimum retransmission timeout of Linux
-KEEPALIVE_TIMEOUT_S = 20.0  # the nodes' default gRPC keepalive ack timeout (testbed.comm.channels)
 
 
 def _quick_check() -> None:
@@ -55,24 +56,26 @@ def _quick_check() -> None:
         raise EmulationUnavailable(f"Mininet's Python API is not installed. Fix: {FIX}") from None
 
 
-class MininetBackend(Backend):
+class MininetBackend(NodeBackend):
     name = "mininet"
+    measures_fidelity = True
 
     def __init__(self, topology: Topology | str | dict, mechanism: str = "auto", start_timeout_s: float = 120.0,
                  log_dir: str | None = None, python: str = sys.executable, seed: int = 0,
-                 time_dilation: float = 1.0, cpu_slice_ms: float = DEFAULT_SLICE_MS):
+                 time_dilation: float = 1.0, cpu_slice_ms: float = DEFAULT_SLICE_MS, timeout_s: float = 120.0):
         """``topology``: a Topology, a topologies/ name, a YAML path or an inline mapping, in
         device time. ``mechanism``: auto | htb+nfqueue | htb+netem. ``start_timeout_s``: for
         all nodes to print their addresses. ``log_dir``: node logs (stderr) stay there; default a
         temporary directory removed by close(). ``seed``: of the delay lines' jitter.
         ``time_dilation``: F >= 1 (see the module docstring). ``cpu_slice_ms``: see
-        testbed.net.cgroups."""
+        testbed.net.cgroups. ``timeout_s``: deadline of one inference, in device time."""
         _quick_check()
+        super().__init__()
         check(isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0, "start_timeout_s",
               start_timeout_s, "a number of seconds > 0")
         check(isinstance(time_dilation, (int, float)) and not isinstance(time_dilation, bool) and time_dilation >= 1,
               "time_dilation", time_dilation, "a number >= 1")
-        self.time_dilation, self.cpu_slice_ms = float(time_dilation), cpu_slice_ms
+        self.time_dilation, self.cpu_slice_ms, self.timeout_s = float(time_dilation), cpu_slice_ms, timeout_s
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         self.requested_mechanism, self.start_timeout_s, self.python, self.seed = mechanism, start_timeout_s, python, seed
         self._own_logs = log_dir is None
@@ -83,7 +86,18 @@ class MininetBackend(Backend):
         self.replays: list[TraceReplay] = []
         self.last_change_s: float | None = None
 
-    def start(self, n_nodes: int) -> list[NodeAddress]:
+    @classmethod
+    def check_available(cls) -> None:
+        _quick_check()
+
+    @classmethod
+    def from_setup(cls, setup: BackendSetup) -> "MininetBackend":
+        """On the experiment's topology (its devices on the node hosts), loaded once by the runner."""
+        return cls(setup.topology, log_dir=str(setup.log_dir) if setup.log_dir else None, seed=setup.seed,
+                   time_dilation=setup.time_dilation, timeout_s=setup.timeout_s,
+                   cpu_slice_ms=setup.cpu_slice_ms if setup.cpu_slice_ms is not None else DEFAULT_SLICE_MS)
+
+    def start_nodes(self, n_nodes: int) -> list[NodeAddress]:
         from testbed.net.emulation import Emulation
 
         n_hosts = len(self.topology.hosts)
@@ -175,6 +189,10 @@ class MininetBackend(Backend):
     def wire_bytes(self) -> int | None:
         return self.emulation.wire_bytes() if self.emulation is not None else None
 
+    def run_ids(self) -> list[str]:
+        run = self.emulation.run if self.emulation is not None else None
+        return [run.run_id] if run is not None else []
+
     def fidelity_table(self, seconds: float = 2.0) -> list[dict]:
         """Measure one host pair per distinct path profile (iperf3 + ping); rows as dicts.
 
@@ -202,7 +220,7 @@ class MininetBackend(Backend):
             raise ConfigError("backend", "mininet (not started)", "start() before shaping or measuring")
 
     # -- teardown ------------------------------------------------------------------
-    def close(self) -> None:
+    def close_nodes(self) -> None:
         """Stop replays and nodes, then remove the whole emulated network. Idempotent."""
         try:
             self.stop_replays()

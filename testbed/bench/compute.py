@@ -24,13 +24,12 @@ K=1024 that is ~8% by arithmetic alone.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import torch
 
 from testbed.comm.base import Communicator, check_tag
-from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup
+from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_ranks
 from testbed.errors import CommError
 from testbed.methods import build_method
 from testbed.methods import vq
@@ -90,24 +89,12 @@ def record(model, name: str, params: dict, n: int, inp: torch.Tensor, tokens: in
     """Run all ranks once in threads; return (per-rank inboxes, output, output rank)."""
     group = InProcessGroup(n, timeout_s=600)
     comms = [_Recording(group, r) for r in range(n)]
-    outs: list = [None] * n
-    errors: list = []
 
-    def body(r: int) -> None:
-        try:
-            m = build_method(name, model, params, r, n, comms[r], tokens=tokens, codebook_path=path)
-            outs[r] = (m.forward(inp), m.output_rank)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-            group.aborted.set()
+    def body(r: int):
+        m = build_method(name, model, params, r, n, comms[r], tokens=tokens, codebook_path=path)
+        return m.forward(inp), m.output_rank
 
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    outs = run_ranks(n, body, group.aborted.set)
     rank = outs[0][1]
     return [c.inbox for c in comms], outs[rank][0], rank
 

@@ -92,7 +92,8 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
               "(sudo make run, or testbed run experiments/quickstart.yaml) and pass its results "
               "directory with --emulated RUN_DIR.")
         return
-    from testbed.sim.validate import emulation_cpus, summary, validate_run
+    from testbed.experiment.validation import emulation_cpus, validate_run
+    from testbed.sim.validate import summary
 
     for run_dir in args.emulated:
         cpus = None if args.no_contention else emulation_cpus(run_dir) or os.cpu_count()

@@ -51,33 +51,48 @@ class InProcessCommunicator(Communicator):
         return data
 
 
-def run_inprocess(world_size: int, fn: Callable[[int, Communicator], T], timeout_s: float = 120.0,
-                  group: InProcessGroup | None = None) -> list[T]:
-    """Run ``fn(rank, comm)`` for every rank in its own thread; return results in rank order.
+def run_ranks(world_size: int, fn: Callable[[int], T], abort: Callable[[], None] = lambda: None,
+              name: str = "rank") -> list[T]:
+    """Run ``fn(rank)`` for every rank in its own thread; return results in rank order.
 
-    ``group``: a prepared group (e.g. one whose communicators take turns on the CPU); by default a
-    plain InProcessGroup(world_size, timeout_s). The first exception (lowest rank among the
-    failures) is re-raised after all threads stop.
+    When a rank fails, ``abort()`` is called so the others stop waiting for it; after every
+    thread stopped, the first real failure (lowest rank among those that did not merely see the
+    group aborted) is re-raised. Interrupted while waiting (Ctrl-C, a signal's exception):
+    ``abort()``, then the interruption propagates.
     """
-    group = group or InProcessGroup(world_size, timeout_s)
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
 
     def body(rank: int) -> None:
         try:
-            results[rank] = fn(rank, group.communicator(rank))
+            results[rank] = fn(rank)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors[rank] = e
-            group.aborted.set()
+            abort()
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"rank{r}", daemon=True) for r in range(world_size)]
+    threads = [threading.Thread(target=body, args=(r,), name=f"{name}{r}", daemon=True) for r in range(world_size)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:
+        abort()
+        raise
     # prefer a real failure over the "group aborted" errors it caused in other ranks
     real = [e for e in errors if e is not None and "group aborted" not in str(e)]
     first = real[0] if real else next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
     return results
+
+
+def run_inprocess(world_size: int, fn: Callable[[int, Communicator], T], timeout_s: float = 120.0,
+                  group: InProcessGroup | None = None) -> list[T]:
+    """Run ``fn(rank, comm)`` for every rank in its own thread over one in-process group (run_ranks).
+
+    ``group``: a prepared group (e.g. one whose communicators take turns on the CPU); by default a
+    plain InProcessGroup(world_size, timeout_s).
+    """
+    group = group or InProcessGroup(world_size, timeout_s)
+    return run_ranks(world_size, lambda rank: fn(rank, group.communicator(rank)), group.aborted.set)

@@ -98,16 +98,14 @@ def _check_topology(spec: ExperimentSpec):
 
 
 def _check_backend_available(spec: ExperimentSpec) -> None:
-    """Mininet needs root and its API: say so before anything is written (the constructor creates nothing)."""
-    if spec.backend != "mininet":
-        return
-    from testbed.experiment.topology import mininet_backend
+    """A backend this machine cannot run (mininet without root or its API) is named before anything is written."""
+    from testbed.backends import backend_class
     from testbed.net.probe import EmulationUnavailable
 
     try:
-        mininet_backend(spec)
+        backend_class(spec.backend).check_available()
     except EmulationUnavailable as e:
-        raise ConfigError("backend", "mininet", f"a machine that can emulate ({e}); or run without root with "
+        raise ConfigError("backend", spec.backend, f"a machine that can emulate ({e}); or run without root with "
                           "`--backend sim` (simulated links) or `--backend loopback` (unshaped profiles only)") from None
 
 

@@ -1,8 +1,15 @@
-"""`testbed run` and `testbed plot`.
+"""`testbed run`, `testbed simulate` (its alias with ``--backend sim``) and `testbed plot`.
 
-    testbed run EXPERIMENT.yaml [--out DIR] [--backend B] [--no-plots] [--quiet]
+    testbed run EXPERIMENT.yaml [--out DIR] [--backend B] [--no-plots] [--quiet] [sim options]
     testbed run [EXPERIMENT.yaml] --resume DIR
+    testbed simulate EXPERIMENT.yaml [--out DIR] [--tcp steady|slow_start] [--loss-mode expected|sampled]
+                     [--no-overhead] [--speed 1,1,3,3] [--calibration DIR] [--no-measure] ...
     testbed plot RESULTS_DIR
+
+Sim options (``--tcp``, ``--loss-mode``, ``--no-overhead``, ``--per-message-s``, ``--speed``,
+``--shared-cpus``, ``--calibration``, ``--no-measure``, ``--max-measure-tokens``,
+``--max-measure-nodes``, ``--calibration-repetitions``) are the sim backend's settings
+(testbed.backends.sim); another backend refuses them.
 
 Exit codes of `run`: 0 every row ok, 1 some rows failed (recorded in rows.csv),
 2 bad experiment file or arguments (nothing written), 128+signal when stopped by
@@ -20,6 +27,42 @@ from testbed.errors import ConfigError, TestbedError
 from testbed.experiment.checks import Prepared, check_spec
 from testbed.experiment.spec import BACKENDS, ExperimentSpec, load_spec, parse_spec, with_output_dir
 
+#: option dest -> the sim backend's setting it fills
+SIM_SETTINGS = {"tcp": "tcp", "loss_mode": "loss_mode", "no_overhead": "no_overhead", "per_message_s": "per_message_s",
+                "speed": "speed", "shared_cpus": "shared_cpus", "calibration": "calibration",
+                "no_measure": "measure", "max_measure_tokens": "max_measure_tokens",
+                "max_measure_nodes": "max_measure_nodes", "calibration_repetitions": "calibration_repetitions"}
+
+
+def sim_options(p: argparse.ArgumentParser, calibration_repetitions: str = "--calibration-repetitions") -> None:
+    """The sim backend's options; none given: its defaults (testbed.backends.sim.DEFAULTS)."""
+    from testbed.sim.network import LOSS_MODES, TCP_MODES
+
+    g = p.add_argument_group("backend sim")
+    g.add_argument("--tcp", choices=TCP_MODES, help="TCP start-up model (default slow_start)")
+    g.add_argument("--loss-mode", choices=LOSS_MODES, help="loss: sampled per repetition (default) or its "
+                   "expected cost")
+    g.add_argument("--no-overhead", action="store_true", default=None, help="payload only on the wire (the "
+                   "paper's model)")
+    g.add_argument("--per-message-s", type=float, help="fixed cost per message, seconds (default: the gRPC "
+                   "transport's, measured by `testbed calibrate --transport`, or measured now)")
+    g.add_argument("--speed", type=lambda s: [float(x) for x in s.split(",")],
+                   help="compute slow-down per node vs this host: one factor or N comma-separated")
+    g.add_argument("--shared-cpus", type=int, help="the nodes share this many cores (as Mininet nodes on one "
+                   "machine do): busy ranks' compute is stretched by busy*threads/cores")
+    g.add_argument("--calibration", metavar="DIR", help="compute profiles directory (default results/calibration)")
+    g.add_argument("--no-measure", action="store_false", default=None,
+                   help="never measure: use stored profiles or extrapolate")
+    g.add_argument("--max-measure-tokens", type=int, help="larger token counts are extrapolated (default 1024)")
+    g.add_argument("--max-measure-nodes", type=int, help="more nodes than this are extrapolated (default 8)")
+    g.add_argument(calibration_repetitions, dest="calibration_repetitions", type=int,
+                   help="calibration: measured inferences per profile (default 3)")
+
+
+def sim_settings(args: argparse.Namespace) -> dict:
+    """The sim options given on the command line, as backend settings."""
+    return {key: getattr(args, dest) for dest, key in SIM_SETTINGS.items() if getattr(args, dest, None) is not None}
+
 
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed run", description="Run an experiment: sweep link profiles, record "
@@ -31,6 +74,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
     p.add_argument("--no-plots", action="store_true", help="do not make plots at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim_options(p)
     return p
 
 
@@ -72,20 +116,55 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepa
 
 
 def run_main(argv: list[str]) -> int:
-    args = _run_parser().parse_args(argv)
+    return execute(_run_parser().parse_args(argv))
+
+
+def simulate_main(argv: list[str]) -> int:
+    """`testbed simulate EXPERIMENT.yaml ...`: `testbed run --backend sim` under its old name."""
+    p = argparse.ArgumentParser(prog="testbed simulate", description="Alias of `testbed run --backend sim`: run "
+                                "an experiment YAML on the SimPy model, compute times from `testbed calibrate` "
+                                "(measured on demand).")
+    p.add_argument("experiment")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: as testbed run)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim_options(p, calibration_repetitions="--repetitions")
+    args = p.parse_args(argv)
+    args.backend, args.resume = "sim", None
+    print("testbed simulate: an alias of `testbed run --backend sim` (same rows, manifest, plots and sim.json)",
+          file=sys.stderr, flush=True)
+    return execute(args, "testbed simulate")
+
+
+def _check_settings(backend: str, settings: dict) -> None:
+    """Options of one backend given to another: named, with the backends that take them."""
+    from testbed.backends import BACKENDS as REGISTRY, backend_class
+
+    for key in settings:
+        if key not in backend_class(backend).SETTINGS:
+            takers = [n for n in REGISTRY if key in backend_class(n).SETTINGS]
+            dest = next(d for d, k in SIM_SETTINGS.items() if k == key)
+            raise ConfigError(f"--{dest.replace('_', '-')}", settings[key],
+                              f"only with backend {' | '.join(takers)} (this run's backend is {backend})")
+
+
+def execute(args: argparse.Namespace, name: str = "testbed run") -> int:
+    """Check, run and report one experiment (`testbed run` and its alias `testbed simulate`)."""
+    settings = sim_settings(args)
     try:
         spec, out, resume, prepared = resolve(args)
+        _check_settings(spec.backend, settings)
     except ConfigError as e:
-        print(f"testbed run: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     from testbed.experiment.runner import Runner
 
     source = str(Path(args.experiment).resolve()) if args.experiment else None
     try:
         outcome = Runner(spec, out, prepared=prepared, resume=resume, source=source, progress=not args.quiet,
-                         plots=not args.no_plots).run()
+                         plots=not args.no_plots, backend_settings=settings).run()
     except TestbedError as e:  # the run could not go on (e.g. the backend did not start); rows so far are kept
-        print(f"\ntestbed run: failed: {e}\n  rows and manifest so far: {out}", file=sys.stderr)
+        print(f"\n{name}: failed: {e}\n  rows and manifest so far: {out}", file=sys.stderr)
         return 1
     _report(outcome)
     if outcome.status == "interrupted":

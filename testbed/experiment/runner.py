@@ -33,11 +33,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.backends import backend_class
+from testbed.backends.base import Backend
 from testbed.experiment.checks import Prepared, check_spec
 from testbed.experiment.manifest import Manifest, now_iso
 from testbed.experiment.metrics import Reference, make_reference, output_columns, timing_columns
 from testbed.experiment.progress import Progress
-from testbed.experiment.session import NodeSession
+from testbed.experiment.session import NodeSession, backend_setup
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
 from testbed.experiment.store import ResultStore, read_rows
 from testbed.methods.job import JobSpec
@@ -73,9 +75,12 @@ def cell_id(cell: Cell, method_index: int) -> str:
 
 class Runner:
     def __init__(self, spec: ExperimentSpec, out_dir: Path, *, prepared: Prepared | None = None, resume: bool = False,
-                 source: str | None = None, progress: bool = True, plots: bool = True):
-        """``prepared``: what check_spec built (model, codebooks); made here if None (the spec is checked again)."""
+                 source: str | None = None, progress: bool = True, plots: bool = True,
+                 backend_settings: dict | None = None):
+        """``prepared``: what check_spec built (model, codebooks, topology); made here if None (the spec is
+        checked again). ``backend_settings``: the backend's own options (BackendSetup.settings)."""
         self.spec, self.out_dir, self.resume = spec, Path(out_dir), resume
+        self.backend_settings = dict(backend_settings or {})
         self.prepared = prepared if prepared is not None else check_spec(
             spec, codebook_dir=Path(out_dir) / "codebooks" if resume else None)
         self.source, self.show_progress, self.make_plots = source, progress, plots
@@ -141,20 +146,18 @@ class Runner:
         todo = [t for t in todo if t[3]]
         if not todo:
             return 0
-        if self.spec.backend == "sim":
-            from testbed.experiment.simcells import run_sim_cells
-
-            return run_sim_cells(self.spec, todo, store, prog, self.base_row)
         s = self.spec
-        prog.show("computing the single-device reference")
-        ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset)
-        prog.show("astra codebooks")
-        codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
-        manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
+        ref, codebooks = None, {}
+        if backend_class(s.backend).computes:  # outputs to compare, codebooks to load
+            prog.show("computing the single-device reference")
+            ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset)
+            prog.show("astra codebooks")
+            codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
+            manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
         measured = 0
-        session = NodeSession(self.spec, on_start=lambda b: self._on_backend(manifest, b),
-                              log_dir=self.out_dir / "node-logs", time_dilation=self.dilation.factor,
-                              topology=self.prepared.topology)
+        setup = backend_setup(s, self.prepared.topology, self.dilation.factor, log_dir=self.out_dir / "node-logs",
+                              run_dir=self.out_dir, settings=self.backend_settings, log=prog.show)
+        session = NodeSession(s, setup, on_start=lambda b: self._on_backend(manifest, b))
         try:
             for cell in self.spec.cells():
                 units = [t for t in todo if t[0].index == cell.index]
@@ -177,10 +180,10 @@ class Runner:
     def _enter_cell(self, session: NodeSession, cell: Cell, manifest: Manifest) -> None:
         session.apply(cell.profile)
         self.trace_t0, self.trace_bw = None, None
-        measure = getattr(session.backend, "fidelity_table", None)
-        if measure is not None and self.spec.fidelity_s > 0 and cell.trace is None:
+        backend = session.backend
+        if backend.measures_fidelity and self.spec.fidelity_s > 0 and cell.trace is None:
             try:  # what the links really do in this cell, next to what was configured
-                table = measure(seconds=self.spec.fidelity_s)
+                table = backend.fidelity_table(seconds=self.spec.fidelity_s)
             except Exception as e:  # noqa: BLE001 - a failed check is recorded, the sweep goes on
                 table = {"error": _msg(e)}
             manifest.data.setdefault("fidelity", []).append(
@@ -188,7 +191,7 @@ class Runner:
             manifest.write()
 
     # ------------------------------------------------------------------ one method in one cell
-    def _unit(self, session: NodeSession, store: ResultStore, prog: Progress, ref: Reference, cell: Cell,
+    def _unit(self, session: NodeSession, store: ResultStore, prog: Progress, ref: Reference | None, cell: Cell,
               mi: int, method: MethodSpec, reps: list[int], codebook_path: str | None) -> int:
         """Load, warm up and measure the pending repetitions of one method in one cell; return rows written."""
         prog.show(f"{describe_cell(cell)} | {method.display}")
@@ -197,6 +200,7 @@ class Runner:
             if cell.trace is not None:
                 self._hold_trace_start(session, cell)
             session.load(job)
+            self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
             phase = "warm-up"
             for _ in range(self.spec.warmup):
                 session.infer()
@@ -210,7 +214,7 @@ class Runner:
             row = self.base_row(cell, mi, method, rep)
             wire0 = session.wire_bytes()
             try:
-                res = session.infer()
+                res = session.infer(rep)
             except Exception as e:  # noqa: BLE001
                 msg = f"repetition {rep}: {_msg(e)}"
                 return k + self._fail(session, store, prog, cell, mi, method, reps[k:], msg)
@@ -218,7 +222,7 @@ class Runner:
             row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref))
             row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
             row["status"], row["error"] = "ok", ""
-            store.append(row, [n.trace.to_dict() for n in res.nodes])
+            store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
             prog.step(1)
         return len(reps)
 
@@ -232,6 +236,8 @@ class Runner:
         session.apply(LinkProfile(self.trace_bw.points[0][1], p.delay_ms, p.jitter_ms, p.loss_pct))
 
     def _fail(self, session, store, prog, cell, mi, method, reps, msg: str) -> int:
+        if session.backend is not None:
+            self.mechanism = session.mechanism
         session.reset()  # nodes may be gone or out of step: the next unit starts fresh ones
         for rep in reps:
             row = self.base_row(cell, mi, method, rep)
@@ -266,13 +272,12 @@ class Runner:
             "repetition": rep, "started_at": now_iso(),
         }
 
-    def _on_backend(self, manifest: Manifest, backend) -> None:
-        self.mechanism = getattr(backend, "mechanism", "none")
-        run = getattr(getattr(backend, "emulation", None), "run", None)  # mininet: the id `testbed clean` knows
-        ids = manifest.data["backend"].get("emulation_runs", []) + ([run.run_id] if run is not None else [])
+    def _on_backend(self, manifest: Manifest, backend: Backend) -> None:
+        self.mechanism = backend.mechanism
+        ids = manifest.data["backend"].get("emulation_runs", []) + backend.run_ids()  # what `testbed clean` knows
         starts = manifest.data["backend"].get("starts", 0) + 1  # > 1: nodes were restarted after a failure
-        manifest.backend(getattr(backend, "name", "?"), self.mechanism,
-                         "per cell, under `fidelity`" if hasattr(backend, "fidelity_table") else None,
+        manifest.backend(backend.name, self.mechanism,
+                         "per cell, under `fidelity`" if backend.measures_fidelity else None,
                          {"starts": starts, **({"emulation_runs": ids} if ids else {})})
         for s in STOP_SIGNALS:  # a backend may install its own handlers; ours stop the sweep between rows
             signal.signal(s, _raise_interrupted)

@@ -52,11 +52,12 @@ from typing import Any
 
 import yaml
 
+from testbed.backends import BACKENDS as BACKEND_REGISTRY
 from testbed.errors import ConfigError, check
 from testbed.experiment import fields as F
 from testbed.net.profile import LinkProfile
 
-BACKENDS = ("inprocess", "loopback", "mininet", "sim")
+BACKENDS = tuple(BACKEND_REGISTRY)  # the names of the backend registry
 LINK_AXES = ("bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct")
 #: backends that run the real method but cannot shape links
 UNSHAPED_BACKENDS = ("inprocess", "loopback")

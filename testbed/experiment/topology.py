@@ -1,5 +1,5 @@
-"""How an experiment drives the Mininet backend: topology with the experiment's device
-profile, and bandwidth traces replayed while a cell runs.
+"""What an experiment asks of the links and devices: the topology with the experiment's device
+profile on the node hosts, and the bandwidth traces replayed while a cell runs.
 
 Every host that runs a node gets a device: ``nodes.device.speed`` and ``nodes.memory_mb`` of
 the experiment, when given, replace those fields of the host's device profile in the topology
@@ -11,11 +11,9 @@ count of each node). Hosts without a node keep their profile.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from testbed.errors import ConfigError
 from testbed.experiment.spec import ExperimentSpec, TraceSpec
-from testbed.net.profile import LinkProfile
 
 
 def experiment_topology(spec: ExperimentSpec, topology=None):
@@ -45,14 +43,6 @@ def node_devices(spec: ExperimentSpec, topology=None) -> list:
     return [h.device for h in hosts]
 
 
-def mininet_backend(spec: ExperimentSpec, log_dir: Path | None = None, time_dilation: float = 1.0, topology=None):
-    from testbed.backends.mininet import MininetBackend
-
-    return MininetBackend(experiment_topology(spec, topology), log_dir=str(log_dir) if log_dir else None,
-                          seed=spec.input.seed, time_dilation=time_dilation,
-                          cpu_slice_ms=spec.emulation.cpu_slice_ms)
-
-
 def bandwidth_trace(trace: TraceSpec, field: str = "sweep.traces"):
     """The replayable trace of a TraceSpec (inline points or a CSV / Mahimahi file)."""
     from testbed.net.replay import BandwidthTrace, load_trace
@@ -63,19 +53,6 @@ def bandwidth_trace(trace: TraceSpec, field: str = "sweep.traces"):
         return BandwidthTrace.from_points(list(trace.points))
     except ConfigError as e:
         raise ConfigError(f"{field}.{'path' if trace.path else 'points'} ({e.field})", e.value, e.allowed) from None
-
-
-def start_trace(backend, trace: TraceSpec) -> None:
-    """Replay ``trace`` on every swept link of a started backend, with the trace's delay, jitter and loss."""
-    if not hasattr(backend, "replay"):
-        raise ConfigError("sweep.traces", trace.name, f"a backend that replays traces (mininet), not {backend.name}")
-    base = LinkProfile(None, trace.delay_ms, trace.jitter_ms, trace.loss_pct)
-    backend.replay(bandwidth_trace(trace), base, loop=trace.loop)
-
-
-def stop_trace(backend) -> None:
-    if hasattr(backend, "stop_replays"):
-        backend.stop_replays()
 
 
 def trace_schedules(spec: ExperimentSpec) -> dict[str, tuple[list, float, bool]]:

@@ -13,17 +13,15 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import grpc
-import torch
 
 from testbed.errors import CommError, ConfigError, check
 from testbed.methods.job import JobSpec
 from testbed.node import serde
 from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
-from testbed.node.records import LoadArgs, LoadTimes, NodeAddress, NodeStats, RankResult
+from testbed.node.records import InferenceResult, LoadArgs, LoadTimes, NodeAddress, NodeStats
 from testbed.proto import node_pb2_grpc
 
 
@@ -34,18 +32,6 @@ class NodeError(CommError):
         self.phase, self.rank, self.address, self.what = phase, rank, address, what
         tail = f" [other ranks: {others}]" if others else ""
         super().__init__(f"{phase} failed on rank {rank} ({address}): {what}{tail}")
-
-
-@dataclass
-class InferenceResult:
-    output: torch.Tensor | None  # from the lowest rank that holds one
-    latency_s: float  # client-observed: from sending the requests to the last rank's reply
-    nodes: list[RankResult]  # per rank, in rank order (times, bytes, trace)
-
-    @property
-    def bytes_sent(self) -> int:
-        """Application payload bytes sent by all ranks together."""
-        return sum(n.bytes_sent for n in self.nodes)
 
 
 # Status codes that mean "this rank only saw another rank fail" (CommError on the node).

@@ -57,6 +57,20 @@ class RankResult:
 
 
 @dataclass
+class InferenceResult:
+    """One inference of a job, whatever ran it (node servers, in-process ranks, the simulator)."""
+
+    output: torch.Tensor | None  # from the lowest rank that holds one (None: nothing was computed)
+    latency_s: float  # client-observed: from sending the requests to the last rank's reply
+    nodes: list[RankResult] = field(default_factory=list)  # per rank, in rank order (times, bytes, trace)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Application payload bytes sent by all ranks together."""
+        return sum(n.bytes_sent for n in self.nodes)
+
+
+@dataclass
 class NodeStats:
     pid: int
     listen_addresses: list[str]

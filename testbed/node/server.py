@@ -33,6 +33,9 @@ from testbed.proto import node_pb2_grpc
 
 log = logging.getLogger("testbed.node")
 
+#: what a node prints on stdout, once per listen address, when it serves (backends read it)
+READY_PREFIX = "testbed-node listening on "
+
 
 def _rpc(method):
     """Map exceptions to gRPC status codes: bad input, communication, anything else."""
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.watch_parent:
         _watch_parent(node.stop_event)
     for addr in node.addresses:
-        print(f"testbed-node listening on {addr}", flush=True)
+        print(f"{READY_PREFIX}{addr}", flush=True)
     node.wait()
     node.close()
     log.info("stopped")

@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_inprocess
+from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_inprocess, run_ranks
 from testbed.comm.trace import Collective, Trace
 from testbed.errors import check
 from testbed.methods.job import JobSpec, RankRunner
@@ -122,30 +122,21 @@ def measure_transport(rounds: int = 200, bulk_bytes: int = 8 << 20, timeout_s: f
     servers = [PeerServer(f"127.0.0.{r + 1}:0") for r in range(2)]
     addresses = [s.address for s in servers]
     out: dict = {}
-    errors: list[BaseException] = []
 
     def body(rank: int) -> None:
         comm = None
         try:
             comm = GrpcCommunicator(rank, addresses, servers[rank].hub, "calibrate-transport", timeout_s=timeout_s)
             _ping_pong(comm, rounds, bulk_bytes, out)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
         finally:
             if comm is not None:
                 comm.close()
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"transport-rank{r}") for r in range(2)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_ranks(2, body, name="transport-rank")
     finally:
         for s in servers:
             s.stop()
-    if errors:
-        raise errors[0]
     return {**out, "rounds": rounds, "bulk_bytes": bulk_bytes, "how": "gRPC peer streams on 127.0.0.1/2, 2 ranks "
             "as threads of one process"}
 

@@ -1,10 +1,10 @@
-"""One experiment cell on the simulator: find its compute profile, replay it, return result rows.
+"""One experiment cell on the simulator: find its compute profile, replay it, return per-rank results.
 
-This is the API the experiment runner calls for ``backend: sim``::
+This is the API the ``sim`` backend (testbed.backends.sim) calls::
 
     sim = Simulator(SimConfig())
-    rows = sim.run(model="vit-small", method="astra", params={"groups": 1}, tokens=197, nodes=4,
-                   topology="star", profile=LinkProfile(10, 5), repetitions=3)
+    results = sim.results(model="vit-small", method="astra", params={"groups": 1}, tokens=197, nodes=4,
+                          topology="star", profile=LinkProfile(10, 5), repetitions=3)
 
 Where compute times come from, in order of preference:
 1. a measured profile of exactly this (model, method, params, tokens, nodes, threads, batch)
@@ -21,13 +21,11 @@ host). ``speed_from_device`` turns a device profile's core speed into that facto
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from testbed.errors import ConfigError, check
+from testbed.errors import check
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
 from testbed.sim.calibrate import measure
@@ -36,16 +34,6 @@ from testbed.sim.extrapolate import extrapolate
 from testbed.sim.network import KINDS, Network, SimTopology, TcpModel, WireModel
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, host_info
 from testbed.sim.synth import WIDTH_SPLIT, skeleton
-
-#: the result columns a simulated row fills (a subset of testbed.experiment.store.COLUMNS)
-ROW_COLUMNS = (
-    "experiment", "backend", "mechanism", "cell", "method", "method_params", "label", "model", "tokens", "batch",
-    "nodes", "topology", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace", "trace_time_s",
-    "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
-    "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
-    "agreement", "max_abs_err", "accuracy", "status", "error", "started_at",
-)
-
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -210,70 +198,27 @@ class Simulator:
             topology = load_topology(topology)
         return Network(topology, nodes, profile)
 
-    def run(self, *, model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int,
-            topology: Any, profile: LinkProfile, speed: float | Sequence[float] = 1.0, repetitions: int = 1,
-            threads: int = 1, batch: int = 1, experiment: str = "", cell: str = "", label: str = "",
-            first_repetition: int = 0) -> list[dict]:
-        """Rows (dicts with ROW_COLUMNS) for ``repetitions`` simulated inferences of one cell.
+    def results(self, *, model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int,
+                topology: Any, profile: LinkProfile, speed: float | Sequence[float] = 1.0, repetitions: int = 1,
+                threads: int = 1, batch: int = 1, first_repetition: int = 0) -> list[SimResult]:
+        """``repetitions`` simulated inferences of one cell (per-rank results, aggregated into a row's
+        columns by testbed.experiment.metrics.timing_columns, as measured ones are).
 
         Repetition r uses seed r for sampled loss and jitter; without loss or jitter all are equal.
-        A cell that cannot run (invalid method params, too many nodes for the heads, no calibration)
-        gives rows with status "error" and the message, as the emulated runner records failures.
+        A cell that cannot run (invalid method params, too many nodes for the heads, an unknown
+        topology, no calibration) raises ConfigError naming the field.
         """
         check(isinstance(profile, LinkProfile), "profile", profile, "a testbed.net.profile.LinkProfile")
         check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
         key = ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
-        base = {"experiment": experiment, "backend": "sim", "cell": cell, "method": method,
-                "method_params": key.params_json, "label": label or method, "model": model, "tokens": tokens,
-                "batch": batch, "nodes": nodes, "topology": _topology_name(topology),
-                "bandwidth_mbps": profile.bandwidth_mbps, "delay_ms": profile.delay_ms,
-                "jitter_ms": profile.jitter_ms, "loss_pct": profile.loss_pct, "trace": "", "trace_time_s": None,
-                "agreement": math.nan, "max_abs_err": math.nan, "accuracy": math.nan}
-        reps = range(first_repetition, first_repetition + repetitions)
-        try:
-            sched = self.schedule(key)
-            stretch = contention_factor(self._profiles[key], self.config.shared_cpus)
-            if stretch != 1.0:
-                speed = [f * stretch for f in speed] if not isinstance(speed, (int, float)) else speed * stretch
-            net = self.network(topology, nodes, profile)
-            mech = "sim/extrapolated" if self._profiles[key].extrapolated else "sim/measured"
-            results = [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r) for r in reps]
-        except ConfigError as e:
-            return [{**base, "mechanism": "sim", "repetition": r, "status": "error", "error": str(e),
-                     "started_at": _now()} for r in reps]
-        return [{**base, "mechanism": mech, "repetition": r, **result_columns(res), "status": "ok", "error": "",
-                 "started_at": _now()} for r, res in zip(reps, results)]
+        sched = self.schedule(key)
+        stretch = contention_factor(self._profiles[key], self.config.shared_cpus)
+        if stretch != 1.0:
+            speed = [f * stretch for f in speed] if not isinstance(speed, (int, float)) else speed * stretch
+        net = self.network(topology, nodes, profile)
+        return [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r)
+                for r in range(first_repetition, first_repetition + repetitions)]
 
-
-def result_columns(res: SimResult) -> dict:
-    """Timing and byte columns of one simulated inference, aggregated as the runner does for
-    measured ones (testbed.experiment.metrics.timing_columns): the critical rank's split."""
-    crit = res.critical
-    busy = [s for s in res.ranks if s.finish_s >= 0.01 * crit.finish_s] or [crit]
-    return {
-        "latency_s": res.latency_s, "compute_s": crit.compute_s, "comm_s": crit.comm_s,
-        "wait_s": crit.wait_s, "serialize_s": crit.serialize_s, "critical_rank": crit.rank,
-        "compute_s_mean": sum(s.compute_s for s in busy) / len(busy),
-        "comm_s_mean": sum(s.comm_s for s in busy) / len(busy),
-        "bytes_sent": res.bytes_sent, "bytes_sent_max_rank": max(s.bytes_sent for s in res.ranks),
-        "bytes_on_wire": res.bytes_on_wire,
-    }
-
-
-def simulate_cell(config: SimConfig | None = None, **cell: Any) -> list[dict]:
-    """``Simulator(config).run(**cell)``: rows for one cell (see ``Simulator.run``)."""
-    return Simulator(config).run(**cell)
-
-
-def _topology_name(topology: Any) -> str:
-    if isinstance(topology, SimTopology):
-        return topology.kind
-    if isinstance(topology, str):
-        return os.path.splitext(os.path.basename(topology))[0]
-    if isinstance(topology, dict):
-        return str(topology.get("name", "inline"))
-    return str(getattr(topology, "name", "?"))
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    def mechanism(self, key: ProfileKey) -> str:
+        """Where the compute times of ``key`` come from: sim/measured or sim/extrapolated."""
+        return "sim/extrapolated" if self.profile(key).extrapolated else "sim/measured"

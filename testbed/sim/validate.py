@@ -1,7 +1,7 @@
 """Simulation against emulation: the same cells predicted and measured, as a table and a plot.
 
 ``compare(emulated, sim)`` takes emulated result rows (a DataFrame with the runner's
-columns, e.g. ``testbed.experiment.store.read_rows(RUN_DIR)``) and predicts every
+columns, as a run directory's rows.csv holds them) and predicts every
 (method, params, link profile) cell that has ``ok`` rows, two ways:
 
 - ``predicted_latency_s``: the whole simulator: compute from this host's calibration
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from testbed.errors import check  # noqa: E402
+from testbed.errors import ConfigError, check  # noqa: E402
 from testbed.net.profile import LinkProfile  # noqa: E402
 from testbed.sim.engine import simulate  # noqa: E402
 from testbed.sim.simulator import Simulator  # noqa: E402
@@ -64,7 +64,7 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
     """One row per emulated cell: measured and predicted medians and their relative errors.
 
     ``topology`` overrides the rows' topology name (e.g. a loaded net.topology.Topology);
-    ``traces`` are the run's per-rank traces (``testbed.experiment.store.read_traces``).
+    ``traces`` are the run's per-rank traces (as a run directory's traces.jsonl holds them).
     """
     missing = [c for c in REQUIRED if c not in emulated.columns]
     check(not missing, "emulated rows", missing, "the runner's columns (" + ", ".join(REQUIRED) + ")")
@@ -75,19 +75,23 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         cell = dict(zip(CELL, key))
         prof = _profile(cell)
         reps = len(grp)
-        rows = sim.run(model=cell["model"], method=cell["method"], params=_params(cell["method_params"]),
-                       tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
-                       topology=topology if topology is not None else cell["topology"], profile=prof,
-                       speed=speed, repetitions=reps)
-        pred = pd.DataFrame(rows)
+        try:
+            pred = sim.results(model=cell["model"], method=cell["method"], params=_params(cell["method_params"]),
+                               tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
+                               topology=topology if topology is not None else cell["topology"], profile=prof,
+                               speed=speed, repetitions=reps)
+            status, error = "ok", ""
+        except ConfigError as e:  # a cell the simulator cannot run: recorded, the others are compared
+            pred, status, error = [], "error", str(e)
         rec = {**cell, "repetitions": reps,
                "measured_latency_s": grp["latency_s"].median(), "measured_comm_s": grp["comm_s"].median(),
                "measured_bytes_on_wire": grp["bytes_on_wire"].median(),
                "predicted_latency_s": math.nan, "predicted_comm_s": math.nan, "predicted_bytes_on_wire": math.nan,
-               "replayed_latency_s": math.nan, "sim_status": rows[0]["status"], "sim_error": rows[0]["error"]}
-        if rows[0]["status"] == "ok":
-            rec.update(predicted_latency_s=pred["latency_s"].median(), predicted_comm_s=pred["comm_s"].median(),
-                       predicted_bytes_on_wire=pred["bytes_on_wire"].median())
+               "replayed_latency_s": math.nan, "sim_status": status, "sim_error": error}
+        if pred:  # the critical rank's comm_s, as a row's comm_s (testbed.experiment.metrics.timing_columns)
+            rec.update(predicted_latency_s=float(np.median([r.latency_s for r in pred])),
+                       predicted_comm_s=float(np.median([r.critical.comm_s for r in pred])),
+                       predicted_bytes_on_wire=float(np.median([r.bytes_on_wire for r in pred])))
         runs = by_trace.get((cell["method"], cell["method_params"], *(_num(cell[c]) for c in PROFILE_COLS)))
         if runs:
             net = sim.network(topology if topology is not None else cell["topology"], int(cell["nodes"]), prof)
@@ -163,26 +167,3 @@ def save_validation(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     fig.savefig(png, dpi=150)
     plt.close(fig)
     return [csv, png]
-
-
-def emulation_cpus(run_dir: str | Path) -> int | None:
-    """Cores of the machine a run was emulated on (its manifest), for ``SimConfig.shared_cpus``."""
-    import json
-
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        return None
-    cpus = json.loads(path.read_text()).get("machine", {}).get("cpu_count")
-    return int(cpus) if isinstance(cpus, int) and cpus >= 1 else None
-
-
-def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,
-                 topology: Any = None) -> tuple[pd.DataFrame, list[Path]]:
-    """``compare`` on a `testbed run` results directory (rows and traces), saved beside it."""
-    from testbed.experiment.store import read_rows, read_traces
-
-    d = Path(run_dir)
-    rows = read_rows(d)
-    check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
-    table = compare(rows, sim, traces=read_traces(d), topology=topology)
-    return table, save_validation(table, out_dir if out_dir is not None else d / "validation")

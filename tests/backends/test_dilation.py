@@ -6,8 +6,7 @@ import torch
 
 from testbed.backends.dilation import undilate
 from testbed.comm.trace import Collective, Compute, Trace
-from testbed.node.orchestrator import InferenceResult
-from testbed.node.records import RankResult
+from testbed.node.records import InferenceResult, RankResult
 
 
 def _rank(rank: int) -> RankResult:

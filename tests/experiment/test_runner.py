@@ -80,3 +80,12 @@ def test_sim_backend_fills_the_same_columns(tmp_path, monkeypatch):
     sp = rows[rows["method"] == "sequence_parallel"].set_index(["bandwidth_mbps", "delay_ms"])["latency_s"]
     assert sp[(10.0, 0.0)] > sp[(100.0, 0.0)] and sp[(100.0, 5.0)] > sp[(100.0, 0.0)]
     assert rows["agreement"].isna().all()
+    assert (rows["mechanism"] == "sim/measured").all() and (rows["error"].fillna("") == "").all()
+    assert (rows["latency_s"] >= rows["compute_s"]).all() and (rows["compute_s"] > 0).all()
+    assert ((rows["topology"] == "star") & (rows["nodes"] == 4)).all()
+    s = rows[rows["method"] == "sequence_parallel"]
+    assert (s["comm_s"] > 0).all() and (s["bytes_on_wire"] > s["bytes_sent"]).all()
+    assert (s["bytes_sent"] == analytic_total("sequence_parallel", {}, 4, 17, None)).all()
+    assert not read_traces(tmp_path / "out")  # nothing ran: no schedule traces
+    record = json.loads((tmp_path / "out" / "sim.json").read_text())
+    assert {"wire", "tcp", "profiles"} <= set(record) and len(record["profiles"]) == 2

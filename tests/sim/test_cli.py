@@ -1,4 +1,4 @@
-"""`testbed simulate` and `testbed calibrate` end to end on a tiny model."""
+"""`testbed simulate` (the alias of `testbed run --backend sim`) and `testbed calibrate` end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from testbed.sim.cli import calibrate_main, simulate_main
-
-pytest.importorskip("testbed.experiment.spec")
+from testbed.experiment.calibrate import calibrate_main
+from testbed.experiment.cli import run_main, simulate_main
 
 EXPERIMENT = """
 name: tiny-sim
@@ -42,6 +41,33 @@ def test_simulate_writes_rows_for_every_method_profile_and_repetition(tmp_path):
     # the sweep shows: slower links cost sequence_parallel more than astra
     med = df.groupby(["method", "bandwidth_mbps"])["latency_s"].median()
     assert med["sequence_parallel", 10] > med["sequence_parallel", 100]
+
+
+def test_simulate_is_run_with_backend_sim(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exp = tmp_path / "e.yaml"
+    exp.write_text(EXPERIMENT.replace("repetitions: 2", "repetitions: 1").replace("[10, 100]", "[10]"))
+    opts = ["--calibration", str(tmp_path / "cal"), "--per-message-s", "1e-4", "--tcp", "steady", "--quiet"]
+    assert simulate_main([str(exp), "--out", str(tmp_path / "a"), "--repetitions", "1", *opts]) == 0
+    assert "alias of `testbed run --backend sim`" in capsys.readouterr().err
+    assert run_main([str(exp), "--out", str(tmp_path / "b"), "--backend", "sim", "--calibration-repetitions", "1",
+                     *opts]) == 0
+    a, b = pd.read_csv(tmp_path / "a" / "rows.csv"), pd.read_csv(tmp_path / "b" / "rows.csv")
+    cols = ["cell", "repetition", "mechanism", "latency_s", "comm_s", "bytes_sent", "bytes_on_wire"]
+    sends = a["bytes_sent"] > 0  # all but single: the modelled wire carries headers and ACKs too
+    assert a[cols].equals(b[cols]) and sends.sum() == 4 and (a["bytes_on_wire"] > a["bytes_sent"])[sends].all()
+    assert json.loads((tmp_path / "b" / "sim.json").read_text())["tcp"]["mode"] == "steady"
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["backend"]["name"] == "sim"
+
+
+def test_sim_options_are_refused_by_other_backends(tmp_path, capsys):
+    exp = tmp_path / "e.yaml"
+    exp.write_text(EXPERIMENT.replace("[10, 100]", "[null]").replace("[0, 5]", "[0]"))
+    out = tmp_path / "out"
+    assert run_main([str(exp), "--out", str(out), "--backend", "inprocess", "--tcp", "steady"]) == 2
+    err = capsys.readouterr().err
+    assert "--tcp" in err and "only with backend sim" in err
+    assert not out.exists()
 
 
 def test_simulate_bad_input_writes_nothing(tmp_path, capsys):

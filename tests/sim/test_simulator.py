@@ -1,9 +1,8 @@
-"""One cell on the simulator: rows with the runner's columns, profiles measured or extrapolated."""
+"""One cell on the simulator: per-rank results, profiles measured or extrapolated."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -13,7 +12,7 @@ from testbed.net.profile import LinkProfile
 from testbed.sim.engine import simulate
 from testbed.sim.network import Network, SimTopology, TcpModel, WireModel
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint
-from testbed.sim.simulator import ROW_COLUMNS, SimConfig, Simulator, speed_from_device
+from testbed.sim.simulator import SimConfig, Simulator, speed_from_device
 from testbed.sim.synth import skeleton
 
 
@@ -25,52 +24,49 @@ def sim(tmp_path):
 
 def cell(**kw):
     base = dict(model="vit-tiny", method="sequence_parallel", params={}, tokens=17, nodes=2, topology="star",
-                profile=LinkProfile(10, 5), repetitions=2, experiment="t", cell="p0/m0")
+                profile=LinkProfile(10, 5), repetitions=2)
     return {**base, **kw}
 
 
-def test_rows_have_the_runner_columns(sim):
-    rows = sim.run(**cell())
-    assert len(rows) == 2 and [r["repetition"] for r in rows] == [0, 1]
-    for r in rows:
-        assert set(r) == set(ROW_COLUMNS)
-        assert r["backend"] == "sim" and r["mechanism"] == "sim/measured" and r["status"] == "ok"
-        assert math.isnan(r["agreement"]) and r["error"] == ""
-        assert r["latency_s"] >= r["compute_s"] > 0 and r["comm_s"] > 0
+def key_of(c: dict) -> ProfileKey:
+    return ProfileKey.of(c["model"], c["method"], c["params"], c["tokens"], c["nodes"])
+
+
+def test_results_have_the_rows_figures(sim):
+    results = sim.results(**cell())
+    assert len(results) == 2 and sim.mechanism(key_of(cell())) == "sim/measured"
+    for r in results:
+        crit = r.critical
+        assert r.latency_s >= crit.compute_s > 0 and crit.comm_s > 0 and len(r.ranks) == 2
         # 2 blocks; per block every token's h (D=64, fp32) goes once to the other rank
-        assert r["bytes_on_wire"] > r["bytes_sent"] == 2 * 17 * 64 * 4
-        assert (r["bandwidth_mbps"], r["delay_ms"], r["topology"], r["nodes"]) == (10, 5, "star", 2)
-    assert rows[0]["latency_s"] == rows[1]["latency_s"]  # no loss or jitter: deterministic
-
-
-def test_rows_fit_the_result_store(sim):
-    store = pytest.importorskip("testbed.experiment.store")
-    assert set(ROW_COLUMNS) <= set(store.COLUMNS)
+        assert r.bytes_on_wire > r.bytes_sent == sum(s.bytes_sent for s in r.ranks) == 2 * 17 * 64 * 4
+    assert results[0].latency_s == results[1].latency_s  # no loss or jitter: deterministic
 
 
 def test_large_cells_are_extrapolated_and_marked(sim, tmp_path):
-    rows = sim.run(**cell(method="astra", params={"groups": 2, "codebook_size": 16}, tokens=257, nodes=8))
-    assert rows[0]["status"] == "ok", rows[0]["error"]
-    assert rows[0]["mechanism"] == "sim/extrapolated"
+    c = cell(method="astra", params={"groups": 2, "codebook_size": 16}, tokens=257, nodes=8)
+    assert len(sim.results(**c)) == 2
+    assert sim.mechanism(key_of(c)) == "sim/extrapolated"
     files = sorted(p.name for p in (tmp_path / "cal").glob("*.json"))
     assert len(files) >= 2 and all("astra" in f for f in files)  # the measured basis was stored
     stored = [json.loads(p.read_text()) for p in (tmp_path / "cal").glob("*.json")]
     assert all(not s["extrapolated"] and s["key"]["tokens"] <= 33 for s in stored)
 
 
-def test_invalid_cells_give_error_rows_naming_the_field(sim):
-    rows = sim.run(**cell(method="tensor_parallel", nodes=3))
-    assert [r["status"] for r in rows] == ["error", "error"]
-    assert "world_size" in rows[0]["error"] and "n_heads" in rows[0]["error"]
-    rows = sim.run(**cell(topology="ring"))
-    assert rows[0]["status"] == "error" and "topology" in rows[0]["error"]
+def test_invalid_cells_raise_naming_the_field(sim):
+    with pytest.raises(ConfigError) as e:
+        sim.results(**cell(method="tensor_parallel", nodes=3))
+    assert "world_size" in str(e.value) and "n_heads" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        sim.results(**cell(topology="ring"))
+    assert "topology" in str(e.value)
 
 
 def test_bad_arguments_raise_config_error(sim):
     with pytest.raises(ConfigError):
-        sim.run(**cell(profile={"bandwidth_mbps": 10}))
+        sim.results(**cell(profile={"bandwidth_mbps": 10}))
     with pytest.raises(ConfigError):
-        sim.run(**cell(repetitions=0))
+        sim.results(**cell(repetitions=0))
     with pytest.raises(ConfigError):
         SimConfig(max_measure_tokens=0)
     with pytest.raises(ConfigError):
@@ -78,10 +74,10 @@ def test_bad_arguments_raise_config_error(sim):
 
 
 def test_loss_makes_repetitions_differ(sim):
-    rows = sim.run(**cell(profile=LinkProfile(10, 5, loss_pct=10), repetitions=8))
-    lat = [r["latency_s"] for r in rows]
+    results = sim.results(**cell(profile=LinkProfile(10, 5, loss_pct=10), repetitions=8))
+    lat = [r.latency_s for r in results]
     assert len(set(lat)) > 1
-    clean = sim.run(**cell(repetitions=1))[0]["latency_s"]
+    clean = sim.results(**cell(repetitions=1))[0].latency_s
     assert min(lat) >= clean
 
 
@@ -141,10 +137,10 @@ def test_shared_cores_stretch_the_busy_ranks(tmp_path):
     cfg = dict(calibration_dir=str(cal), measure_missing=False, wire=WireModel())
     alone, shared = Simulator(SimConfig(**cfg)), Simulator(SimConfig(**cfg, shared_cpus=2))
     sp = cell(method="sequence_parallel", nodes=4, repetitions=1)
-    a, b = alone.run(**sp)[0], shared.run(**sp)[0]
-    assert b["compute_s"] == pytest.approx(2 * a["compute_s"])  # 4 busy ranks on 2 cores
+    a, b = alone.results(**sp)[0], shared.results(**sp)[0]
+    assert b.critical.compute_s == pytest.approx(2 * a.critical.compute_s)  # 4 busy ranks on 2 cores
     single = cell(method="single", nodes=4, repetitions=1)
-    assert shared.run(**single)[0]["latency_s"] == pytest.approx(alone.run(**single)[0]["latency_s"])
+    assert shared.results(**single)[0].latency_s == pytest.approx(alone.results(**single)[0].latency_s)
     with pytest.raises(ConfigError):
         SimConfig(shared_cpus=0)
 
@@ -168,5 +164,5 @@ def test_stale_profiles_are_measured_again(tmp_path):
     old = store.get(key)
     store.put(ComputeProfile(key, old.traces, meta={"code": "other"}))
     sim = Simulator(SimConfig(calibration_dir=str(cal), calibration_repetitions=1, wire=WireModel()))
-    row = sim.run(**cell(repetitions=1))[0]
-    assert row["compute_s"] < 5.0 and not store.get(key).stale
+    res = sim.results(**cell(repetitions=1))[0]
+    assert res.critical.compute_s < 5.0 and not store.get(key).stale

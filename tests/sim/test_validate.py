@@ -25,8 +25,16 @@ def fake_emulated(sim: Simulator, scale: float) -> pd.DataFrame:
     for method in ("sequence_parallel", "astra"):
         params = {"groups": 2, "codebook_size": 16} if method == "astra" else {}
         for bw in (10, 100):
-            rows += sim.run(model="vit-tiny", method=method, params=params, tokens=17, nodes=2, topology="star",
-                            profile=LinkProfile(bw, 2), repetitions=3, experiment="q")
+            p = LinkProfile(bw, 2)
+            results = sim.results(model="vit-tiny", method=method, params=params, tokens=17, nodes=2,
+                                  topology="star", profile=p, repetitions=3)
+            for rep, res in enumerate(results):
+                rows.append({"experiment": "q", "model": "vit-tiny", "method": method,
+                             "method_params": ProfileKey.of("vit-tiny", method, params, 17, 2).params_json,
+                             "label": method, "tokens": 17, "batch": 1, "nodes": 2, "topology": "star",
+                             "bandwidth_mbps": p.bandwidth_mbps, "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms,
+                             "loss_pct": p.loss_pct, "trace": "", "repetition": rep, "latency_s": res.latency_s,
+                             "comm_s": res.critical.comm_s, "bytes_on_wire": res.bytes_on_wire, "status": "ok"})
     df = pd.DataFrame(rows)
     df["latency_s"] *= scale
     df["backend"] = "mininet"
