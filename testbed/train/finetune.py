@@ -25,9 +25,9 @@ from testbed.train.loop import History, train
 
 
 @torch.no_grad()
-def calibrate(model: TransformerModel, images: torch.Tensor, groups: int, codebook_size: int,
-              n_tokens: int = 10000, iters: int = 10, seed: int = 0) -> torch.Tensor:
-    """k-means codebooks [L, G, K, D//G] from the LN1 outputs of ``images``' patch tokens.
+def fit_codebooks(model: TransformerModel, images: torch.Tensor, groups: int, codebook_size: int,
+                  n_tokens: int = 10000, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """k-means codebooks [L, G, K, D//G] fit to the LN1 outputs of ``images``' patch tokens.
 
     Per block, ``n_tokens`` token vectors are drawn at random (seeded) from all patch tokens; each
     group's K entries are k-means centres of that group's D//G-wide slices.
@@ -47,14 +47,14 @@ def finetune(model: TransformerModel, cfg: FinetuneConfig,
              codebooks: torch.Tensor | None = None) -> tuple[TransformerModel, torch.Tensor, History]:
     """Fine-tune a copy of ``model`` with VQ in place. Returns (model, codebooks, history), eval mode.
 
-    ``codebooks``: the initial [L, G, K, D//G] (e.g. shared between runs); None -> calibrate on
+    ``codebooks``: the initial [L, G, K, D//G] (e.g. shared between runs); None -> fit k-means on
     ``cfg.dataset`` with ``cfg.kmeans_tokens`` / ``cfg.kmeans_iters``. ``model`` is not modified.
     """
     images, labels = cfg.training_set()
     model = copy.deepcopy(model).eval()
     if codebooks is None:
-        codebooks = calibrate(model, images, cfg.groups, cfg.codebook_size, cfg.kmeans_tokens,
-                              cfg.kmeans_iters, cfg.seed)
+        codebooks = fit_codebooks(model, images, cfg.groups, cfg.codebook_size, cfg.kmeans_tokens,
+                                  cfg.kmeans_iters, cfg.seed)
     sim = AstraSim(model, codebooks, cfg.world_size, cfg.dct, cfg.naq_lambda, cfg.seed, ema_decay=cfg.ema_decay)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from testbed.train.checkpoint import codebook_path, load_checkpoint, save_checkp
 from testbed.train.config import BaseTrainConfig, FinetuneConfig
 from testbed.train.data import load_split
 from testbed.train.evaluate import runtime_eval, sim_accuracy
-from testbed.train.finetune import calibrate, finetune
+from testbed.train.finetune import finetune, fit_codebooks
 
 GROUPS = (1, 4, 16, 32)
 CODEBOOK_SIZES = (256, 1024)
@@ -77,7 +77,7 @@ def run_table(ckpt_root: str | Path, base_cfg: BaseTrainConfig, ft_cfg: Finetune
     for G in groups:
         for K in codebook_sizes:
             t0 = time.perf_counter()
-            init = calibrate(model, train_images, G, K, ft_cfg.kmeans_tokens, ft_cfg.kmeans_iters, ft_cfg.seed)
+            init = fit_codebooks(model, train_images, G, K, ft_cfg.kmeans_tokens, ft_cfg.kmeans_iters, ft_cfg.seed)
             kmeans_s = time.perf_counter() - t0
             for lam, tuned in ((None, False), (0.0, True), (ft_cfg.naq_lambda, True)):
                 for dct in (True, False):

@@ -103,7 +103,7 @@ def test_codebook_file_sets_groups_and_size_and_rejects_mismatch(mt, tiny_models
         mt.run(other, "astra", 2, other.make_input(T), T, codebook_path=path)
 
 
-def test_build_time_calibration_is_deterministic(mt, tiny_models):
+def test_build_time_codebook_fit_is_deterministic(mt, tiny_models):
     model = tiny_models["vit"]
     inp = model.make_input(T, seed=17)
     a = mt.run(model, "astra", 2, inp, T, {"codebook_size": 8})

@@ -11,7 +11,7 @@ from testbed.train.astra_sim import AstraSim
 from testbed.train.base import train_base
 from testbed.train.config import BaseTrainConfig, FinetuneConfig
 from testbed.train.data import load_split
-from testbed.train.finetune import calibrate, finetune
+from testbed.train.finetune import finetune, fit_codebooks
 
 
 def _ce(predict, x, y) -> float:
@@ -36,7 +36,7 @@ def test_a_few_batches_of_finetuning_lower_the_astra_objective():
     cfg = FinetuneConfig(groups=4, codebook_size=16, naq_lambda=1.0, dct=False, epochs=10, max_images=32,
                          batch_size=32, warmup_steps=1, lr=5e-4, kmeans_tokens=1000, kmeans_iters=5,
                          max_shift_px=0)
-    init = calibrate(model, x, cfg.groups, cfg.codebook_size, cfg.kmeans_tokens, cfg.kmeans_iters)
+    init = fit_codebooks(model, x, cfg.groups, cfg.codebook_size, cfg.kmeans_tokens, cfg.kmeans_iters)
 
     def objective(net, cb) -> float:  # eval mode (no NAQ noise): task loss + quantization error
         sim = AstraSim(net, cb, 4, dct=False).eval()
