@@ -1,10 +1,12 @@
 """The experiment runner: sweep link profiles live over nodes started once, one row per repetition.
 
-Order of work (what ``testbed run`` does):
-1. compute the single-device reference output once, in this process;
+Order of work (what ``testbed run`` does), the same for every backend (testbed.backends):
+1. compute the single-device reference output once, in this process (for backends that
+   compute outputs; the simulator does not);
 2. calibrate astra codebooks once per (groups, codebook_size) and save them in the
-   run directory (nodes load them by path), unless the model brings trained ones;
-3. start the backend's nodes once; for each cell apply its link profile live, for
+   run directory (nodes load them by path), unless the model brings trained ones (also
+   only for backends that compute outputs);
+3. start the backend once; for each cell apply its link profile live, for
    each method load the job, run ``warmup`` unmeasured inferences, then
    ``repetitions`` measured ones, appending one row (and its per-rank traces) per
    repetition as soon as it is measured. In a trace cell the bandwidth trace
