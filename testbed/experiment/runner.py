@@ -41,7 +41,7 @@ from testbed.experiment.checks import Prepared, check_spec
 from testbed.experiment.manifest import Manifest, now_iso
 from testbed.experiment.metrics import Reference, make_reference, output_columns, timing_columns
 from testbed.experiment.progress import Progress
-from testbed.experiment.session import NodeSession, backend_setup
+from testbed.experiment.session import BackendSession, backend_setup
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
 from testbed.experiment.store import ResultStore, read_rows
 from testbed.methods.job import JobSpec
@@ -159,7 +159,7 @@ class Runner:
         measured = 0
         setup = backend_setup(s, self.prepared.topology, self.dilation.factor, log_dir=self.out_dir / "node-logs",
                               run_dir=self.out_dir, settings=self.backend_settings, log=prog.show)
-        session = NodeSession(s, setup, on_start=lambda b: self._on_backend(manifest, b))
+        session = BackendSession(s, setup, on_start=lambda b: self._on_backend(manifest, b))
         try:
             for cell in self.spec.cells():
                 units = [t for t in todo if t[0].index == cell.index]
@@ -179,7 +179,7 @@ class Runner:
             prog.close()
         return measured
 
-    def _enter_cell(self, session: NodeSession, cell: Cell, manifest: Manifest) -> None:
+    def _enter_cell(self, session: BackendSession, cell: Cell, manifest: Manifest) -> None:
         session.apply(cell.profile)
         self.trace_t0, self.trace_bw = None, None
         backend = session.backend
@@ -193,7 +193,7 @@ class Runner:
             manifest.write()
 
     # ------------------------------------------------------------------ one method in one cell
-    def _unit(self, session: NodeSession, store: ResultStore, prog: Progress, ref: Reference | None, cell: Cell,
+    def _unit(self, session: BackendSession, store: ResultStore, prog: Progress, ref: Reference | None, cell: Cell,
               mi: int, method: MethodSpec, reps: list[int], codebook_path: str | None) -> int:
         """Load, warm up and measure the pending repetitions of one method in one cell; return rows written."""
         prog.show(f"{describe_cell(cell)} | {method.display}")
@@ -228,7 +228,7 @@ class Runner:
             prog.step(1)
         return len(reps)
 
-    def _hold_trace_start(self, session: NodeSession, cell: Cell) -> None:
+    def _hold_trace_start(self, session: BackendSession, cell: Cell) -> None:
         """Stop the previous method's replay and hold the links at the trace's first bandwidth."""
         from testbed.experiment.topology import bandwidth_trace
 

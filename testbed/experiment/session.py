@@ -2,7 +2,7 @@
 
 ``backend_setup`` turns an experiment and what its checks prepared (the topology, loaded
 once; the dilation factor) into the BackendSetup every backend is built from.
-``NodeSession`` builds the spec's backend from the registry and starts it lazily (first
+``BackendSession`` builds the spec's backend from the registry and starts it lazily (first
 profile or job), keeps the link profile applied, and is rebuilt from scratch after a
 failure that may have taken nodes down (the gRPC orchestrator stops every node when one
 fails), so that one failed cell does not fail the rest of the sweep. ``close()`` tears
@@ -39,7 +39,7 @@ def backend_setup(spec: ExperimentSpec, topology, time_dilation: float = 1.0, lo
                         log=log or (lambda _msg: None))
 
 
-class NodeSession:
+class BackendSession:
     def __init__(self, spec: ExperimentSpec, setup: BackendSetup, on_start: Callable[[Backend], None] | None = None):
         self.spec, self.setup, self.on_start = spec, setup, on_start
         self.backend: Backend | None = None
