@@ -280,8 +280,9 @@ class TcpModel:
         check(isinstance(self.dupack_threshold, int) and self.dupack_threshold >= 1, "dupack_threshold",
               self.dupack_threshold, "an integer >= 1")
 
-    def rto_s(self, rtt_s: float) -> float:
-        return max(self.min_rto_s, rtt_s)
+    def rto_s(self, rtt_s):
+        """Retransmission timeout for a path of round trip ``rtt_s`` (a number or an array)."""
+        return _maximum(self.min_rto_s, rtt_s)
 
 
 Draw = Callable[[Any, Any], Any]  # (trials, probability) -> number of successes (numbers or arrays)
@@ -319,7 +320,7 @@ def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bot
     in ``slow_start`` mode), ``idle_s``: time since its last message left (an idle gap longer than
     the RTO restarts from the initial window). Returns (stall seconds, window afterwards).
     """
-    rto = _maximum(tcp.min_rto_s, rtt_s)
+    rto = tcp.rto_s(rtt_s)
     stall = 0.0
     if tcp.mode == "slow_start":
         cwnd = _where(idle_s > rto, _minimum(cwnd, float(tcp.initial_window_segments)), cwnd)
