@@ -104,6 +104,25 @@ def test_a_failing_rank_aborts_the_others_and_its_error_wins():
         run_inprocess(3, fn, timeout_s=30)
 
 
+def test_run_ranks_aborts_on_the_first_failure_and_returns_results_in_rank_order():
+    import threading
+
+    from testbed.comm import run_ranks
+
+    assert run_ranks(3, lambda r: r * 10) == [0, 10, 20]
+    stop = threading.Event()
+
+    def fn(rank):
+        if rank == 2:
+            raise ValueError("rank 2 broke")
+        stop.wait(30)  # released by abort()
+        raise CommError(f"rank {rank}: group aborted")
+
+    with pytest.raises(ValueError, match="rank 2 broke"):
+        run_ranks(3, fn, abort=stop.set)
+    assert stop.is_set()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
                                    torch.int64, torch.bool])
 def test_serde_round_trips_every_dtype_bit_for_bit(dtype):
