@@ -152,6 +152,8 @@ def execute(args: argparse.Namespace, name: str = "testbed run") -> int:
     """Check, run and report one experiment (`testbed run` and its alias `testbed simulate`)."""
     settings = sim_settings(args)
     try:
+        if args.backend:  # before the (slow) checks of the experiment
+            _check_settings(args.backend, settings)
         spec, out, resume, prepared = resolve(args)
         _check_settings(spec.backend, settings)
     except ConfigError as e:
