@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
 
 from testbed.experiment.calibrate import calibrate_main
 from testbed.experiment.cli import run_main, simulate_main
