@@ -98,7 +98,7 @@ class Backend(ABC):
 
     def replay(self, trace, profile: LinkProfile | None = None, loop: bool = True):
         """Replay a testbed.net.replay.BandwidthTrace on every swept link until stop_replays()."""
-        raise ConfigError("sweep.traces", getattr(trace, "name", "a trace"),
+        raise ConfigError("sweep.traces", f"a bandwidth trace of {trace.duration_s:g} s",
                           f"a backend that replays traces (mininet), not {self.name}")
 
     def stop_replays(self) -> None:

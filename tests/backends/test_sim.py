@@ -14,6 +14,7 @@ from testbed.errors import ConfigError
 from testbed.experiment.metrics import output_columns, timing_columns
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
+from testbed.net.replay import BandwidthTrace
 from testbed.net.topology import DeviceProfile
 from testbed.sim.network import WireModel
 from testbed.sim.simulator import SimConfig, Simulator
@@ -70,8 +71,8 @@ def test_a_job_the_simulator_cannot_run_fails_at_load(sim):
     with pytest.raises(ConfigError):
         backend.infer(0)
     with pytest.raises(ConfigError) as e:
-        backend.replay(None)
-    assert e.value.field == "sweep.traces"
+        backend.replay(BandwidthTrace.from_points([(0, 10), (1, 20)]))
+    assert e.value.field == "sweep.traces" and "not sim" in e.value.allowed
 
 
 def test_settings_and_speeds():
