@@ -33,9 +33,9 @@ from testbed.net.cgroups import DEFAULT_SLICE_MS, DeviceCgroup, allocate_cores, 
 from testbed.net.delayline import DelayLineClient
 from testbed.net.probe import probe
 from testbed.net.profile import LinkProfile
-from testbed.net.shaping import Port, Shaper
+from testbed.net.shaping import Shaper, Wiring
 from testbed.net.tc import MECHANISMS
-from testbed.net.topology import LinkSpec, Topology
+from testbed.net.topology import Topology
 
 _PR_SET_PDEATHSIG = 1
 DELAYLINE_RT_PRIORITY = 10  # SCHED_FIFO: the delay lines must release packets on time on a busy machine
@@ -113,6 +113,7 @@ class Emulation:
         self.procs: list[subprocess.Popen] = []
         self._intf: dict[tuple[int, str], str] = {}  # (link index, node) -> interface name
         self._ctl_intf: dict[str, str] = {}
+        self.wiring: Wiring | None = None  # what the shaper shapes, known once built
         self._closed = False
         self._guard: _SignalGuard | None = None
 
@@ -134,27 +135,18 @@ class Emulation:
     def node(self, name: str):
         return self.net.get(self.internal(name))
 
-    def egress_port(self, topo: Topology, link: LinkSpec, frm: str) -> Port:
-        """The interface that carries ``link``'s direction leaving ``frm`` (links indexed as in ``topo``)."""
-        dev = self._intf[(topo.links.index(link), frm)]
-        return Port(frm if frm in self.topology.host_names else "", dev)
-
-    def medium_port(self, switch: str) -> Port:
-        assert self.run is not None
-        return Port("", self.run.name("m", [s.name for s in self.topology.switches].index(switch)))
-
-    def switch_ports(self, switch: str) -> list[str]:
-        return [dev for (_i, node), dev in self._intf.items() if node == switch]
-
-    def data_devs(self, host: str) -> list[str]:
-        """The host's data-plane interfaces (one per link)."""
-        return [dev for (_i, node), dev in self._intf.items() if node == host]
-
     def ns_argv(self, node: str) -> list[str]:
         """Prefix that runs a command in ``node``'s namespace ("" or a switch: the root namespace)."""
-        if node in self.topology.host_names:
-            return ["mnexec", "-a", str(self.node(node).pid)]
-        return []
+        assert self.wiring is not None
+        return self.wiring.ns_argv(node)
+
+    def _wiring(self) -> Wiring:
+        """The built network as the shaper sees it."""
+        t, run = self.topology, self.run
+        assert run is not None
+        return Wiring.of(t, self._intf, {h: self.node(h).pid for h in t.host_names},
+                         {h: self.data_ip(h) for h in t.host_names},
+                         {s.name: run.name("m", k) for k, s in enumerate(t.switches)})
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> "Emulation":
@@ -163,10 +155,11 @@ class Emulation:
         self._guard = _SignalGuard(self.close)
         try:
             self._build()
+            self.wiring = self._wiring()
             self._configure_hosts()
             if self.mechanism == "htb+nfqueue":
                 self._start_delay_lines()
-            self.shaper = Shaper(self)
+            self.shaper = Shaper(self.wiring, self.mechanism, self.spawn, self.delay_lines)
             self.shaper.setup(self.topology)
             self._wire_base = self._wire_counters()
         except BaseException:
@@ -213,13 +206,14 @@ class Emulation:
         rto = f" rto_min {self.tcp_rto_min_ms:g}ms" if self.tcp_rto_min_ms is not None else ""
         procs = []
         for i, h in enumerate(t.hosts):
-            me = self.data_ip(h.name)
+            me = self.wiring.host(h.name)
             lines = [f"addr add {self.control_ip(h.name)}/24 dev {self._ctl_intf[h.name]}"]
-            lines += [f"addr add {me}/32 dev {dev}" for (_i, n), dev in self._intf.items() if n == h.name]
+            lines += [f"addr add {me.ip}/32 dev {dev}" for dev in me.devs]
             for peer in t.host_names:
                 if peer != h.name:
                     lk, frm = t.path(h.name, peer)[0]
-                    lines.append(f"route add {self.data_ip(peer)}/32 dev {self.egress_port(t, lk, frm).dev} src {me}{rto}")
+                    dev = self.wiring.link_port(t.links.index(lk), frm).dev
+                    lines.append(f"route add {self.data_ip(peer)}/32 dev {dev} src {me.ip}{rto}")
             argv = self.ns_argv(h.name)
             subprocess.run(argv + ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                                    "net.ipv6.conf.default.disable_ipv6=1"], check=True)
@@ -299,9 +293,9 @@ class Emulation:
     # -- counters -------------------------------------------------------------------
     def _wire_counters(self) -> dict[str, int]:
         out = {}
-        for h in self.topology.host_names:
-            devs = {dev for (_i, n), dev in self._intf.items() if n == h}
-            for line in Path(f"/proc/{self.node(h).pid}/net/dev").read_text().splitlines()[2:]:
+        for h in self.wiring.hosts:
+            devs = set(h.devs)
+            for line in Path(f"/proc/{h.pid}/net/dev").read_text().splitlines()[2:]:
                 name, rest = line.split(":", 1)
                 if name.strip() in devs:
                     out[name.strip()] = int(rest.split()[8])  # transmit bytes

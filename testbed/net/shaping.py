@@ -7,6 +7,9 @@ long-running tc batch, testbed.net.batch), ``ip link set ... gso_max_size``, one
 iptables-restore per receiving host whose loss or delay set changed, one JSON line per delay
 line. All namespaces get their part at once; then the answers are collected. A bandwidth or
 delay change of a whole 4-host star costs a few milliseconds (loss changes spawn iptables).
+
+The shaper knows the network only as a ``Wiring``: interface names, namespaces and addresses,
+which the emulation describes once it has built the network.
 """
 
 from __future__ import annotations
@@ -15,24 +18,73 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable, Mapping
 
 from testbed.net.batch import Batch, BatchError
+from testbed.net.delayline import DelayLineClient
 from testbed.net.profile import LinkProfile
 from testbed.net.tc import (IPT, SourceRule, delayline_config, egress_commands, gso_max_bytes, medium_commands,
                             queue_limit_bytes, receiver_rules)
 from testbed.net.topology import Topology
 
-if TYPE_CHECKING:
-    from testbed.net.emulation import Emulation
-
 
 @dataclass(frozen=True)
 class Port:
-    """One shaped egress: an interface (or a medium's IFB) and the namespace it lives in."""
+    """One shaped egress: an interface (or a medium's IFB), the namespace it lives in, what it carries."""
 
-    node: str  # topology name of the node owning it, or "" for the root namespace
+    ns: str  # host whose namespace holds it, or "" for the root namespace (switch ports, IFBs)
     dev: str
+    link: int | None = None  # index in Topology.links of the link it sends on; None for an IFB
+    frm: str = ""  # the node this link direction leaves; for an IFB, its switch
+    ingress: tuple[str, ...] = ()  # IFB only: the switch ports whose arriving frames it carries
+
+
+@dataclass(frozen=True)
+class HostPorts:
+    """One host as the shaper sees it."""
+
+    name: str
+    pid: int  # a process in the host's network namespace
+    ip: str  # its data address
+    devs: tuple[str, ...]  # its data interfaces, one per link
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where a built network's shaping goes (names only; the emulation builds it once started)."""
+
+    hosts: tuple[HostPorts, ...]
+    egress: tuple[Port, ...]  # one per link direction
+    mediums: tuple[Port, ...] = ()  # one IFB per shared-medium switch
+
+    @classmethod
+    def of(cls, topo: Topology, intf: Mapping[tuple[int, str], str], pids: Mapping[str, int],
+           ips: Mapping[str, str], ifbs: Mapping[str, str]) -> "Wiring":
+        """The wiring of ``topo`` built with interface ``intf[(link index, node)]``, host namespaces
+        holding ``pids[host]``, data addresses ``ips[host]`` and IFB ``ifbs[switch]`` per medium."""
+        def devs(node: str) -> tuple[str, ...]:
+            return tuple(dev for (_i, n), dev in intf.items() if n == node)
+
+        names = topo.host_names
+        return cls(tuple(HostPorts(h, pids[h], ips[h], devs(h)) for h in names),
+                   tuple(Port(frm if frm in names else "", dev, i, frm) for (i, frm), dev in intf.items()),
+                   tuple(Port("", ifbs[sw.name], None, sw.name, devs(sw.name))
+                         for sw in topo.switches if sw.medium is not None))
+
+    def host(self, name: str) -> HostPorts:
+        return next(h for h in self.hosts if h.name == name)
+
+    def link_port(self, link: int, frm: str) -> Port:
+        """The interface that carries link number ``link`` in the direction leaving ``frm``."""
+        return next(p for p in self.egress if p.link == link and p.frm == frm)
+
+    def medium(self, switch: str) -> Port:
+        return next(p for p in self.mediums if p.frm == switch)
+
+    def ns_argv(self, ns: str) -> list[str]:
+        """Prefix that runs a command in host ``ns``'s namespace (anything else: the root namespace)."""
+        pid = next((h.pid for h in self.hosts if h.name == ns), None)
+        return [] if pid is None else ["mnexec", "-a", str(pid)]
 
 
 class ShapingError(RuntimeError):
@@ -40,14 +92,21 @@ class ShapingError(RuntimeError):
 
 
 class Shaper:
-    def __init__(self, emulation: "Emulation"):
-        self.em = emulation
-        self.mechanism = emulation.mechanism
+    """Shapes the ports of ``wiring`` with ``mechanism``.
+
+    ``spawn(ns, argv)`` starts the long-running tc/ip batches in namespace ``ns`` ("" for root)
+    with stdin/stdout piped; ``delay_lines`` are the receiving hosts' delay lines (htb+nfqueue).
+    """
+
+    def __init__(self, wiring: Wiring, mechanism: str, spawn: Callable[[str, list[str]], subprocess.Popen],
+                 delay_lines: Mapping[str, DelayLineClient]):
+        self.wiring, self.mechanism = wiring, mechanism
+        self.spawn, self.delay_lines = spawn, delay_lines
         self.egress: dict[Port, tuple[LinkProfile, float]] = {}  # installed (profile, rtt_ms)
         self.rules: dict[str, list[SourceRule]] = {}
         self.gso: dict[str, int] = {}  # host -> gso_max_size of its data interfaces
         self.lock = threading.Lock()
-        self.batches: dict[tuple[str, str], Batch] = {}  # (node or "" for root, tool) -> running batch
+        self.batches: dict[tuple[str, str], Batch] = {}  # (namespace or "" for root, tool) -> running batch
         self.last_change_s: float | None = None
 
     # -- what a topology wants ---------------------------------------------
@@ -61,20 +120,20 @@ class Shaper:
                     continue
                 r = topo.path_effect(src, dst).rtt_ms
                 for lk, frm in topo.path(src, dst):
-                    p = self.em.egress_port(topo, lk, frm)
+                    p = self.wiring.link_port(topo.links.index(lk), frm)
                     rtt[p] = max(rtt.get(p, 0.0), r)
                     to = lk.b if frm == lk.a else lk.a
                     if (sw := topo.switch(to)) is not None and sw.medium is not None:
-                        m = self.em.medium_port(to)
+                        m = self.wiring.medium(to)
                         rtt[m] = max(rtt.get(m, 0.0), r)
         out: dict[Port, tuple[LinkProfile, float]] = {}
-        for lk in topo.links:
+        for i, lk in enumerate(topo.links):
             for frm in (lk.a, lk.b):
-                p = self.em.egress_port(topo, lk, frm)
+                p = self.wiring.link_port(i, frm)
                 out[p] = (lk.profile_from(frm), rtt.get(p, 0.0))
         for sw in topo.switches:
             if sw.medium is not None:
-                p = self.em.medium_port(sw.name)
+                p = self.wiring.medium(sw.name)
                 out[p] = (sw.medium, rtt.get(p, 0.0))
         return out
 
@@ -98,7 +157,7 @@ class Shaper:
             for q, src in enumerate(names):
                 if src != dst:
                     eff = topo.one_way(src, dst)
-                    rules.append(SourceRule(self.em.data_ip(src), q, eff.delay_ms, eff.jitter_ms, eff.loss_pct))
+                    rules.append(SourceRule(self.wiring.host(src).ip, q, eff.delay_ms, eff.jitter_ms, eff.loss_pct))
             out[dst] = rules
         return out
 
@@ -106,11 +165,9 @@ class Shaper:
     def setup(self, topo: Topology) -> None:
         """First shaping of a freshly built network (mediums' ingress redirects included)."""
         ip_lines, tc_lines = [], []
-        for sw in topo.switches:
-            if sw.medium is not None:
-                ifb = self.em.medium_port(sw.name).dev
-                ip_lines += [f"link add {ifb} type ifb", f"link set dev {ifb} up"]
-                tc_lines += [" ".join(c[1:]) for c in medium_commands(ifb, self.em.switch_ports(sw.name))]
+        for m in self.wiring.mediums:
+            ip_lines += [f"link add {m.dev} type ifb", f"link set dev {m.dev} up"]
+            tc_lines += [" ".join(c[1:]) for c in medium_commands(m.dev, list(m.ingress))]
         self._run_blocks({("", "ip"): ip_lines})
         self._run_blocks({("", "tc"): tc_lines})
         self.apply(topo, first=True)
@@ -126,12 +183,12 @@ class Shaper:
             delays = {h: delayline_config(r) for h, r in rules.items() if first or r != self.rules.get(h)}
             # everything starts at once; then the answers are collected
             for h, cfg in delays.items():
-                self.em.delay_lines[h].send(cfg)
-            procs = [(_spawn(self.em.ns_argv(h) + [f"{IPT}-restore", "--noflush"], text), text, h)
+                self.delay_lines[h].send(cfg)
+            procs = [(_spawn(self.wiring.ns_argv(h) + [f"{IPT}-restore", "--noflush"], text), text, h)
                      for h, text in ipt.items()]
             self._run_blocks(blocks)
             for h in delays:
-                self.em.delay_lines[h].wait_ok()
+                self.delay_lines[h].wait_ok()
             _wait_all(procs)
             self.egress, self.gso, self.rules = egress, gso, rules
             self.last_change_s = time.perf_counter() - t0
@@ -144,11 +201,11 @@ class Shaper:
             old = None if first else self.egress.get(port)
             if old is None or self._tc_view(*old) != self._tc_view(prof, rtt):
                 cmds = egress_commands(port.dev, prof, self.mechanism, rtt, old=old[0] if old else None)
-                lines.setdefault(port.node, []).extend(" ".join(c[1:]) for c in cmds)
-        return {(node, "tc"): ls for node, ls in lines.items()}
+                lines.setdefault(port.ns, []).extend(" ".join(c[1:]) for c in cmds)
+        return {(ns, "tc"): ls for ns, ls in lines.items()}
 
     def _gso_blocks(self, gso: dict[str, int], first: bool) -> dict:
-        return {(h, "ip"): [f"link set dev {dev} gso_max_size {n}" for dev in self.em.data_devs(h)]
+        return {(h, "ip"): [f"link set dev {dev} gso_max_size {n}" for dev in self.wiring.host(h).devs]
                 for h, n in gso.items() if first or self.gso.get(h) != n}
 
     def _tc_view(self, prof: LinkProfile, rtt_ms: float) -> tuple:
@@ -160,11 +217,11 @@ class Shaper:
     def _run_blocks(self, blocks: dict[tuple[str, str], list[str]]) -> None:
         """Send every namespace its block at once, then collect the answers."""
         sent = []
-        for (node, tool), lines in blocks.items():
+        for (ns, tool), lines in blocks.items():
             if lines:
-                if (node, tool) not in self.batches:
-                    self.batches[(node, tool)] = Batch(tool, lambda argv, n=node: self.em.spawn(n, argv), node or "root")
-                sent.append((self.batches[(node, tool)], self.batches[(node, tool)].send(lines)))
+                if (ns, tool) not in self.batches:
+                    self.batches[(ns, tool)] = Batch(tool, lambda argv, n=ns: self.spawn(n, argv), ns or "root")
+                sent.append((self.batches[(ns, tool)], self.batches[(ns, tool)].send(lines)))
         errors = []
         for batch, marker in sent:
             try:
@@ -178,7 +235,6 @@ class Shaper:
         for b in self.batches.values():
             b.close()
         self.batches = {}
-
 
 
 def _rule_set(rules: list[SourceRule]) -> list[tuple]:
