@@ -194,12 +194,6 @@ def ring_reduces(numel: int, elem_bytes: int, world_size: int) -> list[Collectiv
     return [Collective("all_reduce", plan_ops(all_reduce_plan(r, world_size), chunks)) for r in range(world_size)]
 
 
-def output_index(cfg, T: int) -> int:
-    """Token whose final state the head reads (as the models' ``output_index``): CLS (0) for ViT,
-    the last prompt token for GPT-2."""
-    return T - 1 if cfg.causal else 0
-
-
 def packed_bytes(n_codes: int, bits: int) -> int:
     """ceil(n_codes * bits / 8): bytes of n_codes bit-packed codes."""
     return math.ceil(n_codes * bits / 8)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, embed_range, gathers, global_mask, n_tokens,
-                                  output_index, stack, token_chunks)
+                                  stack, token_chunks)
 from testbed.models.layers import attend
 
 
@@ -52,7 +52,7 @@ class SequenceParallel(Method):
     def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
         chunks = token_chunks(T, N)
         gather = gathers([cls._payload_bytes(cfg, batch, e - s) for s, e in chunks])
-        out = output_index(cfg, T)
+        out = cfg.output_index(T)
         return CommSchedule(cls.name, p, stack([gather] * cfg.n_layers, N), [e - s for s, e in chunks],
                             [e if cfg.causal else T for _, e in chunks],
                             next(r for r, (s, e) in enumerate(chunks) if s <= out < e))

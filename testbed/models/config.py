@@ -38,6 +38,10 @@ class ModelConfig:
     def causal(self) -> bool:
         return self.kind == "gpt2"
 
+    def output_index(self, T: int) -> int:
+        """The token whose final hidden state the head reads: CLS (0) for ViT, the last prompt token for GPT-2."""
+        return T - 1 if self.causal else 0
+
 
 CONFIGS: dict[str, ModelConfig] = {
     # tiny models for tests: a few blocks, small width, any token count

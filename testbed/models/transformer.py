@@ -96,7 +96,7 @@ class ViT(TransformerModel):
         return self.classifier(self.norm(h))
 
     def output_index(self, T: int) -> int:
-        return 0
+        return self.cfg.output_index(T)
 
     def make_input(self, tokens: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """Random images [B, C, H, W] sized to give exactly ``tokens`` tokens (patches + CLS)."""
@@ -128,7 +128,7 @@ class GPT2(TransformerModel):
         return self.norm(h) @ self.wte.weight.T  # lm_head tied to wte, as in GPT-2
 
     def output_index(self, T: int) -> int:
-        return T - 1
+        return self.cfg.output_index(T)
 
     def make_input(self, tokens: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """Random token ids [B, tokens]."""
