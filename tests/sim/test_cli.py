@@ -104,3 +104,13 @@ def test_calibrate_transport_only(tmp_path, capsys):
     assert calibrate_main(["--transport", "--calibration", str(tmp_path / "cal")]) == 0
     assert "us per message" in capsys.readouterr().out
     assert (tmp_path / "cal" / "transport" / "grpc.json").is_file()
+
+
+def test_sim_options_become_the_backends_settings():
+    from testbed.experiment.cli import _run_parser, sim_settings
+
+    args = _run_parser().parse_args(["e.yaml", "--no-measure", "--no-overhead", "--speed", "1,2",
+                                     "--calibration-repetitions", "2", "--loss-mode", "expected"])
+    assert sim_settings(args) == {"measure": False, "no_overhead": True, "speed": [1.0, 2.0],
+                                  "calibration_repetitions": 2, "loss_mode": "expected"}
+    assert sim_settings(_run_parser().parse_args(["e.yaml"])) == {}  # none given: the backend's defaults
