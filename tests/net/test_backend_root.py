@@ -16,6 +16,7 @@ from testbed.node.records import NodeAddress
 from testbed.comm import InProcessGroup
 from testbed.methods.job import JobSpec, RankRunner
 from testbed.methods import METHODS
+from testbed.net.probe import probe
 from testbed.net.profile import LinkProfile
 
 pytestmark = pytest.mark.root
@@ -49,7 +50,7 @@ def star():
 def test_nodes_serve_data_on_emulated_and_control_on_unshaped_addresses(star):
     backend, addresses = star
     em = backend.emulation
-    assert backend.mechanism == em.mechanism == "htb+nfqueue"
+    assert backend.mechanism == em.mechanism == probe(full=False).mechanism
     for host, addr in zip(em.topology.host_names, addresses):
         assert isinstance(addr, NodeAddress)
         assert addr.data.startswith(em.data_ip(host) + ":") and addr.control.startswith(em.control_ip(host) + ":")

@@ -1,8 +1,8 @@
 """Emulated links deliver their profiles (real Mininet hosts, tc, NFQUEUE delay line, iperf3, ping).
 
 One two-host network is built for the module and reshaped live between tests, so these tests
-also exercise live changes. Tolerances are the issue's: goodput/bandwidth in 0.90-1.00, RTT
-within 1 ms + 5 % of the configured round trip, 5 % loss seen as 5 +/- 2 % over 400 pings.
+also exercise live changes. Goodput, RTT and loss are held to testbed.net.fidelity's tolerances
+(GOODPUT_RATIO, RTT_ERROR_MS, LOSS_SIGMAS), which give the reason for each.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import statistics
 import pytest
 
 from testbed.net.emulation import Emulation
-from testbed.net.fidelity import iperf_goodput, ping, start_iperf_server
+from testbed.net.fidelity import (GOODPUT_RATIO, RTT_ERROR_MS, goodput_ok, iperf_goodput, loss_range, ping,
+                                  rtt_ok, start_iperf_server)
+from testbed.net.probe import probe
 from testbed.net.profile import LinkProfile
 from testbed.net.replay import BandwidthTrace, TraceReplay
 from testbed.net.topology import topology_from_dict
@@ -38,27 +40,30 @@ def shape(em, **profile) -> LinkProfile:
 def test_goodput_matches_the_configured_bandwidth(pair, mbps):
     shape(pair, bandwidth_mbps=mbps)
     ratio = iperf_goodput(pair, "h1", "h2", seconds=3) / mbps
-    assert 0.90 <= ratio <= 1.00, f"goodput/configured = {ratio:.3f} at {mbps} Mbit/s"
+    assert goodput_ok(ratio), f"goodput/configured = {ratio:.3f} at {mbps} Mbit/s, allowed {GOODPUT_RATIO}"
 
 
 @pytest.mark.parametrize("delay_ms", [10, 50])
 def test_ping_rtt_is_twice_the_one_way_delay(pair, delay_ms):
-    assert pair.mechanism == "htb+nfqueue"  # this kernel has no netem: the delay line does the work
-    before = pair.delay_lines["h1"].stats()
+    # the mechanism the probe picks for this kernel: htb+netem where netem exists, else htb+nfqueue
+    assert pair.mechanism == probe(full=False).mechanism
+    nfqueue = pair.mechanism == "htb+nfqueue"  # then the delay lines do the work
+    before = pair.delay_lines["h1"].stats() if nfqueue else {}
     shape(pair, bandwidth_mbps=100, delay_ms=delay_ms)
     stats = ping(pair, "h1", "h2", count=20, interval_s=0.02)
     rtt, expected = stats.mean_ms, 2 * delay_ms
-    assert stats.loss_pct == 0 and abs(rtt - expected) <= 1 + 0.05 * expected, \
-        f"RTT {rtt:.2f} ms (replies {stats.rtts_ms}), configured {expected} ms"
-    assert sum(pair.delay_lines["h1"].stats().values()) >= sum(before.values()) + 20  # replies were held at h1
+    assert stats.loss_pct == 0 and rtt_ok(rtt - expected), \
+        f"RTT {rtt:.2f} ms (replies {stats.rtts_ms}), configured {expected} ms, allowed +/- {RTT_ERROR_MS} ms"
+    if nfqueue:
+        assert sum(pair.delay_lines["h1"].stats().values()) >= sum(before.values()) + 20  # replies were held at h1
 
 
 def test_loss_in_one_direction_is_seen_by_ping(pair):
-    # 5 +/- 2 % as the issue asks, but over 1600 pings, not 400: with 400 the binomial spread
-    # alone (sd 1.1 %) would fail a correct link in about 7 % of runs; with 1600 (sd 0.55 %) in 0.03 %.
+    # 1600 pings: the binomial spread (sd 0.55 % at 5 %) makes the allowed range 3.1-6.9 %
     pair.set_link("h1", "h2", a_to_b=LinkProfile(loss_pct=5), b_to_a=LinkProfile())
+    low, high = loss_range(5, 1600)
     loss = ping(pair, "h1", "h2", count=1600, interval_s=0.002).loss_pct
-    assert 3 <= loss <= 7, f"{loss}% of 1600 pings lost at 5% configured loss"
+    assert low <= loss <= high, f"{loss}% of 1600 pings lost at 5% configured loss, allowed {low:.2f}-{high:.2f}%"
 
 
 def test_jitter_spreads_rtts_without_reordering(pair):
