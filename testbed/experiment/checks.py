@@ -1,16 +1,17 @@
-"""Validation of an experiment against the rest of the testbed, before anything is written.
+"""Validation of an experiment against the rest of the testbed, before any measurement.
 
 ``load_spec`` checks the file's shape and ranges; ``check_spec`` checks what needs the
 other packages: the model name and token count, the dataset, the topology file and its
 host count, and every method's params -- by building each method for real (ranks 0 and
 N-1, the real model, the real codebooks) with the methods' own validation, so a sweep
 never fails late on a bad parameter. Errors are re-rooted at the experiment's YAML path
-(``methods[2].params.groups``). The model and astra codebooks made here are handed to
-the runner (``Prepared``), so the work is not done twice.
+(``methods[2].params.groups``). The model, topology, dilation and astra codebook files made
+here are handed to the runner (``Prepared``), so the work is not done twice.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 from testbed.errors import ConfigError, check
 from testbed.experiment import fields as F
-from testbed.experiment.codebooks import Codebooks, codebook_key, save
+from testbed.experiment.codebooks import Codebooks
 from testbed.experiment.spec import ExperimentSpec, MethodSpec
 
 
@@ -34,10 +35,15 @@ class Prepared:
 
 def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
                log: Callable[[str], None] | None = None) -> Prepared:
-    """Raise ONE ConfigError (YAML path, value, allowed) if the experiment cannot run; writes nothing.
+    """Raise ONE ConfigError (YAML path, value, allowed) if the experiment cannot run.
 
-    ``codebook_dir``: codebooks of an earlier session of the same run (--resume) are read, not
-    calibrated again. ``log``: told about slow steps (astra calibration takes minutes at paper scale).
+    ``codebook_dir``: the run's codebook directory. Codebooks the astra checks fit are written
+    there once and the runner hands those very files to the nodes; files already there (an
+    earlier session, --resume) are used as they are. If the check fails, every directory it
+    created is removed again, so a refused experiment leaves nothing behind. None: the checks'
+    codebook files go to a temporary directory (nothing is written), the fitted codebooks stay
+    in memory for a runner to write. ``log``: told about slow steps (k-means takes minutes at
+    paper scale).
     """
     from testbed.experiment.dilation import resolve_dilation
 
@@ -45,9 +51,32 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
     topology = _check_topology(spec)
     dilation = resolve_dilation(spec, topology)
     _check_backend_available(spec)
-    cbs = Codebooks(spec, model, existing_dir=codebook_dir)
-    _check_methods(spec, model, cbs, log or (lambda _msg: None))
+    log = log or (lambda _msg: None)
+    if codebook_dir is None:
+        with tempfile.TemporaryDirectory(prefix="testbed-check-") as tmp:
+            cbs = Codebooks(spec, model, directory=Path(tmp))
+            _check_methods(spec, model, cbs, log)
+        cbs.directory = None  # the temporary files are gone; the fitted tensors are kept
+    else:
+        created = _missing_ancestor(Path(codebook_dir))
+        cbs = Codebooks(spec, model, directory=Path(codebook_dir))
+        try:
+            _check_methods(spec, model, cbs, log)
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
     return Prepared(model, cbs, topology, dilation)
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The top-most directory of ``path`` that does not exist yet (what writing into it creates)."""
+    top = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        top = p
+    return top
 
 
 def _check_model(spec: ExperimentSpec):
@@ -111,49 +140,38 @@ def _check_backend_available(spec: ExperimentSpec) -> None:
 
 def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[str], None]) -> None:
     from testbed.comm.inprocess import InProcessGroup
-    from testbed.methods import METHODS, build_method
+    from testbed.methods import METHODS, build_method, resolve_params
 
     N, T = spec.nodes.count, spec.input.tokens
     for i, m in enumerate(spec.methods):
         check(m.name in METHODS, f"methods[{i}].name", m.name, " | ".join(METHODS))
     # cheap ones first: an error in any other method is reported before minutes of k-means
     order = sorted(range(len(spec.methods)), key=lambda i: spec.methods[i].name == "astra")
-    with tempfile.TemporaryDirectory(prefix="testbed-check-") as tmp:
-        for i in order:
-            m = spec.methods[i]
-            group = InProcessGroup(N, timeout_s=1.0)
-            try:
-                if m.name == "astra":
-                    log(f"checking methods[{i}] ({m.display}): calibrating its codebooks (once per run)")
-                path = _codebook_file(cbs, m, Path(tmp)) if m.name == "astra" else None
-                for rank in sorted({0, N - 1}):  # building does not communicate
-                    build_method(m.name, model, dict(m.params), rank, N, group.communicator(rank), tokens=T,
-                                 codebook_path=path)
-            except ConfigError as e:
-                raise _method_error(e, i, m) from None
-
-
-def _codebook_file(cbs: Codebooks, m: MethodSpec, tmp: Path) -> str:
-    if cbs.trained():
-        return cbs.trained()
-    from testbed.methods.astra import Astra
-    from testbed.methods.base import parse_params
-
-    parse_params("astra", m.params, Astra.DEFAULTS)  # unknown keys fail before any k-means is spent
-    key = codebook_key(m.params)
-    path = tmp / f"check-{'-'.join(map(str, key))}.pt"
-    if not path.exists():
-        save(path, cbs.tensor(key), cbs.meta(key))
-    return str(path)
+    for i in order:
+        m = spec.methods[i]
+        group = InProcessGroup(N, timeout_s=1.0)
+        try:
+            path = None
+            if m.name == "astra":
+                resolve_params("astra", m.params, model.cfg)  # bad params fail before any k-means is spent
+                if not cbs.trained():
+                    log(f"checking methods[{i}] ({m.display}): fitting its codebooks (once per run)")
+                path = cbs.file(m.params)
+            for rank in sorted({0, N - 1}):  # building does not communicate
+                build_method(m.name, model, dict(m.params), rank, N, group.communicator(rank), tokens=T,
+                             codebook_path=path)
+        except ConfigError as e:
+            raise _method_error(e, i, m) from None
 
 
 def _method_error(e: ConfigError, i: int, m: MethodSpec) -> ConfigError:
     """A method's own error, placed at the YAML field the user has to change."""
+    from testbed.methods import method_class
+
     base = f"methods[{i}].params"
     if e.field == "params":  # unknown key: the value is the key's name
         return ConfigError(f"{base}.{e.value}", m.params.get(e.value), e.allowed)
-    if e.field in m.params or e.field in ("groups", "codebook_size", "dct", "n_b", "lookup_tables",
-                                          "calibration_samples"):
+    if e.field in m.params or e.field in method_class(m.name).DEFAULTS:
         return ConfigError(f"{base}.{e.field}", e.value, e.allowed)
     where = {"world_size": "nodes.count", "tokens": "input.tokens", "codebook_path": "model.codebook_path"}
     return ConfigError(where.get(e.field, f"methods[{i}] ({e.field})"), e.value, f"{e.allowed} (method {m.name})")

@@ -112,7 +112,8 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepa
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out" if args.out else "output_dir", str(out),
                           f"a new or empty directory (to continue a run there: --resume {out})")
-    return with_output_dir(spec, str(out.resolve())), out, False, check_spec(spec, log=log)
+    spec = with_output_dir(spec, str(out.resolve()))
+    return spec, out, False, check_spec(spec, codebook_dir=out / "codebooks", log=log)
 
 
 def run_main(argv: list[str]) -> int:

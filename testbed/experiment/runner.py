@@ -84,7 +84,7 @@ class Runner:
         self.spec, self.out_dir, self.resume = spec, Path(out_dir), resume
         self.backend_settings = dict(backend_settings or {})
         self.prepared = prepared if prepared is not None else check_spec(
-            spec, codebook_dir=Path(out_dir) / "codebooks" if resume else None)
+            spec, codebook_dir=Path(out_dir) / "codebooks")
         self.source, self.show_progress, self.make_plots = source, progress, plots
         self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
         self.dilation = self.prepared.dilation  # testbed.experiment.dilation.Dilation, resolved by check_spec

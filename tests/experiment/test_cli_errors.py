@@ -30,6 +30,10 @@ CASES = {
     "unknown model": (tiny(model="vit-huge"), "model.name: got 'vit-huge'", "vit-tiny"),
     "astra groups not dividing D": (tiny(methods=_methods({"name": "astra", "params": {"groups": 5}})),
                                     "methods[1].params.groups: got 5", "hidden size D=64"),
+    # the first astra's codebooks are fit and written into the run directory before the second fails:
+    # the refused run must remove them again
+    "second astra after a fitted one": (tiny(methods=_methods(ASTRA, {"name": "astra", "params": {"groups": 5}})),
+                                        "methods[2].params.groups: got 5", "hidden size D=64"),
     "unknown method param": (tiny(methods=_methods({"name": "block_parallel", "params": {"nb": 2}})),
                              "methods[1].params.nb: got 2", "n_b"),
     "heads not divisible by nodes": (tiny(nodes={"count": 3}, methods=_methods("tensor_parallel")),
