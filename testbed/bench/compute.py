@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         for g in (1, 32):
             path = str(Path(tmp) / f"cb{g}.pt")
             t0 = time.perf_counter()
-            vq.save_codebooks(path, vq.calibrate_codebooks(model, g, a.codebook_size, a.tokens, n_samples=1,
-                                                           iters=a.kmeans_iters))
+            vq.save_codebooks(path, vq.fit_codebooks(model, g, a.codebook_size, a.tokens, n_samples=1,
+                                                     iters=a.kmeans_iters))
             print(f"  codebooks G={g}, K={a.codebook_size}: {time.perf_counter() - t0:.0f} s", flush=True)
             runs.append((f"astra G={g}", "astra", {}, path))
             if g == 1:

@@ -233,9 +233,6 @@ def fit_codebooks(model, groups: int, codebook_size: int, tokens: int, seed: int
     return out
 
 
-calibrate_codebooks = fit_codebooks  # the former name, still imported by callers outside testbed.methods
-
-
 def exact_codebooks(model, inp: torch.Tensor, groups: int) -> torch.Tensor:
     """Codebooks [L, G, K, D//G] holding exactly the LN1 outputs of ``inp``'s tokens at every block.
 

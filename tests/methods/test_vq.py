@@ -106,7 +106,6 @@ def test_fit_codebooks_shape_and_determinism():
     assert a.shape == (model.cfg.n_layers, 2, 16, model.cfg.dim // 2) and a.dtype == torch.float32
     assert torch.equal(a, vq.fit_codebooks(model, groups=2, codebook_size=16, tokens=17, seed=0, n_samples=2))
     assert not torch.equal(a, vq.fit_codebooks(model, groups=2, codebook_size=16, tokens=17, seed=1, n_samples=2))
-    assert vq.calibrate_codebooks is vq.fit_codebooks  # the former name, kept for callers outside testbed.methods
 
 
 def test_bad_groups_is_a_config_error():
