@@ -14,7 +14,7 @@ COMMANDS = {
                   "simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
     "doctor": ("testbed.experiment.doctor", "main", "what this machine can emulate, and why"),
-    "clean": ("testbed.net.clean", "main", "remove leftovers of a crashed run (namespaces, links, rules, processes)"),
+    "clean": ("testbed.net.cleanup", "main", "remove leftovers of a crashed run (namespaces, links, rules, processes)"),
     "node": ("testbed.node.server", "main", "run one edge-device node server (gRPC)"),
     "compare": ("testbed.methods.compare", "main", "compare all methods in-process on one model (no network)"),
     "train": ("testbed.train.cli", "main", "train a small ViT and ASTRA codebooks (NAQ, DCT) on an offline dataset"),
