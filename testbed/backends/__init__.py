@@ -1,5 +1,7 @@
 """Backends run the ranks of an experiment: in-process threads, node servers (loopback, Mininet) or the simulator.
 
+The layer stands on node, sim and net; experiment drives every backend through base.Backend.
+
 ``BACKENDS`` is the one registry (name -> where its class lives); ``backend_class`` imports
 only the backend asked for (Mininet's and the simulator's modules pull in more).
 """

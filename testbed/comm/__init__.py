@@ -1,4 +1,8 @@
-"""Communicators: one contract (comm.base), several transports (in-process, gRPC)."""
+"""Communicators: one contract (comm.base, with each collective's message plan), two transports
+(in-process threads, gRPC peer streams with their frames and channel options).
+
+Stands on errors and proto only; methods call collectives through it, node serves its streams.
+"""
 
 from testbed.comm.base import Communicator
 from testbed.comm.inprocess import InProcessGroup, run_inprocess, run_ranks

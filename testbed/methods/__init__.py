@@ -2,7 +2,7 @@
 
 ``build_method(name, model, params, rank, world_size, comm, tokens, codebook_path)`` returns a
 Method whose ``forward(inp)`` runs that rank's part and returns the output on ``output_rank``.
-Methods talk to other ranks only through the Communicator.
+Methods talk to other ranks only through the Communicator. The layer stands on models and comm.
 
 Without building anything: ``resolve_params(name, params, cfg)`` is a method's params with its
 defaults filled in and checked, ``comm_schedule(name, cfg, tokens, world_size, params, batch)``

@@ -1,4 +1,5 @@
-"""Plain-PyTorch Transformers (ViT, GPT-2). No knowledge of devices or networks."""
+"""Plain-PyTorch Transformers (ViT, GPT-2) and the offline datasets. No knowledge of devices or networks:
+the bottom layer, standing on errors only."""
 
 from __future__ import annotations
 

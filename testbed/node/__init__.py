@@ -1,3 +1,6 @@
-"""The node: the gRPC server each edge device runs (server), its client (orchestrator), and the
-one module that converts records to protobuf messages (serde). Kept import-light on purpose:
-testbed.comm.grpc imports serde and channels from here."""
+"""The node layer: the gRPC server each edge device runs (server), its client (orchestrator), the
+records they exchange (records) and their protobuf conversion (serde).
+
+Stands on methods (a node runs one rank of a method: methods.job.RankRunner) and comm (peer
+streams); backends start nodes and hand their addresses to an orchestrator.
+"""

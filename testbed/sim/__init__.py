@@ -1,4 +1,5 @@
-"""SimPy simulator: replays schedule traces over a modelled network (the ``sim`` layer: beside node, below backends).
+"""SimPy simulator: replays schedules over a modelled network. Beside node, below backends: stands on
+methods (their stated schedules), comm (traces) and net (topologies), never on experiment.
 
 Compute segments come from traces measured on this host (``testbed calibrate``,
 calibrate.py), scaled per device; messages cross a topology of shaped links with
