@@ -34,8 +34,8 @@ class Port:
 
     ns: str  # host whose namespace holds it, or "" for the root namespace (switch ports, IFBs)
     dev: str
-    link: int | None = None  # index in Topology.links of the link it sends on; None for an IFB
-    frm: str = ""  # the node this link direction leaves; for an IFB, its switch
+    link: int | None  # index in Topology.links of the link it sends on; None for an IFB
+    frm: str  # the node this link direction leaves; for an IFB, its switch
     ingress: tuple[str, ...] = ()  # IFB only: the switch ports whose arriving frames it carries
 
 
