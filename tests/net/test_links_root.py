@@ -1,4 +1,4 @@
-"""Emulated links deliver their profiles (real Mininet hosts, tc, NFQUEUE delay line, iperf3, ping).
+"""Emulated links deliver their profiles (real Mininet hosts, tc, delay line or netem, iperf3, ping).
 
 One two-host network is built for the module and reshaped live between tests, so these tests
 also exercise live changes. Goodput, RTT and loss are held to testbed.net.fidelity's tolerances
@@ -59,7 +59,7 @@ def test_ping_rtt_is_twice_the_one_way_delay(pair, delay_ms):
 
 
 def test_loss_in_one_direction_is_seen_by_ping(pair):
-    # 1600 pings: the binomial spread (sd 0.55 % at 5 %) makes the allowed range 3.1-6.9 %
+    # 1600 pings: the binomial spread (sd 0.55 % at 5 %) allows 3.1-6.9 % (400 pings would allow 1.2-8.8 %)
     pair.set_link("h1", "h2", a_to_b=LinkProfile(loss_pct=5), b_to_a=LinkProfile())
     low, high = loss_range(5, 1600)
     loss = ping(pair, "h1", "h2", count=1600, interval_s=0.002).loss_pct
