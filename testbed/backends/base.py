@@ -44,6 +44,7 @@ class BackendSetup:
     time_dilation: float = 1.0
     cpu_slice_ms: float | None = None  # testbed.net.cgroups (None: its default)
     settings: dict[str, Any] = field(default_factory=dict)  # backend-specific options (see each backend)
+    machine: Any = None  # what the backend's check_available() found, once per run (mininet: the kernel probe)
     log: Callable[[str], None] = lambda _msg: None  # told about slow steps
 
 
@@ -61,9 +62,11 @@ class Backend(ABC):
     SETTINGS: tuple[str, ...] = ()
 
     @classmethod
-    def check_available(cls) -> None:
+    def check_available(cls) -> Any:
         """Raise testbed.net.probe.EmulationUnavailable (with the fix) if this machine cannot run the
-        backend; cheap, creates nothing."""
+        backend; creates nothing. Returns what it learnt about the machine (handed back to the
+        backend as BackendSetup.machine, so nothing is probed twice), or None."""
+        return None
 
     @classmethod
     def from_setup(cls, setup: BackendSetup) -> "Backend":

@@ -36,7 +36,7 @@ from testbed.backends.base import BackendSetup, NodeBackend, log_tail
 from testbed.comm.channels import KEEPALIVE_TIMEOUT_S
 from testbed.net.cgroups import DEFAULT_SLICE_MS
 from testbed.errors import CommError, ConfigError, check
-from testbed.net.probe import FIX, EmulationUnavailable
+from testbed.net.probe import FIX, Capabilities, EmulationUnavailable, probe
 from testbed.net.profile import LinkProfile
 from testbed.net.replay import BandwidthTrace, TraceReplay
 from testbed.net.topology import Topology, load_topology
@@ -62,13 +62,15 @@ class MininetBackend(NodeBackend):
 
     def __init__(self, topology: Topology | str | dict, mechanism: str = "auto", start_timeout_s: float = 120.0,
                  log_dir: str | None = None, python: str = sys.executable, seed: int = 0,
-                 time_dilation: float = 1.0, cpu_slice_ms: float = DEFAULT_SLICE_MS, timeout_s: float = 120.0):
+                 time_dilation: float = 1.0, cpu_slice_ms: float = DEFAULT_SLICE_MS, timeout_s: float = 120.0,
+                 capabilities: Capabilities | None = None):
         """``topology``: a Topology, a topologies/ name, a YAML path or an inline mapping, in
         device time. ``mechanism``: auto | htb+nfqueue | htb+netem. ``start_timeout_s``: for
         all nodes to print their addresses. ``log_dir``: node logs (stderr) stay there; default a
         temporary directory removed by close(). ``seed``: of the delay lines' jitter.
         ``time_dilation``: F >= 1 (see the module docstring). ``cpu_slice_ms``: see
-        testbed.net.cgroups. ``timeout_s``: deadline of one inference, in device time."""
+        testbed.net.cgroups. ``timeout_s``: deadline of one inference, in device time.
+        ``capabilities``: the kernel probe made by check_available (None: probed at start)."""
         _quick_check()
         super().__init__()
         check(isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0, "start_timeout_s",
@@ -81,21 +83,27 @@ class MininetBackend(NodeBackend):
         self._own_logs = log_dir is None
         self.log_dir = Path(log_dir) if log_dir else None
         self.emulation = None
+        self.capabilities = capabilities
         self.procs: list[subprocess.Popen] = []
         self.hosts: list[str] = []
         self.replays: list[TraceReplay] = []
         self.last_change_s: float | None = None
 
     @classmethod
-    def check_available(cls) -> None:
+    def check_available(cls) -> Capabilities:
+        """Root, Mininet's API, then the kernel (htb, netem or NFQUEUE): its Capabilities."""
         _quick_check()
+        caps = probe(full=False)
+        caps.require()
+        return caps
 
     @classmethod
     def from_setup(cls, setup: BackendSetup) -> "MininetBackend":
         """On the experiment's topology (its devices on the node hosts), loaded once by the runner."""
         return cls(setup.topology, log_dir=str(setup.log_dir) if setup.log_dir else None, seed=setup.seed,
                    time_dilation=setup.time_dilation, timeout_s=setup.timeout_s,
-                   cpu_slice_ms=setup.cpu_slice_ms if setup.cpu_slice_ms is not None else DEFAULT_SLICE_MS)
+                   cpu_slice_ms=setup.cpu_slice_ms if setup.cpu_slice_ms is not None else DEFAULT_SLICE_MS,
+                   capabilities=setup.machine)
 
     def start_nodes(self, n_nodes: int) -> list[NodeAddress]:
         from testbed.net.emulation import Emulation
@@ -110,7 +118,8 @@ class MininetBackend(NodeBackend):
         f = self.time_dilation
         self.emulation = Emulation(self.topology.dilated(f), self.requested_mechanism, seed=self.seed,
                                    cpu_slice_ms=self.cpu_slice_ms,
-                                   tcp_rto_min_ms=LINUX_RTO_MIN_MS * f if f != 1 else None)
+                                   tcp_rto_min_ms=LINUX_RTO_MIN_MS * f if f != 1 else None,
+                                   capabilities=self.capabilities)
         try:
             self.emulation.start()
             self.mechanism = self.emulation.mechanism

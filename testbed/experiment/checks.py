@@ -31,6 +31,7 @@ class Prepared:
     codebooks: Codebooks
     topology: Any = None  # testbed.net.topology.Topology (mininet, sim)
     dilation: Any = None  # testbed.experiment.dilation.Dilation: the run's time-dilation factor
+    machine: Any = None  # what the backend's availability check found (mininet: the kernel probe)
 
 
 def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
@@ -50,7 +51,7 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
     model = _check_model(spec)
     topology = _check_topology(spec)
     dilation = resolve_dilation(spec, topology)
-    _check_backend_available(spec)
+    machine = _check_backend_available(spec)
     log = log or (lambda _msg: None)
     if codebook_dir is None:
         with tempfile.TemporaryDirectory(prefix="testbed-check-") as tmp:
@@ -66,7 +67,7 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             raise
-    return Prepared(model, cbs, topology, dilation)
+    return Prepared(model, cbs, topology, dilation, machine)
 
 
 def _missing_ancestor(path: Path) -> Path | None:
@@ -126,13 +127,14 @@ def _check_topology(spec: ExperimentSpec):
     return topo
 
 
-def _check_backend_available(spec: ExperimentSpec) -> None:
-    """A backend this machine cannot run (mininet without root or its API) is named before anything is written."""
+def _check_backend_available(spec: ExperimentSpec) -> Any:
+    """A backend this machine cannot run (mininet without root, its API or a shaping mechanism) is named
+    before anything is written; returns what the check learnt about the machine."""
     from testbed.backends import backend_class
     from testbed.net.probe import EmulationUnavailable
 
     try:
-        backend_class(spec.backend).check_available()
+        return backend_class(spec.backend).check_available()
     except EmulationUnavailable as e:
         raise ConfigError("backend", spec.backend, f"a machine that can emulate ({e}); or run without root with "
                           "`--backend sim` (simulated links) or `--backend loopback` (unshaped profiles only)") from None

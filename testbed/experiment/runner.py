@@ -158,7 +158,8 @@ class Runner:
             manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
         measured = 0
         setup = backend_setup(s, self.prepared.topology, self.dilation.factor, log_dir=self.out_dir / "node-logs",
-                              run_dir=self.out_dir, settings=self.backend_settings, log=prog.show)
+                              run_dir=self.out_dir, settings=self.backend_settings, log=prog.show,
+                              machine=self.prepared.machine)
         session = BackendSession(s, setup, on_start=lambda b: self._on_backend(manifest, b))
         try:
             for cell in self.spec.cells():

@@ -27,7 +27,7 @@ from testbed.node.records import InferenceResult
 
 def backend_setup(spec: ExperimentSpec, topology, time_dilation: float = 1.0, log_dir: Path | None = None,
                   run_dir: Path | None = None, settings: dict[str, Any] | None = None,
-                  log: Callable[[str], None] | None = None) -> BackendSetup:
+                  log: Callable[[str], None] | None = None, machine: Any = None) -> BackendSetup:
     """What the spec's backend is built from; ``topology``: the spec's, already loaded (checks.Prepared)."""
     from testbed.experiment.topology import experiment_topology, node_devices
 
@@ -36,7 +36,7 @@ def backend_setup(spec: ExperimentSpec, topology, time_dilation: float = 1.0, lo
                         topology=topo, topology_source=spec.topology, devices=node_devices(spec, topo),
                         seed=spec.input.seed, time_dilation=time_dilation,
                         cpu_slice_ms=spec.emulation.cpu_slice_ms, settings=dict(settings or {}),
-                        log=log or (lambda _msg: None))
+                        log=log or (lambda _msg: None), machine=machine)
 
 
 class BackendSession:

@@ -31,7 +31,7 @@ from testbed.errors import check
 from testbed.net import cleanup
 from testbed.net.cgroups import DEFAULT_SLICE_MS, DeviceCgroup, allocate_cores, host_cpus
 from testbed.net.delayline import DelayLineClient
-from testbed.net.probe import probe
+from testbed.net.probe import Capabilities, probe
 from testbed.net.profile import LinkProfile
 from testbed.net.shaping import Shaper, Wiring
 from testbed.net.tc import MECHANISMS
@@ -93,17 +93,19 @@ class Emulation:
     """``with Emulation(load_topology("star")) as em: em.popen("h1", [...]); em.apply_profile(...)``."""
 
     def __init__(self, topology: Topology, mechanism: str = "auto", seed: int = 0,
-                 cpu_slice_ms: float = DEFAULT_SLICE_MS, tcp_rto_min_ms: float | None = None):
+                 cpu_slice_ms: float = DEFAULT_SLICE_MS, tcp_rto_min_ms: float | None = None,
+                 capabilities: Capabilities | None = None):
         """``cpu_slice_ms``: CPU time per CFS period of each confined device core (testbed.net.cgroups).
         ``tcp_rto_min_ms``: minimum TCP retransmission timeout on every host-to-host route
-        (None: the kernel's 200 ms)."""
+        (None: the kernel's 200 ms). ``capabilities``: this machine's probe result, if the caller
+        probed it already (the kernel is probed once per run, not at every start)."""
         check(mechanism in ("auto",) + MECHANISMS, "mechanism", mechanism, ", ".join(("auto",) + MECHANISMS))
         check(isinstance(cpu_slice_ms, (int, float)) and 0.5 <= cpu_slice_ms <= 1000, "cpu_slice_ms", cpu_slice_ms,
               "a number of milliseconds in [0.5, 1000]")
         check(tcp_rto_min_ms is None or (isinstance(tcp_rto_min_ms, (int, float)) and tcp_rto_min_ms >= 1),
               "tcp_rto_min_ms", tcp_rto_min_ms, "a number of milliseconds >= 1, or null")
         self.topology, self.requested, self.seed = topology, mechanism, seed
-        self.cpu_slice_ms, self.tcp_rto_min_ms = cpu_slice_ms, tcp_rto_min_ms
+        self.cpu_slice_ms, self.tcp_rto_min_ms, self.capabilities = cpu_slice_ms, tcp_rto_min_ms, capabilities
         self.base_topology = topology  # what sweep profiles are mapped onto (fixed links keep theirs)
         self.mechanism = "none"
         self.net = None
@@ -150,7 +152,7 @@ class Emulation:
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> "Emulation":
-        self.mechanism = probe(full=False).require(self.requested)
+        self.mechanism = (self.capabilities or probe(full=False)).require(self.requested)
         self.run = cleanup.Run.create(self.topology.name)
         self._guard = _SignalGuard(self.close)
         try:

@@ -54,3 +54,23 @@ def test_tiny_sweep_in_mininet(tmp_path, monkeypatch):
     for run_id in manifest["backend"]["emulation_runs"]:
         left = find_leftovers(run_id)
         assert left.empty(), left.describe()
+
+
+def test_the_kernel_is_probed_once_per_run():
+    """The spec check probes the kernel; the backend it prepares starts its emulation on that probe."""
+    from testbed.backends import backend_class
+    from testbed.experiment.checks import check_spec
+    from testbed.experiment.session import backend_setup
+    from testbed.experiment.spec import parse_spec
+    from testbed.net.probe import Capabilities
+
+    spec = parse_spec(tiny(backend="mininet", nodes={"count": 4}, methods=["single"]))
+    prepared = check_spec(spec)
+    assert isinstance(prepared.machine, Capabilities) and prepared.machine.mechanism in ("htb+nfqueue", "htb+netem")
+    backend = backend_class("mininet").from_setup(backend_setup(spec, prepared.topology, machine=prepared.machine))
+    try:
+        backend.start(4)
+        assert backend.emulation.capabilities is prepared.machine
+        assert backend.mechanism == prepared.machine.mechanism
+    finally:
+        backend.close()
