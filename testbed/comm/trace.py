@@ -71,29 +71,32 @@ class Trace:
         self._mark = None
 
     # -- summaries -------------------------------------------------------
+    def _total(self, kind: type, attr: str):
+        return sum(getattr(e, attr) for e in self.events if isinstance(e, kind))
+
     @property
     def compute_s(self) -> float:
-        return sum(e.duration_s for e in self.events if isinstance(e, Compute))
+        return self._total(Compute, "duration_s")
 
     @property
     def comm_s(self) -> float:
-        return sum(e.duration_s for e in self.events if isinstance(e, Collective))
+        return self._total(Collective, "duration_s")
 
     @property
     def wait_s(self) -> float:
-        return sum(e.wait_s for e in self.events if isinstance(e, Collective))
+        return self._total(Collective, "wait_s")
 
     @property
     def serialize_s(self) -> float:
-        return sum(e.serialize_s for e in self.events if isinstance(e, Collective))
+        return self._total(Collective, "serialize_s")
 
     @property
     def bytes_sent(self) -> int:
-        return sum(e.bytes_sent for e in self.events if isinstance(e, Collective))
+        return self._total(Collective, "bytes_sent")
 
     @property
     def bytes_recv(self) -> int:
-        return sum(e.bytes_recv for e in self.events if isinstance(e, Collective))
+        return self._total(Collective, "bytes_recv")
 
     def collectives(self, kind: str | None = None) -> list[Collective]:
         return [e for e in self.events if isinstance(e, Collective) and (kind is None or e.kind == kind)]
