@@ -18,12 +18,16 @@ Every backend is built from a ``BackendSetup``: what the runner prepared once pe
 
 from __future__ import annotations
 
+import os
+import selectors
+import subprocess
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from testbed.errors import ConfigError
+from testbed.errors import CommError, ConfigError
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
 from testbed.node.records import InferenceResult, NodeAddress
@@ -172,6 +176,43 @@ class NodeBackend(Backend):
     @abstractmethod
     def close_nodes(self) -> None:
         """Stop the node processes and remove what start_nodes() created. Idempotent."""
+
+
+def read_lines(proc: subprocess.Popen, n: int, deadline: float) -> list[str]:
+    """Up to ``n`` lines from the process's stdout before ``deadline`` (fewer if it exits)."""
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while buf.count(b"\n") < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if sel.select(timeout=min(left, 0.2)):
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                buf += chunk
+            elif proc.poll() is not None:
+                break
+    return buf.decode(errors="replace").splitlines()[:n]
+
+
+def ready_addresses(lines: list[str]) -> list[str]:
+    """The host:port addresses a node server printed (testbed.node.server.READY_PREFIX lines)."""
+    from testbed.node.server import READY_PREFIX
+
+    return [ln[len(READY_PREFIX):].strip() for ln in lines if ln.startswith(READY_PREFIX)]
+
+
+def node_not_ready(who: str, proc: subprocess.Popen, lines: list[str], waited_s: float, log: Path) -> CommError:
+    """Why a node gave no usable address (it exited, or printed something else, or nothing in time)."""
+    try:
+        proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        pass
+    why = (f"exited with code {proc.returncode}" if proc.returncode is not None
+           else f"printed {lines!r} within {waited_s:g} s" if lines else f"printed no address within {waited_s:g} s")
+    return CommError(f"{who} {why}; its log ({log}):\n{log_tail(log)}")
 
 
 def log_tail(path: Path, n_bytes: int = 2000) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import selectors
 import shutil
 import signal
 import subprocess
@@ -23,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from testbed.backends.base import BackendSetup, NodeBackend, log_tail
-from testbed.errors import CommError, ConfigError, check
+from testbed.backends.base import BackendSetup, NodeBackend, node_not_ready, read_lines, ready_addresses
+from testbed.errors import ConfigError, check
 from testbed.net.profile import LinkProfile
 from testbed.node.records import NodeAddress
-from testbed.node.server import READY_PREFIX
 
 MAX_NODES = 254  # 127.0.0.1 .. 127.0.0.254
 
@@ -83,37 +81,17 @@ class LoopbackBackend(NodeBackend):
         return proc
 
     def _await_address(self, rank: int, deadline: float) -> NodeAddress:
-        proc, buf = self.procs[rank], b""
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in buf:
-                left = deadline - time.monotonic()
-                if left <= 0 or proc.poll() is not None:
-                    break
-                if sel.select(timeout=min(left, 0.2)):
-                    chunk = os.read(proc.stdout.fileno(), 4096)
-                    if not chunk:
-                        break
-                    buf += chunk
-        line = buf.split(b"\n", 1)[0].decode(errors="replace")
-        if not line.startswith(READY_PREFIX):
-            try:  # its output ended or time ran out: if it is exiting, say how
-                proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-            why = (f"exited with code {proc.returncode}" if proc.returncode is not None
-                   else f"printed no address within {self.start_timeout_s:g} s")
-            raise CommError(f"loopback node {rank} {why}; its log ({self.log_path(rank)}):\n{self._log_tail(rank)}")
+        proc = self.procs[rank]
+        lines = read_lines(proc, 1, deadline)
+        addrs = ready_addresses(lines)
+        if not addrs:
+            raise node_not_ready(f"loopback node {rank}", proc, lines, self.start_timeout_s, self.log_path(rank))
         proc.stdout.close()  # the node prints nothing after its addresses
-        addr = line[len(READY_PREFIX):].strip()
-        return NodeAddress(control=addr, data=addr)
+        return NodeAddress(control=addrs[0], data=addrs[0])
 
     def log_path(self, rank: int) -> Path:
         assert self.log_dir is not None
         return self.log_dir / f"node{rank}.log"
-
-    def _log_tail(self, rank: int) -> str:
-        return log_tail(self.log_path(rank))
 
     @property
     def pids(self) -> list[int]:

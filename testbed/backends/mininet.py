@@ -23,7 +23,6 @@ the loopback backend, raised by the constructor, before anything is created.
 from __future__ import annotations
 
 import os
-import selectors
 import shutil
 import subprocess
 import sys
@@ -32,16 +31,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from testbed.backends.base import BackendSetup, NodeBackend, log_tail
+from testbed.backends.base import BackendSetup, NodeBackend, node_not_ready, read_lines, ready_addresses
 from testbed.comm.channels import KEEPALIVE_TIMEOUT_S
 from testbed.net.cgroups import DEFAULT_SLICE_MS
-from testbed.errors import CommError, ConfigError, check
+from testbed.errors import ConfigError, check
 from testbed.net.probe import FIX, Capabilities, EmulationUnavailable, probe
 from testbed.net.profile import LinkProfile
 from testbed.net.replay import BandwidthTrace, TraceReplay
 from testbed.net.topology import Topology, load_topology
 from testbed.node.records import NodeAddress
-from testbed.node.server import READY_PREFIX
 
 LINUX_RTO_MIN_MS = 200.0  # TCP_RTO_MIN: the minimum retransmission timeout of Linux
 
@@ -140,26 +138,19 @@ class MininetBackend(NodeBackend):
             return em.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
 
     def _await_addresses(self, rank: int, deadline: float) -> NodeAddress:
-        host, proc = self.hosts[rank], self.procs[rank]
-        lines = _read_lines(proc, 2, deadline)
-        addrs = [ln[len(READY_PREFIX):].strip() for ln in lines if ln.startswith(READY_PREFIX)]
-        em = self.emulation
+        host, proc, em = self.hosts[rank], self.procs[rank], self.emulation
+        lines = read_lines(proc, 2, deadline)
+        addrs = ready_addresses(lines)
         data = next((a for a in addrs if a.startswith(em.data_ip(host) + ":")), None)
         control = next((a for a in addrs if a.startswith(em.control_ip(host) + ":")), None)
         if data is None or control is None:
-            why = (f"exited with code {proc.returncode}" if proc.poll() is not None
-                   else f"printed {lines!r} within {self.start_timeout_s:g} s")
-            raise CommError(f"node {rank} on host {host} {why}; its log ({self.log_path(host)}):\n"
-                            f"{self._log_tail(host)}")
+            raise node_not_ready(f"node {rank} on host {host}", proc, lines, self.start_timeout_s, self.log_path(host))
         proc.stdout.close()
         return NodeAddress(control=control, data=data)
 
     def log_path(self, host: str) -> Path:
         assert self.log_dir is not None
         return self.log_dir / f"node-{host}.log"
-
-    def _log_tail(self, host: str) -> str:
-        return log_tail(self.log_path(host))
 
     def client(self, addresses: list[NodeAddress], timeout_s: float, load_timeout_s: float | None = None):
         """The runner's handle on the nodes: deadlines in device time, results in device time."""
@@ -254,22 +245,3 @@ class MininetBackend(NodeBackend):
         if self._own_logs and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
             self.log_dir = None
-
-
-def _read_lines(proc: subprocess.Popen, n: int, deadline: float) -> list[str]:
-    """Up to ``n`` lines from the process's stdout before ``deadline`` (fewer if it exits)."""
-    buf = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while buf.count(b"\n") < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if sel.select(timeout=min(left, 0.2)):
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                buf += chunk
-            elif proc.poll() is not None:
-                break
-    return buf.decode(errors="replace").splitlines()[:n]
