@@ -141,6 +141,21 @@ def _log_y(ax, suffix: str = "") -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+def _log_panel(ax, title: str, suffix: str = "") -> None:
+    """A panel of a faceted figure: log y axis, major grid, the facet's title."""
+    _log_y(ax, suffix)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+
+
+def _finish_panels(fig: Figure, axes, df: pd.DataFrame, ylabel: str, note: str, title: str) -> Figure:
+    """Y label on the first panel, one legend below all, the run's title above."""
+    axes[0].set_ylabel(ylabel)
+    _legend(fig, axes, _note_text(df, note))
+    fig.suptitle(_title(df, title), fontsize=10)
+    return fig
+
+
 def _legend(fig: Figure, axes, note: str = "") -> None:
     """One legend for all panels, below them (never over the title), with the figure's note as its title."""
     handles, labels = {}, []
@@ -172,13 +187,9 @@ def latency_figure(df: pd.DataFrame) -> Figure:
             ax.plot(med.index, med.values, marker="o", color=colors[lab], label=lab)
             ax.fill_between(med.index, lo.values, hi.values, color=colors[lab], alpha=0.18, linewidth=0)
         _setup_x(ax, ok, axis)
-        _log_y(ax)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.set_title(title, fontsize=9)
-    axes[0].set_ylabel("inference latency (s)")
-    _legend(fig, axes, _note_text(df, "line: median over repetitions, band: min to max"))
-    fig.suptitle(_title(df, "Latency"), fontsize=10)
-    return fig
+        _log_panel(ax, title)
+    return _finish_panels(fig, axes, df, "inference latency (s)", "line: median over repetitions, band: min to max",
+                          "Latency")
 
 
 def _latency_bars(df: pd.DataFrame) -> Figure:
@@ -239,13 +250,9 @@ def speedup_figure(df: pd.DataFrame) -> Figure:
         else:
             ax.set_xticks([])
             ax.set_xlabel("one link profile (see title)")
-        _log_y(ax, "x")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.set_title(title, fontsize=9)
-    axes[0].set_ylabel("speed-up over single device")
-    _legend(fig, axes, _note_text(df, "above 1x: faster than one device"))
-    fig.suptitle(_title(df, "Speed-up over one device (median latencies)"), fontsize=10)
-    return fig
+        _log_panel(ax, title, "x")
+    return _finish_panels(fig, axes, df, "speed-up over single device", "above 1x: faster than one device",
+                          "Speed-up over one device (median latencies)")
 
 
 def breakdown_figure(df: pd.DataFrame) -> Figure:
