@@ -50,12 +50,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from testbed.backends import BACKENDS as BACKEND_REGISTRY
 from testbed.errors import ConfigError, check
 from testbed.experiment import fields as F
 from testbed.net.profile import LinkProfile
+from testbed.yamlfile import read_yaml
 
 BACKENDS = tuple(BACKEND_REGISTRY)  # the names of the backend registry
 LINK_AXES = ("bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct")
@@ -231,12 +230,7 @@ def load_spec(path: str | Path, backend: str | None = None) -> ExperimentSpec:
     """Read and validate an experiment file (``backend`` overrides the file's). Writes nothing."""
     p = Path(path)
     check(p.is_file(), "experiment file", str(path), "an existing YAML file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(str(path), getattr(e, "problem", str(e)) + where, "valid YAML") from None
+    data = read_yaml(p)
     if backend is not None and isinstance(data, dict):
         data = {**data, "backend": backend}
     return parse_spec(data)

@@ -33,10 +33,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
 from testbed.errors import ConfigError, check
 from testbed.net.profile import LinkProfile
+from testbed.yamlfile import read_yaml
 
 SWEEP_MODES = ("full", "half", "fixed")
 MAX_HOSTS = 250  # data addresses are 10.0.0.1 .. 10.0.0.250
@@ -373,11 +372,7 @@ def load_topology(source: str | Path | dict) -> Topology:
         path = TOPOLOGY_DIR / f"{source}.yaml"
     check(path.is_file(), "topology", str(source),
           f"a YAML file, or one of: {', '.join(sorted(p.stem for p in TOPOLOGY_DIR.glob('*.yaml')))}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError("topology", str(path), f"valid YAML ({e})") from None
-    return topology_from_dict(data, where=path.name)
+    return topology_from_dict(read_yaml(path), where=path.name)
 
 
 TOPOLOGY_DIR = Path(__file__).resolve().parents[2] / "topologies"

@@ -73,3 +73,37 @@ def test_missing_file_and_existing_output_dir(tmp_path, monkeypatch, capsys):
     assert "--resume" in capsys.readouterr().err
     assert run_main(["--resume", str(tmp_path / "nothing-here")]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+RAW_CASES = {
+    "methods twice": ("name: tiny\nmodel: {name: vit-tiny}\ninput: {tokens: 17}\nmethods: [single]\n"
+                      "nodes: {count: 2}\ntopology: star\nbackend: inprocess\nmethods: [astra]\n",
+                      "methods: got 'given twice (lines 4 and 8)'"),
+    "tokens twice": ("name: tiny\nmodel: {name: vit-tiny}\ninput:\n  tokens: 17\n  tokens: 33\nmethods: [single]\n"
+                     "nodes: {count: 2}\ntopology: star\nbackend: inprocess\n",
+                     "input.tokens: got 'given twice (lines 4 and 5)'"),
+    "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_CASES))
+def test_duplicate_keys_and_binary_files_one_error_no_output(case, tmp_path, monkeypatch, capsys):
+    content, expect = RAW_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert run_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("testbed run: error: ")]
+    assert len(lines) == 1 and expect in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]
+
+
+def test_exponent_bandwidths_are_numbers(tmp_path):
+    from testbed.experiment.spec import load_spec
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: tiny\nmodel: {name: vit-tiny}\ninput: {tokens: 17}\nmethods: [single]\n"
+                    "nodes: {count: 4}\ntopology: star\nbackend: mininet\nsweep: {bandwidth_mbps: [1e3, 2.5e1]}\n")
+    assert [c.profile.bandwidth_mbps for c in load_spec(path).cells()] == [1000.0, 25.0]
