@@ -183,6 +183,15 @@ class Topology:
         fwd = self.one_way(src, dst)
         return replace(fwd, rtt_ms=fwd.delay_ms + self.one_way(dst, src).delay_ms)
 
+    def mediums(self, src: str, dst: str) -> list[SwitchSpec]:
+        """The shared-medium switches the path from ``src`` to ``dst`` enters, in order."""
+        out = []
+        for lk, frm in self.path(src, dst):
+            sw = self.switch(lk.b if frm == lk.a else lk.a)
+            if sw is not None and sw.medium is not None:
+                out.append(sw)
+        return out
+
     def _mediums_entered(self, lk: LinkSpec, frm: str) -> list[LinkProfile]:
         to = lk.b if frm == lk.a else lk.a
         sw = self.switch(to)

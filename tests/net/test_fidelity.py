@@ -35,3 +35,19 @@ def test_rows_are_marked_against_the_tolerances():
     lines = format_table([good, slow, unshaped]).splitlines()
     assert lines[2].endswith("ok") and lines[3].endswith("MISS") and lines[4].endswith("ok")
     assert f"{RTT_ERROR_MS:g} ms" in lines[-1]
+
+
+def test_data_capacity_leaves_out_acks_only_where_they_share_the_bottleneck():
+    from testbed.net.fidelity import MEDIUM_ACK_SHARE, data_capacity_mbps
+    from testbed.net.topology import topology_from_dict
+    cell = topology_from_dict({
+        "name": "cell", "hosts": ["h1", "h2", "h3"],
+        "switches": [{"name": "ap", "medium": {"bandwidth_mbps": 20}}, "s1"],
+        "links": [{"a": "h1", "b": "ap"}, {"a": "h2", "b": "ap"}, {"a": "ap", "b": "s1"},
+                  {"a": "h3", "b": "s1", "profile": {"bandwidth_mbps": 5}}]})
+    assert math.isclose(data_capacity_mbps(cell, "h1", "h2"), 20 * (1 - MEDIUM_ACK_SHARE))
+    assert 0.02 < MEDIUM_ACK_SHARE < 0.022  # one 66 B ACK per two 1514 B frames
+    assert data_capacity_mbps(cell, "h1", "h3") == 5  # the bottleneck is h3's own link, not the cell
+    line = topology_from_dict({"name": "l", "hosts": ["h1", "h2"], "links": [{"a": "h1", "b": "h2", "profile": {"bandwidth_mbps": 10}}]})
+    assert data_capacity_mbps(line, "h1", "h2") == 10
+    assert data_capacity_mbps(topology_from_dict({"name": "u", "hosts": ["h1", "h2"], "links": [{"a": "h1", "b": "h2"}]}), "h1", "h2") is None
