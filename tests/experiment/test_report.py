@@ -42,3 +42,52 @@ def test_cli_prints_markdown_and_rejects_a_missing_dir(tmp_path, capsys):
     assert out.splitlines()[0].startswith("| bandwidth_mbps | label |") and "| astra G=1 |" in out
     assert main([str(tmp_path / "nope")]) == 2
     assert to_markdown(pd.DataFrame({"a": [1.23456, float("nan")]})).splitlines()[2:] == ["| 1.23 |", "|  |"]
+
+
+def _two_delays() -> pd.DataFrame:
+    """A 2 bandwidths x 2 delays sweep where delay costs sp 1 s and astra nothing."""
+    base = dict(status="ok", bytes_on_wire=0, bytes_sent=0, bytes_sent_max_rank=0, comm_s=0.0, compute_s=0.5,
+                jitter_ms=0.0, loss_pct=0.0, trace="", nodes=2, tokens=17, model="vit-tiny")
+    rows = []
+    for bw in (10.0, 100.0):
+        for delay in (0.0, 5.0):
+            for rep in range(3):
+                rows += [dict(base, method="single", label="single", bandwidth_mbps=bw, delay_ms=delay, latency_s=2.0),
+                         dict(base, method="sequence_parallel", label="sp", bandwidth_mbps=bw, delay_ms=delay,
+                              latency_s=1.0 + delay / 5),
+                         dict(base, method="astra", label="astra", bandwidth_mbps=bw, delay_ms=delay, latency_s=0.5)]
+    return pd.DataFrame(rows)
+
+
+def test_a_two_delay_sweep_gives_one_row_per_bandwidth_delay_and_method():
+    s = summarize(_two_delays())
+    assert len(s) == 2 * 2 * 3
+    assert not s.duplicated(["bandwidth_mbps", "delay_ms", "method"]).any()
+    sp = s[s["label"] == "sp"].set_index(["bandwidth_mbps", "delay_ms"])["latency_s"]
+    assert sp.to_dict() == {(10.0, 0.0): 1.0, (10.0, 5.0): 2.0, (100.0, 0.0): 1.0, (100.0, 5.0): 2.0}
+    astra = s[s["label"] == "astra"].set_index(["bandwidth_mbps", "delay_ms"])
+    assert astra["speedup_vs_best_baseline"].to_dict() == {(10.0, 0.0): 2.0, (10.0, 5.0): 4.0,
+                                                            (100.0, 0.0): 2.0, (100.0, 5.0): 4.0}
+    assert (astra["speedup_vs_single"] == 4.0).all()
+
+
+def test_cli_prints_every_swept_column(tmp_path, capsys):
+    df = _two_delays()
+    df.loc[df["delay_ms"] == 5.0, "loss_pct"] = 1.0  # delay and loss vary together: both are shown
+    df.to_csv(tmp_path / "rows.csv", index=False)
+    assert main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["bandwidth_mbps", "delay_ms", "loss_pct", "label"]
+    assert len(lines) == 1 + 12
+
+
+def test_trace_rows_are_grouped_by_their_trace_not_their_sampled_bandwidth():
+    df = _two_delays()
+    df = df[df["delay_ms"] == 0.0]
+    traced = df[df["bandwidth_mbps"] == 10.0].assign(trace="lte")
+    traced.loc[traced.index[::2], "bandwidth_mbps"] = 50.0  # repetitions started in different steps
+    s = summarize(pd.concat([df, traced], ignore_index=True))
+    assert "delay_ms" not in s  # it does not vary
+    lte = s[s["trace"] == "lte"]
+    assert len(lte) == 3 and lte["bandwidth_mbps"].isna().all() and (lte["speedup_vs_single"].notna()).all()
+    assert len(s[s["trace"] == ""]) == 2 * 3
