@@ -78,10 +78,12 @@ def cell_id(cell: Cell, method_index: int) -> str:
 class Runner:
     def __init__(self, spec: ExperimentSpec, out_dir: Path, *, prepared: Prepared | None = None, resume: bool = False,
                  source: str | None = None, progress: bool = True, plots: bool = True,
-                 backend_settings: dict | None = None):
+                 backend_settings: dict | None = None, retry_failed: bool = False):
         """``prepared``: what check_spec built (model, codebooks, topology); made here if None (the spec is
-        checked again). ``backend_settings``: the backend's own options (BackendSetup.settings)."""
+        checked again). ``backend_settings``: the backend's own options (BackendSetup.settings).
+        ``retry_failed``: on resume, measure again the units whose latest row is an error."""
         self.spec, self.out_dir, self.resume = spec, Path(out_dir), resume
+        self.retry_failed = retry_failed
         self.backend_settings = dict(backend_settings or {})
         self.prepared = prepared if prepared is not None else check_spec(
             spec, codebook_dir=Path(out_dir) / "codebooks")
