@@ -1,12 +1,17 @@
 """Plots of a run's rows: pure functions from a DataFrame (store.COLUMNS) to a matplotlib Figure.
 
+Rows of different configurations are never drawn as one point: the first swept link axis is the
+x axis and every other dimension that varies (``report.DIMENSIONS``: delay, jitter, loss, trace,
+nodes, tokens, model, ...) gets one panel per combination of its values, titled with them.
+
 - ``latency_figure``: latency vs the swept link axis (bandwidth on a log axis), one line per
   method and params: median over repetitions, band from min to max.
 - ``speedup_figure``: median latency of ``single`` at the same link profile divided by the
   method's median latency (> 1: faster than one device).
 - ``breakdown_figure``: per link profile, one stacked bar per method: compute and
   communication time of the critical rank (medians), with the measured latency marked.
-- ``trace_figure``: latency of each repetition against time since its bandwidth trace started.
+- ``trace_figure``: latency of each repetition against time since its bandwidth trace started,
+  one panel per trace.
 
 Only rows with status "ok" are plotted; a note on each figure counts the failed ones.
 ``save_all`` writes every figure that applies as PNG and SVG.
@@ -24,12 +29,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from testbed.experiment.report import DIMENSIONS, describe, varying  # noqa: E402
+
 AXES = {  # swept column -> (axis label, log scale)
     "bandwidth_mbps": ("link bandwidth (Mbit/s)", True),
     "delay_ms": ("one-way link delay (ms)", False),
     "loss_pct": ("packet loss (%)", False),
     "jitter_ms": ("delay jitter (ms)", False),
 }
+MAX_PANELS = 12  # of the breakdown figure: more bar panels than that are unreadable
 
 
 def sweep_axis(df: pd.DataFrame) -> str | None:
@@ -41,8 +49,8 @@ def sweep_axis(df: pd.DataFrame) -> str | None:
 
 
 def facet_axes(df: pd.DataFrame, axis: str | None) -> list[str]:
-    """The other link columns that vary: one panel per combination of their values."""
-    return [c for c in AXES if c != axis and c in df and df[c].dropna().nunique() > 1]
+    """The other dimensions that vary: one panel per combination of their values."""
+    return [c for c in varying(df) if c != axis]
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
@@ -66,14 +74,6 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
     return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
 
-def _unit(axis: str) -> str:
-    return {"bandwidth_mbps": "Mbit/s", "delay_ms": "ms", "loss_pct": "%", "jitter_ms": "ms"}[axis]
-
-
-def _short(axis: str) -> str:
-    return AXES[axis][0].split(" (")[0]
-
-
 def _facets(ok: pd.DataFrame, cols: list[str]) -> list[tuple[str, pd.DataFrame]]:
     """(panel title, rows) for every combination of the values of ``cols``."""
     if not cols:
@@ -81,7 +81,7 @@ def _facets(ok: pd.DataFrame, cols: list[str]) -> list[tuple[str, pd.DataFrame]]
     out = []
     for key, d in ok.groupby(cols, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        out.append((", ".join(f"{_short(c)} {v:g} {_unit(c)}" for c, v in zip(cols, key)), d))
+        out.append((", ".join(describe(c, v) for c, v in zip(cols, key)), d))
     return out
 
 
@@ -111,11 +111,15 @@ def _note(fig: Figure, df: pd.DataFrame, extra: str = "") -> None:
 
 
 def _title(df: pd.DataFrame, what: str) -> str:
+    """What the figure shows and what all its rows share (what varies is in the panels' titles)."""
     first = df.iloc[0]
     mech = first["mechanism"]
     f = first.get("time_dilation")
-    return (f"{what}\n{first['experiment']}: {first['model']}, {int(first['tokens'])} tokens, "
-            f"{int(first['nodes'])} nodes, topology {first['topology']}, backend {first['backend']}"
+    vary = set(varying(df))
+    shared = [text for col, text in (("model", str(first["model"])), ("tokens", f"{first['tokens']:g} tokens"),
+                                     ("nodes", f"{first['nodes']:g} nodes"),
+                                     ("topology", f"topology {first['topology']}")) if col not in vary]
+    return (f"{what}\n{first['experiment']}: " + ", ".join([*shared, f"backend {first['backend']}"])
             + ("" if pd.isna(mech) or mech in ("none", "?", "") else f" ({mech})")
             + ("" if f is None or pd.isna(f) or f == 1 else f", time dilation {f:g}x"))
 
@@ -193,30 +197,35 @@ def latency_figure(df: pd.DataFrame) -> Figure:
 
 
 def _latency_bars(df: pd.DataFrame) -> Figure:
-    """One link profile: a bar per method (median latency), whiskers from min to max."""
+    """One link profile: a bar per method (median latency), whiskers from min to max; a panel per
+    combination of the other dimensions that vary."""
     ok = _ok(df)
     labels = _labels(ok)
     colors = _colors(labels)
-    g = ok.groupby("label", sort=False)["latency_s"].agg(["median", "min", "max"]).reindex(labels)
-    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.45 * len(labels)), layout="constrained")
+    facets = _facets(ok, facet_axes(ok, None))
+    fig, axes = _panels(len(facets), 6.5, 1.0 + 0.45 * len(labels), sharey=True)
     pos = np.arange(len(labels))
-    ax.barh(pos, g["median"], color=[colors[lab] for lab in labels],
-            xerr=[g["median"] - g["min"], g["max"] - g["median"]], capsize=3)
-    ax.set_yticks(pos)
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("inference latency (s): median, whiskers min-max over repetitions")
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(_title(df, "Latency (one link profile)"), fontsize=10)
+    for ax, (title, d) in zip(axes, facets):
+        g = d.groupby("label", sort=False)["latency_s"].agg(["median", "min", "max"]).reindex(labels)
+        ax.barh(pos, g["median"], color=[colors[lab] for lab in labels],
+                xerr=[g["median"] - g["min"], g["max"] - g["median"]], capsize=3)
+        ax.set_yticks(pos)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_xlabel("inference latency (s): median, whiskers min-max over repetitions")
+        ax.grid(True, axis="x", alpha=0.3)
+        if title:
+            ax.set_title(title, fontsize=9)
+    axes[0].invert_yaxis()  # shared: the first method on top in every panel
+    fig.suptitle(_title(df, "Latency (one link profile)"), fontsize=10)
     _note(fig, df)
     return fig
 
 
 def speedup_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Median latency per method and link profile, with ``single``'s at the same profile and
+    """Median latency per method and configuration, with ``single``'s in the same one and
     ``speedup`` = single_s / latency_s (NaN where the profile has no single rows)."""
     ok = _ok(df)
-    prof = list(AXES)
+    prof = [c for c in DIMENSIONS if c in ok and c != "trace"]  # every configuration column (trace rows: not here)
     med = (ok.groupby(["label", "method", *prof], sort=False, dropna=False)["latency_s"].median().reset_index())
     single = (med[med["method"] == "single"].groupby(prof, dropna=False)["latency_s"].median()
               .rename("single_s").reset_index())
@@ -260,7 +269,8 @@ def breakdown_figure(df: pd.DataFrame) -> Figure:
     ok = _ok(df)
     axis = sweep_axis(ok)
     cols = ([axis] if axis else []) + facet_axes(ok, axis)
-    profiles = _facets(ok, cols)[:12]  # more panels than that are unreadable; the table has them all
+    every = _facets(ok, cols)
+    profiles = every[:MAX_PANELS]
     labels = _labels(ok)
     colors = _colors(labels)
     fig, axes = _panels(len(profiles), 4.2, 3.4)
@@ -280,21 +290,26 @@ def breakdown_figure(df: pd.DataFrame) -> Figure:
         if k == 0:
             ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(_title(df, "Compute vs communication per method"), fontsize=10)
-    _note(fig, df, "solid: compute, hatched: communication incl. waiting for peers (medians)")
+    left = len(every) - len(profiles)
+    _note(fig, df, "solid: compute, hatched: communication incl. waiting for peers (medians)"
+          + (f"; the first {len(profiles)} of {len(every)} configurations (testbed.experiment.report lists all)"
+             if left else ""))
     return fig
 
 
 def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]] | None = None) -> Figure:
     """Latency of each repetition against seconds since its method's replay of the trace started (every
-    method replays the trace from its start), over the trace's bandwidth steps. ``schedules``: trace name ->
-    (points [(time_s, bandwidth_mbps)], period_s, loop); without it the steps are those sampled by the rows."""
+    method replays the trace from its start), over the trace's bandwidth steps; a panel per trace (and per
+    combination of the other dimensions that vary, bandwidth aside: the trace sets it). ``schedules``: trace
+    name -> (points [(time_s, bandwidth_mbps)], period_s, loop); without it the steps are those sampled by
+    the rows."""
     d = df[(df["status"] == "ok") & (_trace(df) != "")]
-    traces = list(dict.fromkeys(d["trace"]))
-    fig, axes = plt.subplots(len(traces), 1, figsize=(8, 3.8 * len(traces) + 1.2), squeeze=False,
+    panels = _facets(d, ["trace", *(c for c in varying(d) if c not in ("trace", "bandwidth_mbps"))])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.8 * len(panels) + 1.2), squeeze=False,
                              layout="constrained")
     colors = _colors(_labels(d))
-    for ax, name in zip(axes[:, 0], traces):
-        t = d[d["trace"] == name]
+    for ax, (title, t) in zip(axes[:, 0], panels):
+        name = t["trace"].iloc[0]
         bx, by = _steps(t, (schedules or {}).get(name))
         twin = ax.twinx()
         twin.step(bx, by, where="post", color="0.55", linestyle="--", linewidth=1,
@@ -303,9 +318,11 @@ def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]
         twin.set_ylim(bottom=0)
         for lab in colors:
             r = t[t["label"] == lab].sort_values("trace_time_s")
-            ax.plot(r["trace_time_s"], r["latency_s"], marker="o", linestyle="-", color=colors[lab], label=lab)
+            if len(r):
+                ax.plot(r["trace_time_s"], r["latency_s"], marker="o", linestyle="-", color=colors[lab], label=lab)
         ax.set_xlabel(f"time since the method's replay of trace '{name}' started (s)")
         ax.set_ylabel("inference latency (s)")
+        ax.set_title(title, fontsize=9)
         _log_y(ax)
         ax.grid(True, alpha=0.3)
         ax.set_zorder(twin.get_zorder() + 1)  # latency markers above the bandwidth steps

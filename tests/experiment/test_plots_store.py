@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from testbed.experiment.plots import breakdown_figure, latency_figure, save_all, speedup_figure, speedup_table
+from testbed.experiment.plots import (breakdown_figure, latency_figure, save_all, speedup_figure, speedup_table,
+                                      trace_figure)
 from testbed.experiment.store import COLUMNS, ResultStore, read_rows, read_traces
 
 
@@ -59,6 +60,78 @@ def test_other_swept_axes_become_panels(rows):
     more = pd.concat([rows, rows.assign(delay_ms=5.0, latency_s=rows["latency_s"] + 1)], ignore_index=True)
     fig = latency_figure(more)
     assert [ax.get_title() for ax in fig.axes] == ["one-way link delay 0 ms", "one-way link delay 5 ms"]
+
+
+def _astra_points(ax) -> list[float]:
+    return list(next(ln for ln in ax.get_lines() if ln.get_label() == "astra").get_ydata())
+
+
+@pytest.mark.parametrize("col, values, title", [
+    ("delay_ms", (0.0, 5.0), "one-way link delay {:g} ms"),
+    ("loss_pct", (0.0, 2.0), "packet loss {:g} %"),
+])
+def test_two_values_of_a_link_axis_are_separate_points_in_every_figure(rows, col, values, title):
+    """Each value gets its own series (astra is 1 s slower at the second): never one merged median."""
+    a, b = values
+    more = pd.concat([rows.assign(**{col: a}), rows.assign(**{col: b}, latency_s=rows["latency_s"] + 1)],
+                     ignore_index=True)
+    lat = latency_figure(more)
+    assert [ax.get_title() for ax in lat.axes] == [title.format(v) for v in values]
+    assert _astra_points(lat.axes[0]) == pytest.approx([0.5, 0.25])
+    assert _astra_points(lat.axes[1]) == pytest.approx([1.5, 1.25])
+    sp = speedup_figure(more)
+    assert [ax.get_title() for ax in sp.axes] == [title.format(v) for v in values]
+    assert _astra_points(sp.axes[0]) == pytest.approx([2.0, 4.0])
+    assert _astra_points(sp.axes[1]) == pytest.approx([2.0 / 1.5, 2.0 / 1.25])
+    tab = speedup_table(more)
+    assert len(tab) == 3 * 2 * 2 and not tab.duplicated(["label", "bandwidth_mbps", col]).any()
+    bd = breakdown_figure(more)
+    assert sorted(ax.get_title() for ax in bd.axes if ax.get_visible()) == sorted(
+        f"link bandwidth {bw:g} Mbit/s, {title.format(v)}" for bw in (10, 100) for v in values)
+
+
+def test_a_link_axis_swept_alone_is_the_x_axis(rows):
+    alone = pd.concat([rows.assign(loss_pct=v, bandwidth_mbps=20.0, latency_s=rows["latency_s"] * (1 + v))
+                       for v in (0.0, 1.0, 3.0)], ignore_index=True)
+    ax = latency_figure(alone).axes[0]
+    assert ax.get_xlabel() == "packet loss (%)" and ax.get_xscale() == "linear"
+    assert list(next(ln for ln in ax.get_lines() if ln.get_label() == "astra").get_xdata()) == [0.0, 1.0, 3.0]
+
+
+def test_dimensions_outside_the_link_profile_become_panels_too(rows):
+    """Rows of two node counts (e.g. two runs' rows together): one panel each, the title no longer names one."""
+    both = pd.concat([rows, rows.assign(nodes=8, latency_s=rows["latency_s"] / 2)], ignore_index=True)
+    fig = latency_figure(both)
+    assert [ax.get_title() for ax in fig.axes] == ["nodes 4", "nodes 8"]
+    assert _astra_points(fig.axes[1]) == pytest.approx([0.25, 0.125])
+    assert "nodes" not in fig.get_suptitle() and "17 tokens" in fig.get_suptitle()
+    one = both[both["bandwidth_mbps"] == 10.0]  # one link profile: bars, still one panel per node count
+    bars = latency_figure(one)
+    assert [ax.get_title() for ax in bars.axes] == ["nodes 4", "nodes 8"]
+    assert [p.get_width() for p in bars.axes[1].patches] == pytest.approx([0.5, 0.25, 4.0])
+
+
+def test_the_breakdown_says_when_it_shows_only_some_configurations(rows):
+    many = pd.concat([rows.assign(delay_ms=float(d)) for d in range(7)], ignore_index=True)  # 2 x 7 = 14
+    fig = breakdown_figure(many)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 12
+    assert "the first 12 of 14 configurations" in fig.get_supxlabel()
+
+
+def test_trace_cells_get_a_panel_per_trace(rows):
+    fixed = rows[rows["bandwidth_mbps"] == 10.0]
+    traced = []
+    for name, slow in (("lte", 1.0), ("wifi", 3.0)):
+        for i, (_, r) in enumerate(fixed[fixed["status"] == "ok"].iterrows()):
+            traced.append({**r.to_dict(), "trace": name, "trace_time_s": float(i), "bandwidth_mbps": 5.0 + i % 2,
+                           "latency_s": r["latency_s"] * slow})
+    df = pd.concat([fixed, pd.DataFrame(traced)], ignore_index=True)
+    fig = trace_figure(df)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["trace 'lte'", "trace 'wifi'"]
+    assert max(_astra_points(panels[1])) == pytest.approx(3 * max(_astra_points(panels[0])))
+    bars = latency_figure(df).axes[0].patches  # the fixed rows alone: one profile, a bar per method
+    assert [p.get_width() for p in bars] == pytest.approx([1.0, 0.5, 8.0])
 
 
 def test_save_all_writes_png_and_svg(rows, tmp_path):
