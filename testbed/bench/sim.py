@@ -13,17 +13,23 @@ so that tensor and block parallelism can split over all ranks (the real vit-base
 
 Part 2 (fidelity; target median |error| <= 10%): for each ``--emulated`` results
 directory of `testbed run` (e.g. the quickstart grid on Mininet), every cell is
-predicted and compared (testbed.sim.validate); the table and plot go to
-RUN_DIR/validation/. Without ``--emulated`` this part is skipped with a message.
+predicted and compared (testbed.sim.validate) on the topology in the run's manifest (inline
+topologies included); the table and plot go to RUN_DIR/validation/. Without ``--emulated`` this
+part is skipped with a message.
+
+Bad input ends with one line and exit 2; Ctrl-C with one line and exit 130 (the calibration
+measured so far stays cached).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import replace
 
+from testbed.errors import ConfigError
 from testbed.models import get_config
 from testbed.net.profile import LinkProfile
 from testbed.sim.engine import ENGINES, Schedule, simulate
@@ -97,8 +103,9 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
 
     for run_dir in args.emulated:
         cpus = None if args.no_contention else emulation_cpus(run_dir) or os.cpu_count()
-        print(f"[fidelity] {run_dir}: emulated nodes share {cpus or 'no'} cores "
-              "(compute of busy ranks stretched accordingly)" if cpus else "")
+        if cpus:
+            print(f"[fidelity] {run_dir}: emulated nodes share {cpus} cores "
+                  "(compute of busy ranks stretched accordingly)")
         run_sim = Simulator(replace(sim.config, shared_cpus=cpus), log=sim.log)
         table, paths = validate_run(run_dir, run_sim)
         s = summary(table)
@@ -125,6 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-contention", action="store_true", help="fidelity: ignore that emulated nodes share cores")
     p.add_argument("--engine", choices=ENGINES, default="auto", help="replay engine (auto: lockstep where it applies)")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{p.prog}: stopped by SIGINT; calibration measured so far is kept in {args.calibration}, "
+              "validation tables of the run directories finished are kept", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     sim = Simulator(SimConfig(calibration_dir=args.calibration, calibration_repetitions=2),
                     log=lambda m: print(f"  {m}", flush=True))
     print(f"host: {os.cpu_count()} cpus; simulator: SimPy, {sim.config.tcp.mode} TCP, {sim.config.tcp.loss_mode} loss")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -71,3 +73,78 @@ def test_failed_and_missing_columns(sim):
     assert len(compare(df, sim)) == 3
     with pytest.raises(ConfigError):
         compare(df.drop(columns=["latency_s"]), sim)
+
+
+INLINE = """
+name: inline-topology
+model: vit-tiny
+input: {tokens: 17}
+methods: [single, sequence_parallel]
+nodes: 2
+topology:
+  name: pair
+  hosts: [h1, h2]
+  switches: [s1]
+  links:
+    - {a: h1, b: s1, profile: {bandwidth_mbps: 100, delay_ms: 1}, sweep: half}
+    - {a: h2, b: s1, profile: {bandwidth_mbps: 100, delay_ms: 1}, sweep: half}
+sweep: {bandwidth_mbps: [20], delay_ms: [0, 10]}
+repetitions: 1
+warmup: 0
+backend: sim
+"""
+
+
+@pytest.fixture(scope="module")
+def inline_run(tmp_path_factory):
+    """A sim-backend run directory of an experiment whose topology is given inline (not in topologies/)."""
+    from testbed.experiment.cli import run_main
+
+    d = tmp_path_factory.mktemp("inline")
+    (d / "e.yaml").write_text(INLINE)
+    assert run_main([str(d / "e.yaml"), "--out", str(d / "run"), "--calibration", str(d / "cal"),
+                     "--calibration-repetitions", "1", "--no-plots", "--quiet"]) == 0
+    return d
+
+
+def test_a_run_with_an_inline_topology_is_validated_on_that_topology(inline_run):
+    from testbed.experiment.validation import run_topology, validate_run
+
+    topo = run_topology(inline_run / "run")
+    assert topo.name == "pair" and [h.name for h in topo.hosts] == ["h1", "h2"]
+    sim = Simulator(SimConfig(calibration_dir=str(inline_run / "cal"), calibration_repetitions=1))
+    table, paths = validate_run(inline_run / "run", sim)
+    assert len(table) == 2 * 2 and (table["sim_status"] == "ok").all(), table["sim_error"].tolist()
+    # the simulator predicting its own run: the same cells, the same numbers
+    assert table["abs_error_pct"].max() == pytest.approx(0.0, abs=1e-6)
+    assert {p.name for p in paths} == {"validation.csv", "validation.png"}
+
+
+def test_bench_validates_an_inline_run_and_refuses_a_bad_dir_in_one_line(inline_run, tmp_path, capsys):
+    from testbed.bench.sim import main
+
+    assert main(["--skip-scale", "--no-contention", "--calibration", str(inline_run / "cal"),
+                 "--emulated", str(inline_run / "run")]) == 0
+    assert "4/4 cells predicted; median |error| 0.0%" in capsys.readouterr().out
+    assert main(["--skip-scale", "--calibration", str(inline_run / "cal"), "--emulated", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m testbed.bench.sim: error: run_dir: got ")
+
+
+def test_the_runs_topology_comes_from_its_manifest(tmp_path):
+    from testbed.experiment.validation import run_topology
+
+    with pytest.raises(ConfigError, match="manifest.json"):
+        run_topology(tmp_path)  # no manifest
+    config = {"name": "k", "model": {"name": "vit-tiny"}, "input": {"tokens": 17}, "methods": ["single"],
+              "nodes": {"count": 3}, "topology": "star"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": config}))
+    assert run_topology(tmp_path) == "star"  # a kind: the simulator scales it to the run's nodes
+    topo_file = tmp_path / "three.yaml"
+    topo_file.write_text("name: three\nhosts: [a, b, c]\nswitches: [s]\nlinks:\n"
+                         + "".join(f"  - {{a: {h}, b: s, profile: {{bandwidth_mbps: 10}}}}\n" for h in "abc"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": {**config, "topology": str(topo_file)}}))
+    assert [h.name for h in run_topology(tmp_path).hosts] == ["a", "b", "c"]
+    topo_file.unlink()  # moved since the run: one error naming where the topology was read from
+    with pytest.raises(ConfigError, match=r"manifest.json config \(topology\)"):
+        run_topology(tmp_path)
