@@ -98,6 +98,7 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
               "(sudo make run, or testbed run experiments/quickstart.yaml) and pass its results "
               "directory with --emulated RUN_DIR.")
         return
+    from testbed.experiment.report import varying
     from testbed.experiment.validation import emulation_cpus, validate_run
     from testbed.sim.validate import summary
 
@@ -113,9 +114,12 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
         print(f"[fidelity] {run_dir}: {s['predicted']}/{s['cells']} cells predicted; median |error| "
               f"{s['median_abs_error_pct']:.1f}% (p90 {s['p90_abs_error_pct']:.1f}%; emulated traces replayed: "
               f"{s['replay_median_abs_error_pct']:.1f}%); target <= 10%: {verdict}")
-        cols = ["label", "bandwidth_mbps", "delay_ms", "loss_pct", "measured_latency_s", "predicted_latency_s",
-                "replayed_latency_s", "error_pct"]
+        dims = ["bandwidth_mbps", *(c for c in varying(table) if c != "bandwidth_mbps")]  # one line per cell
+        cols = ["label", *dims, "measured_latency_s", "predicted_latency_s", "replayed_latency_s", "error_pct"]
         print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        failed = table[table["sim_status"] != "ok"]
+        for error, n in failed["sim_error"].value_counts().items():
+            print(f"[fidelity] {n} cell(s) not predicted: {error}")
         print(f"[fidelity] table and plot: {', '.join(str(p) for p in paths)}")
 
 

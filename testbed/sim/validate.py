@@ -153,7 +153,11 @@ def comparison_figure(table: pd.DataFrame) -> Figure:
                  f"{s['median_abs_error_pct']:.1f}%\n(filled: calibrated compute; hollow: emulated traces replayed)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    if len(t):
+        ax.legend(fontsize=8, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no cell could be predicted (see sim_error in validation.csv)", ha="center", va="center",
+                transform=ax.transAxes)
     return fig
 
 

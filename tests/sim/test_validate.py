@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -129,6 +130,15 @@ def test_bench_validates_an_inline_run_and_refuses_a_bad_dir_in_one_line(inline_
     assert main(["--skip-scale", "--calibration", str(inline_run / "cal"), "--emulated", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("python -m testbed.bench.sim: error: run_dir: got ")
+    shutil.copytree(inline_run / "run", tmp_path / "run")
+    rows = pd.read_csv(tmp_path / "run" / "rows.csv")
+    rows.loc[rows["method"] == "single", "nodes"] = 3  # more nodes than the topology has hosts
+    rows.to_csv(tmp_path / "run" / "rows.csv", index=False)
+    assert main(["--skip-scale", "--no-contention", "--calibration", str(inline_run / "cal"),
+                 "--emulated", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "2/4 cells predicted" in out
+    assert "[fidelity] 2 cell(s) not predicted: nodes: got 3; allowed: 1..2 (the hosts of topology 'pair')" in out
 
 
 def test_the_runs_topology_comes_from_its_manifest(tmp_path):
