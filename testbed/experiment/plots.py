@@ -110,8 +110,9 @@ def _note(fig: Figure, df: pd.DataFrame, extra: str = "") -> None:
         fig.supxlabel(text, fontsize=8, color="0.35")
 
 
-def _title(df: pd.DataFrame, what: str) -> str:
-    """What the figure shows and what all its rows share (what varies is in the panels' titles)."""
+def _title(df: pd.DataFrame, what: str, rows: pd.DataFrame | None = None) -> str:
+    """What the figure shows and what all its rows share (what varies is in the panels' titles);
+    ``rows``: those drawn (default: the fixed profiles'), whose shared link values are named."""
     first = df.iloc[0]
     mech = first["mechanism"]
     f = first.get("time_dilation")
@@ -119,7 +120,11 @@ def _title(df: pd.DataFrame, what: str) -> str:
     shared = [text for col, text in (("model", str(first["model"])), ("tokens", f"{first['tokens']:g} tokens"),
                                      ("nodes", f"{first['nodes']:g} nodes"),
                                      ("topology", f"topology {first['topology']}")) if col not in vary]
-    return (f"{what}\n{first['experiment']}: " + ", ".join([*shared, f"backend {first['backend']}"])
+    drawn = _ok(df) if rows is None else rows
+    link = [describe(c, drawn[c].iloc[0]) for c in AXES if len(drawn) and c in drawn
+            and drawn[c].nunique(dropna=False) == 1 and not (c != "bandwidth_mbps" and drawn[c].iloc[0] == 0)]
+    return (f"{what}" + (f" at {', '.join(link)}" if link else "")
+            + f"\n{first['experiment']}: " + ", ".join([*shared, f"backend {first['backend']}"])
             + ("" if pd.isna(mech) or mech in ("none", "?", "") else f" ({mech})")
             + ("" if f is None or pd.isna(f) or f == 1 else f", time dilation {f:g}x"))
 
@@ -328,7 +333,7 @@ def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]
         ax.set_zorder(twin.get_zorder() + 1)  # latency markers above the bandwidth steps
         ax.patch.set_visible(False)
     _legend(fig, [*axes[:, 0], *[a for a in fig.axes if a not in axes[:, 0]]])
-    fig.suptitle(_title(df, "Latency under a bandwidth trace"), fontsize=10)
+    fig.suptitle(_title(df, "Latency under a bandwidth trace", d.drop(columns="bandwidth_mbps")), fontsize=10)
     return fig
 
 

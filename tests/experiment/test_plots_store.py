@@ -93,8 +93,10 @@ def test_two_values_of_a_link_axis_are_separate_points_in_every_figure(rows, col
 def test_a_link_axis_swept_alone_is_the_x_axis(rows):
     alone = pd.concat([rows.assign(loss_pct=v, bandwidth_mbps=20.0, latency_s=rows["latency_s"] * (1 + v))
                        for v in (0.0, 1.0, 3.0)], ignore_index=True)
-    ax = latency_figure(alone).axes[0]
+    fig = latency_figure(alone)
+    ax = fig.axes[0]
     assert ax.get_xlabel() == "packet loss (%)" and ax.get_xscale() == "linear"
+    assert fig.get_suptitle().startswith("Latency at link bandwidth 20 Mbit/s\n")  # what every point shares
     assert list(next(ln for ln in ax.get_lines() if ln.get_label() == "astra").get_xdata()) == [0.0, 1.0, 3.0]
 
 
