@@ -6,7 +6,7 @@ nodes, tokens, model, ...) gets one panel per combination of its values, titled 
 
 - ``latency_figure``: latency vs the swept link axis (bandwidth on a log axis), one line per
   method and params: median over repetitions, band from min to max.
-- ``speedup_figure``: median latency of ``single`` at the same link profile divided by the
+- ``speedup_figure``: median latency of ``single`` in the same configuration divided by the
   method's median latency (> 1: faster than one device).
 - ``breakdown_figure``: per link profile, one stacked bar per method: compute and
   communication time of the critical rank (medians), with the measured latency marked.
@@ -228,7 +228,7 @@ def _latency_bars(df: pd.DataFrame) -> Figure:
 
 def speedup_table(df: pd.DataFrame) -> pd.DataFrame:
     """Median latency per method and configuration, with ``single``'s in the same one and
-    ``speedup`` = single_s / latency_s (NaN where the profile has no single rows)."""
+    ``speedup`` = single_s / latency_s (NaN where the configuration has no single rows)."""
     ok = _ok(df)
     prof = [c for c in DIMENSIONS if c in ok and c != "trace"]  # every configuration column (trace rows: not here)
     med = (ok.groupby(["label", "method", *prof], sort=False, dropna=False)["latency_s"].median().reset_index())
@@ -295,10 +295,9 @@ def breakdown_figure(df: pd.DataFrame) -> Figure:
         if k == 0:
             ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(_title(df, "Compute vs communication per method"), fontsize=10)
-    left = len(every) - len(profiles)
     _note(fig, df, "solid: compute, hatched: communication incl. waiting for peers (medians)"
           + (f"; the first {len(profiles)} of {len(every)} configurations (testbed.experiment.report lists all)"
-             if left else ""))
+             if len(every) > len(profiles) else ""))
     return fig
 
 
