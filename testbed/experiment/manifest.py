@@ -101,10 +101,11 @@ class Manifest:
         self.data.update(fields)
         self.write()
 
-    def finish(self, status: str, rows: int, failed: int, plots: list[str]) -> None:
+    def finish(self, status: str, rows: int, failed: int, plots: list[str], superseded: int = 0) -> None:
+        """``rows``, ``failed``: current rows (one per unit); ``superseded``: earlier rows of units measured again."""
         s = self.data["sessions"][-1]
         s.update(ended_at=now_iso(), status=status)
-        self.data.update(status=status, rows=rows, failed_rows=failed, plots=plots)
+        self.data.update(status=status, rows=rows, failed_rows=failed, superseded_rows=superseded, plots=plots)
         self.write()
 
     def write(self) -> None:

@@ -24,7 +24,9 @@ A failure inside a cell (load, warm-up or a repetition) is recorded as rows with
 status "error" and the message; the nodes are restarted and the sweep goes on.
 SIGTERM and Ctrl-C stop the run between two Python statements: the backend is
 torn down, what was measured stays, and ``--resume DIR`` measures only the
-(cell, repetition) pairs that have no row yet.
+(cell, repetition) pairs that have no row yet; with ``retry_failed`` also those whose
+row is an error (the error row stays in rows.csv, superseded by the new one:
+testbed.experiment.store).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Runner:
         if self.dilation.warning():
             print(f"testbed run: {self.dilation.warning()}", file=sys.stderr, flush=True)
         try:
-            done = store.done()
+            done = store.done() - (store.failed() if self.retry_failed else set())
             total = len(self.plan) * self.spec.repetitions
             prog = Progress(total, done=len(done), enabled=self.show_progress)
             self._sweep(store, manifest, done, prog)
@@ -142,7 +144,8 @@ class Runner:
             from testbed.experiment.topology import trace_schedules
 
             outcome.plots = [str(p) for p in save_all(df, self.out_dir / "plots", trace_schedules(self.spec))]
-        manifest.finish(outcome.status, outcome.rows, outcome.failed_rows, outcome.plots)
+        manifest.finish(outcome.status, outcome.rows, outcome.failed_rows, outcome.plots,
+                        superseded=int(read_rows(self.out_dir, superseded=True)["superseded"].sum()))
 
     def _sweep(self, store: ResultStore, manifest: Manifest, done: set, prog: Progress) -> int:
         todo = [(c, mi, m, [r for r in range(self.spec.repetitions) if (cell_id(c, mi), r) not in done])

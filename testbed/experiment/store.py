@@ -10,7 +10,11 @@ Layout of a run directory::
     plots/          PNG and SVG made by `testbed plot`
 
 rows.csv is the source of truth: a crash loses at most the row being written
-(a torn last line is cut off when the directory is reopened).
+(a torn last line is cut off when the directory is reopened). Rows are never rewritten:
+a unit measured again (``testbed run --resume DIR --retry-failed``) gets a new row, and
+the earlier row of the same (cell, repetition) is *superseded*. ``read_rows`` gives the
+current row of every unit (what reports, plots and validation use);
+``read_rows(dir, superseded=True)`` gives every row, with a boolean ``superseded`` column.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ NUMERIC = ["time_dilation", "tokens", "batch", "nodes", "bandwidth_mbps", "delay
            "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
            "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
            "agreement", "max_abs_err", "accuracy"]
+TEXT = ["error", "trace", "label"]  # empty, never NaN
 ROWS_CSV, ROWS_PARQUET, TRACES, MANIFEST = "rows.csv", "rows.parquet", "traces.jsonl", "manifest.json"
 
 
@@ -56,9 +61,13 @@ class ResultStore:
             self._write_line(self._rows, _csv_line(COLUMNS))
 
     def done(self) -> set[tuple[str, int]]:
-        """(cell, repetition) of every row already recorded."""
+        """(cell, repetition) of every unit already recorded."""
+        return _keys(read_rows(self.dir))
+
+    def failed(self) -> set[tuple[str, int]]:
+        """(cell, repetition) of every unit whose current row is not ok."""
         df = read_rows(self.dir)
-        return {(str(c), int(r)) for c, r in zip(df["cell"], df["repetition"])}
+        return _keys(df[df["status"] != "ok"])
 
     def append(self, row: dict[str, Any], traces: list[dict] | None = None) -> None:
         """Record one row (missing columns empty) and, if given, its per-rank traces. Flushed to disk at once."""
@@ -79,7 +88,7 @@ class ResultStore:
     def write_parquet(self) -> Path:
         path = self.dir / ROWS_PARQUET
         tmp = path.with_suffix(".parquet.tmp")
-        read_rows(self.dir).to_parquet(tmp, index=False)
+        read_rows(self.dir, superseded=True).to_parquet(tmp, index=False)
         os.replace(tmp, path)
         return path
 
@@ -95,27 +104,34 @@ class ResultStore:
         self.close()
 
 
-def read_rows(out_dir: str | Path) -> pd.DataFrame:
-    """All rows of a run directory (rows.csv, else rows.parquet) with typed columns."""
+def read_rows(out_dir: str | Path, superseded: bool = False) -> pd.DataFrame:
+    """The current row of every unit of a run directory (rows.csv, else rows.parquet), with typed columns.
+
+    ``superseded=True``: every row ever written, in file order, with a boolean ``superseded`` column
+    (True where a later row of the same (cell, repetition) exists).
+    """
     d = Path(out_dir)
     if (d / ROWS_CSV).exists():
         df = pd.read_csv(d / ROWS_CSV, dtype={"method_params": str, "error": str, "cell": str, "trace": str},
-                         keep_default_na=False, na_values=[""])
+                        keep_default_na=False, na_values=[""])
     elif (d / ROWS_PARQUET).exists():
-        df = pd.read_parquet(d / ROWS_PARQUET)
+        df = pd.read_parquet(d / ROWS_PARQUET).drop(columns=["superseded"], errors="ignore")
     else:
-        return pd.DataFrame({c: pd.Series(dtype=float if c in NUMERIC else object) for c in COLUMNS})
+        df = pd.DataFrame({c: pd.Series(dtype=float if c in NUMERIC else object) for c in COLUMNS})
     for c in NUMERIC:
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce")
-    for c in ("error", "trace", "label"):
+    for c in TEXT:
         if c in df:
             df[c] = df[c].fillna("")
-    return df
+    old = df.duplicated(["cell", "repetition"], keep="last")
+    if superseded:
+        return df.assign(superseded=old.astype(bool))
+    return df[~old].reset_index(drop=True)
 
 
 def read_traces(out_dir: str | Path) -> list[dict]:
-    """Traces of every recorded row: its key plus ``ranks`` (one Trace.to_dict per rank).
+    """Traces of every current ok row: its key plus ``ranks`` (one Trace.to_dict per rank).
 
     Traces are written just before their row; a run stopped between the two re-measures that
     repetition on resume, so a later line for the same (cell, repetition) replaces an earlier one.
@@ -123,13 +139,18 @@ def read_traces(out_dir: str | Path) -> list[dict]:
     p = Path(out_dir) / TRACES
     if not p.exists():
         return []
-    done = {(c, int(r)) for c, r in zip(read_rows(out_dir)["cell"], read_rows(out_dir)["repetition"])}
+    rows = read_rows(out_dir)
+    ok = _keys(rows[rows["status"] == "ok"])
     latest: dict[tuple[str, int], dict] = {}
     for line in p.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
             latest[(str(rec["cell"]), int(rec["repetition"]))] = rec
-    return [rec for key, rec in latest.items() if key in done]
+    return [rec for key, rec in latest.items() if key in ok]
+
+
+def _keys(df: pd.DataFrame) -> set[tuple[str, int]]:
+    return {(str(c), int(r)) for c, r in zip(df["cell"], df["repetition"])}
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -1,5 +1,6 @@
 """A node that dies mid-sweep: its cell is recorded as failed rows with the error, the nodes are
-restarted, and the rest of the sweep is measured normally."""
+restarted, and the rest of the sweep is measured normally; a resume with retry_failed measures the
+failed units again, keeping their error rows as superseded."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import subprocess
 import sys
 import time
 
-from testbed.experiment.store import read_rows
+from testbed.experiment.store import read_rows, read_traces
 
 from .helpers import tiny, write
-from .test_resume import children
+from .test_resume import children, resume_run
 
 
 def test_killed_node_fails_its_cell_and_the_sweep_goes_on(tmp_path):
@@ -44,3 +45,17 @@ def test_killed_node_fails_its_cell_and_the_sweep_goes_on(tmp_path):
     assert (last_cell["status"] == "ok").all()  # measured on restarted nodes
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"]["starts"] == 2 and manifest["failed_rows"] == len(failed)
+
+    o = resume_run(out, retry_failed=True)
+    assert (o.status, o.rows, o.failed_rows, o.measured_now) == ("complete", 18, 0, len(failed))
+    again = read_rows(out)
+    assert len(again) == 18 and (again["status"] == "ok").all()
+    assert set(zip(again["cell"], again["repetition"])) == set(keys)
+    every = read_rows(out, superseded=True)
+    assert len(every) == 18 + len(failed)
+    old = every[every["superseded"]]
+    assert old[["cell", "repetition", "status", "error", "started_at"]].values.tolist() == \
+        failed[["cell", "repetition", "status", "error", "started_at"]].values.tolist()
+    assert len(read_traces(out)) == 18
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["failed_rows"], manifest["superseded_rows"]) == (0, len(failed))

@@ -93,3 +93,62 @@ def test_resume_refuses_a_different_experiment(tmp_path, capsys):
     assert "differs in: repetitions" in capsys.readouterr().err
     assert run_main(["--resume", str(tmp_path / "out"), "--quiet"]) == 0  # nothing left to do
     assert len(read_rows(tmp_path / "out")) == 1
+
+
+def _failed_run(tmp_path: Path) -> Path:
+    """A run directory whose repetition 1 failed: the rows, traces and manifest of a complete run, with
+    that repetition's row as the error row the runner writes when a node dies (and no trace for it)."""
+    from testbed.experiment.cli import run_main
+    from testbed.experiment.store import ResultStore
+
+    exp, src, out = write(tmp_path / "e.yaml", tiny(methods=["single"], repetitions=3)), tmp_path / "src", tmp_path / "out"
+    assert run_main([str(exp), "--out", str(src), "--quiet", "--no-plots"]) == 0
+    traces = {t["repetition"]: t["ranks"] for t in read_traces(src)}
+    with ResultStore(out) as store:
+        for row in read_rows(src).to_dict("records"):
+            if row["repetition"] == 1:
+                row.update(latency_s=None, compute_s=None, agreement=None, status="error",
+                           error="repetition 1: RuntimeError: rank 1 is gone")
+            store.append(row, traces[row["repetition"]] if row["status"] == "ok" else None)
+    (out / "manifest.json").write_text((src / "manifest.json").read_text())
+    return out
+
+
+def resume_run(out: Path, retry_failed: bool):
+    from testbed.experiment.manifest import read_manifest
+    from testbed.experiment.runner import Runner
+    from testbed.experiment.spec import parse_spec, with_output_dir
+
+    spec = with_output_dir(parse_spec(read_manifest(out)["config"]), str(out.resolve()))
+    return Runner(spec, out, resume=True, retry_failed=retry_failed, progress=False, plots=False).run()
+
+
+def test_resume_keeps_error_rows_unless_asked_to_retry_them(tmp_path):
+    out = _failed_run(tmp_path)
+    before = (out / "rows.csv").read_text()
+    o = resume_run(out, retry_failed=False)
+    assert (o.status, o.rows, o.failed_rows, o.measured_now) == ("complete", 3, 1, 0)
+    assert (out / "rows.csv").read_text() == before
+    assert read_rows(out)["status"].tolist() == ["ok", "error", "ok"]
+    assert [r["repetition"] for r in read_traces(out)] == [0, 2]
+
+    o = resume_run(out, retry_failed=True)
+    assert (o.status, o.rows, o.failed_rows, o.measured_now) == ("complete", 3, 0, 1)
+    assert (out / "rows.csv").read_text().startswith(before)  # append-only: the error row is still there
+    current = read_rows(out)
+    assert list(zip(current["repetition"], current["status"])) == [(0, "ok"), (2, "ok"), (1, "ok")]
+    every = read_rows(out, superseded=True)
+    assert every["superseded"].tolist() == [False, True, False, False]
+    old = every[every["superseded"]].iloc[0]
+    assert (old["repetition"], old["status"], old["error"]) == (1, "error", "repetition 1: RuntimeError: rank 1 is gone")
+    assert sorted(r["repetition"] for r in read_traces(out)) == [0, 1, 2]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["rows"], manifest["failed_rows"], manifest["superseded_rows"]) == (3, 0, 1)
+
+    (out / "rows.csv").rename(out / "rows.csv.bak")  # rows.parquet holds every row too
+    assert read_rows(out, superseded=True)["superseded"].tolist() == [False, True, False, False]
+    assert read_rows(out)["status"].tolist() == ["ok", "ok", "ok"]
+    (out / "rows.csv.bak").rename(out / "rows.csv")
+
+    o = resume_run(out, retry_failed=True)  # nothing failed any more: nothing to measure
+    assert (o.rows, o.failed_rows, o.measured_now) == (3, 0, 0)

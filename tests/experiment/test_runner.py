@@ -37,7 +37,9 @@ def run_ok(tmp_path, monkeypatch, data: dict, *extra: str) -> tuple[pd.DataFrame
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["rows"] == len(rows) and manifest["failed_rows"] == 0
     assert {p.name for p in (out / "plots").iterdir()} == PLOTS
-    assert pd.read_parquet(out / "rows.parquet").shape == rows.shape
+    parquet = pd.read_parquet(out / "rows.parquet")  # every row, marked: none superseded in a single run
+    assert list(parquet.columns) == [*COLUMNS, "superseded"] and len(parquet) == len(rows)
+    assert not parquet["superseded"].any()
     assert list(rows.columns) == COLUMNS
     return rows, manifest
 
