@@ -7,7 +7,8 @@ environment label ``TESTBED_NET_RUN=<id>`` (Mininet's own shells are recognised 
 ``mininet:tb<id>...`` command line); device cgroups are named after their host. A registry
 file /run/testbed-net/<id>.json records the owner process, so `testbed clean` removes the
 leftovers of runs whose owner is gone and never touches a live run (unless told to) or
-anything not named this way. Network namespaces are anonymous (Mininet's): they vanish with
+anything not named this way. The same sweep runs at the start of every Emulation, and a run's
+keeper (testbed.net.keeper) runs it for its own run the moment the owner dies. Network namespaces are anonymous (Mininet's): they vanish with
 their last process, and their veths, qdiscs and iptables rules with them.
 
 ``main`` is the `testbed clean` command.
@@ -94,7 +95,9 @@ class Leftovers:
         return not (self.links or self.processes or self.cgroups or self.registries)
 
     def describe(self) -> str:
-        parts = [f"{len(self.links)} links ({', '.join(self.links[:6])}{'...' if len(self.links) > 6 else ''})",
+        """One line; bridges and IFBs named before ports (``-eth``), which vanish with their namespace anyway."""
+        shown = sorted(self.links, key=lambda n: ("-eth" in n, n))[:6]
+        parts = [f"{len(self.links)} links ({', '.join(shown)}{'...' if len(self.links) > 6 else ''})",
                  f"{len(self.processes)} processes", f"{len(self.cgroups)} cgroups",
                  f"{len(self.registries)} registry files"]
         return ", ".join(parts)
@@ -147,13 +150,15 @@ def find_leftovers(run_id: str | None = None, include_live: bool = False) -> Lef
 
 
 def _kill(pids: list[int], grace_s: float = 1.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM, up to ``grace_s`` to exit (0: none, SIGKILL at once), then SIGKILL; waits until they are gone."""
+    steps = ([(signal.SIGTERM, grace_s)] if grace_s > 0 else []) + [(signal.SIGKILL, 1.0)]
+    for sig, wait_s in steps:
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and any(_start_time(p) is not None and _state(p) != "Z" for p in pids):
             time.sleep(0.02)
 
@@ -165,12 +170,14 @@ def _state(pid: int) -> str:
         return "X"
 
 
-def clean(run_id: str | None = None, include_live: bool = False) -> Leftovers:
-    """Remove leftovers (see find_leftovers); returns what was found and removed."""
+def clean(run_id: str | None = None, include_live: bool = False, grace_s: float = 1.0) -> Leftovers:
+    """Remove leftovers (see find_leftovers); returns what was found and removed. Processes get
+    ``grace_s`` seconds to exit after SIGTERM before SIGKILL (0: SIGKILL at once)."""
     found = find_leftovers(run_id, include_live)
-    _kill([pid for pid, _ in found.processes])
-    for name in found.links:  # deleting one end of a veth deletes its peer too
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
+    _kill([pid for pid, _ in found.processes], grace_s)
+    if found.links:  # one batch; -force goes on past a veth already gone with its peer or namespace
+        subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"link del {n}\n" for n in found.links),
+                       capture_output=True, text=True)
     for g in found.cgroups:
         for _ in range(20):
             try:

@@ -9,15 +9,16 @@ unshaped control network (one bridge, 172.16-31.x.0/24 chosen per run) joins eve
 the root namespace, so the orchestrator never crosses a shaped link.
 
 Teardown happens on close(), on leaving a ``with`` block, at interpreter exit (atexit), and on
-SIGTERM/SIGHUP (turned into SystemExit so that with-blocks and atexit run). Processes started
-with ``popen`` die with their owner even on SIGKILL (PR_SET_PDEATHSIG); what is left after a
-SIGKILL (bridges, cgroups) is found by name by `testbed clean`.
+SIGTERM/SIGHUP (turned into SystemExit so that with-blocks and atexit run). If the owner dies
+without tearing down (SIGKILL), the run's keeper (testbed.net.keeper, started before anything
+is built) kills every process the run started and removes its links and cgroups at once. And
+every start first removes what dead runs left (the rules of `testbed clean`: only runs whose
+owner is gone), saying so in one line on stderr.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import random
 import signal
@@ -31,18 +32,14 @@ from testbed.errors import check
 from testbed.net import cleanup
 from testbed.net.cgroups import DEFAULT_SLICE_MS, DeviceCgroup, allocate_cores, host_cpus
 from testbed.net.delayline import DelayLineClient
+from testbed.net.keeper import Keeper
 from testbed.net.probe import Capabilities, probe
 from testbed.net.profile import LinkProfile
 from testbed.net.shaping import Shaper, Wiring
 from testbed.net.tc import MECHANISMS
 from testbed.net.topology import Topology
 
-_PR_SET_PDEATHSIG = 1
 DELAYLINE_RT_PRIORITY = 10  # SCHED_FIFO: the delay lines must release packets on time on a busy machine
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _bridge_class():
@@ -118,6 +115,8 @@ class Emulation:
         self.wiring: Wiring | None = None  # what the shaper shapes, known once built
         self._closed = False
         self._guard: _SignalGuard | None = None
+        self.keeper: Keeper | None = None
+        self.swept = cleanup.Leftovers()  # what dead runs had left, removed by start()
 
     # -- names and addresses -------------------------------------------------
     def internal(self, name: str) -> str:
@@ -153,9 +152,13 @@ class Emulation:
     # -- life cycle -------------------------------------------------------------
     def start(self) -> "Emulation":
         self.mechanism = (self.capabilities or probe(full=False)).require(self.requested)
+        self.swept = cleanup.clean()
+        if not self.swept.empty():
+            print(f"testbed.net: removed what dead emulation runs left: {self.swept.describe()}", file=sys.stderr)
         self.run = cleanup.Run.create(self.topology.name)
         self._guard = _SignalGuard(self.close)
         try:
+            self.keeper = Keeper.start(self.run.run_id)
             self._build()
             self.wiring = self._wiring()
             self._configure_hosts()
@@ -237,23 +240,17 @@ class Emulation:
             self.delay_lines[h] = DelayLineClient(proc, h)
 
     def popen(self, host: str, argv: list[str], device: bool = True, **kwargs) -> subprocess.Popen:
-        """Start a process in ``host``'s namespace; it dies with this process.
+        """Start a process in ``host``'s namespace; it dies with this process (the run's keeper kills it).
 
         ``device``: also confine it to the host's device profile (cgroup). Emulation machinery
         (delay lines) passes False: the network must not slow down with the device's CPU share.
         """
         cg = self.cgroups.get(host) if device else None
-
-        def pre() -> None:
-            _die_with_parent()
-            if cg is not None:
-                cg.join()
-
-        env = dict(kwargs.pop("env", None) or os.environ)
-        env[cleanup.ENV_TAG] = self.run.run_id
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        proc = self.node(host).popen(argv, preexec_fn=pre, env=env, cwd=kwargs.pop("cwd", _repo_root()), **kwargs)
+        proc = self.node(host).popen(argv, preexec_fn=cg.join if cg is not None else None,
+                                     env=self.env(kwargs.pop("env", None)), cwd=kwargs.pop("cwd", _repo_root()),
+                                     **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -263,10 +260,15 @@ class Emulation:
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if node in self.topology.host_names:
             return self.popen(node, argv, device=False, **pipes)
-        env = dict(os.environ, **{cleanup.ENV_TAG: self.run.run_id})
-        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, env=env, **pipes)
+        proc = subprocess.Popen(argv, env=self.env(), **pipes)
         self.procs.append(proc)
         return proc
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: this process's environment) with the run's label: a process started
+        with it counts as the run's, for the keeper and `testbed clean`."""
+        assert self.run is not None
+        return {**(base if base is not None else os.environ), cleanup.ENV_TAG: self.run.run_id}
 
     # -- live changes -------------------------------------------------------------
     def apply(self, topology: Topology) -> float:
@@ -329,6 +331,8 @@ class Emulation:
             cg.remove()
         cleanup.clean(self.run.run_id)
         self.run.forget()
+        if self.keeper is not None:
+            self.keeper.release()
         if self._guard is not None:
             self._guard.remove()
 

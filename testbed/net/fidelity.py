@@ -118,9 +118,10 @@ class FidelityRow:
 def run_in(em, host: str, argv: list[str], timeout_s: float = 120.0) -> str:
     """Run a measuring tool in ``host``'s namespace but outside its device cgroup (the link is
     measured, not the device: a 0.25 CPU share must not cap iperf3, and such a cgroup may not
-    allow real-time scheduling); returns stdout and stderr together."""
+    allow real-time scheduling), labelled as the run's (testbed.net.keeper); returns stdout and
+    stderr together."""
     p = subprocess.run(em.ns_argv(host) + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=timeout_s)
+                       timeout=timeout_s, env=em.env())
     return p.stdout
 
 

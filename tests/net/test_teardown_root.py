@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,6 @@ from testbed.net.emulation import Emulation
 from testbed.net.topology import load_topology
 
 pytestmark = pytest.mark.root
-VICTIM = Path(__file__).with_name("victim.py")
 
 
 def machine_state() -> dict:
@@ -31,48 +29,14 @@ def machine_state() -> dict:
                 ln.split(":")[1].strip().split("@")[0]))}
 
 
-@pytest.fixture
-def victims():
-    """Victims still running when a test ends (it failed early) are stopped: their own teardown
-    removes what they built, so a failing test leaks nothing either."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def start_victim(mode: str, victims: list, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    # A shell starting a job in the background makes it ignore SIGINT, and children inherit that
-    # (a CI runner may do so): give the victim SIGINT's default, as a terminal's Ctrl-C finds it.
-    proc = subprocess.Popen([sys.executable, str(VICTIM), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=str(Path(__file__).parents[2]),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    victims.append(proc)
-    run_id, deadline = None, time.monotonic() + timeout_s
-    for line in proc.stdout:
-        if line.startswith("run "):
-            run_id = line.split()[1]
-        if line.startswith("busy") or time.monotonic() > deadline:
-            break
-    if run_id is None or proc.poll() is not None:
-        proc.kill()
-        pytest.fail(f"victim did not start: {proc.stderr.read()[-2000:]}")
-    return proc, run_id
-
-
 def own_links(run_id: str) -> list[str]:
     return [n for n in machine_state()["links"] if n.startswith(f"tb{run_id}")]
 
 
 @pytest.mark.parametrize("mode, sig", [("infer", signal.SIGTERM), ("build", signal.SIGINT)])
-def test_signal_mid_run_leaves_nothing(mode, sig, victims):
+def test_signal_mid_run_leaves_nothing(mode, sig, start_victim):
     before = machine_state()
-    proc, run_id = start_victim(mode, victims)
+    proc, run_id, _keeper = start_victim(mode)
     time.sleep(1.0)  # well inside an inference (2 Mbit/s, 40 ms) or the idle network
     during = find_leftovers(run_id)
     assert during.links and during.processes  # there was something to clean up
@@ -86,9 +50,10 @@ def test_signal_mid_run_leaves_nothing(mode, sig, victims):
     assert not own_links(run_id)
 
 
-def test_sigkill_leftovers_are_removed_by_clean_and_live_runs_are_spared(victims):
-    proc, run_id = start_victim("build", victims)
+def test_sigkill_leftovers_are_removed_by_clean_and_live_runs_are_spared(start_victim):
+    proc, run_id, keeper = start_victim("build")
     with Emulation(load_topology("mesh")) as live:
+        os.kill(keeper, signal.SIGKILL)  # its keeper first, else it would remove everything at once
         proc.kill()  # no chance to clean up: bridges and the registry stay behind
         proc.wait(30)
         proc.stdout.close()
