@@ -7,7 +7,10 @@ differs between backends is part of the interface, with the defaults below: how 
 are shaped (``mechanism``), whether outputs are computed (``computes``) and traces kept
 (``keeps_traces``), live bandwidth traces (``replay`` / ``stop_replays``), the link
 fidelity measurement (``measures_fidelity`` / ``fidelity_table``), bytes on the wire
-(``wire_bytes``), the ids of emulated networks for the manifest (``run_ids``).
+(``wire_bytes``), the ids of emulated networks for the manifest (``run_ids``), and the
+scheduled faults it can inject (``FAULTS``: ``link_down`` / ``link_up``,
+``set_link_profile`` / ``restore_link``, ``kill_node``; called from the fault thread of
+testbed.experiment.faults while an inference runs).
 
 ``NodeBackend`` is the shared implementation of the backends that start one node
 server per rank (``python -m testbed.node``): subclasses start the nodes and hand out
@@ -64,6 +67,8 @@ class Backend(ABC):
     measures_fidelity: bool = False
     #: the keys of BackendSetup.settings this backend takes
     SETTINGS: tuple[str, ...] = ()
+    #: the fault kinds it can inject (testbed.experiment.faults.KINDS)
+    FAULTS: tuple[str, ...] = ()
 
     @classmethod
     def check_available(cls) -> Any:
@@ -119,6 +124,26 @@ class Backend(ABC):
         """Ids of the emulated networks this backend made (what `testbed clean` knows them by)."""
         return []
 
+    # -- faults (only the kinds in FAULTS; check_spec refuses the others before a run) -------------
+    def link_down(self, a: str, b: str) -> None:
+        """Let no packet cross the topology link between ``a`` and ``b`` until link_up()."""
+        raise ConfigError("faults", "link_down", f"a backend with emulated links (mininet), not {self.name}")
+
+    def link_up(self, a: str, b: str) -> None:
+        raise ConfigError("faults", "link_down", f"a backend with emulated links (mininet), not {self.name}")
+
+    def set_link_profile(self, a: str, b: str, fields: dict) -> None:
+        """Change ``fields`` (LinkProfile's, device time) of both directions of one link, until restore_link()."""
+        raise ConfigError("faults", "link_profile", f"a backend with emulated links (mininet), not {self.name}")
+
+    def restore_link(self, a: str, b: str) -> None:
+        """Give the link back the current cell's profile."""
+        raise ConfigError("faults", "link_profile", f"a backend with emulated links (mininet), not {self.name}")
+
+    def kill_node(self, rank: int) -> None:
+        """SIGKILL the node of ``rank`` (the runner starts fresh nodes for the next unit)."""
+        raise ConfigError("faults", "node_kill", f"a backend of node processes (loopback, mininet), not {self.name}")
+
     def __enter__(self) -> "Backend":
         return self
 
@@ -130,10 +155,15 @@ class NodeBackend(Backend):
     """A backend of node server processes, driven by one Orchestrator (made at the first load)."""
 
     timeout_s: float = 120.0
+    FAULTS = ("node_kill",)
 
     def __init__(self) -> None:
         self.addresses: list[NodeAddress] = []
         self._client: Any = None
+        self.procs: list[subprocess.Popen] = []  # the node processes, in rank order
+
+    def kill_node(self, rank: int) -> None:
+        self.procs[rank].kill()
 
     def start(self, n_nodes: int) -> list[NodeAddress]:
         """Start one node server per rank; return their addresses in rank order."""

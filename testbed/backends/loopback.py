@@ -45,7 +45,6 @@ class LoopbackBackend(NodeBackend):
         self.start_timeout_s, self.python, self.timeout_s = start_timeout_s, python, timeout_s
         self._own_logs = log_dir is None
         self.log_dir = Path(log_dir) if log_dir else None
-        self.procs: list[subprocess.Popen] = []
         self._pgid: int | None = None
 
     @classmethod

@@ -57,6 +57,7 @@ def _quick_check() -> None:
 class MininetBackend(NodeBackend):
     name = "mininet"
     measures_fidelity = True
+    FAULTS = ("link_down", "link_profile", "node_kill")
 
     def __init__(self, topology: Topology | str | dict, mechanism: str = "auto", start_timeout_s: float = 120.0,
                  log_dir: str | None = None, python: str = sys.executable, seed: int = 0,
@@ -82,9 +83,10 @@ class MininetBackend(NodeBackend):
         self.log_dir = Path(log_dir) if log_dir else None
         self.emulation = None
         self.capabilities = capabilities
-        self.procs: list[subprocess.Popen] = []
+        self.profile = LinkProfile()  # the last sweep profile applied (device time)
         self.hosts: list[str] = []
         self.replays: list[TraceReplay] = []
+        self._routes: dict[tuple[int, str], list[list[str]]] = {}  # host routes a link_down took away
         self.last_change_s: float | None = None
 
     @classmethod
@@ -165,6 +167,49 @@ class MininetBackend(NodeBackend):
         Topology.with_sweep)."""
         self._require_started()
         self.last_change_s = self.emulation.apply_profile(profile.dilated(self.time_dilation))
+        self.profile = profile
+
+    # -- faults (see Backend) ------------------------------------------------------
+    def link_down(self, a: str, b: str) -> None:
+        """Set one end of the link administratively down; its peer loses carrier, so neither direction
+        carries a packet. A switch's end is chosen when there is one: a host keeps its routes and shaping."""
+        self._link_state(a, b, "down")
+
+    def link_up(self, a: str, b: str) -> None:
+        self._link_state(a, b, "up")
+
+    def _link_state(self, a: str, b: str, state: str) -> None:
+        self._require_started()
+        em, i = self.emulation, self._link_index(a, b)
+        lk = self.topology.links[i]
+        end = lk.b if lk.b not in self.topology.host_names else lk.a
+        port = em.wiring.link_port(i, end)
+        argv = em.ns_argv(port.ns)
+        if port.ns and state == "down":  # a host's end: its routes through the device go with it
+            out = subprocess.run(argv + ["ip", "-4", "-o", "route", "show", "dev", port.dev], check=True,
+                                 capture_output=True, text=True).stdout
+            self._routes[(i, end)] = [ln.replace(" linkdown", "").split() for ln in out.splitlines() if ln.strip()]
+        subprocess.run(argv + ["ip", "link", "set", "dev", port.dev, state], check=True, capture_output=True)
+        for route in self._routes.pop((i, end), []) if state == "up" else []:
+            subprocess.run(argv + ["ip", "route", "replace", *route, "dev", port.dev], check=True, capture_output=True)
+
+    def set_link_profile(self, a: str, b: str, fields: dict) -> None:
+        """Both directions of the link: the current cell's profile with ``fields`` changed."""
+        self._set_link(a, b, lambda p: replace(p, **fields))
+
+    def restore_link(self, a: str, b: str) -> None:
+        self._set_link(a, b, lambda p: p)
+
+    def _set_link(self, a: str, b: str, change) -> None:
+        self._require_started()
+        lk = self.topology.with_sweep(self.profile).links[self._link_index(a, b)]
+        f = self.time_dilation
+        self.emulation.set_link(lk.a, lk.b, change(lk.a_to_b).dilated(f), change(lk.b_to_a).dilated(f))
+
+    def _link_index(self, a: str, b: str) -> int:
+        i = next((k for k, lk in enumerate(self.topology.links) if {lk.a, lk.b} == {a, b}), None)
+        check(i is not None, "link", f"{a}-{b}", "a link of the topology")
+        return i
 
     def replay(self, trace: BandwidthTrace, profile: LinkProfile | None = None, loop: bool = True) -> TraceReplay:
         """Replay ``trace`` (device time) on every swept link: at each step the sweep profile is

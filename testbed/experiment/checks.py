@@ -2,7 +2,7 @@
 
 ``load_spec`` checks the file's shape and ranges; ``check_spec`` checks what needs the
 other packages: the model name and token count, the dataset, the topology file and its
-host count, and every method's params -- by building each method for real (ranks 0 and
+host count, the scheduled faults' links and hosts, and every method's params -- by building each method for real (ranks 0 and
 N-1, the real model, the real codebooks) with the methods' own validation, so a sweep
 never fails late on a bad parameter. Errors are re-rooted at the experiment's YAML path
 (``methods[2].params.groups``). The model, topology, dilation and astra codebook files made
@@ -50,6 +50,7 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
 
     model = _check_model(spec)
     topology = _check_topology(spec)
+    _check_faults(spec, topology)
     dilation = resolve_dilation(spec, topology)
     machine = _check_backend_available(spec)
     log = log or (lambda _msg: None)
@@ -125,6 +126,17 @@ def _check_topology(spec: ExperimentSpec):
         check(n == spec.nodes.count, "nodes.count", spec.nodes.count,
               f"{n}, the number of hosts of topology {topo.name!r} (one node per host)")
     return topo
+
+
+def _check_faults(spec: ExperimentSpec, topology) -> None:
+    """Scheduled faults name links and hosts of the topology, and the backend can inject their kinds."""
+    if not spec.faults:
+        return
+    from testbed.backends import BACKENDS, backend_class
+    from testbed.experiment.faults import check_faults
+
+    check_faults(spec.faults, topology, spec.nodes.count, spec.backend,
+                 {b: backend_class(b).FAULTS for b in BACKENDS}, bool(spec.sweep.traces))
 
 
 def _check_backend_available(spec: ExperimentSpec) -> Any:

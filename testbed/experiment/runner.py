@@ -13,7 +13,9 @@ Order of work (what ``testbed run`` does), the same for every backend (testbed.b
    restarts from its beginning when each method's repetitions start (after its
    warm-up, which runs at the trace's first bandwidth), so every method sees the
    same bandwidth timeline; ``trace_time_s`` is the time since that start and
-   ``bandwidth_mbps`` the bandwidth the trace scheduled for that moment;
+   ``bandwidth_mbps`` the bandwidth the trace scheduled for that moment. Scheduled faults
+   (testbed.experiment.faults) start from the same moment in every unit; each row names those
+   that hit it (``faults``) and the manifest lists every event with the time it fired;
 4. write Parquet, finish the manifest, make the plots.
 
 Under time dilation (testbed.experiment.dilation) the backend runs F times slower than real
@@ -40,6 +42,7 @@ from pathlib import Path
 from testbed.backends import backend_class
 from testbed.backends.base import Backend
 from testbed.experiment.checks import Prepared, check_spec
+from testbed.experiment.faults import FaultTimeline
 from testbed.experiment.manifest import Manifest, now_iso
 from testbed.experiment.metrics import Reference, make_reference, output_columns, timing_columns
 from testbed.experiment.progress import Progress
@@ -176,7 +179,7 @@ class Runner:
                 try:
                     for _, mi, method, reps in units:
                         path = codebooks.get(mi)
-                        measured += self._unit(session, store, prog, ref, cell, mi, method, reps, path)
+                        measured += self._unit(session, store, manifest, prog, ref, cell, mi, method, reps, path)
                 finally:
                     if cell.trace is not None:
                         session.stop_trace()
@@ -199,11 +202,12 @@ class Runner:
             manifest.write()
 
     # ------------------------------------------------------------------ one method in one cell
-    def _unit(self, session: BackendSession, store: ResultStore, prog: Progress, ref: Reference | None, cell: Cell,
-              mi: int, method: MethodSpec, reps: list[int], codebook_path: str | None) -> int:
+    def _unit(self, session: BackendSession, store: ResultStore, manifest: Manifest, prog: Progress,
+              ref: Reference | None, cell: Cell, mi: int, method: MethodSpec, reps: list[int],
+              codebook_path: str | None) -> int:
         """Load, warm up and measure the pending repetitions of one method in one cell; return rows written."""
         prog.show(f"{describe_cell(cell)} | {method.display}")
-        job, phase = self.job(method, codebook_path), "load"
+        job, phase, faults = self.job(method, codebook_path), "load", None
         try:
             if cell.trace is not None:
                 self._hold_trace_start(session, cell)
@@ -216,23 +220,43 @@ class Runner:
                 phase = "trace start"
                 session.start_trace(cell.trace)
                 self.trace_t0 = time.monotonic()
+            if self.spec.faults:
+                faults = FaultTimeline(self.spec.faults, session.backend, self.dilation.factor,
+                                       self.prepared.topology.host_names).start()
         except Exception as e:  # noqa: BLE001 - any failure is this cell's result, recorded below
             return self._fail(session, store, prog, cell, mi, method, reps, f"{phase}: {_msg(e)}")
-        for k, rep in enumerate(reps):
-            row = self.base_row(cell, mi, method, rep)
-            wire0 = session.wire_bytes()
-            try:
-                res = session.infer(rep)
-            except Exception as e:  # noqa: BLE001
-                msg = f"repetition {rep}: {_msg(e)}"
-                return k + self._fail(session, store, prog, cell, mi, method, reps[k:], msg)
-            wire1 = session.wire_bytes()
-            row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref))
-            row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
-            row["status"], row["error"] = "ok", ""
-            store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
-            prog.step(1)
+        try:
+            for k, rep in enumerate(reps):
+                row = self.base_row(cell, mi, method, rep)
+                t0, wire0 = faults.now() if faults else None, session.wire_bytes()
+                try:
+                    res = session.infer(rep)
+                except Exception as e:  # noqa: BLE001
+                    hit = _fault_columns(faults, t0)
+                    if faults is not None:  # stopped before the nodes are: fresh ones come next
+                        self._end_faults(faults, manifest, cell, method, restore=False)
+                        faults = None
+                    msg = f"repetition {rep}: {_msg(e)}"
+                    return k + self._fail(session, store, prog, cell, mi, method, reps[k:], msg, hit)
+                row.update(_fault_columns(faults, t0))
+                wire1 = session.wire_bytes()
+                row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref))
+                row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
+                row["status"], row["error"] = "ok", ""
+                store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
+                prog.step(1)
+        finally:
+            if faults is not None:
+                self._end_faults(faults, manifest, cell, method, restore=True)
         return len(reps)
+
+    def _end_faults(self, faults: FaultTimeline, manifest: Manifest, cell: Cell, method: MethodSpec,
+                    restore: bool) -> None:
+        """Stop the unit's faults (``restore``: links back as the cell has them) and list what fired."""
+        events = faults.stop(restore)
+        manifest.data.setdefault("faults", []).append(
+            {"cell": cell.index, "method": method.display, "profile": describe_cell(cell), "events": events})
+        manifest.write()
 
     def _hold_trace_start(self, session: BackendSession, cell: Cell) -> None:
         """Stop the previous method's replay and hold the links at the trace's first bandwidth."""
@@ -243,13 +267,16 @@ class Runner:
         p = cell.profile
         session.apply(LinkProfile(self.trace_bw.points[0][1], p.delay_ms, p.jitter_ms, p.loss_pct))
 
-    def _fail(self, session, store, prog, cell, mi, method, reps, msg: str) -> int:
+    def _fail(self, session, store, prog, cell, mi, method, reps, msg: str, faults: dict | None = None) -> int:
+        """Error rows for ``reps``; ``faults``: the fault columns of the first (the repetition that failed)."""
         if session.backend is not None:
             self.mechanism = session.mechanism
         session.reset()  # nodes may be gone or out of step: the next unit starts fresh ones
         for rep in reps:
             row = self.base_row(cell, mi, method, rep)
             row.update(status="error", error=msg if rep == reps[0] else f"skipped after: {msg}")
+            if rep == reps[0]:
+                row.update(faults or {})
             store.append(row)
             prog.step(1)
         return len(reps)
@@ -289,6 +316,13 @@ class Runner:
                          {"starts": starts, **({"emulation_runs": ids} if ids else {})})
         for s in STOP_SIGNALS:  # a backend may install its own handlers; ours stop the sweep between rows
             signal.signal(s, _raise_interrupted)
+
+
+def _fault_columns(faults: FaultTimeline | None, t0: float | None) -> dict:
+    """A repetition's ``faults`` (those that hit it since ``t0``) and ``fault_time_s`` columns."""
+    if faults is None:
+        return {}
+    return {"fault_time_s": round(t0, 4), "faults": ",".join(faults.hits(t0, faults.now()))}
 
 
 def describe_cell(cell: Cell) -> str:

@@ -28,6 +28,8 @@ Schema (units in the names; see experiments/quickstart.yaml for a full example):
       # ... or `profiles: [{bandwidth_mbps: 10, delay_ms: 5}, ...]`, plus optional
       # `traces: [{name, points: [[time_s, bandwidth_mbps], ...] | path, delay_ms, loss_pct}]`
     repetitions: 3                   # measured inferences per method and cell
+    faults:                          # optional: events at device times after each method's repetitions
+      - {kind: link_down, link: [h2, s1], at_s: 1, duration_s: 2}   # start (testbed.experiment.faults)
     warmup: 1                        # unmeasured inferences before them
     backend: mininet                 # inprocess | loopback | mininet | sim
     output_dir: null                 # default results/<name>-<YYYYmmdd-HHMMSS>
@@ -53,6 +55,7 @@ from typing import Any
 from testbed.backends import BACKENDS as BACKEND_REGISTRY
 from testbed.errors import ConfigError, check
 from testbed.experiment import fields as F
+from testbed.experiment.faults import FaultSpec, parse_faults
 from testbed.net.profile import LinkProfile
 from testbed.yamlfile import read_yaml
 
@@ -175,6 +178,7 @@ class ExperimentSpec:
     fidelity_s: float = 1.0  # mininet: iperf3 seconds per distinct path measured at each cell's start; 0: off
     description: str = ""
     emulation: EmulationSpec = field(default_factory=EmulationSpec)
+    faults: tuple[FaultSpec, ...] = ()  # replayed in every unit from its repetitions' start
 
     def cells(self) -> list[Cell]:
         return self.sweep.cells()
@@ -205,6 +209,7 @@ class ExperimentSpec:
             "repetitions": self.repetitions, "warmup": self.warmup, "backend": self.backend,
             "output_dir": self.output_dir, "timeout_s": self.timeout_s, "fidelity_s": self.fidelity_s,
             "emulation": asdict(self.emulation),
+            **({"faults": [f.to_dict() for f in self.faults]} if self.faults else {}),
         }
 
 
@@ -241,7 +246,7 @@ def parse_spec(data: Any) -> ExperimentSpec:
     d = F.mapping(data, "", {"name": True, "description": False, "model": True, "input": True, "methods": True,
                              "nodes": True, "topology": True, "sweep": False, "repetitions": False, "warmup": False,
                              "backend": False, "output_dir": False, "timeout_s": False, "fidelity_s": False,
-                             "emulation": False})
+                             "emulation": False, "faults": False})
     name = F.string(d["name"], "name")
     check(bool(NAME_RE.match(name)), "name", name, "letters, digits, '.', '_' and '-' only (it names a directory)")
     spec = ExperimentSpec(
@@ -260,6 +265,7 @@ def parse_spec(data: Any) -> ExperimentSpec:
         timeout_s=F.number(d.get("timeout_s", 600.0), "timeout_s", 0, 86400, lo_open=True),
         fidelity_s=F.number(d.get("fidelity_s", 1.0), "fidelity_s", 0, 60),
         emulation=_emulation(d.get("emulation"), "emulation"),
+        faults=parse_faults(d.get("faults")),
     )
     # iperf3 is run with -O 1 (the first second not counted): shorter runs never end
     check(spec.fidelity_s == 0 or spec.fidelity_s >= 1, "fidelity_s", spec.fidelity_s, "0 (off) or a number in [1, 60]")

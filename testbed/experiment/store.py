@@ -29,19 +29,21 @@ from typing import Any
 
 import pandas as pd
 
-# One row per measured repetition. Units are in the names; bytes are totals over ranks.
+# One row per measured repetition. Units are in the names; bytes are totals over ranks. ``faults``: the
+# scheduled faults that hit the repetition (names, comma-separated; testbed.experiment.faults);
+# ``fault_time_s``: device seconds from the unit's repetitions' start (the faults' time origin) to this one's.
 COLUMNS = [
     "experiment", "backend", "mechanism", "time_dilation", "cell", "method", "method_params", "label", "model", "tokens", "batch",
     "nodes", "topology", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace", "trace_time_s",
     "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
     "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
-    "agreement", "max_abs_err", "accuracy", "status", "error", "started_at",
+    "agreement", "max_abs_err", "accuracy", "status", "error", "started_at", "faults", "fault_time_s",
 ]
 NUMERIC = ["time_dilation", "tokens", "batch", "nodes", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace_time_s",
            "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
            "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
-           "agreement", "max_abs_err", "accuracy"]
-TEXT = ["error", "trace", "label"]  # empty, never NaN
+           "agreement", "max_abs_err", "accuracy", "fault_time_s"]
+TEXT = ["error", "trace", "label", "faults"]  # empty, never NaN
 ROWS_CSV, ROWS_PARQUET, TRACES, MANIFEST = "rows.csv", "rows.parquet", "traces.jsonl", "manifest.json"
 
 
@@ -55,6 +57,11 @@ class ResultStore:
         for p in (self.rows_path, self.traces_path):
             _cut_torn_line(p)
         new = not self.rows_path.exists() or self.rows_path.stat().st_size == 0
+        # a directory written before columns were added keeps its header (rows of a resume fit it)
+        self.columns = COLUMNS
+        if not new:
+            with open(self.rows_path, newline="") as f:
+                self.columns = next(csv.reader(f))
         self._rows = open(self.rows_path, "a", newline="")
         self._traces = open(self.traces_path, "a")
         if new:
@@ -77,7 +84,7 @@ class ResultStore:
             key = {k: row[k] for k in ("cell", "method", "method_params", "repetition", "bandwidth_mbps",
                                        "delay_ms", "jitter_ms", "loss_pct", "trace")}
             self._write_line(self._traces, json.dumps({**key, "ranks": traces}) + "\n")
-        self._write_line(self._rows, _csv_line([_cell(row.get(c)) for c in COLUMNS]))
+        self._write_line(self._rows, _csv_line([_cell(row.get(c)) for c in self.columns]))
 
     @staticmethod
     def _write_line(f, line: str) -> None:
@@ -112,8 +119,8 @@ def read_rows(out_dir: str | Path, superseded: bool = False) -> pd.DataFrame:
     """
     d = Path(out_dir)
     if (d / ROWS_CSV).exists():
-        df = pd.read_csv(d / ROWS_CSV, dtype={"method_params": str, "error": str, "cell": str, "trace": str},
-                        keep_default_na=False, na_values=[""])
+        df = pd.read_csv(d / ROWS_CSV, dtype={"method_params": str, "error": str, "cell": str, "trace": str,
+                                              "faults": str}, keep_default_na=False, na_values=[""])
     elif (d / ROWS_PARQUET).exists():
         df = pd.read_parquet(d / ROWS_PARQUET).drop(columns=["superseded"], errors="ignore")
     else:
