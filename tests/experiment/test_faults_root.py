@@ -50,3 +50,31 @@ def test_link_down_costs_the_repetition_it_hits_and_only_that_one(tmp_path, monk
     for run_id in manifest["backend"]["emulation_runs"]:
         left = find_leftovers(run_id)
         assert left.empty(), left.describe()
+
+
+def test_host_to_host_link_comes_back_with_its_routes_and_profiles_return_each_unit(tmp_path, monkeypatch):
+    """On the mesh (links between hosts) a link_down takes down a host's own interface: its routes must
+    come back with it; a link_profile without a duration holds until the unit ends, then the cell's
+    profile returns, so the next unit starts on the cell's links again."""
+    monkeypatch.chdir(tmp_path)
+    faults = [{"kind": "link_down", "link": ["h1", "h2"], "at_s": 0.3, "duration_s": 0.5, "name": "cut"},
+              {"kind": "link_profile", "link": ["h3", "h4"], "at_s": 1.2, "profile": {"delay_ms": 20},
+               "name": "slow"}]
+    data = tiny(backend="mininet", topology="mesh", nodes={"count": 4},
+                methods=["tensor_parallel", "sequence_parallel"], repetitions=50, warmup=1, fidelity_s=0,
+                emulation={"time_dilation": 1}, faults=faults)
+    out = tmp_path / "out"
+    assert run_main([str(write(tmp_path / "e.yaml", data)), "--out", str(out), "--quiet", "--no-plots"]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 100 and (rows["status"] == "ok").all()  # h1-h2 carried traffic again after the cut
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [[e["name"] for e in u["events"]] for u in manifest["faults"]] == [["cut", "slow"]] * 2
+    assert all("error" not in e and e["ended_at_s"] is not None for u in manifest["faults"] for e in u["events"])
+    for _, unit in rows.groupby("cell"):
+        assert unit["fault_time_s"].iloc[-1] > 1.2 + 0.3, unit["fault_time_s"].iloc[-1]
+        before = unit[unit["faults"] == ""]
+        slowed = unit[unit["faults"].str.contains("slow")]
+        assert len(slowed) >= 2 and (slowed["fault_time_s"].iloc[1:] >= 1.2).all()
+        # every exchange crosses h3-h4 in both methods: 20 ms more each way makes each repetition slower
+        # by far more than 20 ms; the unit's first repetitions ran on the cell's profile again
+        assert slowed["latency_s"].iloc[1:].min() > before["latency_s"].median() + 0.02
