@@ -75,3 +75,31 @@ def test_events_are_checked_against_topology_and_backend(over, event, field, all
     with pytest.raises(ConfigError) as e:
         check_spec(spec(event, **over))
     assert e.value.field == field and allowed in e.value.allowed, str(e.value)
+
+
+def test_a_killed_node_fails_the_repetition_it_hits_and_the_next_unit_gets_fresh_nodes(tmp_path):
+    import json
+
+    from testbed.experiment.cli import run_main
+    from testbed.experiment.store import read_rows
+
+    from .helpers import write
+
+    kill = {"kind": "node_kill", "host": "h2", "at_s": 0.3, "name": "crash"}
+    data = tiny(backend="loopback", methods=["tensor_parallel", "sequence_parallel"], repetitions=400, warmup=1,
+                timeout_s=30, faults=[kill])
+    out = tmp_path / "out"
+    assert run_main([str(write(tmp_path / "e.yaml", data)), "--out", str(out), "--quiet", "--no-plots"]) == 1
+    rows = read_rows(out)
+    assert len(rows) == 800
+    for _, unit in rows.groupby("cell"):  # each unit meets the kill: one failed repetition, the rest skipped
+        failed = unit[unit["status"] == "error"]
+        first = failed.iloc[0]
+        assert first["faults"] == "crash" and first["fault_time_s"] < 0.8  # it started before the kill fired
+        assert not first["error"].startswith("skipped") and failed["error"].iloc[1:].str.startswith("skipped").all()
+        ok = unit[unit["status"] == "ok"]
+        assert len(ok) >= 1 and (ok["faults"] == "").all() and (ok["fault_time_s"] < 0.3).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"]["starts"] == 2  # the second unit ran on fresh nodes
+    assert [[e["name"] for e in u["events"]] for u in manifest["faults"]] == [["crash"], ["crash"]]
+    assert all(0.3 <= u["events"][0]["fired_at_s"] < 0.8 for u in manifest["faults"])
