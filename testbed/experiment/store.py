@@ -131,7 +131,8 @@ def read_rows(out_dir: str | Path, superseded: bool = False) -> pd.DataFrame:
     for c in TEXT:
         if c in df:
             df[c] = df[c].fillna("")
-    old = df.duplicated(["cell", "repetition"], keep="last")
+    key = [c for c in ("cell", "repetition") if c in df]  # a hand-made table may lack them: nothing superseded
+    old = df.duplicated(key, keep="last") if len(key) == 2 else pd.Series(False, index=df.index)
     if superseded:
         return df.assign(superseded=old.astype(bool))
     return df[~old].reset_index(drop=True)
