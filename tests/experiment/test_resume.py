@@ -152,3 +152,18 @@ def test_resume_keeps_error_rows_unless_asked_to_retry_them(tmp_path):
 
     o = resume_run(out, retry_failed=True)  # nothing failed any more: nothing to measure
     assert (o.rows, o.failed_rows, o.measured_now) == (3, 0, 0)
+
+
+def test_resume_of_a_directory_written_with_fewer_columns_keeps_its_header(tmp_path):
+    """A run directory from before columns were added: resumed rows fit the header it has."""
+    from testbed.experiment.store import COLUMNS
+
+    out = _failed_run(tmp_path)
+    old = [c for c in COLUMNS if c not in ("faults", "fault_time_s")]
+    rows = read_rows(out)
+    rows[old].iloc[:2].to_csv(out / "rows.csv", index=False)  # repetition 2 not measured yet
+    o = resume_run(out, retry_failed=True)
+    assert (o.status, o.rows, o.failed_rows, o.measured_now) == ("complete", 3, 0, 2)
+    again = read_rows(out, superseded=True)
+    assert list(again.columns) == [*old, "superseded"] and again["superseded"].tolist() == [False, True, False, False]
+    assert (read_rows(out)["status"] == "ok").all()
