@@ -98,7 +98,8 @@ def test_a_killed_node_fails_the_repetition_it_hits_and_the_next_unit_gets_fresh
         assert first["faults"] == "crash" and first["fault_time_s"] < 0.8  # it started before the kill fired
         assert not first["error"].startswith("skipped") and failed["error"].iloc[1:].str.startswith("skipped").all()
         ok = unit[unit["status"] == "ok"]
-        assert len(ok) >= 1 and (ok["faults"] == "").all() and (ok["fault_time_s"] < 0.3).all()
+        # a repetition that ends in the instant the node dies is ok, and names the kill too
+        assert len(ok) >= 1 and (ok["faults"].iloc[:-1] == "").all() and (ok["fault_time_s"] < 0.3).all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"]["starts"] == 2  # the second unit ran on fresh nodes
     assert [[e["name"] for e in u["events"]] for u in manifest["faults"]] == [["crash"], ["crash"]]
