@@ -12,8 +12,13 @@ nodes, tokens, model, ...) gets one panel per combination of its values, titled 
   communication time of the critical rank (medians), with the measured latency marked.
 - ``trace_figure``: latency of each repetition against time since its bandwidth trace started,
   one panel per trace.
+- ``fault_figure`` (runs with scheduled faults): latency of each repetition against device time
+  since its unit's repetitions started, the repetitions hit by a fault ringed, failed ones marked,
+  the events' spans shaded; one panel per configuration.
 
-Only rows with status "ok" are plotted; a note on each figure counts the failed ones.
+Only rows with status "ok" are plotted (the fault figure marks the failed ones too); a note on
+each figure counts the failed ones. Repetitions hit by a scheduled fault appear only in the fault
+figure (and the trace figure, ringed), never in the medians of the others.
 ``save_all`` writes every figure that applies as PNG and SVG.
 """
 
@@ -54,15 +59,26 @@ def facet_axes(df: pd.DataFrame, axis: str | None) -> list[str]:
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    """Measured rows of fixed link profiles (trace cells have their own figure)."""
-    return df[(df["status"] == "ok") & (_trace(df) == "")]
+    """Measured rows of fixed link profiles that no scheduled fault hit (trace cells and fault hits
+    have their own figures)."""
+    return df[(df["status"] == "ok") & (_trace(df) == "") & (_text(df, "faults") == "")]
 
 
 def _trace(df: pd.DataFrame) -> pd.Series:
     """The trace name of every row, "" for fixed profiles (also when the column is missing or all-NaN)."""
-    if "trace" not in df:
+    return _text(df, "trace")
+
+
+def _text(df: pd.DataFrame, col: str) -> pd.Series:
+    """A text column, "" where empty or missing."""
+    if col not in df:
         return pd.Series("", index=df.index)
-    return df["trace"].map(lambda v: v if isinstance(v, str) else "")
+    return df[col].map(lambda v: v if isinstance(v, str) else "")
+
+
+def _fault_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of units that replayed scheduled faults (they have a time since their unit's start)."""
+    return df[df["fault_time_s"].notna()] if "fault_time_s" in df else df.iloc[:0]
 
 
 def _labels(df: pd.DataFrame) -> list[str]:
@@ -81,7 +97,9 @@ def _facets(ok: pd.DataFrame, cols: list[str]) -> list[tuple[str, pd.DataFrame]]
     out = []
     for key, d in ok.groupby(cols, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        out.append((", ".join(describe(c, v) for c, v in zip(cols, key)), d))
+        traced = (_trace(d) != "").all()  # its bandwidth is the trace's, not a value of the sweep
+        out.append((", ".join(describe(c, v) for c, v in zip(cols, key)
+                              if not (c == "bandwidth_mbps" and pd.isna(v) and traced)), d))
     return out
 
 
@@ -98,9 +116,12 @@ def _panels(n: int, w: float, h: float, sharey: bool = False):
 
 def _note_text(df: pd.DataFrame, extra: str = "") -> str:
     failed = int((df["status"] != "ok").sum())
+    hit = int(((df["status"] == "ok") & (_trace(df) == "") & (_text(df, "faults") != "")).sum())
     parts = [extra] if extra else []
     if failed:
         parts.append(f"{failed} failed row(s) not plotted (status=error; see rows.csv)")
+    if hit:
+        parts.append(f"{hit} row(s) hit by scheduled faults not plotted here (see the faults figure)")
     return "; ".join(parts)
 
 
@@ -308,7 +329,7 @@ def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]
     name -> (points [(time_s, bandwidth_mbps)], period_s, loop); without it the steps are those sampled by
     the rows."""
     d = df[(df["status"] == "ok") & (_trace(df) != "")]
-    panels = _facets(d, ["trace", *(c for c in varying(d) if c not in ("trace", "bandwidth_mbps"))])
+    panels = _facets(d, ["trace", *(c for c in varying(d) if c not in ("trace", "bandwidth_mbps", "faults"))])
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.8 * len(panels) + 1.2), squeeze=False,
                              layout="constrained")
     colors = _colors(_labels(d))
@@ -324,6 +345,7 @@ def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]
             r = t[t["label"] == lab].sort_values("trace_time_s")
             if len(r):
                 ax.plot(r["trace_time_s"], r["latency_s"], marker="o", linestyle="-", color=colors[lab], label=lab)
+        _ring_hits(ax, t, "trace_time_s")
         ax.set_xlabel(f"time since the method's replay of trace '{name}' started (s)")
         ax.set_ylabel("inference latency (s)")
         ax.set_title(title, fontsize=9)
@@ -333,6 +355,56 @@ def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]
         ax.patch.set_visible(False)
     _legend(fig, [*axes[:, 0], *[a for a in fig.axes if a not in axes[:, 0]]])
     fig.suptitle(_title(df, "Latency under a bandwidth trace", d.drop(columns="bandwidth_mbps")), fontsize=10)
+    return fig
+
+
+def _ring_hits(ax, rows: pd.DataFrame, x: str) -> None:
+    """A black ring around every repetition a scheduled fault hit."""
+    hit = rows[_text(rows, "faults") != ""]
+    if len(hit):
+        ax.scatter(hit[x], hit["latency_s"], s=140, facecolors="none", edgecolors="black", linewidths=1.2,
+                   zorder=4, label="hit by a scheduled fault")
+
+
+def fault_figure(df: pd.DataFrame, events: list[dict] | None = None) -> Figure:
+    """Latency of each repetition against device seconds since its unit's repetitions started (when the
+    faults' clock starts), one line per method; ringed: repetitions a fault hit; a cross on the time axis:
+    a repetition that failed (e.g. its node was killed). ``events``: the experiment's fault events
+    (``name``, ``at_s``, ``duration_s``: FaultSpec.to_dict), shaded over the time they are scheduled to
+    last (to the panel's end without a duration). One panel per configuration (every dimension that
+    varies, the faults that hit aside)."""
+    d = _fault_rows(df).copy()
+    d.loc[_trace(d) != "", "bandwidth_mbps"] = np.nan  # a trace sets the bandwidth of its rows
+    every = _facets(d, [c for c in varying(d) if c != "faults"])
+    panels = every[:MAX_PANELS]
+    fig, axes = _panels(len(panels), 5.2, 3.6, sharey=True)
+    colors = _colors(_labels(d))
+    shades = plt.get_cmap("Reds")
+    end = float((d["fault_time_s"] + d["latency_s"].fillna(0)).max())
+    for ax, (title, t) in zip(axes, panels):
+        ok = t[t["status"] == "ok"]
+        for lab in colors:
+            r = ok[ok["label"] == lab].sort_values("fault_time_s")
+            if len(r):
+                ax.plot(r["fault_time_s"], r["latency_s"], marker="o", linestyle="-", color=colors[lab], label=lab)
+        _ring_hits(ax, ok, "fault_time_s")
+        failed = t[t["status"] != "ok"]
+        if len(failed):
+            ax.scatter(failed["fault_time_s"], [0.02] * len(failed), marker="x", s=60, color="crimson", zorder=4,
+                       transform=ax.get_xaxis_transform(), label="failed repetition (see rows.csv)")
+        for k, ev in enumerate(events or []):
+            dur = ev.get("duration_s")
+            stop = ev["at_s"] + dur if dur is not None else max(end, ev["at_s"])
+            ax.axvspan(ev["at_s"], stop, color=shades(0.25 + 0.5 * k / max(1, len(events) - 1)), alpha=0.3,
+                       linewidth=0, zorder=0, label=f"fault {ev['name']}")
+        ax.set_xlabel("device time since the method's repetitions started (s)")
+        _log_panel(ax, title)
+    note = "one point per repetition, at its start"
+    if len(every) > len(panels):
+        note += f"; the first {len(panels)} of {len(every)} configurations"
+    axes[0].set_ylabel("inference latency (s)")
+    _legend(fig, axes, note)
+    fig.suptitle(_title(df, "Latency over time under scheduled faults", d), fontsize=10)
     return fig
 
 
@@ -354,8 +426,9 @@ def _steps(rows: pd.DataFrame, schedule: tuple[list, float, bool] | None) -> tup
     return xs + [max(end, xs[-1])], ys + [ys[-1]]
 
 
-def figures(df: pd.DataFrame, schedules: dict | None = None) -> dict[str, Figure]:
-    """Every figure that applies to these rows, by file stem (``schedules``: see trace_figure)."""
+def figures(df: pd.DataFrame, schedules: dict | None = None, events: list[dict] | None = None) -> dict[str, Figure]:
+    """Every figure that applies to these rows, by file stem (``schedules``: see trace_figure; ``events``:
+    see fault_figure)."""
     out: dict[str, Figure] = {}
     if len(_ok(df)):
         out["latency"] = latency_figure(df)
@@ -363,15 +436,18 @@ def figures(df: pd.DataFrame, schedules: dict | None = None) -> dict[str, Figure
         out["breakdown"] = breakdown_figure(df)
     if ((_trace(df) != "") & (df["status"] == "ok")).any():
         out["trace"] = trace_figure(df, schedules)
+    if len(_fault_rows(df)):
+        out["faults"] = fault_figure(df, events)
     return out
 
 
-def save_all(df: pd.DataFrame, out_dir: str | Path, schedules: dict | None = None) -> list[Path]:
+def save_all(df: pd.DataFrame, out_dir: str | Path, schedules: dict | None = None,
+             events: list[dict] | None = None) -> list[Path]:
     """Write every applicable figure as PNG and SVG; return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for stem, fig in figures(df, schedules).items():
+    for stem, fig in figures(df, schedules, events).items():
         for ext in ("png", "svg"):
             p = out / f"{stem}.{ext}"
             fig.savefig(p, dpi=130 if ext == "png" else None)

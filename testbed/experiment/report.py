@@ -2,7 +2,8 @@
 
 ASTRA's paper (arXiv 2505.19342) estimated latency as compute time plus bytes over bandwidth.
 For every method and configuration of a run (one line per label and combination of the swept
-values: bandwidth, delay, jitter, loss, trace, and nodes, tokens or model where rows differ in them)
+values: bandwidth, delay, jitter, loss, trace, and nodes, tokens or model where rows differ in them;
+repetitions hit by scheduled faults apart, per set of faults that hit them)
 this prints the measured median latency, the speed-up over ``single`` and over the best
 multi-device baseline in the same configuration, and the paper-style estimate made from the
 same row: the critical rank's compute plus the busiest rank's application bytes over the
@@ -37,6 +38,7 @@ DIMENSIONS = {
     "batch": ("batch", ""),
     "model": ("model", ""),
     "topology": ("topology", ""),
+    "faults": ("scheduled faults", ""),  # a repetition hit by a fault is a configuration of its own
 }
 
 
@@ -50,6 +52,8 @@ def describe(col: str, value) -> str:
     name, unit = DIMENSIONS[col]
     if col == "trace":
         return f"trace '{value}'" if value else "fixed link profile"
+    if col == "faults":
+        return f"hit by {value}" if isinstance(value, str) and value else "no fault"
     if pd.isna(value):
         return f"{name} unshaped" if col == "bandwidth_mbps" else f"{name} not set"
     text = f"{value:g}" if isinstance(value, float) else str(value)
@@ -72,9 +76,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     it, but the row is grouped by its trace alone (its bandwidth shows empty)."""
     ok = df[df["status"] == "ok"].copy()
     ok["estimate_s"] = ok["compute_s"] + 8 * ok["bytes_sent_max_rank"] / (ok["bandwidth_mbps"] * 1e6)
+    for c in ("trace", "faults"):
+        if c in ok:
+            ok[c] = ok[c].fillna("")
     keys = group_keys(ok)
     if "trace" in keys:
-        ok["trace"] = ok["trace"].fillna("")
         ok.loc[ok["trace"] != "", "bandwidth_mbps"] = float("nan")
     g = ok.groupby([*keys, "method", "label"], as_index=False, dropna=False).agg(
         latency_s=("latency_s", "median"), estimate_s=("estimate_s", "median"), compute_s=("compute_s", "median"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
@@ -22,6 +23,12 @@ def row(method: str, bw: float, rep: int, latency: float, delay: float = 0.0, st
                 status=status, error="" if status == "ok" else "boom")
     base.update(kw)
     return base
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
 
 
 @pytest.fixture
@@ -160,3 +167,51 @@ def test_store_appends_survives_a_torn_line_and_keeps_traces_of_recorded_rows(tm
     assert pd.read_parquet(tmp_path / "rows.parquet")["latency_s"].tolist() == df["latency_s"].tolist()
     traces = read_traces(tmp_path)
     assert len(traces) == 3 and traces[-1]["ranks"][0]["again"] is True
+
+
+def _fault_run(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` as a run with a 2 s link-down fault at 1 s: repetitions 1 s apart, repetition 1 of each
+    method hit (2 s slower), astra's repetition 2 failed."""
+    df = rows[rows["status"] == "ok"].copy()
+    df["fault_time_s"] = df["repetition"].astype(float)
+    df["faults"] = ""
+    hit = df["repetition"] == 1
+    df.loc[hit, "faults"] = "link_down:h2-s1@1s"
+    df.loc[hit, "latency_s"] += 2.0
+    failed = (df["method"] == "astra") & (df["repetition"] == 2)
+    df.loc[failed, ["status", "latency_s"]] = ["error", math.nan]
+    return df.reset_index(drop=True)
+
+
+def test_fault_units_get_a_latency_over_time_figure(rows):
+    from testbed.experiment.plots import figures
+
+    df = _fault_run(rows)
+    events = [{"name": "link_down:h2-s1@1s", "kind": "link_down", "at_s": 1.0, "duration_s": 2.0}]
+    figs = figures(df, events=events)
+    assert set(figs) == {"latency", "speedup", "breakdown", "faults"}
+    fig = figs["faults"]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["link bandwidth 10 Mbit/s", "link bandwidth 100 Mbit/s"]
+    ax = panels[0]
+    assert ax.get_xlabel() == "device time since the method's repetitions started (s)"
+    astra = next(ln for ln in ax.get_lines() if ln.get_label() == "astra")
+    assert list(astra.get_xdata()) == [0.0, 1.0] and list(astra.get_ydata()) == pytest.approx([0.45, 2.5])
+    rings = next(c for c in ax.collections if c.get_label() == "hit by a scheduled fault")
+    assert sorted(map(tuple, rings.get_offsets())) == sorted(
+        (1.0, lat) for lat in df[(df["bandwidth_mbps"] == 10) & (df["faults"] != "")]["latency_s"])
+    crosses = next(c for c in ax.collections if c.get_label() == "failed repetition (see rows.csv)")
+    assert [x for x, _ in crosses.get_offsets()] == [2.0]
+    span = next(p for p in ax.patches if p.get_label() == "fault link_down:h2-s1@1s")
+    assert span.get_x() == 1.0 and span.get_width() == 2.0
+    # the other figures leave the hit repetitions out of their medians and say so
+    lat = figs["latency"]
+    astra = next(ln for ln in lat.axes[0].get_lines() if ln.get_label() == "astra")
+    assert list(astra.get_ydata()) == pytest.approx([0.45, 0.225])  # repetition 0 alone (1 hit, 2 failed)
+    assert "6 row(s) hit by scheduled faults not plotted here" in lat.legends[0].get_title().get_text()
+
+
+def test_a_run_without_faults_has_no_fault_figure(rows):
+    from testbed.experiment.plots import figures
+
+    assert "faults" not in figures(rows.assign(faults="", fault_time_s=math.nan))

@@ -91,3 +91,18 @@ def test_trace_rows_are_grouped_by_their_trace_not_their_sampled_bandwidth():
     lte = s[s["trace"] == "lte"]
     assert len(lte) == 3 and lte["bandwidth_mbps"].isna().all() and (lte["speedup_vs_single"].notna()).all()
     assert len(s[s["trace"] == ""]) == 2 * 3
+
+
+def test_repetitions_hit_by_a_fault_are_a_line_of_their_own():
+    df = _two_delays()
+    df["faults"] = ""
+    hit = df.index[df.index % 9 < 3]  # the first repetition of every (bandwidth, delay): all three methods
+    df.loc[hit, "faults"] = "link_down:h2-s1@1s"
+    df.loc[hit, "latency_s"] += 2.0
+    s = summarize(df)
+    assert len(s) == 2 * 2 * 3 * 2
+    clean = s[s["faults"] == ""].set_index(["bandwidth_mbps", "delay_ms", "label"])["latency_s"]
+    assert clean[(10.0, 5.0, "sp")] == 2.0  # the medians of the repetitions no fault hit
+    faulted = s[s["faults"] != ""].set_index(["bandwidth_mbps", "delay_ms", "label"])
+    assert faulted.loc[(10.0, 5.0, "sp"), "latency_s"] == 4.0
+    assert faulted.loc[(10.0, 5.0, "astra"), "speedup_vs_single"] == 4.0 / 2.5  # single hit by the same fault
