@@ -65,15 +65,17 @@ class InProcessBackend(Backend):
             raise CommError("no job loaded: call load(job) first")
         if self.group.aborted.is_set():
             raise CommError("the in-process group was aborted by an earlier failure; load the job again")
+        runners, group = self.runners, self.group  # the rank threads keep theirs if close() drops the job
         t0 = time.perf_counter()
-        outs = run_ranks(self.world_size, lambda r: self.runners[r].infer(), self.group.aborted.set,
-                         name="inprocess-rank")
+        outs = run_ranks(self.world_size, lambda r: runners[r].infer(), group.aborted.set, name="inprocess-rank",
+                         stop_s=self.timeout_s)
         latency = time.perf_counter() - t0
         return InferenceResult(next((o for o, _ in outs if o is not None), None), latency,
-                               [self._record(r, *outs[r]) for r in range(self.world_size)])
+                               [self._record(runners[r], r, *outs[r]) for r in range(self.world_size)])
 
-    def _record(self, rank: int, output, wall_s: float) -> RankResult:
-        tr = self.runners[rank].comm.trace
+    @staticmethod
+    def _record(runner: RankRunner, rank: int, output, wall_s: float) -> RankResult:
+        tr = runner.comm.trace
         return RankResult(rank=rank, output=output, wall_s=wall_s, compute_s=tr.compute_s, comm_s=tr.comm_s,
                           wait_s=tr.wait_s, serialize_s=tr.serialize_s, bytes_sent=tr.bytes_sent,
                           bytes_recv=tr.bytes_recv, trace=Trace.from_dict(tr.to_dict()),  # the next inference reuses tr

@@ -33,6 +33,8 @@ class InProcessCommunicator(Communicator):
         self.group = group
 
     def _post(self, dst: int, tag: int, data: bytes) -> None:
+        if self.group.aborted.is_set():  # stop at the next message, sent or awaited
+            raise CommError(f"rank {self.rank}: group aborted while sending to rank {dst}")
         self.group.queues[(self.rank, dst)].put((tag, data))
 
     def _take(self, src: int, tag: int) -> bytes:
@@ -52,13 +54,15 @@ class InProcessCommunicator(Communicator):
 
 
 def run_ranks(world_size: int, fn: Callable[[int], T], abort: Callable[[], None] = lambda: None,
-              name: str = "rank") -> list[T]:
+              name: str = "rank", stop_s: float = 120.0) -> list[T]:
     """Run ``fn(rank)`` for every rank in its own thread; return results in rank order.
 
     When a rank fails, ``abort()`` is called so the others stop waiting for it; after every
     thread stopped, the first real failure (lowest rank among those that did not merely see the
     group aborted) is re-raised. Interrupted while waiting (Ctrl-C, a signal's exception):
-    ``abort()``, then the interruption propagates.
+    ``abort()``, then the threads are joined (for at most ``stop_s`` seconds, through further
+    interruptions) before the interruption propagates, so that no rank thread still runs in
+    the interpreter when the caller tears down what the ranks use or the process exits.
     """
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
@@ -78,6 +82,7 @@ def run_ranks(world_size: int, fn: Callable[[int], T], abort: Callable[[], None]
             t.join()
     except BaseException:
         abort()
+        join_within(threads, stop_s)
         raise
     # prefer a real failure over the "group aborted" errors it caused in other ranks
     real = [e for e in errors if e is not None and "group aborted" not in str(e)]
@@ -85,6 +90,19 @@ def run_ranks(world_size: int, fn: Callable[[int], T], abort: Callable[[], None]
     if first is not None:
         raise first
     return results
+
+
+def join_within(threads: list[threading.Thread], seconds: float) -> bool:
+    """Join ``threads`` for at most ``seconds`` in all; an exception raised meanwhile (a second
+    signal) does not end the wait. True if they all ended."""
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        while t.is_alive() and time.monotonic() < deadline:
+            try:
+                t.join(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            except BaseException:  # noqa: BLE001 - the first interruption is already on its way up
+                pass
+    return not any(t.is_alive() for t in threads)
 
 
 def run_inprocess(world_size: int, fn: Callable[[int, Communicator], T], timeout_s: float = 120.0,
@@ -95,4 +113,5 @@ def run_inprocess(world_size: int, fn: Callable[[int, Communicator], T], timeout
     plain InProcessGroup(world_size, timeout_s).
     """
     group = group or InProcessGroup(world_size, timeout_s)
-    return run_ranks(world_size, lambda rank: fn(rank, group.communicator(rank)), group.aborted.set)
+    return run_ranks(world_size, lambda rank: fn(rank, group.communicator(rank)), group.aborted.set,
+                     stop_s=group.timeout_s)

@@ -1,7 +1,8 @@
 """A progress bar with ETA on stderr (no dependency).
 
 On a terminal it redraws one line; otherwise (CI logs, files) it prints a line
-at most every ``log_every_s`` seconds and at the end, so logs stay short.
+when the work it describes changes (a phase, a cell, a method), else at most every
+``log_every_s`` seconds, and at the end, so logs stay short and say what is running.
 The ETA extrapolates the mean time per finished step of THIS run (steps
 skipped by --resume are counted as done but not timed).
 """
@@ -29,12 +30,13 @@ class Progress:
         self.show(what)
 
     def show(self, what: str | None = None) -> None:
+        changed = what is not None and what != self.what
         if what is not None:
             self.what = what
         if not self.enabled:
             return
         now = time.monotonic()
-        if not self.tty and self.done < self.total and now - self._last_log < self.log_every_s:
+        if not self.tty and not changed and self.done < self.total and now - self._last_log < self.log_every_s:
             return
         self._last_log = now
         line = self.render(now)
