@@ -12,15 +12,20 @@ Sim options (``--tcp``, ``--loss-mode``, ``--no-overhead``, ``--per-message-s``,
 (testbed.backends.sim); another backend refuses them.
 
 Exit codes of `run`: 0 every row ok, 1 some rows failed (recorded in rows.csv),
-2 bad experiment file or arguments (nothing written), 128+signal when stopped by
-SIGTERM/SIGINT (what was measured is kept; `--resume DIR` goes on).
+2 bad experiment file or arguments (nothing written), 128+signal (130 SIGINT, 143 SIGTERM,
+129 SIGHUP) when stopped by a signal in any phase, from validation to the plots: one line on
+stderr says what was kept (the rows measured so far, or that nothing was written) and how
+to go on (`--resume DIR`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from testbed.errors import ConfigError, TestbedError
@@ -69,6 +74,8 @@ def _run_parser() -> argparse.ArgumentParser:
                                 "one row per repetition, write a manifest and plots.")
     p.add_argument("experiment", nargs="?", help="experiment YAML (optional with --resume: the stored config is used)")
     p.add_argument("--resume", metavar="DIR", help="continue a stopped run in DIR: measure only missing rows")
+    p.add_argument("--retry-failed", action="store_true", help="with --resume: measure again the units whose "
+                   "latest row is an error (the error rows stay in rows.csv, marked superseded)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: the file's output_dir, else "
                    "results/<name>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
@@ -78,14 +85,12 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepared]:
-    """Spec, output directory, resume flag and what validation built; raises ConfigError, writes nothing."""
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(f"testbed run: {msg}", file=sys.stderr, flush=True)
-
+def locate(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool]:
+    """Spec, output directory and resume flag; raises ConfigError, writes nothing."""
     from testbed.experiment.manifest import read_manifest
 
+    if getattr(args, "retry_failed", False) and not args.resume:
+        raise ConfigError("--retry-failed", True, "only with --resume DIR (failed units of a stopped or finished run)")
     if args.resume:
         out = Path(args.resume)
         stored = read_manifest(out).get("config")
@@ -98,8 +103,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepa
         if mine != theirs:
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ConfigError("--resume", args.resume, f"a run of the same experiment (differs in: {', '.join(diff)})")
-        spec = with_output_dir(spec, str(out.resolve()))
-        return spec, out, True, check_spec(spec, codebook_dir=out / "codebooks", log=log)
+        return with_output_dir(spec, str(out.resolve())), out, True
     if not args.experiment:
         raise ConfigError("EXPERIMENT.yaml", None, "a path to an experiment file (or --resume DIR)")
     spec = load_spec(args.experiment, backend=args.backend)
@@ -112,8 +116,16 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool, Prepa
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out" if args.out else "output_dir", str(out),
                           f"a new or empty directory (to continue a run there: --resume {out})")
-    spec = with_output_dir(spec, str(out.resolve()))
-    return spec, out, False, check_spec(spec, codebook_dir=out / "codebooks", log=log)
+    return with_output_dir(spec, str(out.resolve())), out, False
+
+
+def prepare(args: argparse.Namespace, spec: ExperimentSpec, out: Path) -> Prepared:
+    """check_spec with the run's codebook directory, telling about slow steps unless --quiet."""
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(f"testbed run: {msg}", file=sys.stderr, flush=True)
+
+    return check_spec(spec, codebook_dir=out / "codebooks", log=log)
 
 
 def run_main(argv: list[str]) -> int:
@@ -131,7 +143,7 @@ def simulate_main(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sim_options(p, calibration_repetitions="--repetitions")
     args = p.parse_args(argv)
-    args.backend, args.resume = "sim", None
+    args.backend, args.resume, args.retry_failed = "sim", None, False
     print("testbed simulate: an alias of `testbed run --backend sim` (same rows, manifest, plots and sim.json)",
           file=sys.stderr, flush=True)
     return execute(args, "testbed simulate")
@@ -149,14 +161,85 @@ def _check_settings(backend: str, settings: dict) -> None:
                               f"only with backend {' | '.join(takers)} (this run's backend is {backend})")
 
 
+@contextmanager
+def stop_signals():
+    """Within the block, SIGTERM, SIGINT and SIGHUP raise the runner's Interrupted in the main thread.
+
+    Only the first one raises: a second, while the command winds down (the backend's teardown,
+    the last message), is ignored so that the clean-up is not cut short. The runner installs
+    its own handlers for the sweep and puts these back afterwards, so a signal in any phase,
+    validation to plots, ends as Interrupted. The previous handlers are back after the block."""
+    from testbed.experiment.runner import STOP_SIGNALS, Interrupted
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum, _frame) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_signum(e: BaseException) -> int | None:
+    """The signal that ``e`` stands for (Interrupted, Ctrl-C, the emulation guard's SystemExit), else None."""
+    from testbed.experiment.runner import STOP_SIGNALS, Interrupted
+
+    if isinstance(e, Interrupted):
+        return e.signum
+    if isinstance(e, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    if isinstance(e, SystemExit) and e.code in {128 + s for s in STOP_SIGNALS}:
+        return int(e.code) - 128
+    return None
+
+
+def stopped_line(name: str, signum: int, out: Path | None) -> str:
+    """The one line a stopped run ends with: what was kept and how to go on."""
+    from testbed.experiment.store import read_rows
+
+    sig = signal.Signals(signum).name
+    if out is None or not (out / "manifest.json").exists():
+        return f"{name}: stopped by {sig}: nothing written; start it again with the same command"
+    rows = read_rows(out)
+    failed = int((rows["status"] != "ok").sum()) if len(rows) else 0
+    kept = f"{len(rows)} rows" + (f" ({failed} failed)" if failed else "")
+    return f"{name}: stopped by {sig}: {kept} kept in {out}; continue with: testbed run --resume {out}"
+
+
 def execute(args: argparse.Namespace, name: str = "testbed run") -> int:
-    """Check, run and report one experiment (`testbed run` and its alias `testbed simulate`)."""
+    """Check, run and report one experiment (`testbed run` and its alias `testbed simulate`).
+
+    A stop signal in any phase ends it with 128+signal and one line on stderr (stopped_line)."""
+    where: list[Path] = []  # the output directory, once known
+    with stop_signals():
+        try:
+            return _execute(args, name, where)
+        except BaseException as e:  # noqa: BLE001 - only stop signals are handled here
+            signum = stop_signum(e)
+            if signum is None:
+                raise
+            print(stopped_line(name, signum, where[0] if where else None), file=sys.stderr, flush=True)
+            return 128 + signum
+
+
+def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
     settings = sim_settings(args)
     try:
         if args.backend:  # before the (slow) checks of the experiment
             _check_settings(args.backend, settings)
-        spec, out, resume, prepared = resolve(args)
+        spec, out, resume = locate(args)
         _check_settings(spec.backend, settings)
+        where.append(out)
+        prepared = prepare(args, spec, out)
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
@@ -165,13 +248,15 @@ def execute(args: argparse.Namespace, name: str = "testbed run") -> int:
     source = str(Path(args.experiment).resolve()) if args.experiment else None
     try:
         outcome = Runner(spec, out, prepared=prepared, resume=resume, source=source, progress=not args.quiet,
-                         plots=not args.no_plots, backend_settings=settings).run()
+                         plots=not args.no_plots, backend_settings=settings, retry_failed=args.retry_failed).run()
     except TestbedError as e:  # the run could not go on (e.g. the backend did not start); rows so far are kept
         print(f"\n{name}: failed: {e}\n  rows and manifest so far: {out}", file=sys.stderr)
         return 1
     _report(outcome)
     if outcome.status == "interrupted":
-        return 128 + (outcome.signum or 15)
+        signum = outcome.signum or int(signal.SIGTERM)
+        print(stopped_line(name, signum, out), file=sys.stderr, flush=True)
+        return 128 + signum
     return 0 if outcome.failed_rows == 0 else 1
 
 
