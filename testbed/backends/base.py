@@ -161,6 +161,7 @@ class NodeBackend(Backend):
         self.addresses: list[NodeAddress] = []
         self._client: Any = None
         self.procs: list[subprocess.Popen] = []  # the node processes, in rank order
+        self.log: Callable[[str], None] = lambda _msg: None  # told about slow steps (BackendSetup.log)
 
     def kill_node(self, rank: int) -> None:
         self.procs[rank].kill()

@@ -49,7 +49,9 @@ class LoopbackBackend(NodeBackend):
 
     @classmethod
     def from_setup(cls, setup: BackendSetup) -> "LoopbackBackend":
-        return cls(log_dir=str(setup.log_dir) if setup.log_dir else None, timeout_s=setup.timeout_s)
+        backend = cls(log_dir=str(setup.log_dir) if setup.log_dir else None, timeout_s=setup.timeout_s)
+        backend.log = setup.log
+        return backend
 
     def start_nodes(self, n_nodes: int) -> list[NodeAddress]:
         check(isinstance(n_nodes, int) and 1 <= n_nodes <= MAX_NODES, "n_nodes", n_nodes,
@@ -61,6 +63,7 @@ class LoopbackBackend(NodeBackend):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.close)
         try:
+            self.log(f"starting {n_nodes} node servers on loopback")
             for i in range(n_nodes):
                 self.procs.append(self._spawn(i))
             deadline = time.monotonic() + self.start_timeout_s

@@ -100,10 +100,12 @@ class MininetBackend(NodeBackend):
     @classmethod
     def from_setup(cls, setup: BackendSetup) -> "MininetBackend":
         """On the experiment's topology (its devices on the node hosts), loaded once by the runner."""
-        return cls(setup.topology, log_dir=str(setup.log_dir) if setup.log_dir else None, seed=setup.seed,
-                   time_dilation=setup.time_dilation, timeout_s=setup.timeout_s,
-                   cpu_slice_ms=setup.cpu_slice_ms if setup.cpu_slice_ms is not None else DEFAULT_SLICE_MS,
-                   capabilities=setup.machine)
+        backend = cls(setup.topology, log_dir=str(setup.log_dir) if setup.log_dir else None, seed=setup.seed,
+                      time_dilation=setup.time_dilation, timeout_s=setup.timeout_s,
+                      cpu_slice_ms=setup.cpu_slice_ms if setup.cpu_slice_ms is not None else DEFAULT_SLICE_MS,
+                      capabilities=setup.machine)
+        backend.log = setup.log
+        return backend
 
     def start_nodes(self, n_nodes: int) -> list[NodeAddress]:
         from testbed.net.emulation import Emulation
@@ -121,9 +123,11 @@ class MininetBackend(NodeBackend):
                                    tcp_rto_min_ms=LINUX_RTO_MIN_MS * f if f != 1 else None,
                                    capabilities=self.capabilities)
         try:
+            self.log(f"building the emulated network ({n_hosts} hosts, topology {self.topology.name})")
             self.emulation.start()
             self.mechanism = self.emulation.mechanism
             self.hosts = self.topology.host_names[:n_nodes]
+            self.log(f"starting {n_nodes} node servers in their hosts")
             self.procs = [self._spawn(h) for h in self.hosts]
             deadline = time.monotonic() + self.start_timeout_s * self.time_dilation  # nodes start at speed / F
             return [self._await_addresses(rank, deadline) for rank in range(n_nodes)]

@@ -143,6 +143,7 @@ class Runner:
         if len(df):
             store.write_parquet()
         if self.make_plots and len(df):
+            self._say("drawing plots")
             from testbed.experiment.plots import save_all
             from testbed.experiment.topology import trace_schedules
 

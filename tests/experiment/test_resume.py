@@ -167,3 +167,38 @@ def test_resume_of_a_directory_written_with_fewer_columns_keeps_its_header(tmp_p
     again = read_rows(out, superseded=True)
     assert list(again.columns) == [*old, "superseded"] and again["superseded"].tolist() == [False, True, False, False]
     assert (read_rows(out)["status"] == "ok").all()
+
+
+def test_retry_failed_measures_again_a_unit_failed_by_a_node_killed_from_outside(tmp_path):
+    """A node server SIGKILLed while `testbed run` infers fails that repetition (and skips the rest
+    of its unit); `--resume --retry-failed` measures those units again: every unit ends ok, the
+    error rows stay in rows.csv marked superseded."""
+    from testbed.bench.soak import node_pids
+    from tests.experiment.test_interrupts import ROOT, interrupt_at
+
+    exp = write(tmp_path / "e.yaml", tiny(backend="loopback", methods=["single", "tensor_parallel"],
+                                          repetitions=200, warmup=1, timeout_s=30))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(exp), "--out", str(out), "--no-plots"],
+                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def kill_a_node(p: subprocess.Popen) -> None:
+        os.kill(node_pids(p.pid)[1], signal.SIGKILL)
+
+    stdout, stderr = interrupt_at(proc, "| tensor_parallel", 0, on_marker=kill_a_node)
+    assert proc.returncode == 1, stdout + stderr  # some rows failed
+    rows = read_rows(out)
+    assert len(rows) == 400 and (rows["status"] == "error").any()
+    failed = set(zip(rows.loc[rows["status"] != "ok", "cell"], rows.loc[rows["status"] != "ok", "repetition"]))
+
+    again = subprocess.run([sys.executable, "-m", "testbed.cli", "run", "--resume", str(out), "--retry-failed",
+                            "--quiet", "--no-plots"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    current = read_rows(out)
+    assert len(current) == 400 and (current["status"] == "ok").all()
+    every = read_rows(out, superseded=True)
+    old = every[every["superseded"]]
+    assert len(every) == 400 + len(failed) and set(zip(old["cell"], old["repetition"])) == failed
+    assert (old["status"] == "error").all()

@@ -1,0 +1,121 @@
+"""SIGINT and SIGTERM in every phase of `testbed run` end with 128+signal, one line saying what was
+kept, no traceback and no abort, and a directory that `--resume` continues (or nothing written).
+
+Each case starts a real `testbed run` subprocess, waits for the progress line of the phase, then
+sends the signal. The models are sized so that each phase lasts seconds, not milliseconds.
+Phases of the emulated backends (network build, node start) are in tests/net/test_teardown_root.py
+and tests/experiment/test_interrupts_root.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.experiment.helpers import write
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# vit-base at 1024 tokens: fitting codebooks, the reference forward and each inference take seconds
+SLOW = {"name": "interrupts", "model": {"name": "vit-base"}, "input": {"tokens": 1024, "seed": 0},
+        "methods": ["single", {"name": "astra", "params": {"groups": 1, "codebook_size": 16}}],
+        "nodes": {"count": 2}, "topology": "star", "backend": "inprocess", "repetitions": 2, "warmup": 0,
+        "timeout_s": 120}
+# the simulator: many cells, measured fast, whose plots take a while to draw
+SIM = {"name": "interrupts-sim", "model": {"name": "vit-tiny"}, "input": {"tokens": 17, "seed": 0},
+       "methods": ["single", "tensor_parallel", "sequence_parallel", "sequence_parallel_int8", "block_parallel",
+                   {"name": "astra", "params": {"groups": 1, "codebook_size": 16}}],
+       "nodes": {"count": 2}, "topology": "star", "backend": "sim", "repetitions": 1, "warmup": 0,
+       "sweep": {"bandwidth_mbps": [5, 10, 20, 50, 100, 200], "delay_ms": [0, 5, 20], "loss_pct": [0, 1]}}
+
+
+def start_run(exp: Path, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "testbed.cli", "run", str(exp), "--out", str(out)], cwd=ROOT,
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def interrupt_at(proc: subprocess.Popen, marker: str, sig: int, deadline_s: float = 300,
+                 on_marker=None) -> tuple[str, str]:
+    """Read stderr until a line contains ``marker``, send ``sig`` (or call ``on_marker(proc)``), wait
+    for the run to end; return (stdout, stderr)."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+        seen.set()  # stderr closed: the run ended before the phase
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    seen.wait(deadline_s)
+    assert proc.poll() is None and any(marker in ln for ln in lines), "".join(lines)
+    if on_marker is not None:
+        on_marker(proc)
+    else:
+        proc.send_signal(sig)
+    try:
+        out = proc.stdout.read()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    t.join(10)
+    return out, "".join(lines)
+
+
+def check_stopped(proc: subprocess.Popen, sig: int, out_dir: Path, stdout: str, stderr: str) -> str:
+    """The documented ending; returns the last stderr line."""
+    text = stdout + stderr
+    assert proc.returncode == 128 + sig, text
+    assert "Traceback" not in text and "terminate called" not in text, text
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"testbed run: stopped by {signal.Signals(sig).name}: "), last
+    if (out_dir / "manifest.json").exists():
+        assert f"continue with: testbed run --resume {out_dir}" in last, last
+        assert json.loads((out_dir / "manifest.json").read_text())["config"]["name"], "resume reads the config"
+    else:
+        assert "nothing written" in last, last
+        assert not out_dir.exists() or not any(out_dir.iterdir()), sorted(out_dir.rglob("*"))
+    return last
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("phase, marker", [
+    ("validation", "fitting its codebooks"),
+    ("reference", "computing the single-device reference"),
+    ("inference", "| astra"),
+])
+def test_signal_in_each_inprocess_phase(tmp_path, phase, marker, sig):
+    out = tmp_path / "out"
+    proc = start_run(write(tmp_path / "e.yaml", SLOW), out)
+    stdout, stderr = interrupt_at(proc, marker, sig)
+    check_stopped(proc, sig, out, stdout, stderr)
+    if phase == "inference" and sig == signal.SIGTERM:  # what was measured is kept and the run goes on
+        rows_before = (out / "rows.csv").read_text().count("\n") - 1
+        assert rows_before >= 2  # both repetitions of single
+        done = subprocess.run([sys.executable, "-m", "testbed.cli", "run", "--resume", str(out), "--quiet",
+                               "--no-plots"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert (out / "rows.csv").read_text().count("\n") - 1 == 4
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_while_plotting(tmp_path, sig):
+    """The simulator measures 216 rows in seconds; their plots take longer to draw."""
+    out = tmp_path / "out"
+    proc = start_run(write(tmp_path / "e.yaml", SIM), out)
+    stdout, stderr = interrupt_at(proc, "drawing plots", sig)
+    check_stopped(proc, sig, out, stdout, stderr)
+    assert (out / "rows.csv").read_text().count("\n") - 1 == 6 * 6 * 3 * 2  # every row was kept
