@@ -34,7 +34,7 @@ import yaml
 
 from testbed.experiment.store import read_rows
 
-MODEL, TOKENS, NODES = "vit-small", 65, 3
+MODEL, TOKENS, NODES = "vit-small", 65, 4
 METHODS = [{"name": "single"}, {"name": "sequence_parallel_int8"},
            {"name": "astra", "params": {"groups": 1, "codebook_size": 16}}]
 CGROUP_ROOTS = [Path("/sys/fs/cgroup")]
@@ -68,7 +68,7 @@ class Snapshot:
     @classmethod
     def take(cls) -> "Snapshot":
         s = cls()
-        init_ns = os.stat("/proc/1/ns/net").st_ino
+        init_ns = os.stat("/proc/self/ns/net").st_ino  # the soak itself runs in the root namespace
         for p in Path("/proc").iterdir():
             if not p.name.isdigit():
                 continue
