@@ -10,6 +10,8 @@ COMMANDS = {
     "run": ("testbed.experiment.cli", "run_main", "run an experiment YAML (sweep link profiles, record rows, plot)"),
     "plot": ("testbed.experiment.cli", "plot_main", "make plots from a results directory"),
     "simulate": ("testbed.experiment.cli", "simulate_main", "alias of `testbed run --backend sim` (the SimPy model)"),
+    "schema": ("testbed.experiment.schema", "main", "print the JSON Schema of experiment or topology YAML files "
+               "(for editors)"),
     "calibrate": ("testbed.experiment.calibrate", "calibrate_main", "measure compute profiles on this host for the "
                   "simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
