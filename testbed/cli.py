@@ -12,6 +12,8 @@ COMMANDS = {
     "simulate": ("testbed.experiment.cli", "simulate_main", "alias of `testbed run --backend sim` (the SimPy model)"),
     "schema": ("testbed.experiment.schema", "main", "print the JSON Schema of experiment or topology YAML files "
                "(for editors)"),
+    "diff": ("testbed.experiment.diff", "main", "the same cells of two runs side by side (latency ratio B/A, "
+             "spread), with warnings where the runs differ"),
     "calibrate": ("testbed.experiment.calibrate", "calibrate_main", "measure compute profiles on this host for the "
                   "simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
