@@ -261,6 +261,8 @@ def _report(o) -> None:
     print(f"  manifest: {d / 'manifest.json'}")
     if o.plots:
         print(f"  plots:    {d / 'plots'}/ ({', '.join(Path(p).name for p in o.plots if p.endswith('.png'))})")
+    if (d / "report.html").exists():
+        print(f"  report:   {d / 'report.html'}")
     if o.status == "interrupted":
         print(f"  continue with: testbed run --resume {d}")
 
