@@ -268,7 +268,7 @@ def _report(o) -> None:
 
 
 def plot_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="testbed plot", description="Make plots (PNG and SVG) from a results directory.")
+    p = argparse.ArgumentParser(prog="testbed plot", description="Make plots (PNG, SVG and PDF) from a results directory.")
     p.add_argument("results_dir")
     p.add_argument("--out", metavar="DIR", help="where to write them (default RESULTS_DIR/plots)")
     args = p.parse_args(argv)
