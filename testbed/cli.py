@@ -9,7 +9,13 @@ import sys
 COMMANDS = {
     "run": ("testbed.experiment.cli", "run_main", "run an experiment YAML (sweep link profiles, record rows, plot)"),
     "plot": ("testbed.experiment.cli", "plot_main", "make plots from a results directory"),
+    "report": ("testbed.experiment.htmlreport", "main", "write a run directory's report.html again (one "
+               "self-contained page)"),
     "simulate": ("testbed.experiment.cli", "simulate_main", "alias of `testbed run --backend sim` (the SimPy model)"),
+    "schema": ("testbed.experiment.schema", "main", "print the JSON Schema of experiment or topology YAML files "
+               "(for editors)"),
+    "diff": ("testbed.experiment.diff", "main", "the same cells of two runs side by side (latency ratio B/A, "
+             "spread), with warnings where the runs differ"),
     "calibrate": ("testbed.experiment.calibrate", "calibrate_main", "measure compute profiles on this host for the "
                   "simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),

@@ -21,7 +21,6 @@ to go on (`--resume DIR`).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import signal
 import sys
 import threading
@@ -29,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from testbed.errors import ConfigError, TestbedError
-from testbed.experiment.checks import Prepared, check_spec
+from testbed.experiment import api
+from testbed.experiment.checks import Prepared
 from testbed.experiment.spec import BACKENDS, ExperimentSpec, load_spec, parse_spec, with_output_dir
 
 #: option dest -> the sim backend's setting it fills
@@ -107,12 +107,7 @@ def locate(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool]:
     if not args.experiment:
         raise ConfigError("EXPERIMENT.yaml", None, "a path to an experiment file (or --resume DIR)")
     spec = load_spec(args.experiment, backend=args.backend)
-    if args.out:
-        out = Path(args.out)
-    elif spec.output_dir:
-        out = Path(spec.output_dir)
-    else:
-        out = Path("results") / f"{spec.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else api.default_out(spec)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("--out" if args.out else "output_dir", str(out),
                           f"a new or empty directory (to continue a run there: --resume {out})")
@@ -125,7 +120,7 @@ def prepare(args: argparse.Namespace, spec: ExperimentSpec, out: Path) -> Prepar
         if not args.quiet:
             print(f"testbed run: {msg}", file=sys.stderr, flush=True)
 
-    return check_spec(spec, codebook_dir=out / "codebooks", log=log)
+    return api.check(spec, out, log=log)
 
 
 def run_main(argv: list[str]) -> int:
@@ -243,12 +238,10 @@ def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    from testbed.experiment.runner import Runner
-
     source = str(Path(args.experiment).resolve()) if args.experiment else None
     try:
-        outcome = Runner(spec, out, prepared=prepared, resume=resume, source=source, progress=not args.quiet,
-                         plots=not args.no_plots, backend_settings=settings, retry_failed=args.retry_failed).run()
+        outcome = api.measure(spec, out, prepared, resume=resume, source=source, progress=not args.quiet,
+                              plots=not args.no_plots, backend_settings=settings, retry_failed=args.retry_failed)
     except TestbedError as e:  # the run could not go on (e.g. the backend did not start); rows so far are kept
         print(f"\n{name}: failed: {e}\n  rows and manifest so far: {out}", file=sys.stderr)
         return 1
@@ -268,12 +261,14 @@ def _report(o) -> None:
     print(f"  manifest: {d / 'manifest.json'}")
     if o.plots:
         print(f"  plots:    {d / 'plots'}/ ({', '.join(Path(p).name for p in o.plots if p.endswith('.png'))})")
+    if (d / "report.html").exists():
+        print(f"  report:   {d / 'report.html'}")
     if o.status == "interrupted":
         print(f"  continue with: testbed run --resume {d}")
 
 
 def plot_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="testbed plot", description="Make plots (PNG and SVG) from a results directory.")
+    p = argparse.ArgumentParser(prog="testbed plot", description="Make plots (PNG, SVG and PDF) from a results directory.")
     p.add_argument("results_dir")
     p.add_argument("--out", metavar="DIR", help="where to write them (default RESULTS_DIR/plots)")
     args = p.parse_args(argv)

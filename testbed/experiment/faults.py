@@ -37,6 +37,10 @@ from testbed.net.profile import LinkProfile
 KINDS = ("link_down", "link_profile", "node_kill")
 PROFILE_FIELDS = ("bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct")
 MAX_TIME_S = 86400.0
+#: kind -> the target fields an event of that kind must have, and all it may have (besides kind, at_s, name)
+REQUIRED_BY_KIND = {"link_down": ("link", "duration_s"), "link_profile": ("link", "profile"), "node_kill": ("host",)}
+FIELDS_BY_KIND = {"link_down": ("link", "duration_s"), "link_profile": ("link", "profile", "duration_s"),
+                  "node_kill": ("host",)}
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,7 @@ def _fault(v: Any, path: str) -> FaultSpec:
     d = F.mapping(v, path, {"kind": True, "at_s": True, "link": False, "host": False, "duration_s": False,
                             "profile": False, "name": False})
     kind = F.string(d["kind"], F.join(path, "kind"), KINDS)
-    need = {"link_down": ("link", "duration_s"), "link_profile": ("link", "profile"), "node_kill": ("host",)}[kind]
-    may = {"link_down": need, "link_profile": need + ("duration_s",), "node_kill": need}[kind]
+    need, may = REQUIRED_BY_KIND[kind], FIELDS_BY_KIND[kind]
     for k in ("link", "host", "duration_s", "profile"):
         if k in d and k not in may:
             raise ConfigError(F.join(path, k), d[k], f"no such field for kind {kind} (its fields: {', '.join(may)})")

@@ -63,7 +63,7 @@ def _module_version(name: str) -> str | None:
 
 def machine() -> dict[str, Any]:
     u = platform.uname()
-    return {"kernel": f"{u.system} {u.release} {u.version}", "machine": u.machine, "cpu_count": os.cpu_count(),
+    return {"host": u.node, "kernel": f"{u.system} {u.release} {u.version}", "machine": u.machine, "cpu_count": os.cpu_count(),
             "python": sys.version.split()[0], "user_is_root": os.geteuid() == 0}
 
 

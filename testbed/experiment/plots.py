@@ -19,7 +19,8 @@ nodes, tokens, model, ...) gets one panel per combination of its values, titled 
 Only rows with status "ok" are plotted (the fault figure marks the failed ones too); a note on
 each figure counts the failed ones. Repetitions hit by a scheduled fault appear only in the fault
 figure (and the trace figure, ringed), never in the medians of the others.
-``save_all`` writes every figure that applies as PNG and SVG.
+``save_all`` writes every figure that applies as PNG, SVG and PDF. A method has the same colour in
+every plot (``METHOD_COLORS``, colour-blind-safe).
 """
 
 from __future__ import annotations
@@ -85,9 +86,26 @@ def _labels(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(df["label"]))  # order of first appearance = the experiment's method order
 
 
-def _colors(labels: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+#: one colour per method in every plot of every run (Okabe and Ito's palette: told apart with every
+#: common colour-vision deficiency); methods outside it take the palette's remaining colours
+METHOD_COLORS = {"single": "#000000", "tensor_parallel": "#E69F00", "sequence_parallel": "#56B4E9",
+                 "sequence_parallel_int8": "#009E73", "block_parallel": "#CC79A7", "astra": "#D55E00"}
+OTHER_COLORS = ("#0072B2", "#F0E442", "#999999")
+#: further labels of one method (other params: astra G=1 and G=32) mix its colour with white (> 0) or black (< 0)
+SHADES = (0.0, 0.45, -0.4, 0.7, -0.65)
+
+
+def _colors(rows: pd.DataFrame) -> dict[str, tuple]:
+    """label -> colour: its method's colour, a lighter or darker shade of it for each further label."""
+    out: dict[str, tuple] = {}
+    methods = list(dict.fromkeys(rows["method"]))
+    others = iter(OTHER_COLORS * len(methods))
+    for m in methods:
+        base = np.array(matplotlib.colors.to_rgb(METHOD_COLORS.get(m) or next(others)))
+        for k, lab in enumerate(sorted(rows.loc[rows["method"] == m, "label"].unique())):
+            f = SHADES[k % len(SHADES)]
+            out[lab] = tuple(base + (1 - base) * f if f >= 0 else base * (1 + f))
+    return out
 
 
 def _facets(ok: pd.DataFrame, cols: list[str]) -> list[tuple[str, pd.DataFrame]]:
@@ -209,7 +227,7 @@ def latency_figure(df: pd.DataFrame) -> Figure:
         return _latency_bars(df)
     facets = _facets(ok, facet_axes(ok, axis))
     fig, axes = _panels(len(facets), 5.2, 3.8, sharey=True)
-    colors = _colors(_labels(ok))
+    colors = _colors(ok)
     for ax, (title, d) in zip(axes, facets):
         for lab in colors:
             g = d[d["label"] == lab].groupby(axis)["latency_s"]
@@ -227,7 +245,7 @@ def _latency_bars(df: pd.DataFrame) -> Figure:
     combination of the other dimensions that vary."""
     ok = _ok(df)
     labels = _labels(ok)
-    colors = _colors(labels)
+    colors = _colors(ok)
     facets = _facets(ok, facet_axes(ok, None))
     fig, axes = _panels(len(facets), 6.5, 1.0 + 0.45 * len(labels), sharey=True)
     pos = np.arange(len(labels))
@@ -270,7 +288,7 @@ def speedup_figure(df: pd.DataFrame) -> Figure:
     xcol = axis or "profile"
     facets = _facets(tab, facet_axes(tab, axis)) if axis else [("", tab)]
     fig, axes = _panels(len(facets), 5.2, 3.8, sharey=True)
-    colors = _colors(_labels(ok))
+    colors = _colors(ok)
     for ax, (title, t) in zip(axes, facets):
         if t["single_s"].isna().all():
             ax.text(0.5, 0.5, "no `single` rows: nothing to compare with", ha="center", va="center",
@@ -298,7 +316,7 @@ def breakdown_figure(df: pd.DataFrame) -> Figure:
     every = _facets(ok, cols)
     profiles = every[:MAX_PANELS]
     labels = _labels(ok)
-    colors = _colors(labels)
+    colors = _colors(ok)
     fig, axes = _panels(len(profiles), 4.2, 3.4)
     pos = np.arange(len(labels))
     for k, (ax, (title, d)) in enumerate(zip(axes, profiles)):
@@ -332,7 +350,7 @@ def trace_figure(df: pd.DataFrame, schedules: dict[str, tuple[list, float, bool]
     panels = _facets(d, ["trace", *(c for c in varying(d) if c not in ("trace", "bandwidth_mbps", "faults"))])
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.8 * len(panels) + 1.2), squeeze=False,
                              layout="constrained")
-    colors = _colors(_labels(d))
+    colors = _colors(d)
     for ax, (title, t) in zip(axes[:, 0], panels):
         name = t["trace"].iloc[0]
         bx, by = _steps(t, (schedules or {}).get(name))
@@ -378,7 +396,7 @@ def fault_figure(df: pd.DataFrame, events: list[dict] | None = None) -> Figure:
     every = _facets(d, [c for c in varying(d) if c != "faults"])
     panels = every[:MAX_PANELS]
     fig, axes = _panels(len(panels), 5.2, 3.6, sharey=True)
-    colors = _colors(_labels(d))
+    colors = _colors(d)
     shades = plt.get_cmap("Reds")
     end = float((d["fault_time_s"] + d["latency_s"].fillna(0)).max())
     for ax, (title, t) in zip(axes, panels):
@@ -443,12 +461,12 @@ def figures(df: pd.DataFrame, schedules: dict | None = None, events: list[dict] 
 
 def save_all(df: pd.DataFrame, out_dir: str | Path, schedules: dict | None = None,
              events: list[dict] | None = None) -> list[Path]:
-    """Write every applicable figure as PNG and SVG; return the paths."""
+    """Write every applicable figure as PNG, SVG and PDF; return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for stem, fig in figures(df, schedules, events).items():
-        for ext in ("png", "svg"):
+        for ext in ("png", "svg", "pdf"):
             p = out / f"{stem}.{ext}"
             fig.savefig(p, dpi=130 if ext == "png" else None)
             paths.append(p)

@@ -150,6 +150,10 @@ class Runner:
             outcome.plots = [str(p) for p in save_all(df, self.out_dir / "plots", trace_schedules(self.spec))]
         manifest.finish(outcome.status, outcome.rows, outcome.failed_rows, outcome.plots,
                         superseded=int(read_rows(self.out_dir, superseded=True)["superseded"].sum()))
+        if len(df):
+            from testbed.experiment.htmlreport import write_html
+
+            write_html(self.out_dir)
 
     def _sweep(self, store: ResultStore, manifest: Manifest, done: set, prog: Progress) -> int:
         todo = [(c, mi, m, [r for r in range(self.spec.repetitions) if (cell_id(c, mi), r) not in done])

@@ -8,6 +8,7 @@ Layout of a run directory::
     manifest.json   resolved config, versions, machine, shaping mechanism, times, status
     codebooks/      astra codebooks the runner calibrated (one file per groups x codebook_size)
     plots/          PNG and SVG made by `testbed plot`
+    report.html     one self-contained page: what ran, plots, comparison, fidelity, failed rows (`testbed report`)
 
 rows.csv is the source of truth: a crash loses at most the row being written
 (a torn last line is cut off when the directory is reopened). Rows are never rewritten:

@@ -143,10 +143,10 @@ def test_trace_cells_get_a_panel_per_trace(rows):
     assert [p.get_width() for p in bars] == pytest.approx([1.0, 0.5, 8.0])
 
 
-def test_save_all_writes_png_and_svg(rows, tmp_path):
+def test_save_all_writes_png_svg_and_pdf(rows, tmp_path):
     paths = save_all(rows, tmp_path / "plots")
     assert sorted(p.name for p in paths) == sorted(f"{s}.{e}" for s in ("latency", "speedup", "breakdown")
-                                                  for e in ("png", "svg"))
+                                                  for e in ("png", "svg", "pdf"))
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
@@ -215,3 +215,18 @@ def test_a_run_without_faults_has_no_fault_figure(rows):
     from testbed.experiment.plots import figures
 
     assert "faults" not in figures(rows.assign(faults="", fault_time_s=math.nan))
+
+
+def test_a_method_has_one_colour_in_every_plot_and_run(rows):
+    import matplotlib.colors
+
+    from testbed.experiment.plots import METHOD_COLORS, _colors
+
+    one = pd.DataFrame({"method": ["single", "astra", "astra"], "label": ["single", "astra G=1", "astra G=32"]})
+    other = pd.DataFrame({"method": ["astra", "tensor_parallel"], "label": ["astra G=1", "tp"]})
+    a, b = _colors(one), _colors(other)
+    assert a["astra G=1"] == b["astra G=1"] == pytest.approx(matplotlib.colors.to_rgb(METHOD_COLORS["astra"]))
+    assert a["astra G=32"] != a["astra G=1"] and b["tp"] == pytest.approx(matplotlib.colors.to_rgb("#E69F00"))
+    lines = {ln.get_label(): ln.get_color() for ln in latency_figure(rows).axes[0].get_lines()}
+    assert lines and all(matplotlib.colors.to_hex(c) in map(str.lower, METHOD_COLORS.values())
+                         for lab, c in lines.items() if not lab.startswith("_"))
