@@ -157,19 +157,19 @@ def token_chunks(T: int, N: int) -> list[tuple[int, int]]:
 def embed_range(model, inp: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Embeddings of tokens [start, end) of the full input: [B, end-start, D].
 
-    GPT-2 embeds only those ids (at their global positions). ViT runs the patch convolution on
+    Causal LMs (GPT-2, Llama) embed only those ids (at their global positions). ViT runs the patch convolution on
     the whole image and slices: every rank holds the image, the convolution is ~1-2% of a
     rank's compute, and slicing keeps the embeddings bit-identical to the single-device run.
     """
-    if model.cfg.kind == "gpt2":
+    if model.cfg.kind != "vit":
         check(inp.shape[1] <= model.cfg.max_positions, "tokens", inp.shape[1], f"<= max_positions={model.cfg.max_positions}")
         return model.embed_positions(inp[:, start:end], start)
     return model.embed(inp)[:, start:end]
 
 
 def n_tokens(model, inp: torch.Tensor) -> int:
-    """Token count T of a full input (ViT: patches + CLS; GPT-2: prompt length)."""
-    if model.cfg.kind == "gpt2":
+    """Token count T of a full input (ViT: patches + CLS; LMs: prompt length)."""
+    if model.cfg.kind != "vit":
         return int(inp.shape[1])
     p = model.cfg.patch_size
     return 1 + (inp.shape[-2] // p) * (inp.shape[-1] // p)
