@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from testbed.errors import CommError, check
-from testbed.methods import vq
+from testbed.methods import decode, vq
 from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, gathers, global_mask, packed_bytes, parse_params,
                                   stack, token_chunks)
 
@@ -231,9 +231,16 @@ class Astra(Method):
                 ks.append(a.rotate(kv[0], torch.arange(cs, ce)))  # rotary models: at the sender's positions
                 vs.append(kv[1])
             q = a.q(h) if c else a.rotate(a.q(h), torch.arange(s, e))  # a CLS copy only on ViT (no rotation)
-            x = x + a.o(a.mix(q, torch.cat(ks, 1), torch.cat(vs, 1), mask))
+            k_all, v_all = torch.cat(ks, 1), torch.cat(vs, 1)
+            if self._keep_cache and self.rank == self.output_rank:  # local K/V and peers' K^/V^ (methods.decode)
+                self._cache = (self._cache or []) + [[k_all, v_all]]
+            x = x + a.o(a.mix(q, k_all, v_all, mask))
             x = x + blk.mlp(blk.ln2(x))
         return self._output(x)
+
+    def _decode_step(self, ids, pos):
+        """The last rank decodes alone from its mixed-precision cache (methods.decode): no codes per token."""
+        return None if self.rank != self.output_rank else decode.step(self.model, self._cache, ids, pos)
 
     def _output(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.dct:

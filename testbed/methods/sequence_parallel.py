@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from testbed.methods import decode
 from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, embed_range, gathers, global_mask, n_tokens,
                                   stack, token_chunks)
 
@@ -84,12 +85,18 @@ class SequenceParallel(Method):
             got = self.comm.all_gather(self._encode(h))
             hs = [h if r == self.rank else self._decode(p, B, ce - cs) for r, (p, (cs, ce)) in enumerate(zip(got, chunks))]
             h_all = torch.cat(hs, dim=1)  # (B, T, D), global token order
-            q, k = a.rotate(a.q(h), pos), a.rotate(a.k(h_all), pos_all)  # rotary models: at global positions
-            x = x + a.o(a.mix(q, k, a.v(h_all), mask))
+            q, k, v = a.rotate(a.q(h), pos), a.rotate(a.k(h_all), pos_all), a.v(h_all)  # rotary: global positions
+            if self._keep_cache and self.rank == self.output_rank:  # K/V of every prompt token (methods.decode)
+                self._cache = (self._cache or []) + [[k, v]]
+            x = x + a.o(a.mix(q, k, v, mask))
             x = x + block.mlp(block.ln2(x))
         if self.rank != self.output_rank:
             return None
         return self.model.output(x[:, self.model.output_index(T) - s])
+
+    def _decode_step(self, ids, pos):
+        """The output rank decodes alone from the cache prefill left it (methods.decode)."""
+        return None if self.rank != self.output_rank else decode.step(self.model, self._cache, ids, pos)
 
 
 class SequenceParallelInt8(SequenceParallel):
