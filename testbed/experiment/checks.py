@@ -159,6 +159,18 @@ def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[s
     N, T = spec.nodes.count, spec.input.tokens
     for i, m in enumerate(spec.methods):
         check(m.name in METHODS, f"methods[{i}].name", m.name, " | ".join(METHODS))
+    if spec.input.generate:
+        from testbed.methods.decode import check_decodes
+
+        for m in spec.methods:
+            try:
+                check_decodes(m.name, model.cfg, spec.input.generate)
+            except ConfigError as e:
+                raise ConfigError("input.generate", e.value, e.allowed) from None
+        # decode runs in the methods (Method.generate) but node results do not carry per-token times yet
+        raise ConfigError("input.generate", spec.input.generate,
+                          "0 in experiments for now (decode is measured by `python -m testbed.bench.compute "
+                          "--model M --generate N`; result rows do not carry per-token times yet)")
     # cheap ones first: an error in any other method is reported before minutes of k-means
     order = sorted(range(len(spec.methods)), key=lambda i: spec.methods[i].name == "astra")
     for i in order:

@@ -79,6 +79,7 @@ class InputSpec:
     tokens: int  # ViT: patches + CLS; GPT-2: prompt length
     batch: int = 1
     seed: int = 0  # weights (no weights_path) and input
+    generate: int = 0  # causal LMs: tokens to decode after prefill (testbed.methods.decode); 0: prefill only
 
 
 @dataclass(frozen=True)
@@ -295,10 +296,11 @@ def _existing_path(v: Any, path: str, file_only: bool = False) -> str:
 
 
 def _input(v: Any, path: str) -> InputSpec:
-    d = F.mapping(v, path, {"tokens": True, "batch": False, "seed": False})
+    d = F.mapping(v, path, {"tokens": True, "batch": False, "seed": False, "generate": False})
     return InputSpec(tokens=F.integer(d["tokens"], F.join(path, "tokens"), 1),
                      batch=F.integer(d.get("batch", 1), F.join(path, "batch"), 1),
-                     seed=F.integer(d.get("seed", 0), F.join(path, "seed"), 0))
+                     seed=F.integer(d.get("seed", 0), F.join(path, "seed"), 0),
+                     generate=F.integer(d.get("generate", 0), F.join(path, "generate"), 0))
 
 
 def _methods(v: Any, path: str) -> tuple[MethodSpec, ...]:

@@ -12,7 +12,9 @@ exchange and mixed-precision attention. The paper's algorithm, steps 1-7:
    ceil(B*t_local*G*b/8) + 8 bytes to each peer.
 5. Receivers look codes up in their own codebook copy (h^) and compute K^ = h^ Wk, V^ = h^ Wv;
    local queries attend over [local K, V in full precision || non-local K^, V^], with the global
-   causal mask for GPT-2.
+   causal mask for causal LMs. Llama-family receivers rotate K^ at the senders' true positions (every
+   rank knows every chunk's start) and share KV heads among query heads (GQA); the codes are of the
+   block's RMSNorm output, like LN1's for GPT-2.
 6. Output projection, residual, LN2 and MLP on local tokens only.
 7. Output on rank 0 (ViT) or on the last rank (GPT-2 prefill: logits of the last prompt token).
 
@@ -37,10 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from testbed.errors import CommError, check
-from testbed.methods import vq
+from testbed.methods import decode, vq
 from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, gathers, global_mask, packed_bytes, parse_params,
                                   stack, token_chunks)
-from testbed.models.layers import attend
 
 HEADER = struct.Struct("<BBHI")  # version, bits per code, groups, number of token vectors (B*t)
 HEADER_BYTES = HEADER.size  # 8
@@ -106,7 +107,7 @@ class Astra(Method):
             vit = cfg.kind == "vit"
             p["dct"] = vit if p["dct"] is None else p["dct"]
             check(p["dct"] in (True, False), "dct", p["dct"], "true or false")
-            check(vit or not p["dct"], "dct", p["dct"], "false for GPT-2 (Distributed Class Tokens need a CLS token)")
+            check(vit or not p["dct"], "dct", p["dct"], "false for causal LMs (Distributed Class Tokens need a CLS token)")
         else:
             check(p["dct"] in (None, True, False), "dct", p["dct"], "true or false")
         check(p["lookup_tables"] in ("auto", True, False), "lookup_tables", p["lookup_tables"], "'auto', true or false")
@@ -151,7 +152,7 @@ class Astra(Method):
 
     def _use_tables(self) -> bool:
         want = self.params["lookup_tables"]
-        size = 2 * self.cfg.n_layers * self.groups * self.codebook_size * self.cfg.dim * FP32_BYTES
+        size = 2 * self.cfg.n_layers * self.groups * self.codebook_size * self.cfg.kv_dim * FP32_BYTES
         return want is True or (want == "auto" and size <= _TABLE_BUDGET_BYTES)
 
     @torch.no_grad()
@@ -165,7 +166,8 @@ class Astra(Method):
             k, v = blk.attn.k, blk.attn.v
             w = torch.cat([k.weight, v.weight]).T.reshape(G, d, -1)  # (G, d, 2D): input rows of group g
             table = torch.bmm(self.codebooks[l], w).reshape(G * K, -1)
-            table[:K] += torch.cat([k.bias, v.bias])
+            if k.bias is not None:  # Llama has none; Qwen2 and GPT-2 do
+                table[:K] += torch.cat([k.bias, v.bias])
             out.append(table)
         return out
 
@@ -176,7 +178,7 @@ class Astra(Method):
     # -- one inference --------------------------------------------------------------------------
     def _local_embed(self, inp: torch.Tensor) -> torch.Tensor:
         s, e = self.chunks[self.rank]
-        if self.cfg.kind == "gpt2":
+        if self.cfg.kind != "vit":
             return self.model.embed_positions(inp[:, s:e], s)
         emb = self.model.embed(inp)  # (B, T, D): every rank holds the image; see base.embed_range
         if self.dct:
@@ -203,8 +205,9 @@ class Astra(Method):
             codes = vq.unpack_codes(msg[HEADER_BYTES:], B * t, self.groups, self.bits)  # (B*t, G)
             if self.tables is not None:
                 rows = codes + torch.arange(self.groups) * self.codebook_size  # rows of the [G*K, 2D] table
-                kv = F.embedding_bag(rows, self.tables[layer], mode="sum")  # (B*t, 2D): biases included
-                return kv[:, :self.cfg.dim].reshape(B, t, -1), kv[:, self.cfg.dim:].reshape(B, t, -1)
+                kv = F.embedding_bag(rows, self.tables[layer], mode="sum")  # (B*t, 2*kv_dim): biases included
+                w = self.cfg.kv_dim
+                return kv[:, :w].reshape(B, t, -1), kv[:, w:].reshape(B, t, -1)
             h_hat = vq.dequantize(codes, self.codebooks[layer]).view(B, t, -1)
         attn = self.model.blocks[layer].attn
         return attn.k(h_hat), attn.v(h_hat)
@@ -225,11 +228,19 @@ class Astra(Method):
             ks, vs = [k_loc[:, :c]], [v_loc[:, :c]]
             for r, (cs, ce) in enumerate(self.chunks):
                 kv = (k_loc[:, c:], v_loc[:, c:]) if r == self.rank else self.decode_kv(got[r], l, B, ce - cs)
-                ks.append(kv[0])
+                ks.append(a.rotate(kv[0], torch.arange(cs, ce)))  # rotary models: at the sender's positions
                 vs.append(kv[1])
-            x = x + a.o(attend(a.q(h), torch.cat(ks, 1), torch.cat(vs, 1), a.head_dim, mask))
+            q = a.q(h) if c else a.rotate(a.q(h), torch.arange(s, e))  # a CLS copy only on ViT (no rotation)
+            k_all, v_all = torch.cat(ks, 1), torch.cat(vs, 1)
+            if self._keep_cache and self.rank == self.output_rank:  # local K/V and peers' K^/V^ (methods.decode)
+                self._cache = (self._cache or []) + [[k_all, v_all]]
+            x = x + a.o(a.mix(q, k_all, v_all, mask))
             x = x + blk.mlp(blk.ln2(x))
         return self._output(x)
+
+    def _decode_step(self, ids, pos):
+        """The last rank decodes alone from its mixed-precision cache (methods.decode): no codes per token."""
+        return None if self.rank != self.output_rank else decode.step(self.model, self._cache, ids, pos)
 
     def _output(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.dct:

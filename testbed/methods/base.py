@@ -14,6 +14,7 @@ Each method states, per class and without weights or tensors:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,56 @@ class Method:
     def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
+    # -- decode after prefill (methods.decode) ----------------------------------------------------
+    _keep_cache = False  # set while a prefill must leave its KV cache in self._cache
+
+    def generate(self, inp: torch.Tensor, n: int) -> tuple[torch.Tensor | None, list[float]]:
+        """Prefill ``inp``, then greedy-decode until ``n`` tokens are generated.
+
+        Returns (ids [B, n] on ``output_rank`` else None, seconds from the start of prefill to each
+        token: the first is the time to first token). Every rank calls it; ranks whose decode needs
+        them take part in every step (see ``_decode_step``).
+        """
+        from testbed.methods.decode import check_decodes
+
+        check_decodes(self.name, self.cfg, n)
+        t0 = time.perf_counter()
+        self._keep_cache, self._cache = True, None
+        try:
+            logits = self.forward(inp)
+        finally:
+            self._keep_cache = False
+        logits = getattr(self, "_all_logits", None) if logits is None else logits
+        self.prefill_output = logits
+        ids, times = [], [time.perf_counter() - t0]
+        with torch.inference_mode():
+            for i in range(n):
+                nxt = None if logits is None else logits.argmax(-1, keepdim=True)  # (B, 1)
+                ids.append(nxt)
+                if i + 1 < n:
+                    logits = self._decode_step(nxt, self.tokens + i)
+                    times.append(time.perf_counter() - t0)
+        self._cache = None
+        return (torch.cat(ids, 1) if self.rank == self.output_rank else None), times
+
+    def _decode_step(self, ids: torch.Tensor | None, pos: int) -> torch.Tensor | None:
+        """Logits of the token ``ids`` [B, 1] at ``pos`` where this rank computes them (else None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode_schedule(cls, cfg, tokens: int, world_size: int, params: dict[str, Any] | None = None,
+                        batch: int = 1, generate: int = 1) -> list[list[Collective]]:
+        """Per rank the collectives of the ``generate - 1`` decode steps after prefill (the first token
+        comes from prefill's logits), in program order."""
+        p = cls.resolve_params(params, cfg)
+        per_step = cls._decode_calls(cfg, world_size, p, batch)
+        return stack(per_step * max(generate - 1, 0), world_size)
+
+    @classmethod
+    def _decode_calls(cls, cfg, N: int, p: dict[str, Any], batch: int) -> list[list[Collective]]:
+        """One decode step's collectives, each as every rank records it (default: none)."""
+        return []
+
     def analytic_bytes(self, tokens: int, batch: int = 1) -> dict[str, Any]:
         """Payload bytes this rank sends per inference, read off the stated schedule: ``per_block``
         (list, one entry per block or per all-gather round) and ``total`` (everything, final gathers
@@ -157,19 +208,19 @@ def token_chunks(T: int, N: int) -> list[tuple[int, int]]:
 def embed_range(model, inp: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Embeddings of tokens [start, end) of the full input: [B, end-start, D].
 
-    GPT-2 embeds only those ids (at their global positions). ViT runs the patch convolution on
+    Causal LMs (GPT-2, Llama) embed only those ids (at their global positions). ViT runs the patch convolution on
     the whole image and slices: every rank holds the image, the convolution is ~1-2% of a
     rank's compute, and slicing keeps the embeddings bit-identical to the single-device run.
     """
-    if model.cfg.kind == "gpt2":
+    if model.cfg.kind != "vit":
         check(inp.shape[1] <= model.cfg.max_positions, "tokens", inp.shape[1], f"<= max_positions={model.cfg.max_positions}")
         return model.embed_positions(inp[:, start:end], start)
     return model.embed(inp)[:, start:end]
 
 
 def n_tokens(model, inp: torch.Tensor) -> int:
-    """Token count T of a full input (ViT: patches + CLS; GPT-2: prompt length)."""
-    if model.cfg.kind == "gpt2":
+    """Token count T of a full input (ViT: patches + CLS; LMs: prompt length)."""
+    if model.cfg.kind != "vit":
         return int(inp.shape[1])
     p = model.cfg.patch_size
     return 1 + (inp.shape[-2] // p) * (inp.shape[-1] // p)

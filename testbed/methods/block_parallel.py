@@ -23,6 +23,8 @@ All T tokens stay on every rank. N = 1 is exactly the original model. ``decouple
 computes the same decoupled model on one device in a different way (full-width weights masked to
 block-diagonal, grouped LayerNorm) so the sharded code is tested against an independent
 formulation; agreement with ``single`` is reported by `testbed compare`, not asserted.
+Llama-family blocks are sliced the same way (RMSNorm over D/N, each rank's KV heads: N must
+divide n_kv_heads, rotary q/k, SwiGLU), see _NarrowLlamaBlock.
 Param ``n_b`` (blocks per group) defaults to 1: the decoupled model closest to the original, and
 the most communication (one all-gather per block) of the BP+AG family.
 """
@@ -38,6 +40,7 @@ from testbed.errors import check
 from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, check_divides_heads, gathers, global_mask,
                                   n_tokens, stack)
 from testbed.models.layers import attend
+from testbed.models.llama import gqa_attend
 
 
 def group_starts(n_layers: int, n_b: int) -> list[int]:
@@ -78,6 +81,43 @@ class _NarrowBlock:
         return x + F.linear(self.act(F.linear(u, *self.fc1)), *self.fc2)
 
 
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+class _NarrowLlamaBlock:
+    """Rank r's slice of one Llama block of the decoupled model: as _NarrowBlock, with RMSNorm over
+    its features, its KV heads (N divides n_kv_heads: the KV heads its query heads read), rotary
+    q/k and SwiGLU (gate, up rows M_r; down [S_r, M_r])."""
+
+    def __init__(self, block, rank: int, world_size: int, first: bool, cfg):
+        S = feature_slice(cfg.dim, world_size, rank)
+        KV = feature_slice(cfg.kv_dim, world_size, rank)
+        M = torch.tensor_split(torch.arange(cfg.mlp_dim), world_size)[rank]
+        inp = slice(None) if first else S
+        a, m = block.attn, block.mlp
+        self.first, self.S, self.head_dim, self.eps, self.rotate = first, S, a.head_dim, cfg.ln_eps, a.rotate
+        g = cfg.n_heads // cfg.kv_heads
+        self.kv_index = torch.arange(cfg.n_heads // world_size) // g
+        self.ln1, self.ln2 = block.ln1.weight[inp].clone(), block.ln2.weight[S].clone()
+        bias = (lambda lin, rows: None if lin.bias is None else lin.bias[rows].clone())
+        self.q = (a.q.weight[S, inp].clone(), bias(a.q, S))
+        self.k = (a.k.weight[KV, inp].clone(), bias(a.k, KV))
+        self.v = (a.v.weight[KV, inp].clone(), bias(a.v, KV))
+        self.o = a.o.weight[S, S].clone()
+        self.gate, self.up = m.gate.weight[M][:, S].clone(), m.up.weight[M][:, S].clone()
+        self.down = m.down.weight[S][:, M].clone()
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        pos = torch.arange(x.shape[1])
+        h = _rms(x, self.ln1, self.eps)
+        q, k = self.rotate(F.linear(h, *self.q), pos), self.rotate(F.linear(h, *self.k), pos)
+        y = gqa_attend(q, k, F.linear(h, *self.v), self.head_dim, self.kv_index, mask)
+        x = (x[..., self.S] if self.first else x) + F.linear(y, self.o)
+        u = _rms(x, self.ln2, self.eps)
+        return x + F.linear(F.silu(F.linear(u, self.gate)) * F.linear(u, self.up), self.down)
+
+
 class BlockParallel(Method):
     name = "block_parallel"
     DEFAULTS: dict[str, Any] = {"n_b": 1}
@@ -86,7 +126,11 @@ class BlockParallel(Method):
         super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
         starts = set(group_starts(self.cfg.n_layers, self.params["n_b"]))
         with torch.no_grad():
-            self.blocks = [_NarrowBlock(b, rank, world_size, i in starts) for i, b in enumerate(model.blocks)]
+            if self.cfg.kind == "llama":
+                self.blocks = [_NarrowLlamaBlock(b, rank, world_size, i in starts, self.cfg)
+                               for i, b in enumerate(model.blocks)]
+            else:
+                self.blocks = [_NarrowBlock(b, rank, world_size, i in starts) for i, b in enumerate(model.blocks)]
 
     def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         x = self.model.embed(inp)  # (B, T, D), every rank holds all tokens
@@ -110,6 +154,8 @@ class BlockParallel(Method):
     @classmethod
     def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
         check_divides_heads(cfg, N)
+        check(cfg.kv_heads % N == 0, "world_size", N,
+              f"a divisor of the model's KV head count n_kv_heads={cfg.kv_heads} (block_parallel splits KV heads)")
         width = [len(range(cfg.dim)[feature_slice(cfg.dim, N, r)]) for r in range(N)]
         gather = gathers([batch * T * w * FP32_BYTES for w in width])  # the [B, T, D/N] fp32 slices
         rounds = len(group_starts(cfg.n_layers, p["n_b"]))  # one per group, per_block has one entry per round
@@ -137,6 +183,9 @@ def decoupled_reference(model, N: int, n_b: int = 1) -> Callable[[torch.Tensor],
     m_md = (part_m[:, None] == part_d[None, :]).float()  # (mlp, D)
     starts = set(group_starts(cfg.n_layers, n_b))
 
+    if cfg.kind == "llama":
+        return _decoupled_llama(model, N, n_b, m_dd, m_md, part_d, starts)
+
     @torch.inference_mode()
     def fn(inp: torch.Tensor) -> torch.Tensor:
         x = model.embed(inp)
@@ -150,6 +199,38 @@ def decoupled_reference(model, N: int, n_b: int = 1) -> Callable[[torch.Tensor],
             x = x + F.linear(attend(q, k, v, a.head_dim, mask), a.o.weight * m_dd, a.o.bias)
             u = m.act(F.linear(_grouped_ln(x, blk.ln2, N), m.fc1.weight * m_md, m.fc1.bias))
             x = x + F.linear(u, m.fc2.weight * m_md.T, m.fc2.bias)
+        return model.output(x[:, model.output_index(T)])
+
+    return fn
+
+
+def _grouped_rms(x: torch.Tensor, ln, N: int) -> torch.Tensor:
+    B, T, D = x.shape
+    return F.rms_norm(x.view(B, T, N, D // N), (D // N,), eps=ln.eps).view(B, T, D) * ln.weight
+
+
+def _decoupled_llama(model, N, n_b, m_dd, m_md, part_d, starts):
+    """decoupled_reference for the Llama family: masks over the KV rows too, grouped RMSNorms."""
+    cfg = model.cfg
+    part_kv = torch.arange(cfg.kv_dim) // (cfg.kv_dim // N)
+    m_kd = (part_kv[:, None] == part_d[None, :]).float()  # (kv_dim, D)
+
+    @torch.inference_mode()
+    def fn(inp: torch.Tensor) -> torch.Tensor:
+        x = model.embed(inp)
+        T = x.shape[1]
+        mask, pos = global_mask(model, 0, T, T), torch.arange(T)
+        for i, blk in enumerate(model.blocks):
+            a, m, first = blk.attn, blk.mlp, i in starts
+            h = blk.ln1(x) if first else _grouped_rms(x, blk.ln1, N)
+            mq, mk = (torch.ones_like(m_dd), torch.ones_like(m_kd)) if first else (m_dd, m_kd)
+            q = a.rotate(F.linear(h, a.q.weight * mq, a.q.bias), pos)
+            k = a.rotate(F.linear(h, a.k.weight * mk, a.k.bias), pos)
+            v = F.linear(h, a.v.weight * mk, a.v.bias)
+            x = x + F.linear(a.mix(q, k, v, mask), a.o.weight * m_dd)
+            u = _grouped_rms(x, blk.ln2, N)
+            x = x + F.linear(F.silu(F.linear(u, m.gate.weight * m_md)) * F.linear(u, m.up.weight * m_md),
+                             m.down.weight * m_md.T)
         return model.output(x[:, model.output_index(T)])
 
     return fn

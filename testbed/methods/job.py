@@ -53,7 +53,8 @@ class RankRunner:
         from testbed.models import build_model
 
         self.job, self.rank, self.comm = job, rank, comm
-        self.model = build_model(job.model, seed=job.seed, weights_path=job.weights_path)
+        # nodes never write weights: a checkpoint stays mapped read-only, one copy per host (loader)
+        self.model = build_model(job.model, seed=job.seed, weights_path=job.weights_path, share_weights=True)
         if job.dataset:
             from testbed.models.datasets import load_split
 

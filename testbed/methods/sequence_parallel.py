@@ -2,7 +2,10 @@
 
 Per block, each rank normalizes its own tokens (h = LN1(x_local)), all-gathers h, computes its
 queries from its own h and keys/values from the gathered h of all T tokens, then runs the output
-projection, residual, LN2 and MLP on its own tokens only: one all-gather per block. GPT-2 uses the
+projection, residual, LN2 and MLP on its own tokens only: one all-gather per block. Llama-family
+models rotate queries and keys at their global positions (keys of all T tokens: every rank knows
+where each chunk starts) and share KV heads among query heads (GQA); the message stays h, D wide.
+Causal models use the
 global causal mask (a rank's queries see earlier chunks and earlier local tokens). The output stays
 on the rank that holds ``model.output_index(T)``: the CLS token (rank 0) for ViT, the last prompt
 token (last rank) for GPT-2, so no final gather is needed.
@@ -18,10 +21,9 @@ from typing import Any
 
 import torch
 
+from testbed.methods import decode
 from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, embed_range, gathers, global_mask, n_tokens,
                                   stack, token_chunks)
-from testbed.models.layers import attend
-
 
 def int8_encode(h: torch.Tensor) -> torch.Tensor:
     """h [B, t, D] float -> uint8 [B*t*D + 4*B*t]: int8 values (round(h / s)), then the per-token
@@ -76,17 +78,25 @@ class SequenceParallel(Method):
         x = embed_range(self.model, inp, s, e)  # (B, t, D)
         B = x.shape[0]
         mask = global_mask(self.model, s, e, T)
+        pos, pos_all = torch.arange(s, e), torch.arange(T)
         for block in self.model.blocks:
             a = block.attn
             h = block.ln1(x)
             got = self.comm.all_gather(self._encode(h))
             hs = [h if r == self.rank else self._decode(p, B, ce - cs) for r, (p, (cs, ce)) in enumerate(zip(got, chunks))]
             h_all = torch.cat(hs, dim=1)  # (B, T, D), global token order
-            x = x + a.o(attend(a.q(h), a.k(h_all), a.v(h_all), a.head_dim, mask))
+            q, k, v = a.rotate(a.q(h), pos), a.rotate(a.k(h_all), pos_all), a.v(h_all)  # rotary: global positions
+            if self._keep_cache and self.rank == self.output_rank:  # K/V of every prompt token (methods.decode)
+                self._cache = (self._cache or []) + [[k, v]]
+            x = x + a.o(a.mix(q, k, v, mask))
             x = x + block.mlp(block.ln2(x))
         if self.rank != self.output_rank:
             return None
         return self.model.output(x[:, self.model.output_index(T) - s])
+
+    def _decode_step(self, ids, pos):
+        """The output rank decodes alone from the cache prefill left it (methods.decode)."""
+        return None if self.rank != self.output_rank else decode.step(self.model, self._cache, ids, pos)
 
 
 class SequenceParallelInt8(SequenceParallel):

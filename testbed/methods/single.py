@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from testbed.methods import decode
 from testbed.methods.base import CommSchedule, Method
 
 
@@ -15,7 +16,15 @@ class Single(Method):
     DEFAULTS: dict[str, Any] = {}
 
     def _forward(self, inp: torch.Tensor) -> torch.Tensor | None:
-        return self.model(inp) if self.rank == self.output_rank else None
+        if self.rank != self.output_rank:
+            return None
+        if self._keep_cache:
+            out, self._cache = decode.prefill(self.model, inp)
+            return out
+        return self.model(inp)
+
+    def _decode_step(self, ids, pos):
+        return None if self.rank != self.output_rank else decode.step(self.model, self._cache, ids, pos)
 
     @classmethod
     def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:

@@ -57,6 +57,14 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
 
+    def rotate(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """q or k at global positions ``pos``: unchanged here (positions are in the embeddings; see llama.py)."""
+        return t
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of all heads (already projected), before the output projection."""
+        return attend(q, k, v, self.head_dim, mask)
+
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.o(attend(self.q(h), self.k(h), self.v(h), self.head_dim, mask))
 

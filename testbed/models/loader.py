@@ -1,9 +1,17 @@
 """Load HF-format safetensors checkpoints from a local path (no hub access at run time).
 
 ViT uses the key names of google/vit-base-patch16-224 (`vit.encoder.layer.N...`), GPT-2 those of
-`gpt2` (`h.N.attn.c_attn...`, Conv1D weights stored [in, out], q/k/v fused). Each of our
-parameters maps to one checkpoint key (or a slice of one) and a transform; loading is strict:
-missing keys, unexpected keys and shape mismatches are errors naming the key.
+`gpt2` (`h.N.attn.c_attn...`, Conv1D weights stored [in, out], q/k/v fused), the Llama family
+those of LlamaForCausalLM / Qwen2ForCausalLM (`model.layers.N.self_attn.q_proj...`) in a directory
+with config.json and one `model.safetensors` or several `model-0000x-of-0000y.safetensors` listed
+by `model.safetensors.index.json` (hf_checkpoint.py). Each of our parameters maps to one
+checkpoint key (or a slice of one) and a transform; loading is strict: missing keys, unexpected
+keys and shape mismatches are errors naming the key (and both shapes).
+
+Tensors are mapped read-only from the files (mmap): where the checkpoint holds the compute dtype
+(fp32) and no transform is needed (Llama), the model's parameters ARE the file's pages, so nodes
+on one host that load the same file share one copy in the page cache. fp16/bf16 tensors are
+converted to fp32 (a private copy per process).
 """
 
 from __future__ import annotations
@@ -12,9 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from testbed.errors import ConfigError
+from testbed.models.hf_checkpoint import check_matches, mmap_checkpoint, read_hf_config
 from testbed.models.transformer import TransformerModel
 
 # our parameter name -> (checkpoint key, fn(checkpoint tensor) -> our tensor, fn(ours) -> checkpoint part)
@@ -63,30 +72,52 @@ def _gpt2_map(model: TransformerModel) -> Mapping:
     return m
 
 
+def _llama_map(model: TransformerModel) -> Mapping:
+    cfg = model.cfg
+    m: Mapping = {"wte.weight": ("model.embed_tokens.weight", *_ident), "norm.weight": ("model.norm.weight", *_ident)}
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = ("lm_head.weight", *_ident)
+    parts = {"ln1.weight": "input_layernorm.weight", "ln2.weight": "post_attention_layernorm.weight",
+             "attn.q.weight": "self_attn.q_proj.weight", "attn.k.weight": "self_attn.k_proj.weight",
+             "attn.v.weight": "self_attn.v_proj.weight", "attn.o.weight": "self_attn.o_proj.weight",
+             "mlp.gate.weight": "mlp.gate_proj.weight", "mlp.up.weight": "mlp.up_proj.weight",
+             "mlp.down.weight": "mlp.down_proj.weight"}
+    if cfg.qkv_bias:
+        parts.update({f"attn.{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"})
+    for i in range(cfg.n_layers):
+        for ours, theirs in parts.items():
+            m[f"blocks.{i}.{ours}"] = (f"model.layers.{i}.{theirs}", *_ident)
+    return m
+
+
 def key_map(model: TransformerModel) -> Mapping:
-    return _vit_map(model) if model.cfg.kind == "vit" else _gpt2_map(model)
+    return {"vit": _vit_map, "gpt2": _gpt2_map, "llama": _llama_map}[model.cfg.kind](model)
 
 
-def _checkpoint_file(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file():
-        raise ConfigError("weights_path", str(path), "a local .safetensors file, or a directory holding model.safetensors")
-    return p
+def load_hf_weights(model: TransformerModel, path: str | Path, share: bool = False) -> TransformerModel:
+    """Load a HF-format checkpoint into ``model`` (strict). Llama-family checkpoints need their
+    config.json, which must describe ``model.cfg``.
 
-
-def load_hf_weights(model: TransformerModel, path: str | Path) -> TransformerModel:
-    """Load a HF-format checkpoint into ``model`` (strict)."""
-    sd = load_file(str(_checkpoint_file(path)))
-    # GPT-2 checkpoints saved from GPT2LMHeadModel carry a "transformer." prefix and a tied lm_head
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
-    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # mask buffers
+    ``share``: parameters stay views of the read-only file mapping where no conversion is needed
+    (co-located processes then share one copy); only for models nobody writes to (inference).
+    Without it every parameter is a private copy (training may update it)."""
+    if model.cfg.kind == "llama":
+        check_matches(model.cfg, read_hf_config(path), str(path))
+    sd = mmap_checkpoint(path)
+    if model.cfg.kind == "llama":
+        if model.cfg.tie_embeddings:  # some tied checkpoints store the head anyway
+            sd.pop("lm_head.weight", None)
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer older saves kept
+    else:
+        # GPT-2 checkpoints saved from GPT2LMHeadModel carry a "transformer." prefix and a tied lm_head
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
+        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # mask buffers
     mapping, used, ours = key_map(model), set(), {}
     for name, (key, to_ours, _) in mapping.items():
         if key not in sd:
             raise ConfigError("weights_path", str(path), f"a {model.cfg.kind} checkpoint with key {key!r} (missing)")
-        ours[name] = to_ours(sd[key]).float()
+        t = to_ours(sd[key]).float()
+        ours[name] = t if share or t.data_ptr() != sd[key].data_ptr() else t.clone()
         used.add(key)
     extra = sorted(set(sd) - used)
     if extra:
@@ -96,12 +127,22 @@ def load_hf_weights(model: TransformerModel, path: str | Path) -> TransformerMod
         if own[name].shape != t.shape:
             raise ConfigError("weights_path", str(path),
                               f"{mapping[name][0]} of shape {tuple(own[name].shape)} for this config, got {tuple(t.shape)}")
-    model.load_state_dict(ours, strict=True)
+    # assign: parameters take the (mmap-backed where possible) tensors instead of copying into them
+    model.load_state_dict(ours, strict=True, assign=True)
     return model
 
 
-def save_hf_weights(model: TransformerModel, path: str | Path) -> None:
-    """Write ``model`` as a HF-format safetensors file (fused GPT-2 c_attn rebuilt from q, k, v)."""
+def save_hf_weights(model: TransformerModel, path: str | Path, dtype: torch.dtype = torch.float32,
+                    shards: int = 1) -> None:
+    """Write ``model`` in HF format: a safetensors file (ViT, GPT-2: fused c_attn rebuilt from q, k, v),
+    or for the Llama family a directory with config.json, ``shards`` files and their index, in ``dtype``."""
+    if model.cfg.kind == "llama":
+        from testbed.models.hf_checkpoint import write_checkpoint
+
+        own = model.state_dict()
+        write_checkpoint(path, model.cfg, {key: own[name].detach().to(dtype) for name, (key, _, _) in
+                                           key_map(model).items()}, shards)
+        return
     out: dict[str, torch.Tensor] = {}
     own = model.state_dict()
     for name, (key, _, to_theirs) in key_map(model).items():

@@ -1,4 +1,4 @@
-"""ViT and GPT-2 as plain PyTorch modules with one shared shape.
+"""ViT and GPT-2 as plain PyTorch modules with one shared shape (Llama, in llama.py, has it too).
 
 Every model exposes the same four pieces, which is all a parallel method needs:
 ``embed(inp) -> x [B, T, D]``, ``blocks`` (pre-LN Blocks), ``output(h [B, D]) -> logits``
@@ -18,6 +18,7 @@ from torch import nn
 from testbed.errors import check
 from testbed.models.config import ModelConfig
 from testbed.models.layers import Block, causal_mask, init_weights
+from testbed.models.llama import Llama, init_llama
 
 
 class TransformerModel(nn.Module):
@@ -148,6 +149,10 @@ def new_model(cfg: ModelConfig, seed: int = 0) -> TransformerModel:
     process and every thread."""
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if cfg.kind == "llama":
+            model = Llama(cfg)
+            init_llama(model)
+            return model.eval()
         model = (ViT if cfg.kind == "vit" else GPT2)(cfg)
         init_weights(model)
         if isinstance(model, ViT):

@@ -16,6 +16,9 @@ from testbed.models import build_model, get_config
 TINY = {
     "vit": get_config("vit-tiny", dim=96, n_heads=12),
     "gpt2": get_config("gpt2-tiny", dim=96, n_heads=12),
+    # GQA: 6 KV heads (split over N = 2, 3; replicated over 4); MQA with Qwen2's q/k/v biases
+    "llama": get_config("llama-tiny"),
+    "llama-mqa": get_config("llama-tiny", n_kv_heads=1, qkv_bias=True, tie_embeddings=True),
 }
 
 

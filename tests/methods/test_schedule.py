@@ -33,6 +33,16 @@ CASES = [
     ("vit", "astra", 3, 11, {**ASTRA_FAST, "dct": False}, 2),  # CLS quantized like any token
     ("gpt2", "astra", 4, 13, {**ASTRA_FAST, "groups": 3}, 2),  # causal
     ("gpt2", "astra", 2, 9, {**ASTRA_FAST, "codebook_size": 1024}, 1),
+    # Llama family: GQA with KV heads split (N=3) and replicated (N=4), MQA
+    ("llama", "single", 2, 9, {}, 1),
+    ("llama", "tensor_parallel", 3, 11, {}, 2),
+    ("llama", "tensor_parallel", 4, 9, {}, 1),
+    ("llama-mqa", "tensor_parallel", 2, 9, {}, 1),
+    ("llama", "sequence_parallel", 4, 13, {}, 2),
+    ("llama-mqa", "sequence_parallel_int8", 3, 10, {}, 1),
+    ("llama", "block_parallel", 3, 11, {"n_b": 2}, 1),
+    ("llama", "astra", 4, 13, {**ASTRA_FAST, "groups": 3}, 2),
+    ("llama-mqa", "astra", 2, 9, ASTRA_FAST, 1),
 ]
 
 
