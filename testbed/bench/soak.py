@@ -9,8 +9,9 @@ outside). Then ``--resume --retry-failed`` measures the failed units again. It p
   than one current row) after the run and after the retry; target every unit exactly once, ok;
 - leftovers after the end, against a snapshot taken before: testbed processes, network
   namespaces, links, root-namespace qdiscs and iptables rules, testbed cgroups; target none;
-- resident memory of the runner and of the node servers at the first row and at the end of the
-  run; target growth under 10 %.
+- resident memory growth of the runner and of the node servers within each unit (first to last
+  repetition of one method on one cell, the same work repeated), units in which a node was killed
+  left out (its servers restart); target under 10 %; and the runner's over the whole run.
 
 The size is found by a short probe run first (seconds per row on this machine).
 """
@@ -176,27 +177,51 @@ def run_testbed(args: list[str], on_start=None) -> tuple[int, str, float]:
     return proc.returncode, err, time.monotonic() - t0
 
 
-def seconds_per_row(work: Path, faults: bool) -> float:
-    """A short probe run: wall seconds per row once the first row is written."""
+def seconds_per_row(work: Path, faults: bool, reps: int = 6) -> float:
+    """A short probe run: wall seconds per row between the first and the last row written (node
+    start-up and teardown excluded), counting the per-unit warm-up and loading in."""
     yml = work / "probe.yaml"
-    yml.write_text(yaml.safe_dump(experiment(2, faults), sort_keys=False))
+    yml.write_text(yaml.safe_dump(experiment(reps, faults), sort_keys=False))
     out = work / "probe"
-    first: list[float] = []
+    seen: list[tuple[float, int]] = []  # (when, rows) at each change of the row count
 
     def watch(proc):
         rows = out / "rows.csv"
         while proc.poll() is None:
-            if rows.exists() and rows.read_text().count("\n") >= 2 and not first:
-                first.append(time.monotonic())
-            time.sleep(0.1)
+            n = rows.read_text().count("\n") - 1 if rows.exists() else 0
+            if n > 0 and (not seen or seen[-1][1] != n):
+                seen.append((time.monotonic(), n))
+            time.sleep(0.05)
 
-    t0 = time.monotonic()
-    rc, err, wall = run_testbed(["run", str(yml), "--out", str(out), "--quiet", "--no-plots"], watch)
+    rc, err, _wall = run_testbed(["run", str(yml), "--out", str(out), "--quiet", "--no-plots"], watch)
     if rc not in (0, 1):
         sys.exit(f"soak: the probe run failed (exit {rc}): {err.strip().splitlines()[-1:] or err}")
-    n = len(read_rows(out))
-    start = (first[0] - t0) if first else 0.0
-    return max(0.5, (wall - start) / max(1, n - 1))
+    if len(seen) < 2:
+        sys.exit("soak: the probe run wrote fewer than two rows")
+    (t0, n0), (t1, n1) = seen[0], seen[-1]
+    return max(0.05, (t1 - t0) / (n1 - n0))
+
+
+@dataclass
+class Sample:
+    rows: int
+    memory: Memory
+
+
+def unit_growth(samples: list[Sample], reps: int, units: int) -> list[tuple[float, float] | None]:
+    """(runner, nodes) resident-memory growth in % within each unit: from the first sample after
+    its first row to the last sample before its last row, with every node up in both (a node
+    killed and restarted in between makes the unit's figure None)."""
+    out = []
+    for u in range(units):
+        lo, hi = u * reps + 1, (u + 1) * reps - 1
+        inside = [s for s in samples if lo <= s.rows <= hi and s.memory.runner_mb and len(s.memory.nodes_mb) == NODES]
+        if len(inside) < 2 or len({len(s.memory.nodes_mb) for s in inside}) != 1:
+            out.append(None)
+            continue
+        a, b = inside[0].memory, inside[-1].memory
+        out.append((100 * (b.runner_mb / a.runner_mb - 1), 100 * (sum(b.nodes_mb) / sum(a.nodes_mb) - 1)))
+    return out
 
 
 def summary(out: Path, expected: int) -> dict:
@@ -239,23 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     yml = work / "soak.yaml"
     yml.write_text(yaml.safe_dump(experiment(reps, faults), sort_keys=False))
     out = work / "run"
-    mem: dict[str, Memory] = {}
+    samples: list[Sample] = []
     kills: list[float] = []
+    restarted: set[int] = set()  # units in which a node was killed (their nodes restart)
 
     def watch(proc):
         rows, t0 = out / "rows.csv", time.monotonic()
         next_kill = t0 + rng.uniform(0.5, 1.5) * args.kill_every_s if args.kill_every_s > 0 else math.inf
         while proc.poll() is None:
-            if "start" not in mem and rows.exists() and rows.read_text().count("\n") >= 2:
-                mem["start"] = memory(proc.pid)
-            if "start" in mem:
-                m = memory(proc.pid)
-                if m.runner_mb is not None and len(m.nodes_mb) == NODES:
-                    mem["end"] = m
+            n = rows.read_text().count("\n") - 1 if rows.exists() else 0
+            samples.append(Sample(n, memory(proc.pid)))
             if time.monotonic() >= next_kill and (nodes := node_pids(proc.pid)):
                 try:
                     os.kill(rng.choice(nodes), signal.SIGKILL)
                     kills.append(time.monotonic() - t0)
+                    restarted.add(n // reps)
                 except ProcessLookupError:
                     pass
                 next_kill = time.monotonic() + rng.uniform(0.5, 1.5) * args.kill_every_s
@@ -281,17 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     print("\nleftovers after the end (new since the start):")
     for name, items in left.items():
         print(f"  {name:<10} {len(items)}" + (f"  e.g. {items[:3]}" if items else ""))
-    print("\nresident memory (MiB)    at first row    at end    growth")
-    for who in ("runner", "nodes"):
-        a, b = mem.get("start"), mem.get("end")
-        va = (a.runner_mb if who == "runner" else sum(a.nodes_mb)) if a else None
-        vb = (b.runner_mb if who == "runner" else sum(b.nodes_mb)) if b else None
-        g = f"{100 * (vb / va - 1):+.1f} %" if va and vb else "-"
-        print(f"  {who:<22}{va or 0:>12.0f}{vb or 0:>10.0f}    {g}")
-    if kills:
-        print("  (killed nodes are restarted fresh: the nodes' sum at the end counts restarted servers)")
-    ok = (after_retry["ok"] == expected and after_retry["duplicated"] == 0 and not any(left.values()))
-    print(f"\nsoak: {'every unit exactly once and ok, nothing left' if ok else 'TARGET MISSED (see above)'}")
+    growth = unit_growth(samples, reps, rows_per_rep)
+    print("\nresident memory growth within each unit (first to last repetition; units hit by a kill left out)")
+    print("  unit   runner    nodes (sum)")
+    for u, g in enumerate(growth):
+        print(f"  {u:>4}   " + ("-" if g is None or u in restarted else f"{g[0]:+5.1f} %  {g[1]:+6.1f} %"))
+    first = next((s.memory for s in samples if s.rows >= 1 and s.memory.runner_mb), None)
+    last = next((s.memory for s in reversed(samples) if s.memory.runner_mb), None)
+    if first and last:
+        print(f"  runner over the whole run: {first.runner_mb:.0f} -> {last.runner_mb:.0f} MiB "
+              f"({100 * (last.runner_mb / first.runner_mb - 1):+.1f} %)")
+    worst = max((max(g) for u, g in enumerate(growth) if g is not None and u not in restarted), default=None)
+    mem_ok = worst is not None and worst < 10
+    ok = (after_retry["ok"] == expected and after_retry["duplicated"] == 0 and not any(left.values()) and mem_ok)
+    print(f"\nsoak: {'every unit exactly once and ok, nothing left, memory growth under 10 %' if ok else 'TARGET MISSED (see above)'}")
     if tmp is not None:
         tmp.cleanup()
     return 0 if ok else 1
