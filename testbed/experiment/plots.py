@@ -15,10 +15,17 @@ nodes, tokens, model, ...) gets one panel per combination of its values, titled 
 - ``fault_figure`` (runs with scheduled faults): latency of each repetition against device time
   since its unit's repetitions started, the repetitions hit by a fault ringed, failed ones marked,
   the events' spans shaded; one panel per configuration.
+- ``speedup_heatmap_figure`` (``speedup_heatmap_single``, ``speedup_heatmap_baseline``; runs where
+  bandwidth and delay vary, else bandwidth and another link column): speed-up over ``single`` and
+  over the best baseline (every method but astra) in every cell, the value written in it, a panel
+  per method, one diverging colour scale centred on 1x; ``speedup_grid`` returns the numbers.
+- ``latency_cdf_figure`` (runs with loss > 0 or units a scheduled fault hit): the distribution of
+  each method's latency over repetitions, a panel per lossy configuration and per fault-hit one.
 
-Only rows with status "ok" are plotted (the fault figure marks the failed ones too); a note on
-each figure counts the failed ones. Repetitions hit by a scheduled fault appear only in the fault
-figure (and the trace figure, ringed), never in the medians of the others.
+Only rows with status "ok" are plotted (the fault figure marks the failed ones too, the CDF counts
+them as never finishing); a note on each figure counts the failed ones. Repetitions hit by a
+scheduled fault appear only in the fault figure and the CDF (and the trace figure, ringed), never
+in the medians of the others.
 ``save_all`` writes every figure that applies as PNG, SVG and PDF. A method has the same colour in
 every plot (``METHOD_COLORS``, colour-blind-safe).
 """
