@@ -31,6 +31,12 @@ SUMMARY_COLUMNS = {"label": "method", "latency_s": "median latency (s)", "estima
                    "comm_share": "comm share", "mb_sent_per_rank": "MB sent (busiest rank)",
                    "wire_over_app": "wire / app bytes", "speedup_vs_single": "speed-up vs single",
                    "speedup_vs_best_baseline": "speed-up vs best baseline"}
+#: the figures plots.save_all draws, in the page's order, with what each shows (others follow by name)
+PLOT_CAPTIONS = {"latency": "latency vs the swept link axis", "speedup": "speed-up over single",
+                 "speedup_heatmap_single": "speed-up over single per bandwidth x delay cell",
+                 "speedup_heatmap_baseline": "speed-up over the best baseline (every method but astra) per cell",
+                 "breakdown": "compute vs communication", "latency_cdf": "latency CDF under packet loss and faults",
+                 "trace": "latency under a bandwidth trace", "faults": "latency over time under scheduled faults"}
 FIDELITY_COLUMNS = ("src", "dst", "bandwidth_mbps", "goodput_mbps", "goodput_ratio", "delay_ms", "rtt_expected_ms",
                     "rtt_ms", "rtt_error_ms", "loss_pct", "ping_loss_pct")
 FAILED_COLUMNS = ("cell", "method", "label", "repetition", *DIMENSIONS, "error")
@@ -82,11 +88,14 @@ def _what_ran(m: dict) -> str:
 
 def _plots(run_dir: Path) -> str:
     figs = []
-    for png in sorted((run_dir / "plots").glob("*.png")):
+    order = list(PLOT_CAPTIONS)
+    for png in sorted((run_dir / "plots").glob("*.png"),
+                      key=lambda p: (order.index(p.stem) if p.stem in order else len(order), p.stem)):
         svg = png.with_suffix(".svg")
         src = (f"data:image/svg+xml;base64,{base64.b64encode(svg.read_bytes()).decode()}" if svg.is_file()
                else f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}")
-        figs.append(f'<figure><img alt="{_esc(png.stem)}" src="{src}"><figcaption>{_esc(png.stem)} '
+        caption = png.stem + (f": {PLOT_CAPTIONS[png.stem]}" if png.stem in PLOT_CAPTIONS else "")
+        figs.append(f'<figure><img alt="{_esc(png.stem)}" src="{src}"><figcaption>{_esc(caption)} '
                     f'(<a href="plots/{_esc(png.name)}">PNG</a>' + (f', <a href="plots/{_esc(svg.name)}">SVG</a>'
                                                                    if svg.is_file() else "") + ")</figcaption></figure>")
     return "".join(figs) or "<p>No plots in plots/ (<code>testbed plot DIR</code> makes them).</p>"

@@ -15,10 +15,17 @@ nodes, tokens, model, ...) gets one panel per combination of its values, titled 
 - ``fault_figure`` (runs with scheduled faults): latency of each repetition against device time
   since its unit's repetitions started, the repetitions hit by a fault ringed, failed ones marked,
   the events' spans shaded; one panel per configuration.
+- ``speedup_heatmap_figure`` (``speedup_heatmap_single``, ``speedup_heatmap_baseline``; runs where
+  bandwidth and delay vary, else bandwidth and another link column): speed-up over ``single`` and
+  over the best baseline (every method but astra) in every cell, the value written in it, a panel
+  per method, one diverging colour scale centred on 1x; ``speedup_grid`` returns the numbers.
+- ``latency_cdf_figure`` (runs with loss > 0 or units a scheduled fault hit): the distribution of
+  each method's latency over repetitions, a panel per lossy configuration and per fault-hit one.
 
-Only rows with status "ok" are plotted (the fault figure marks the failed ones too); a note on
-each figure counts the failed ones. Repetitions hit by a scheduled fault appear only in the fault
-figure (and the trace figure, ringed), never in the medians of the others.
+Only rows with status "ok" are plotted (the fault figure marks the failed ones too, the CDF counts
+them as never finishing); a note on each figure counts the failed ones. Repetitions hit by a
+scheduled fault appear only in the fault figure and the CDF (and the trace figure, ringed), never
+in the medians of the others.
 ``save_all`` writes every figure that applies as PNG, SVG and PDF. A method has the same colour in
 every plot (``METHOD_COLORS``, colour-blind-safe).
 """
@@ -187,6 +194,18 @@ def _log_y(ax, suffix: str = "") -> None:
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _log_ticks(axis, lo: float, hi: float, suffix: str = "") -> None:
+    """Plain-number ticks on a log ``axis`` spanning lo..hi: 1-2-5 steps, or four evenly spaced
+    (on the log scale, two significant digits) when the span is under a decade."""
+    if hi / lo < 10:
+        ticks = sorted({float(f"{v:.2g}") for v in np.geomspace(lo * 1.05, hi / 1.05, 4)})
+        axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    else:
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _log_panel(ax, title: str, suffix: str = "") -> None:
@@ -444,6 +463,152 @@ def _steps(rows: pd.DataFrame, schedule: tuple[list, float, bool] | None) -> tup
     return xs + [max(end, xs[-1])], ys + [ys[-1]]
 
 
+HEATMAP_CMAP = "RdBu"  # diverging, ColorBrewer's colour-blind-safe set: red slower, white 1x, blue faster
+
+
+def heatmap_axes(df: pd.DataFrame) -> tuple[str, str] | None:
+    """(x, y) of the speed-up heatmaps: bandwidth and delay when both vary in the measured rows, else
+    bandwidth and the first other link column of ``AXES`` that varies; None when bandwidth or every
+    other link column has one value (no heatmap then)."""
+    ok = _ok(df)
+    vary = [c for c in AXES if c in ok and ok[c].dropna().nunique() > 1]
+    return ("bandwidth_mbps", vary[1]) if vary[:1] == ["bandwidth_mbps"] and len(vary) > 1 else None
+
+
+def speedup_grid(df: pd.DataFrame) -> pd.DataFrame:
+    """What the speed-up heatmaps show: one row per label, configuration and ``versus``.
+
+    ``versus`` "single": ``single``'s median latency in the same configuration over the label's
+    (``speedup_table``; single's own label left out). ``versus`` "best baseline": the best baseline's
+    median over the label's, where a *baseline* is every method that is not ``astra`` (``single`` too)
+    and the best one is the fastest baseline label in that configuration other than the label itself
+    (``reference``: which one). Medians over repetitions of measured rows (``_ok``). Empty when
+    ``heatmap_axes`` is None."""
+    if heatmap_axes(df) is None:
+        return pd.DataFrame(columns=["label", "method", "versus", "reference", "reference_s", "latency_s", "speedup"])
+    tab = speedup_table(df)
+    prof = [c for c in DIMENSIONS if c in tab]
+    single = tab[tab["method"] != "single"].assign(versus="single", reference="single", reference_s=tab["single_s"])
+    best = []
+    for _, g in tab.groupby(prof, sort=False, dropna=False):
+        base = g[g["method"] != "astra"]
+        for _, r in g.iterrows():
+            others = base[base["label"] != r["label"]]
+            ref = others.loc[others["latency_s"].idxmin()] if len(others) else None
+            best.append({**r.to_dict(), "versus": "best baseline", "reference": None if ref is None else ref["label"],
+                         "reference_s": np.nan if ref is None else ref["latency_s"]})
+    out = pd.concat([single, pd.DataFrame(best)], ignore_index=True).drop(columns=["single_s", "speedup"])
+    out["speedup"] = out["reference_s"] / out["latency_s"]
+    return out[[*prof, "label", "method", "versus", "reference", "reference_s", "latency_s", "speedup"]]
+
+
+def _heatmap_norm(grid: pd.DataFrame) -> matplotlib.colors.LogNorm:
+    """One colour scale for every heatmap of the run: log, symmetric about 1 (1/m .. m)."""
+    v = grid["speedup"].to_numpy(dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    m = float(np.exp(np.abs(np.log(v)).max())) if len(v) else 2.0
+    m = max(m, 1.25)  # all cells near 1: keep them pale instead of stretching the scale
+    return matplotlib.colors.LogNorm(vmin=1 / m, vmax=m)
+
+
+def speedup_heatmap_figure(df: pd.DataFrame, versus: str = "single") -> Figure:
+    """Speed-up of each label over ``versus`` ("single" or "best baseline", see ``speedup_grid``) in
+    every cell of bandwidth x delay (``heatmap_axes``), the value written in the cell; a column per
+    label, a row per combination of the other dimensions that vary. One colour scale (diverging,
+    centred on 1x, log) shared by every panel of both figures of the run."""
+    grid = speedup_grid(df)
+    x, y = heatmap_axes(df)
+    norm = _heatmap_norm(grid)
+    g = grid[grid["versus"] == versus]
+    labels = _labels(g)
+    every = _facets(g, [c for c in varying(g) if c not in (x, y, "label", "method")])
+    rows = every[:max(1, MAX_PANELS // max(1, len(labels)))]
+    xs, ys = sorted(grid[x].dropna().unique()), sorted(grid[y].dropna().unique())
+    fig, axes = plt.subplots(len(rows), len(labels), figsize=(max(2.8, 0.75 * len(xs)) * len(labels) + 1.5,
+                             (0.55 * len(ys) + 1.3) * len(rows) + 1.4), squeeze=False, layout="constrained")
+    cmap = plt.get_cmap(HEATMAP_CMAP)
+    for i, (title, t) in enumerate(rows):
+        for j, lab in enumerate(labels):
+            ax = axes[i, j]
+            m = t[t["label"] == lab].pivot_table(index=y, columns=x, values="speedup", dropna=False)
+            m = m.reindex(index=ys, columns=xs)
+            im = ax.imshow(m.to_numpy(dtype=float), origin="lower", cmap=cmap, norm=norm, aspect="auto")
+            for (r, c), v in np.ndenumerate(m.to_numpy(dtype=float)):
+                dark = np.isfinite(v) and abs(np.log(v)) > 0.6 * np.log(norm.vmax)
+                ax.text(c, r, f"{v:.3g}x" if np.isfinite(v) else "n/a", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+            ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
+            ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
+            ax.set_xlabel(AXES[x][0])
+            if j == 0:
+                ax.set_ylabel(AXES[y][0])
+            ax.set_title(lab + (f"\n{title}" if title else ""), fontsize=9)
+    bar = fig.colorbar(im, ax=axes, shrink=0.8, label=f"speed-up over {versus} (median latencies)")
+    _log_ticks(bar.ax.yaxis, norm.vmin, norm.vmax, "x")
+    what = ("single's median latency / the method's" if versus == "single" else
+            "the best baseline's median latency / the method's\n(baseline: every method but astra; the best: "
+            "the fastest other than the method itself in each cell)")
+    if len(every) > len(rows):
+        what += f"; the first {len(rows)} of {len(every)} configurations"
+    _note(fig, df, what)
+    fig.suptitle(_title(df, f"Speed-up over {versus} per link profile"), fontsize=10)
+    return fig
+
+
+def cdf_panels(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) of the latency CDF's panels: one per configuration with loss > 0 (its repetitions
+    that no scheduled fault hit, on fixed link profiles), then one per configuration whose units a
+    scheduled fault hit (every repetition of those units: hit or not, failed ones too)."""
+    fixed = df[(_trace(df) == "") & (_text(df, "faults") == "")]
+    lossy = fixed[fixed["loss_pct"].fillna(0) > 0] if "loss_pct" in fixed else fixed.iloc[:0]
+    cols = [c for c in DIMENSIONS if c in lossy and c not in ("trace", "faults")
+            and (c == "loss_pct" or lossy[c].nunique(dropna=False) > 1)]
+    out = _facets(lossy, cols) if len(lossy) else []
+    d = _fault_rows(df)
+    hit = d.groupby(["cell", "label"], sort=False)["faults"].transform(
+        lambda f: (f.map(lambda v: isinstance(v, str) and v != "")).any()) if len(d) else d.index
+    d = d[hit.astype(bool)] if len(d) else d
+    for title, t in (_facets(d, [c for c in varying(d) if c != "faults"]) if len(d) else []):
+        names = sorted(set(_text(t, "faults")) - {""})
+        out.append((f"units hit by {', '.join(names)}" + (f"\n{title}" if title else ""), t))
+    return out
+
+
+def latency_cdf_figure(df: pd.DataFrame) -> Figure:
+    """Empirical CDF of each label's latency over its repetitions, a panel per ``cdf_panels``; a failed
+    repetition counts as never finishing, so the label's curve stays below 1 by its share."""
+    every = cdf_panels(df)
+    panels = every[:MAX_PANELS]
+    fig, axes = _panels(len(panels), 4.6, 3.4, sharey=True)
+    colors = _colors(pd.concat([t for _, t in panels]))
+    for ax, (title, t) in zip(axes, panels):
+        done = t.loc[t["status"] == "ok", "latency_s"].dropna()
+        lo, hi = (float(done.min()) / 1.15, float(done.max()) * 1.15) if len(done) else (0.1, 1.0)
+        for lab in colors:
+            r = t[t["label"] == lab]
+            lat = np.sort(r.loc[r["status"] == "ok", "latency_s"].dropna().to_numpy(dtype=float))
+            if len(lat):  # from 0 at the panel's left edge to its share finished at the right edge
+                share = np.arange(len(lat) + 1) / len(r)
+                ax.step(np.r_[lo, lat, hi], np.r_[share, share[-1]], where="post", color=colors[lab], label=lab)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        _log_ticks(ax.xaxis, lo, hi)
+        ax.set_xlabel("inference latency (s)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("share of repetitions finished")
+    note = "a failed repetition never finishes (its curve stays below 1)"
+    if len(every) > len(panels):
+        note += f"; the first {len(panels)} of {len(every)} configurations"
+    _legend(fig, axes, note)
+    kinds = [k for k, hit in (("packet loss", any(not t.startswith("units hit") for t, _ in panels)),
+                              ("scheduled faults", any(t.startswith("units hit") for t, _ in panels))) if hit]
+    fig.suptitle(_title(df, f"Latency distribution under {' and '.join(kinds)}",
+                        pd.concat([t for _, t in panels])), fontsize=10)
+    return fig
+
+
 def figures(df: pd.DataFrame, schedules: dict | None = None, events: list[dict] | None = None) -> dict[str, Figure]:
     """Every figure that applies to these rows, by file stem (``schedules``: see trace_figure; ``events``:
     see fault_figure)."""
@@ -456,6 +621,12 @@ def figures(df: pd.DataFrame, schedules: dict | None = None, events: list[dict] 
         out["trace"] = trace_figure(df, schedules)
     if len(_fault_rows(df)):
         out["faults"] = fault_figure(df, events)
+    grid = speedup_grid(df)
+    for versus, stem in (("single", "speedup_heatmap_single"), ("best baseline", "speedup_heatmap_baseline")):
+        if grid.loc[grid["versus"] == versus, "speedup"].notna().any():
+            out[stem] = speedup_heatmap_figure(df, versus)
+    if cdf_panels(df):
+        out["latency_cdf"] = latency_cdf_figure(df)
     return out
 
 

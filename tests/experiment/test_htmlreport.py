@@ -52,7 +52,7 @@ def test_every_run_writes_a_self_contained_page(sim_run):
     for heading in ("What ran", "Plots", "Comparison", "Link fidelity", "Failed rows (0)", "Files"):
         assert f"<h2>{heading}" in page
     assert "<th>link bandwidth (Mbit/s)</th><th>one-way link delay (ms)</th><th>method</th>" in page
-    assert page.count("<img ") == 3 and page.count('src="data:image/svg+xml;base64,') == 3
+    assert page.count("<img ") == 5 and page.count('src="data:image/svg+xml;base64,') == 5  # 3 + 2 heatmaps
     assert not re.search(r'(src|href)="(https?:)?//', page) and "<script" not in page  # nothing fetched or run
     for f in ("rows.csv", "rows.parquet", "manifest.json"):
         assert f'<a href="{f}">' in page

@@ -189,7 +189,7 @@ def test_fault_units_get_a_latency_over_time_figure(rows):
     df = _fault_run(rows)
     events = [{"name": "link_down:h2-s1@1s", "kind": "link_down", "at_s": 1.0, "duration_s": 2.0}]
     figs = figures(df, events=events)
-    assert set(figs) == {"latency", "speedup", "breakdown", "faults"}
+    assert set(figs) == {"latency", "speedup", "breakdown", "faults", "latency_cdf"}  # fault-hit units: a CDF
     fig = figs["faults"]
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == ["link bandwidth 10 Mbit/s", "link bandwidth 100 Mbit/s"]

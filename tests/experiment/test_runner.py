@@ -18,7 +18,9 @@ from testbed.models import build_model
 from .helpers import tiny, write
 
 EXACT = {"single", "tensor_parallel", "sequence_parallel"}  # equal to the unsharded model up to float rounding
-PLOTS = {f"{s}.{e}" for s in ("latency", "speedup", "breakdown") for e in ("png", "svg")}
+PLOTS = {f"{s}.{e}" for s in ("latency", "speedup", "breakdown") for e in ("png", "svg", "pdf")}
+#: drawn too where bandwidth and delay both vary
+HEATMAPS = {f"{s}.{e}" for s in ("speedup_heatmap_single", "speedup_heatmap_baseline") for e in ("png", "svg", "pdf")}
 
 
 def analytic_total(method: str, params: dict, n: int, tokens: int, codebook_path: str | None) -> int:
@@ -29,14 +31,14 @@ def analytic_total(method: str, params: dict, n: int, tokens: int, codebook_path
                             codebook_path=codebook_path).analytic_bytes(tokens)["total"] for r in range(n))
 
 
-def run_ok(tmp_path, monkeypatch, data: dict, *extra: str) -> tuple[pd.DataFrame, dict]:
+def run_ok(tmp_path, monkeypatch, data: dict, *extra: str, plots: set[str] = PLOTS) -> tuple[pd.DataFrame, dict]:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     assert run_main([str(write(tmp_path / "e.yaml", data)), "--out", str(out), "--quiet", *extra]) == 0
     rows = read_rows(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["rows"] == len(rows) and manifest["failed_rows"] == 0
-    assert {p.name for p in (out / "plots").iterdir()} == PLOTS
+    assert {p.name for p in (out / "plots").iterdir()} == plots
     parquet = pd.read_parquet(out / "rows.parquet")  # every row, marked: none superseded in a single run
     assert list(parquet.columns) == [*COLUMNS, "superseded"] and len(parquet) == len(rows)
     assert not parquet["superseded"].any()
@@ -77,7 +79,7 @@ def test_every_method_profile_repetition_has_a_correct_row(backend, tmp_path, mo
 def test_sim_backend_fills_the_same_columns(tmp_path, monkeypatch):
     data = tiny(backend="sim", nodes={"count": 4}, methods=["single", "sequence_parallel"], repetitions=1,
                 sweep={"bandwidth_mbps": [10, 100], "delay_ms": [0, 5]})
-    rows, _ = run_ok(tmp_path, monkeypatch, data)
+    rows, _ = run_ok(tmp_path, monkeypatch, data, plots=PLOTS | HEATMAPS)
     assert len(rows) == 2 * 4 and (rows["backend"] == "sim").all()
     sp = rows[rows["method"] == "sequence_parallel"].set_index(["bandwidth_mbps", "delay_ms"])["latency_s"]
     assert sp[(10.0, 0.0)] > sp[(100.0, 0.0)] and sp[(100.0, 5.0)] > sp[(100.0, 0.0)]
