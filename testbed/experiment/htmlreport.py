@@ -34,7 +34,7 @@ SUMMARY_COLUMNS = {"label": "method", "latency_s": "median latency (s)", "estima
 #: the figures plots.save_all draws, in the page's order, with what each shows (others follow by name)
 PLOT_CAPTIONS = {"latency": "latency vs the swept link axis", "speedup": "speed-up over single",
                  "speedup_heatmap_single": "speed-up over single per bandwidth x delay cell",
-                 "speedup_heatmap_baseline": "speed-up over the best baseline (every method but astra) per cell",
+                 "speedup_heatmap_baseline": "speed-up over the best multi-device baseline (TP, SP, SP-int8, BP) per cell",
                  "breakdown": "compute vs communication", "latency_cdf": "latency CDF under packet loss and faults",
                  "trace": "latency under a bandwidth trace", "faults": "latency over time under scheduled faults"}
 FIDELITY_COLUMNS = ("src", "dst", "bandwidth_mbps", "goodput_mbps", "goodput_ratio", "delay_ms", "rtt_expected_ms",

@@ -17,7 +17,7 @@ nodes, tokens, model, ...) gets one panel per combination of its values, titled 
   the events' spans shaded; one panel per configuration.
 - ``speedup_heatmap_figure`` (``speedup_heatmap_single``, ``speedup_heatmap_baseline``; runs where
   bandwidth and delay vary, else bandwidth and another link column): speed-up over ``single`` and
-  over the best baseline (every method but astra) in every cell, the value written in it, a panel
+  over the best multi-device baseline (TP, SP, SP-int8, BP) in every cell, the value written in it, a panel
   per method, one diverging colour scale centred on 1x; ``speedup_grid`` returns the numbers.
 - ``latency_cdf_figure`` (runs with loss > 0 or units a scheduled fault hit): the distribution of
   each method's latency over repetitions, a panel per lossy configuration and per fault-hit one.
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from testbed.experiment.report import DIMENSIONS, describe, varying  # noqa: E402
+from testbed.experiment.report import BASELINES, DIMENSIONS, describe, varying  # noqa: E402
 
 AXES = {  # swept column -> (axis label, log scale)
     "bandwidth_mbps": ("link bandwidth (Mbit/s)", True),
@@ -480,10 +480,11 @@ def speedup_grid(df: pd.DataFrame) -> pd.DataFrame:
 
     ``versus`` "single": ``single``'s median latency in the same configuration over the label's
     (``speedup_table``; single's own label left out). ``versus`` "best baseline": the best baseline's
-    median over the label's, where a *baseline* is every method that is not ``astra`` (``single`` too)
-    and the best one is the fastest baseline label in that configuration other than the label itself
-    (``reference``: which one). Medians over repetitions of measured rows (``_ok``). Empty when
-    ``heatmap_axes`` is None."""
+    median over the label's, where a *baseline* is a multi-device method other than ASTRA
+    (``report.BASELINES``, as in the comparison table: tensor, sequence (fp32 and int8) and block
+    parallel) and the best one is the fastest baseline label in that configuration other than the label itself
+    (``reference``: which one; a label with no other baseline in a configuration has no such row).
+    Medians over repetitions of measured rows (``_ok``). Empty when ``heatmap_axes`` is None."""
     if heatmap_axes(df) is None:
         return pd.DataFrame(columns=["label", "method", "versus", "reference", "reference_s", "latency_s", "speedup"])
     tab = speedup_table(df)
@@ -491,12 +492,13 @@ def speedup_grid(df: pd.DataFrame) -> pd.DataFrame:
     single = tab[tab["method"] != "single"].assign(versus="single", reference="single", reference_s=tab["single_s"])
     best = []
     for _, g in tab.groupby(prof, sort=False, dropna=False):
-        base = g[g["method"] != "astra"]
+        base = g[g["method"].isin(BASELINES)]
         for _, r in g.iterrows():
             others = base[base["label"] != r["label"]]
-            ref = others.loc[others["latency_s"].idxmin()] if len(others) else None
-            best.append({**r.to_dict(), "versus": "best baseline", "reference": None if ref is None else ref["label"],
-                         "reference_s": np.nan if ref is None else ref["latency_s"]})
+            if len(others):  # else the label has no baseline to compare with in this configuration
+                ref = others.loc[others["latency_s"].idxmin()]
+                best.append({**r.to_dict(), "versus": "best baseline", "reference": ref["label"],
+                             "reference_s": ref["latency_s"]})
     out = pd.concat([single, pd.DataFrame(best)], ignore_index=True).drop(columns=["single_s", "speedup"])
     out["speedup"] = out["reference_s"] / out["latency_s"]
     return out[[*prof, "label", "method", "versus", "reference", "reference_s", "latency_s", "speedup"]]
@@ -546,7 +548,7 @@ def speedup_heatmap_figure(df: pd.DataFrame, versus: str = "single") -> Figure:
     bar = fig.colorbar(im, ax=axes, shrink=0.8, label=f"speed-up over {versus} (median latencies)")
     _log_ticks(bar.ax.yaxis, norm.vmin, norm.vmax, "x")
     what = ("single's median latency / the method's" if versus == "single" else
-            "the best baseline's median latency / the method's\n(baseline: every method but astra; the best: "
+            "the best baseline's median latency / the method's\n(baselines: tensor, sequence (int8) and block parallel; the best: "
             "the fastest other than the method itself in each cell)")
     if len(every) > len(rows):
         what += f"; the first {len(rows)} of {len(every)} configurations"
