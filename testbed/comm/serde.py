@@ -34,6 +34,8 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 def bytes_to_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
     code, ndim = struct.unpack_from("<BB", data, 0)
     shape = struct.unpack_from(f"<{ndim}Q", data, 2)
+    if 0 in shape:  # no data: an empty buffer cannot be viewed as a wider dtype
+        return torch.empty(shape, dtype=_DTYPES[code])
     raw = np.frombuffer(data, dtype=np.uint8, offset=header_size(ndim))
     if not isinstance(data, bytearray):  # read-only views: torch needs a writable buffer; a bytearray is ours
         raw = raw.copy()
