@@ -281,10 +281,20 @@ class Runner:
             prog.step(1)
         return len(reps)
 
+    def settled_params(self, method: MethodSpec) -> dict:
+        """The method's params with the run's choices made (e.g. tensor_parallel's all-reduce by topology)."""
+        from testbed.methods import method_class
+
+        s, topo = self.spec, self.prepared.topology
+        hosts = topo.host_names if topo is not None else []
+        flat = all(len(topo.path(a, b)) <= 2 for a in hosts for b in hosts if a != b)  # one switch at most
+        return method_class(method.name).settle(dict(method.params), self.prepared.model.cfg, s.input.tokens,
+                                                s.nodes.count, s.input.batch, flat)
+
     def job(self, method: MethodSpec, codebook_path: str | None) -> JobSpec:
         s = self.spec
         return JobSpec(model=s.model.name, method=method.name, world_size=s.nodes.count, tokens=s.input.tokens,
-                       params=dict(method.params), seed=s.input.seed, batch=s.input.batch,
+                       params=self.settled_params(method), seed=s.input.seed, batch=s.input.batch,
                        weights_path=s.model.weights_path, codebook_path=codebook_path, threads=s.nodes.threads,
                        dataset=s.model.dataset)
 
@@ -298,6 +308,7 @@ class Runner:
             "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism,
             "time_dilation": self.dilation.factor, "cell": cell_id(cell, mi),
             "method": method.name, "method_params": method.params_json, "label": method.display,
+            "all_reduce": self.settled_params(method).get("all_reduce", ""),  # the algorithm that ran, if any
             "model": s.model.name, "tokens": s.input.tokens, "batch": s.input.batch, "nodes": s.nodes.count,
             "topology": s.topology_name,
             "bandwidth_mbps": bw,

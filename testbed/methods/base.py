@@ -103,6 +103,13 @@ class Method:
     def _schedule(cls, cfg, T: int, N: int, p: dict[str, Any], batch: int) -> CommSchedule:
         raise NotImplementedError
 
+    @classmethod
+    def settle(cls, params: dict[str, Any], cfg, tokens: int, world_size: int, batch: int = 1,
+               flat: bool = True) -> dict[str, Any]:
+        """``params`` with the choices left to the run made for this job (``flat``: the ranks' paths
+        share no link), so the job runs and the row records what ran. Default: unchanged."""
+        return dict(params)
+
     # -- one rank at run time ---------------------------------------------------------------------
     def forward(self, inp: torch.Tensor) -> torch.Tensor | None:
         """Run this rank's part of one inference on the full input ``inp`` (every rank holds it).

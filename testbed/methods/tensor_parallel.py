@@ -64,6 +64,13 @@ class TensorParallel(Method):
     def _check_params(cls, p, cfg) -> None:
         check_all_reduce_param(p)
 
+    @classmethod
+    def settle(cls, params, cfg, tokens, world_size, batch=1, flat=True) -> dict[str, Any]:
+        p = dict(params)
+        p["all_reduce"] = all_reduce_algorithm(p.get("all_reduce", "auto"), batch * tokens * cfg.dim * FP32_BYTES,
+                                               world_size, flat)
+        return p
+
     @staticmethod
     def algorithm(cfg, T: int, N: int, p: dict[str, Any], batch: int) -> str:
         """The all-reduce algorithm that runs: the param, or auto's choice for the [B, T, D] fp32 sums."""
