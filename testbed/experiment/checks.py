@@ -169,7 +169,7 @@ def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[s
             if m.name == "astra":
                 resolve_params("astra", m.params, model.cfg)  # bad params fail before any k-means is spent
                 if not cbs.trained():
-                    log(f"checking methods[{i}] ({m.display}): fitting its codebooks (once per run)")
+                    log(f"checking methods[{i}] ({m.display}): its codebooks (fit once, then from the user cache)")
                 path = cbs.file(m.params)
             for rank in sorted({0, N - 1}):  # building does not communicate
                 build_method(m.name, model, dict(m.params), rank, N, group.communicator(rank), tokens=T,

@@ -266,6 +266,11 @@ def _report(o) -> None:
     print(f"  rows:     {d / 'rows.csv'}" + (f"  (and {d / 'rows.parquet'})" if (d / 'rows.parquet').exists() else ""))
     print(f"  traces:   {d / 'traces.jsonl'}")
     print(f"  manifest: {d / 'manifest.json'}")
+    from testbed.experiment.manifest import read_manifest
+
+    made = read_manifest(d).get("codebooks_made") or {}
+    if made:
+        print("  codebooks: " + "; ".join(f"{k}: {v}" for k, v in made.items()))
     if o.plots:
         print(f"  plots:    {d / 'plots'}/ ({', '.join(Path(p).name for p in o.plots if p.endswith('.png'))})")
     if o.status == "interrupted":

@@ -163,7 +163,8 @@ class Runner:
             ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset)
             prog.show("astra codebooks")
             codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
-            manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
+            manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()},
+                         codebooks_made=self.prepared.codebooks.describe())  # "cached", "fit in S s", ...
         measured = 0
         setup = backend_setup(s, self.prepared.topology, self.dilation.factor, log_dir=self.out_dir / "node-logs",
                               run_dir=self.out_dir, settings=self.backend_settings, log=prog.show,
