@@ -1,9 +1,10 @@
 """Benchmark: our gRPC collectives against torch.distributed's gloo, side by side in one run.
 
-``python -m testbed.bench.collectives [--sizes 1K,64K,1M] [--world 4]`` starts one
-worker process per rank (rank i on 127.0.0.(i+1) by default, or on ``--hosts``).
-Every worker opens both a GrpcCommunicator and a gloo process group between the
-same processes and times all_gather and all_reduce of each size with both,
+``python -m testbed.bench.collectives [--sizes 1K,64K,1M] [--world 2,4,8]`` starts one
+worker process per rank (rank i on 127.0.0.(i+1) by default, or on ``--hosts``), for each
+world size in turn. Every worker opens both a GrpcCommunicator and a gloo process group
+between the same processes and times all_gather and both of our all-reduce algorithms
+(``all_reduce_ring``, ``all_reduce_direct``; gloo runs its own all-reduce for both) of each size with both,
 alternating rep by rep, so both see the same machine load. A rep's time is the
 slowest rank's (each rank starts after a gloo barrier); the table shows medians
 over reps and the ratio ours/gloo per size. Sizes are per-rank tensor bytes.
@@ -32,7 +33,7 @@ from typing import Callable
 
 from testbed.errors import ConfigError, check
 
-COLLECTIVES = ("all_gather", "all_reduce")
+COLLECTIVES = ("all_gather", "all_reduce_ring", "all_reduce_direct")
 DEFAULT_SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -54,7 +55,7 @@ class Row:
 
     @property
     def target(self) -> float:
-        return 1.0 if self.size_bytes >= 1 << 20 else 1.2
+        return 1.0  # at or below gloo at every size
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -212,7 +213,8 @@ def _ops(coll: str, comm, gloo, rank: int, world: int) -> dict:
         y = x.clone()  # ours returns a new tensor; gloo reduces in place: copy for the same contract
         gloo.allreduce([y]).wait()
         return y
-    return {"ours": comm.all_reduce, "gloo": gloo_reduce}
+    algorithm = coll.removeprefix("all_reduce_")
+    return {"ours": lambda x: comm.all_reduce(x, algorithm), "gloo": gloo_reduce}
 
 
 def _check(coll: str, out, rank: int, world: int, impl: str) -> None:
@@ -231,9 +233,9 @@ def _check(coll: str, out, rank: int, world: int, impl: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.collectives", description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=int, default=4, help="number of ranks (processes)")
+    ap.add_argument("--world", default="2,4,8", help="numbers of ranks (processes), comma-separated, run in turn")
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"per-rank tensor sizes (default {DEFAULT_SIZES})")
-    ap.add_argument("--collectives", default=",".join(COLLECTIVES), help="subset of all_gather,all_reduce")
+    ap.add_argument("--collectives", default=",".join(COLLECTIVES), help=f"subset of {','.join(COLLECTIVES)}")
     ap.add_argument("--hosts", help="comma-separated address per rank (default 127.0.0.1..N)")
     ap.add_argument("--reps", type=int, help="timed reps per size (default: 30 small, 10 medium, 5 large)")
     ap.add_argument("--json", help="also write the rows to this file")
@@ -241,25 +243,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    check(a.world >= 2, "world", a.world, "an integer >= 2")
+    worlds = [int(w) for w in a.world.split(",") if w.strip().isdigit()]
+    check(len(worlds) == len(a.world.split(",")) and all(w >= 2 for w in worlds), "world", a.world,
+          "comma-separated integers >= 2")
     check(a.reps is None or a.reps >= 1, "reps", a.reps, "an integer >= 1")
     colls = tuple(c.strip() for c in a.collectives.split(","))
     check(set(colls) <= set(COLLECTIVES), "collectives", a.collectives, ", ".join(COLLECTIVES))
     sizes = parse_sizes(a.sizes)
     if a.worker:
-        worker(a.rank, a.world, a.host, sizes, colls, a.reps)
+        worker(a.rank, worlds[0], a.host, sizes, colls, a.reps)
         return 0
     hosts = a.hosts.split(",") if a.hosts else None
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    rows = run(a.world, sizes, colls, hosts, a.reps)
-    print(f"# {a.world} ranks over {'loopback' if not hosts else ','.join(hosts)}, {os.cpu_count()} cores, "
-          f"load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after, {time.perf_counter() - t0:.0f} s; "
-          "median of reps, each rep timed by its slowest rank")
-    print(format_table(rows))
+    check(hosts is None or len(worlds) == 1, "hosts", a.hosts, "one world size (--world N) with --hosts")
+    out = []
+    for world in worlds:
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        rows = run(world, sizes, colls, hosts, a.reps)
+        print(f"# {world} ranks over {'loopback' if not hosts else ','.join(hosts)}, {os.cpu_count()} cores, "
+              f"load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after, {time.perf_counter() - t0:.0f} s; "
+              "median of reps, each rep timed by its slowest rank", flush=True)
+        print(format_table(rows), flush=True)
+        out += [asdict(r) | {"world": world, "ratio": r.ratio} for r in rows]
     if a.json:
         with open(a.json, "w") as f:
-            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 
