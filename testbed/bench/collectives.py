@@ -132,11 +132,11 @@ def _rows(results: list[dict], sizes: list[int], collectives: tuple[str, ...]) -
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'collective':<11} {'size':>8} {'ours ms':>9} {'(serde)':>9} {'gloo ms':>9} {'ours/gloo':>9} "
+    lines = [f"{'collective':<17} {'size':>8} {'ours ms':>9} {'(serde)':>9} {'gloo ms':>9} {'ours/gloo':>9} "
              f"{'target':>7}  met"]
     for r in rows:
         met = "yes" if r.ratio <= r.target else "NO"
-        lines.append(f"{r.collective:<11} {_human(r.size_bytes):>8} {r.ours_s * 1e3:>9.3f} "
+        lines.append(f"{r.collective:<17} {_human(r.size_bytes):>8} {r.ours_s * 1e3:>9.3f} "
                      f"{r.ours_serialize_s * 1e3:>9.3f} {r.gloo_s * 1e3:>9.3f} {r.ratio:>9.2f} "
                      f"{'<=' + format(r.target, 'g'):>7}  {met}")
     return "\n".join(lines)

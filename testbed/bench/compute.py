@@ -77,7 +77,7 @@ class _Replay(Communicator):
         self._seq = 0
         self.cpu_in_comm_s = 0.0
 
-    def _post(self, dst: int, tag: int, data: bytes) -> None:
+    def _post(self, dst: int, tag: int, data) -> None:
         pass
 
     def _take(self, src: int, tag: int) -> bytes:

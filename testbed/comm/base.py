@@ -29,7 +29,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from testbed.comm.serde import bytes_to_tensor, tensor_to_bytes
+from testbed.comm.serde import Encoded, bytes_to_tensor, encode_tensor
 from testbed.comm.trace import Collective, Trace
 from testbed.errors import CommError
 
@@ -149,8 +149,10 @@ class Communicator(ABC):
 
     # -- transport primitives ---------------------------------------------
     @abstractmethod
-    def _post(self, dst: int, tag: int, data: bytes) -> None:
-        """Queue ``data`` for rank ``dst``. Must not wait for ``dst`` to receive it."""
+    def _post(self, dst: int, tag: int, data: Encoded) -> None:
+        """Queue the message ``data`` for rank ``dst``. Must not wait for ``dst`` to receive it, and
+        must have copied ``data`` when it returns (the caller may then change the tensor). The same
+        ``data`` may be posted to several peers in a row (all_gather, broadcast)."""
 
     @abstractmethod
     def _take(self, src: int, tag: int) -> bytes:
@@ -284,9 +286,9 @@ class _Call:
         kind = _KINDS.index(self.ev.kind) if self.ev.kind not in ("send", "recv") else 3
         return (self.seq << 20) | (kind << 16) | step
 
-    def encode(self, t: torch.Tensor) -> bytes:
+    def encode(self, t: torch.Tensor) -> Encoded:
         t0 = time.perf_counter()
-        data = tensor_to_bytes(t)
+        data = encode_tensor(t)
         self.ev.serialize_s += time.perf_counter() - t0
         return data
 
@@ -296,7 +298,7 @@ class _Call:
         self.ev.serialize_s += time.perf_counter() - t0
         return t
 
-    def post(self, dst: int, step: int, data: bytes, payload_bytes: int) -> None:
+    def post(self, dst: int, step: int, data: Encoded, payload_bytes: int) -> None:
         self.comm._post(dst, self._tag(step), data)
         self.ev.ops.append(("send", dst, payload_bytes))
 
