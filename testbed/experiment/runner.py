@@ -48,6 +48,7 @@ from testbed.experiment.metrics import Reference, make_reference, output_columns
 from testbed.experiment.progress import Progress
 from testbed.experiment.session import BackendSession, backend_setup
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
+from testbed.experiment.startup import Startup
 from testbed.experiment.store import ResultStore, read_rows
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
@@ -95,6 +96,7 @@ class Runner:
         self.source, self.show_progress, self.make_plots = source, progress, plots
         self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
         self.dilation = self.prepared.dilation  # testbed.experiment.dilation.Dilation, resolved by check_spec
+        self.startup = self.prepared.startup or Startup()  # the clock to the first measured inference
         self.mechanism = "?"  # the backend's shaping mechanism, known once it started
         self.trace_t0: float | None = None  # when the current unit's bandwidth trace started (monotonic s)
         self.trace_bw = None  # the current trace cell's testbed.net.replay.BandwidthTrace
@@ -169,7 +171,7 @@ class Runner:
         setup = backend_setup(s, self.prepared.topology, self.dilation.factor, log_dir=self.out_dir / "node-logs",
                               run_dir=self.out_dir, settings=self.backend_settings, log=prog.show,
                               machine=self.prepared.machine)
-        session = BackendSession(s, setup, on_start=lambda b: self._on_backend(manifest, b))
+        session = BackendSession(s, setup, on_start=lambda b: self._on_backend(manifest, b), startup=self.startup)
         try:
             for cell in self.spec.cells():
                 units = [t for t in todo if t[0].index == cell.index]
@@ -212,11 +214,12 @@ class Runner:
         try:
             if cell.trace is not None:
                 self._hold_trace_start(session, cell)
-            session.load(job)
-            self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
-            phase = "warm-up"
-            for _ in range(self.spec.warmup):
-                session.infer()
+            with self.startup.phase("job load and warm-up"):
+                session.load(job)
+                self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
+                phase = "warm-up"
+                for _ in range(self.spec.warmup):
+                    session.infer()
             if cell.trace is not None:
                 phase = "trace start"
                 session.start_trace(cell.trace)
@@ -245,6 +248,8 @@ class Runner:
                 row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
                 row["status"], row["error"] = "ok", ""
                 store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
+                if self.startup.first_inference():
+                    manifest.set(startup=self.startup.to_dict())
                 prog.step(1)
         finally:
             if faults is not None:

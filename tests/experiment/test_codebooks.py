@@ -9,6 +9,7 @@ import torch
 
 from testbed.experiment.checks import check_spec
 from testbed.experiment.codebooks import CodebookCache, cache_dir
+from testbed.experiment.startup import PHASES
 from testbed.experiment.runner import Runner
 from testbed.experiment.spec import parse_spec
 
@@ -49,7 +50,11 @@ def _run(tmp_path, name: str, **over) -> dict:
     outcome = Runner(spec, out, prepared=check_spec(spec, codebook_dir=out / "codebooks"), progress=False,
                      plots=False).run()
     assert outcome.status == "complete" and outcome.failed_rows == 0
-    return json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    startup = manifest["startup"]  # the breakdown to the first measured inference
+    assert set(startup) == {"to_first_inference_s", "set-up", *PHASES}
+    assert all(v >= 0 for v in startup.values())  # set-up is the rest: named phases never overlap
+    return manifest
 
 
 def test_a_second_run_reuses_the_cached_codebooks_and_a_new_seed_or_weights_file_does_not(tmp_path):
@@ -57,7 +62,7 @@ def test_a_second_run_reuses_the_cached_codebooks_and_a_new_seed_or_weights_file
     from testbed.models.loader import save_hf_weights
 
     first = _run(tmp_path, "a")
-    assert first["codebooks_made"]["astra G=1 K=16"].startswith("fit in ")
+    assert first["codebooks_made"]["astra G=1 K=16"].startswith("fit in ") and first["startup"]["calibration"] > 0
     assert len(list(cache_dir().glob("*.pt"))) == 1
     assert _run(tmp_path, "b")["codebooks_made"] == {"astra G=1 K=16": "cached"}
     a, b = (torch.load(tmp_path / d / "codebooks" / "astra-G1-K16.pt", weights_only=True)["codebooks"] for d in "ab")
