@@ -69,8 +69,8 @@ class _Replay(Communicator):
     def all_gather(self, t):
         return self._timed(super().all_gather, t)
 
-    def all_reduce(self, t):
-        return self._timed(super().all_reduce, t)
+    def all_reduce(self, t, algorithm="ring"):
+        return self._timed(super().all_reduce, t, algorithm)
 
     def rewind(self) -> None:
         """Start the next inference at call number 0, as the recorded one did."""

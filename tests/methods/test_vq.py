@@ -47,7 +47,7 @@ def test_fast_search_agrees_with_the_exact_one_on_real_activations(name, groups)
 def test_fast_search_is_used_only_where_it_pays():
     assert vq.Quantizer(torch.randn(1, 1024, 64)).fast and vq.Quantizer(torch.randn(2, 300, 64)).fast
     assert not vq.Quantizer(torch.randn(32, 1024, 24)).fast  # narrow groups
-    assert not vq.Quantizer(torch.randn(1, vq.RERANK, 64)).fast  # no fewer entries than re-ranked
+    assert not vq.Quantizer(torch.randn(1, 64, 64)).fast  # small codebooks
     assert not vq.Quantizer(torch.randn(1, 1024, 64), exact=True).fast
 
 
