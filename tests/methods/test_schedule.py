@@ -101,3 +101,14 @@ def test_all_reduce_choice_changes_the_schedule_not_the_bytes(models):
     assert steps == {4 * 3}  # N-1 sends and N-1 receives in each of its 2 rounds
     assert _ops(auto.collectives[0]) == _ops(direct.collectives[0])  # in-process: flat, so auto is direct
     assert _ops(ring.collectives[0]) != _ops(direct.collectives[0])
+
+
+def test_settle_makes_auto_concrete_by_topology_and_size(models):
+    from testbed.methods import method_class
+
+    cfg, tp = models["vit"].cfg, method_class("tensor_parallel")
+    assert tp.settle({}, cfg, 11, 4)["all_reduce"] == "direct"  # flat: direct at any size
+    assert tp.settle({}, cfg, 11, 4, flat=False)["all_reduce"] == "direct"  # 11x64 fp32: latency-bound chunks
+    assert tp.settle({}, cfg, 4096, 4, flat=False)["all_reduce"] == "ring"  # 1 MiB over shared hops
+    assert tp.settle({"all_reduce": "ring"}, cfg, 11, 4)["all_reduce"] == "ring"  # a stated choice stays
+    assert method_class("astra").settle(ASTRA_FAST, cfg, 11, 4) == ASTRA_FAST  # nothing to settle
