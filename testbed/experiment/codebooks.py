@@ -96,20 +96,22 @@ class CodebookCache:
         stamp = max(time.time_ns(), newest + 1)
         os.utime(path, ns=(stamp, stamp))
 
-    def put(self, ident: dict, tensor: torch.Tensor, meta: dict) -> None:
-        """Store (atomically), then evict the least recently used files beyond ``max_bytes``."""
+    def put(self, ident: dict, tensor: torch.Tensor, meta: dict) -> bool:
+        """Store (atomically), then evict the least recently used files beyond ``max_bytes``;
+        False if it could not be stored."""
         path = self.path(ident)
         try:
             save(path, tensor, {**meta, "cache_key": ident})
             self._touch(path)
         except OSError:  # a read-only or full cache never fails a run: the codebooks are fit either way
-            return
+            return False
         files = sorted(self.directory.glob("*.pt"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
         total = 0
         for f in files:
             total += f.stat().st_size
             if total > self.max_bytes and f != path:
                 f.unlink(missing_ok=True)
+        return True
 
 
 def codebook_key(params: dict, cfg=None) -> Key:
@@ -142,6 +144,7 @@ class Codebooks:
         self._tensors: dict[Key, torch.Tensor] = {}
         self.cache = CodebookCache() if cache is None else cache
         self._weights: str | None = None
+        self._in_cache: set[Key] = set()  # keys whose cache file holds this run's codebooks
         self.sources: dict[Key, str] = {}  # where each key's codebooks came from (for the run's log and manifest)
 
     def methods(self) -> list[tuple[int, MethodSpec]]:
@@ -162,8 +165,23 @@ class Codebooks:
         key = codebook_key(params)
         path = (Path(directory) / file_name(key)).resolve()
         if not path.exists():
-            save(path, self.tensor(key), self.meta(key))
+            tensor = self.tensor(key)
+            if not self._link_cached(key, path):
+                save(path, tensor, self.meta(key))
         return str(path)
+
+    def _link_cached(self, key: Key, path: Path) -> bool:
+        """Hard-link the cache's file of ``key`` as ``path`` instead of writing the codebooks again
+        (False where there is none or the cache is on another file system)."""
+        if key not in self._in_cache:  # only a file this run read or wrote there is known to hold them
+            return False
+        cached = self.cache.path(self.identity(key))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(cached, path)  # a later eviction or rewrite of the cache file leaves this one intact
+        except OSError:
+            return False
+        return True
 
     def tensor(self, key: Key) -> torch.Tensor:
         """The codebooks for ``key``: from an earlier session of the same run, else the user cache,
@@ -179,6 +197,7 @@ class Codebooks:
             cached = self.cache.get(ident)
             if cached is not None:
                 self._tensors[key], self.sources[key] = cached, "cached"
+                self._in_cache.add(key)
                 return cached
             from testbed.methods.vq import fit_codebooks
 
@@ -187,7 +206,8 @@ class Codebooks:
             fit = fit_codebooks(self._model(), G, K, self.spec.input.tokens, seed=self.spec.input.seed,
                                 n_samples=S, iters=FIT_ITERS)
             self._tensors[key], self.sources[key] = fit, f"fit in {time.perf_counter() - t0:.1f} s"
-            self.cache.put(ident, fit, self.meta(key))
+            if self.cache.put(ident, fit, self.meta(key)):
+                self._in_cache.add(key)
         return self._tensors[key]
 
     def identity(self, key: Key) -> dict:

@@ -67,6 +67,8 @@ def test_a_second_run_reuses_the_cached_codebooks_and_a_new_seed_or_weights_file
     assert _run(tmp_path, "b")["codebooks_made"] == {"astra G=1 K=16": "cached"}
     a, b = (torch.load(tmp_path / d / "codebooks" / "astra-G1-K16.pt", weights_only=True)["codebooks"] for d in "ab")
     assert torch.equal(a, b)  # the cached codebooks are the very ones fit
+    (cached,) = cache_dir().glob("*.pt")
+    assert (tmp_path / "b" / "codebooks" / "astra-G1-K16.pt").stat().st_ino == cached.stat().st_ino  # linked, not rewritten
     assert _run(tmp_path, "c", input={"tokens": 17, "seed": 1})["codebooks_made"]["astra G=1 K=16"].startswith("fit")
     weights = tmp_path / "w.safetensors"
     save_hf_weights(build_model("vit-tiny", seed=3), weights)
