@@ -292,8 +292,7 @@ class Runner:
         from testbed.methods import method_class
 
         s, topo = self.spec, self.prepared.topology
-        hosts = topo.host_names if topo is not None else []
-        flat = all(len(topo.path(a, b)) <= 2 for a in hosts for b in hosts if a != b)  # one switch at most
+        flat = topo is None or topo.is_flat(s.nodes.count)  # no topology: every rank on this host
         return method_class(method.name).settle(dict(method.params), self.prepared.model.cfg, s.input.tokens,
                                                 s.nodes.count, s.input.batch, flat)
 
