@@ -1,18 +1,21 @@
 """Benchmark: our gRPC collectives against torch.distributed's gloo, side by side in one run.
 
-``python -m testbed.bench.collectives [--sizes 1K,64K,1M] [--world 4]`` starts one
-worker process per rank (rank i on 127.0.0.(i+1) by default, or on ``--hosts``).
-Every worker opens both a GrpcCommunicator and a gloo process group between the
-same processes and times all_gather and all_reduce of each size with both,
+``python -m testbed.bench.collectives [--sizes 1K,64K,1M] [--world 2,4,8]`` starts one
+worker process per rank (rank i on 127.0.0.(i+1) by default, or on ``--hosts``), for each
+world size in turn. Every worker opens both a GrpcCommunicator and a gloo process group
+between the same processes and times all_gather and both of our all-reduce algorithms
+(``all_reduce_ring``, ``all_reduce_direct``; gloo runs its own all-reduce for both) of each size with both,
 alternating rep by rep, so both see the same machine load. A rep's time is the
 slowest rank's (each rank starts after a gloo barrier); the table shows medians
 over reps and the ratio ours/gloo per size. Sizes are per-rank tensor bytes.
 "(serde)" is the part of ours spent turning tensors into bytes and back
 (testbed.comm.serde, shared with the in-process transport).
 
-To run inside emulated hosts (Mininet), call :func:`run` with ``hosts`` set to the
-hosts' data addresses and ``launch`` starting each worker in its host, e.g.
-``lambda rank, argv: net.hosts[rank].popen(argv, stdin=PIPE, stdout=PIPE, text=True)``.
+``--mininet`` (root) runs the same inside a 4-host star (``topologies/star``) at 100 and
+1000 Mbit/s with 0 and 5 ms between any two hosts (:func:`run_star`; target ours/gloo <= 1.05
+there, the link's share of the time hiding part of the transport's). Any other emulated hosts:
+call :func:`run` with ``hosts`` set to the hosts' data addresses and ``launch`` starting each
+worker in its host, e.g. ``lambda rank, argv: net.hosts[rank].popen(argv, stdin=PIPE, stdout=PIPE, text=True)``.
 Workers rendezvous over their stdin/stdout (each binds port 0 and reports its
 address), so no fixed port is needed anywhere.
 """
@@ -32,7 +35,7 @@ from typing import Callable
 
 from testbed.errors import ConfigError, check
 
-COLLECTIVES = ("all_gather", "all_reduce")
+COLLECTIVES = ("all_gather", "all_reduce_ring", "all_reduce_direct")
 DEFAULT_SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -54,7 +57,7 @@ class Row:
 
     @property
     def target(self) -> float:
-        return 1.0 if self.size_bytes >= 1 << 20 else 1.2
+        return 1.0  # at or below gloo at every size
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -130,15 +133,47 @@ def _rows(results: list[dict], sizes: list[int], collectives: tuple[str, ...]) -
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    lines = [f"{'collective':<11} {'size':>8} {'ours ms':>9} {'(serde)':>9} {'gloo ms':>9} {'ours/gloo':>9} "
+def format_table(rows: list[Row], target: float | None = None) -> str:
+    """The rows as a table; ``target``: the ours/gloo bound to mark (default: each row's)."""
+    lines = [f"{'collective':<17} {'size':>8} {'ours ms':>9} {'(serde)':>9} {'gloo ms':>9} {'ours/gloo':>9} "
              f"{'target':>7}  met"]
     for r in rows:
-        met = "yes" if r.ratio <= r.target else "NO"
-        lines.append(f"{r.collective:<11} {_human(r.size_bytes):>8} {r.ours_s * 1e3:>9.3f} "
+        bound = r.target if target is None else target
+        met = "yes" if r.ratio <= bound else "NO"
+        lines.append(f"{r.collective:<17} {_human(r.size_bytes):>8} {r.ours_s * 1e3:>9.3f} "
                      f"{r.ours_serialize_s * 1e3:>9.3f} {r.gloo_s * 1e3:>9.3f} {r.ratio:>9.2f} "
-                     f"{'<=' + format(r.target, 'g'):>7}  {met}")
+                     f"{'<=' + format(bound, 'g'):>7}  {met}")
     return "\n".join(lines)
+
+
+STAR_TARGET = 1.05  # inside the shaped star
+
+
+def run_star(sizes: list[int], collectives: tuple[str, ...] = COLLECTIVES, reps: int | None = None,
+             bandwidths_mbps: tuple[float, ...] = (100, 1000), delays_ms: tuple[float, ...] = (0, 5)) -> list[dict]:
+    """The benchmark with its 4 ranks in the hosts of an emulated 4-host star (root), per profile."""
+    from testbed.net.emulation import Emulation
+    from testbed.net.profile import LinkProfile
+    from testbed.net.topology import load_topology
+
+    out = []
+    with Emulation(load_topology("star")) as em:
+        hosts = em.topology.host_names
+
+        def launch(rank: int, argv: list[str]) -> subprocess.Popen:
+            return em.popen(hosts[rank], argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True)
+
+        for bw in bandwidths_mbps:
+            for delay in delays_ms:
+                em.apply_profile(LinkProfile(bandwidth_mbps=bw, delay_ms=delay))
+                rows = run(len(hosts), sizes, collectives, hosts=[em.data_ip(h) for h in hosts], reps=reps,
+                           launch=launch)
+                print(f"# 4-host star, {bw:g} Mbit/s and {delay:g} ms between any two hosts ({em.mechanism})",
+                      flush=True)
+                print(format_table(rows, STAR_TARGET), flush=True)
+                out += [asdict(r) | {"world": len(hosts), "bandwidth_mbps": bw, "delay_ms": delay, "ratio": r.ratio}
+                        for r in rows]
+    return out
 
 
 def _human(n: int) -> str:
@@ -212,7 +247,8 @@ def _ops(coll: str, comm, gloo, rank: int, world: int) -> dict:
         y = x.clone()  # ours returns a new tensor; gloo reduces in place: copy for the same contract
         gloo.allreduce([y]).wait()
         return y
-    return {"ours": comm.all_reduce, "gloo": gloo_reduce}
+    algorithm = coll.removeprefix("all_reduce_")
+    return {"ours": lambda x: comm.all_reduce(x, algorithm), "gloo": gloo_reduce}
 
 
 def _check(coll: str, out, rank: int, world: int, impl: str) -> None:
@@ -231,35 +267,49 @@ def _check(coll: str, out, rank: int, world: int, impl: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.collectives", description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=int, default=4, help="number of ranks (processes)")
+    ap.add_argument("--world", default="2,4,8", help="numbers of ranks (processes), comma-separated, run in turn")
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"per-rank tensor sizes (default {DEFAULT_SIZES})")
-    ap.add_argument("--collectives", default=",".join(COLLECTIVES), help="subset of all_gather,all_reduce")
+    ap.add_argument("--collectives", default=",".join(COLLECTIVES), help=f"subset of {','.join(COLLECTIVES)}")
     ap.add_argument("--hosts", help="comma-separated address per rank (default 127.0.0.1..N)")
     ap.add_argument("--reps", type=int, help="timed reps per size (default: 30 small, 10 medium, 5 large)")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--mininet", action="store_true",
+                    help="inside a 4-host star at 100 and 1000 Mbit/s x 0 and 5 ms instead (root; --world is 4)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    check(a.world >= 2, "world", a.world, "an integer >= 2")
+    worlds = [int(w) for w in a.world.split(",") if w.strip().isdigit()]
+    check(len(worlds) == len(a.world.split(",")) and all(w >= 2 for w in worlds), "world", a.world,
+          "comma-separated integers >= 2")
     check(a.reps is None or a.reps >= 1, "reps", a.reps, "an integer >= 1")
     colls = tuple(c.strip() for c in a.collectives.split(","))
     check(set(colls) <= set(COLLECTIVES), "collectives", a.collectives, ", ".join(COLLECTIVES))
     sizes = parse_sizes(a.sizes)
     if a.worker:
-        worker(a.rank, a.world, a.host, sizes, colls, a.reps)
+        worker(a.rank, worlds[0], a.host, sizes, colls, a.reps)
+        return 0
+    if a.mininet:
+        out = run_star(sizes, colls, a.reps)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
         return 0
     hosts = a.hosts.split(",") if a.hosts else None
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    rows = run(a.world, sizes, colls, hosts, a.reps)
-    print(f"# {a.world} ranks over {'loopback' if not hosts else ','.join(hosts)}, {os.cpu_count()} cores, "
-          f"load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after, {time.perf_counter() - t0:.0f} s; "
-          "median of reps, each rep timed by its slowest rank")
-    print(format_table(rows))
+    check(hosts is None or len(worlds) == 1, "hosts", a.hosts, "one world size (--world N) with --hosts")
+    out = []
+    for world in worlds:
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        rows = run(world, sizes, colls, hosts, a.reps)
+        print(f"# {world} ranks over {'loopback' if not hosts else ','.join(hosts)}, {os.cpu_count()} cores, "
+              f"load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after, {time.perf_counter() - t0:.0f} s; "
+              "median of reps, each rep timed by its slowest rank", flush=True)
+        print(format_table(rows), flush=True)
+        out += [asdict(r) | {"world": world, "ratio": r.ratio} for r in rows]
     if a.json:
         with open(a.json, "w") as f:
-            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 

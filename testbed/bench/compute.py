@@ -16,9 +16,11 @@ The replayed output is checked against the recorded one.
 ASTRA's VQ time (CPU): encode = nearest-code search + bit packing of the local tokens; decode =
 unpacking + turning peers' codes into K^, V^ (table lookups when lookup tables are on; otherwise
 dequantize, while the K/V projection of h^ counts as attention compute: SP does the same projection).
-Why the share has a floor: exhaustive nearest-code search costs t*K*D multiply-adds per block,
-against roughly t*(12 D^2) + 2*t*T*D for the rest of a rank's block; for ViT-Base, T=1024, N=4,
-K=1024 that is ~8% by arithmetic alone.
+Why the exhaustive search has a floor: it costs t*K*D multiply-adds per block, against roughly
+t*(12 D^2) + 2*t*T*D for the rest of a rank's block; for ViT-Base, T=1024, N=4, K=1024 that is
+~8% by arithmetic alone. The default search (vq.Quantizer: an int8 first pass, exact re-ranking of
+its vq.RERANK nearest) is printed beside the exhaustive one on the same rank's real activations:
+time per block and the fraction of tokens whose code both pick.
 """
 
 from __future__ import annotations
@@ -67,15 +69,15 @@ class _Replay(Communicator):
     def all_gather(self, t):
         return self._timed(super().all_gather, t)
 
-    def all_reduce(self, t):
-        return self._timed(super().all_reduce, t)
+    def all_reduce(self, t, algorithm="ring"):
+        return self._timed(super().all_reduce, t, algorithm)
 
     def rewind(self) -> None:
         """Start the next inference at call number 0, as the recorded one did."""
         self._seq = 0
         self.cpu_in_comm_s = 0.0
 
-    def _post(self, dst: int, tag: int, data: bytes) -> None:
+    def _post(self, dst: int, tag: int, data) -> None:
         pass
 
     def _take(self, src: int, tag: int) -> bytes:
@@ -131,7 +133,9 @@ def bench(model, runs, n: int, inp, tokens: int, reps: int) -> list[dict]:
         rows.append({"method": label, "params": ranks[0]["params"], "cpu_s": [r["cpu_s"] for r in ranks],
                      "wall_max_s": max(r["compute_s"] for r in ranks),
                      "encode_s": max(r["encode_cpu_s"] for r in ranks), "decode_s": max(r["decode_cpu_s"] for r in ranks),
-                     "vq_share": max(r["vq_cpu_s"] / r["cpu_s"] for r in ranks), "wall_s": time.perf_counter() - t0})
+                     "vq_share": max(r["vq_cpu_s"] / r["cpu_s"] for r in ranks),
+                     "enc_share": max(r["encode_cpu_s"] / r["cpu_s"] for r in ranks),
+                     "dec_share": max(r["decode_cpu_s"] / r["cpu_s"] for r in ranks), "wall_s": time.perf_counter() - t0})
         print(f"  measured {label} ({rows[-1]['wall_s']:.0f} s)", flush=True)
     return rows
 
@@ -139,18 +143,55 @@ def bench(model, runs, n: int, inp, tokens: int, reps: int) -> list[dict]:
 def print_table(rows: list[dict], n: int) -> None:
     single = rows[0]["cpu_s"][0]
     head = f"{'method':<22} {'params':<32} " + " ".join(f"{'r' + str(r) + ' cpu':>7}" for r in range(n))
-    head += f" {'max cpu':>7} {'1/max':>6} {'wall max':>8} {'VQ enc':>7} {'VQ dec':>7} {'VQ share':>8}"
+    head += (f" {'max cpu':>7} {'1/max':>6} {'wall max':>8} {'VQ enc':>7} {'VQ dec':>7} {'enc %':>6} {'dec %':>6}"
+             f" {'VQ share':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         c = r["cpu_s"] + [float("nan")] * (n - len(r["cpu_s"]))
-        vq_cols = (f" {r['encode_s']:>7.3f} {r['decode_s']:>7.3f} {100 * r['vq_share']:>7.1f}%"
-                   if r["method"].startswith("astra") else f" {'':>7} {'':>7} {'':>8}")
+        vq_cols = (f" {r['encode_s']:>7.3f} {r['decode_s']:>7.3f} {100 * r['enc_share']:>5.1f}% "
+                   f"{100 * r['dec_share']:>5.1f}% {100 * r['vq_share']:>7.1f}%"
+                   if r["method"].startswith("astra") else f" {'':>7} {'':>7} {'':>6} {'':>6} {'':>8}")
         print(f"{r['method']:<22} {r['params'][:32]:<32} " + " ".join(f"{x:>7.3f}" for x in c)
               + f" {max(r['cpu_s']):>7.3f} {single / max(r['cpu_s']):>6.2f} {r['wall_max_s']:>8.3f}" + vq_cols)
     print("cpu: CPU seconds of the rank's thread outside collectives (s); 1/max: single's cpu / slowest rank's; "
           "wall max: slowest rank's compute wall time (s, inflated by other load); VQ enc/dec: CPU s of the "
-          "slowest-VQ rank; VQ share: max over ranks of VQ cpu / compute cpu")
+          "slowest-VQ rank; enc % (search + packing), dec % (unpacking + lookups or dequantize), VQ share: "
+          "max over ranks of that VQ cpu / compute cpu")
+
+
+def search_table(model, codebooks: torch.Tensor, inp: torch.Tensor, n: int, reps: int) -> None:
+    """The exhaustive and the default (fast) nearest-code search on rank 0's real LN1 outputs, side by side."""
+    from testbed.methods.base import token_chunks
+
+    s, e = token_chunks(inp_tokens(model, inp) - 1, n)[0]
+    hs = [h[:, 1 + s:1 + e] for h in vq.block_inputs(model, inp)]  # rank 0's patches (CLS is never quantized)
+    times = {"exact": 0.0, "fast": 0.0}
+    agree = []
+    for cb, h in zip(codebooks, hs):
+        qs = {"exact": vq.Quantizer(cb, exact=True), "fast": vq.Quantizer(cb)}
+        best = {k: float("inf") for k in qs}
+        for i in range(reps + 1):
+            for k, q in qs.items():  # alternated, so both see the same load
+                c0 = time.thread_time()
+                q(h)
+                if i:  # the first call warms up
+                    best[k] = min(best[k], time.thread_time() - c0)
+        for k in qs:
+            times[k] += best[k]
+        agree.append((qs["fast"](h) == qs["exact"](h)).float().mean().item())
+    L = len(hs)
+    print(f"\nnearest-code search, rank 0's {e - s} tokens, G={codebooks.shape[1]}, K={codebooks.shape[2]} "
+          f"(fast search {'on' if vq.Quantizer(codebooks[0]).fast else 'OFF: groups narrower than 64'}):")
+    print(f"  exhaustive fp32: {1e3 * times['exact'] / L:.2f} ms/block   fast (int8 + exact re-rank of "
+          f"{vq.RERANK}): {1e3 * times['fast'] / L:.2f} ms/block   fast/exact {times['fast'] / times['exact']:.2f}   "
+          f"same code: {100 * min(agree):.2f}% of tokens (worst block), {100 * sum(agree) / L:.2f}% (mean)")
+
+
+def inp_tokens(model, inp) -> int:
+    from testbed.methods.base import n_tokens
+
+    return n_tokens(model, inp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codebook-size", type=int, default=1024)
     ap.add_argument("--kmeans-iters", type=int, default=2,
                     help="k-means iterations for the codebooks: their quality does not change compute time")
+    ap.add_argument("--methods", default=None,
+                    help="comma list of labels to measure (single, tensor_parallel, ..., astra); default: all")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = build_model(a.model)
@@ -175,19 +218,25 @@ def main(argv: list[str] | None = None) -> int:
                 ("sequence_parallel", "sequence_parallel", {}, None),
                 ("sequence_parallel_int8", "sequence_parallel_int8", {}, None),
                 ("block_parallel", "block_parallel", {"n_b": 1}, None)]
+        cb1 = None
         for g in (1, 32):
             path = str(Path(tmp) / f"cb{g}.pt")
             t0 = time.perf_counter()
-            vq.save_codebooks(path, vq.fit_codebooks(model, g, a.codebook_size, a.tokens, n_samples=1,
-                                                     iters=a.kmeans_iters))
+            cb = vq.fit_codebooks(model, g, a.codebook_size, a.tokens, n_samples=1, iters=a.kmeans_iters)
+            vq.save_codebooks(path, cb)
+            cb1 = cb if g == 1 else cb1
             print(f"  codebooks G={g}, K={a.codebook_size}: {time.perf_counter() - t0:.0f} s", flush=True)
             runs.append((f"astra G={g}", "astra", {}, path))
             if g == 1:
                 runs.append(("astra G=1 no tables", "astra", {"lookup_tables": False}, path))
+        if a.methods:
+            keep = set(a.methods.split(","))
+            runs = [r for r in runs if r[0] == "single" or r[0] in keep or r[1] in keep]  # single: the 1/max baseline
         rows = bench(model, runs, a.nodes, inp, a.tokens, a.reps)
     print(f"\n{a.model}, {a.tokens} tokens, N={a.nodes}: per-rank compute, each rank run alone on {a.threads} "
           f"torch thread(s) from recorded peer messages (fastest of {a.reps})")
     print_table(rows, a.nodes)
+    search_table(model, cb1, inp, a.nodes, a.reps)
     return 0
 
 

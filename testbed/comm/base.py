@@ -8,12 +8,15 @@ reduce in the same order (bit-identical outputs) and record the same schedule.
 
 Algorithms (N ranks, payload of S bytes):
 - all_gather: direct, each rank sends its tensor to every peer: (N-1)*S sent.
-- all_reduce: ring reduce-scatter + ring all-gather: 2*(N-1)/N*S sent.
+- all_reduce, ``ring`` (Megatron/NCCL): ring reduce-scatter + ring all-gather: 2*(N-1)/N*S sent
+  in 2*(N-1) sequential rounds.
+- all_reduce, ``direct``: reduce-scatter then all-gather straight to each peer: chunk p to rank p,
+  the sum of its own chunk to every peer: the same 2*(N-1)/N*S sent, in 2 rounds.
 - broadcast: the source sends to every peer: (N-1)*S sent by the source.
 - send / recv: point to point.
 
 Each algorithm's message pattern is one pure function (``all_gather_plan``,
-``all_reduce_plan``, ``broadcast_plan``, ``send_plan``, ``recv_plan``): the
+``all_reduce_plan``, ``direct_all_reduce_plan``, ``broadcast_plan``, ``send_plan``, ``recv_plan``): the
 Communicator executes it, and ``plan_ops`` turns it into the ops a trace records
 without running anything (the methods' stated schedules, the simulator).
 """
@@ -26,7 +29,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from testbed.comm.serde import bytes_to_tensor, tensor_to_bytes
+from testbed.comm.serde import Encoded, bytes_to_tensor, encode_tensor
 from testbed.comm.trace import Collective, Trace
 from testbed.errors import CommError
 
@@ -70,6 +73,46 @@ def is_reduce_step(step: int, world_size: int) -> bool:
     return step < world_size - 1
 
 
+# direct all-reduce steps sit above the ring's (< 2N) so that ranks running different algorithms
+# fail with "out of step" at their first message instead of mixing chunks
+DIRECT_STEP = 1 << 15
+
+
+def direct_all_reduce_plan(rank: int, world_size: int) -> list[Msg]:
+    """Direct all-reduce over N chunks (none for one rank). Reduce-scatter (step DIRECT_STEP): chunk p
+    to every peer p, then chunk ``rank`` from every peer; all-gather (step DIRECT_STEP+1): the summed
+    chunk ``rank`` to every peer, then chunk p from every peer p. Sends of a round go out together."""
+    ps = peers(rank, world_size)
+    rs, ag = DIRECT_STEP, DIRECT_STEP + 1
+    return ([Msg("send", p, rs, p) for p in ps] + [Msg("recv", p, rs, rank) for p in ps]
+            + [Msg("send", p, ag, rank) for p in ps] + [Msg("recv", p, ag, p) for p in ps])
+
+
+ALL_REDUCE = ("ring", "direct")
+ALL_REDUCE_PLANS = {"ring": all_reduce_plan, "direct": direct_all_reduce_plan}
+# a chunk below this many bytes is latency-bound on any edge link (64 KiB: 0.5 ms at 1 Gbit/s,
+# about one round trip), so the 2 rounds of direct beat the 2(N-1) of ring wherever paths meet
+DIRECT_CHUNK_BYTES = 64 * 1024
+
+
+def choose_all_reduce(nbytes: int, world_size: int, flat: bool = True) -> str:
+    """The default all-reduce algorithm for a payload of ``nbytes`` over ``world_size`` ranks.
+
+    ``flat``: every pair of ranks is one link or one switch apart (star, mesh, loopback). There
+    both algorithms put the same bytes on every access link, so direct (2 rounds) wins at every
+    size. Where paths share links (a line, trees), direct's N-1 concurrent messages per rank queue
+    on the shared hops, so ring is kept once a chunk is no longer latency-bound.
+    """
+    if world_size <= 2 or flat or nbytes / world_size < DIRECT_CHUNK_BYTES:
+        return "direct"  # for N=2 both plans are the same two messages; direct skips the ring's order
+    return "ring"
+
+
+def check_all_reduce(algorithm: str) -> None:
+    if algorithm not in ALL_REDUCE:
+        raise CommError(f"unknown all-reduce algorithm {algorithm!r}; allowed: {', '.join(ALL_REDUCE)}")
+
+
 def broadcast_plan(rank: int, world_size: int, src: int) -> list[Msg]:
     """The source sends to every peer; every other rank receives once from the source."""
     if rank == src:
@@ -106,8 +149,10 @@ class Communicator(ABC):
 
     # -- transport primitives ---------------------------------------------
     @abstractmethod
-    def _post(self, dst: int, tag: int, data: bytes) -> None:
-        """Queue ``data`` for rank ``dst``. Must not wait for ``dst`` to receive it."""
+    def _post(self, dst: int, tag: int, data: Encoded) -> None:
+        """Queue the message ``data`` for rank ``dst``. Must not wait for ``dst`` to receive it, and
+        must have copied ``data`` when it returns (the caller may then change the tensor). The same
+        ``data`` may be posted to several peers in a row (all_gather, broadcast)."""
 
     @abstractmethod
     def _take(self, src: int, tag: int) -> bytes:
@@ -143,11 +188,14 @@ class Communicator(ABC):
                     out[m.part] = c.decode(c.take(m.peer, m.step))
             return out  # type: ignore[return-value]
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over ranks (ring: reduce-scatter then all-gather)."""
+    def all_reduce(self, t: torch.Tensor, algorithm: str = "ring") -> torch.Tensor:
+        """Element-wise sum over ranks: ``ring`` or ``direct`` (see the module docstring)."""
+        check_all_reduce(algorithm)
         n = self.world_size
         if n == 1:
             return t
+        if algorithm == "direct":
+            return self._direct_all_reduce(t)
         with _Call(self, "all_reduce") as c:
             shape = t.shape
             chunks = [x.clone() for x in torch.tensor_split(t.reshape(-1), n)]
@@ -159,6 +207,33 @@ class Communicator(ABC):
                 else:
                     chunks[m.part] = c.decode(c.take(m.peer, m.step))
             return torch.cat(chunks).reshape(shape)
+
+    def _direct_all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Direct all-reduce: the owner of chunk r sums the N contributions in rank order, so every
+        rank ends with bit-identical sums whatever order the messages arrive in."""
+        n, rank = self.world_size, self.rank
+        with _Call(self, "all_reduce") as c:
+            shape = t.shape
+            chunks = list(torch.tensor_split(t.reshape(-1), n))
+            contrib: list[torch.Tensor | None] = [None] * n
+            contrib[rank] = chunks[rank]
+            out: list[torch.Tensor | None] = [None] * n
+            for m in direct_all_reduce_plan(rank, n):
+                if m.step == DIRECT_STEP:
+                    if m.op == "send":
+                        c.post(m.peer, m.step, c.encode(chunks[m.part]), chunks[m.part].nbytes)
+                    else:
+                        contrib[m.peer] = c.decode(c.take(m.peer, m.step))
+                elif m.op == "send":
+                    if out[rank] is None:  # every contribution is in: reduce once, in rank order
+                        acc = contrib[0].clone()
+                        for x in contrib[1:]:
+                            acc += x
+                        out[rank], data = acc, c.encode(acc)
+                    c.post(m.peer, m.step, data, out[rank].nbytes)
+                else:
+                    out[m.part] = c.decode(c.take(m.peer, m.step))
+            return torch.cat(out).reshape(shape)  # type: ignore[arg-type]
 
     def broadcast(self, t: torch.Tensor | None, src: int) -> torch.Tensor:
         """The tensor of rank ``src`` on every rank (others pass None)."""
@@ -211,9 +286,9 @@ class _Call:
         kind = _KINDS.index(self.ev.kind) if self.ev.kind not in ("send", "recv") else 3
         return (self.seq << 20) | (kind << 16) | step
 
-    def encode(self, t: torch.Tensor) -> bytes:
+    def encode(self, t: torch.Tensor) -> Encoded:
         t0 = time.perf_counter()
-        data = tensor_to_bytes(t)
+        data = encode_tensor(t)
         self.ev.serialize_s += time.perf_counter() - t0
         return data
 
@@ -223,7 +298,7 @@ class _Call:
         self.ev.serialize_s += time.perf_counter() - t0
         return t
 
-    def post(self, dst: int, step: int, data: bytes, payload_bytes: int) -> None:
+    def post(self, dst: int, step: int, data: Encoded, payload_bytes: int) -> None:
         self.comm._post(dst, self._tag(step), data)
         self.ev.ops.append(("send", dst, payload_bytes))
 

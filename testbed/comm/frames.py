@@ -10,7 +10,7 @@ hand a chunk costs one copy to send and none to parse.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from testbed.proto import peer_pb2
 
@@ -52,24 +52,42 @@ def encode_bye() -> bytes:
     return peer_pb2.Frame(bye=peer_pb2.Bye()).SerializeToString()
 
 
-def encode_chunks(src: int, tag: int, data: bytes | bytearray | memoryview, chunk_bytes: int) -> Iterator[bytes]:
-    """One message as Frame(chunk=...) bytes of at most ``chunk_bytes`` payload each (at least one)."""
-    view = memoryview(data).cast("B")
-    total = len(view)
+def encode_chunks(src: int, tag: int, data: bytes | bytearray | memoryview | Sequence, chunk_bytes: int
+                  ) -> Iterator[bytes]:
+    """One message as Frame(chunk=...) bytes of at most ``chunk_bytes`` payload each (at least one).
+
+    ``data``: the message, or the buffers whose concatenation it is (a tensor's header and body:
+    each byte is then copied once, into its frame, and never joined beforehand)."""
+    parts = [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) else [
+        memoryview(p).cast("B") for p in data]
+    total = sum(len(p) for p in parts)
     count = max(1, -(-total // chunk_bytes))
-    for i in range(count):
-        yield _encode_chunk(src, tag, i, count, total, view[i * chunk_bytes:(i + 1) * chunk_bytes])
+    pieces: list[memoryview] = []  # the current chunk's slices of the parts
+    room, i = min(chunk_bytes, total), 0
+    for part in parts:
+        pos = 0
+        while pos < len(part):
+            take = part[pos:pos + room]
+            pieces.append(take)
+            pos, room = pos + len(take), room - len(take)
+            if room == 0:
+                yield _encode_chunk(src, tag, i, count, total, pieces)
+                i, pieces = i + 1, []
+                room = min(chunk_bytes, total - i * chunk_bytes)
+    if i < count:  # an empty message: one empty chunk
+        yield _encode_chunk(src, tag, i, count, total, pieces)
 
 
-def _encode_chunk(src: int, tag: int, index: int, count: int, total: int, payload: memoryview) -> bytes:
+def _encode_chunk(src: int, tag: int, index: int, count: int, total: int, payload: list[memoryview]) -> bytes:
     head = bytearray()
+    size = sum(len(p) for p in payload)
     for key, value in zip(_INT_KEYS, (src, tag, index, count, total)):
         if value:  # proto3 leaves zero scalars out, as SerializeToString does
             head.append(key)
             head += _varint(value)
-    if len(payload):
-        head += _PAYLOAD_KEY + _varint(len(payload))
-    return b"".join((_CHUNK_KEY, _varint(len(head) + len(payload)), head, payload))
+    if size:
+        head += _PAYLOAD_KEY + _varint(size)
+    return b"".join((_CHUNK_KEY, _varint(len(head) + size), head, *payload))
 
 
 def decode_frame(data: bytes) -> Hello | Chunk | Bye:

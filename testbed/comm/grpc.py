@@ -4,9 +4,10 @@ Every pair of ranks shares one bidirectional ``Peer.Exchange`` stream for the
 whole job; the lower rank dials, the higher rank's server accepts (routed by job
 id and rank through a :class:`PeerHub`). Each end of a stream is a :class:`_Link`:
 
-- sending: ``_post`` only queues the message; the stream's sender thread (gRPC's
-  request consumer on the dialling side, a server worker on the accepting side)
-  cuts it into chunks as it goes, so the caller never waits for the receiver;
+- sending: ``_post`` cuts the message into frames (the one copy of its bytes, straight from
+  the tensor) and queues them; the stream's sender thread (gRPC's request consumer on the
+  dialling side, a server worker on the accepting side) hands them to gRPC, so the caller
+  never waits for the receiver. A message posted to several peers is framed once;
 - receiving: a reader thread reassembles chunks into messages in a per-peer inbox;
   ``_take`` waits on that inbox with the deadline ``timeout_s``.
 
@@ -41,7 +42,7 @@ class _Link:
 
     def __init__(self, comm: "GrpcCommunicator", peer: int):
         self.comm, self.peer = comm, peer
-        self.outq: queue.SimpleQueue = queue.SimpleQueue()  # (tag, bytes) | _STOP
+        self.outq: queue.SimpleQueue = queue.SimpleQueue()  # list of frames (bytes) | _STOP
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (tag, bytes) | _BROKEN
         self.ready = threading.Event()  # the peer's Hello arrived
         self.done = threading.Event()  # the reader saw the stream end
@@ -61,8 +62,7 @@ class _Link:
             if item is _STOP:
                 yield frames.encode_bye()
                 return
-            tag, data = item
-            yield from frames.encode_chunks(c.rank, tag, data, c.chunk_bytes)
+            yield from item
 
     def read(self, incoming: Iterator) -> None:
         """Reader thread: deliver the peer's frames until its stream ends or breaks."""
@@ -131,6 +131,7 @@ class GrpcCommunicator(Communicator):
         self.keepalive_timeout_s = keepalive_timeout_s
         self.links = {p: _Link(self, p) for p in range(self.world_size) if p != rank}
         self.failure: str | None = None
+        self._framed: tuple = (None, None, None)  # the last message posted, its tag and frames
         self._channels: list[grpc.Channel] = []
         self._closed = False
         self._lock = threading.Lock()
@@ -193,11 +194,15 @@ class GrpcCommunicator(Communicator):
         return link.outgoing()
 
     # -- transport primitives ---------------------------------------------------
-    def _post(self, dst: int, tag: int, data: bytes) -> None:
+    def _post(self, dst: int, tag: int, data) -> None:
         if self.failure or self._closed:
             why = self.failure or "this communicator is closed"
             raise CommError(f"rank {self.rank}: cannot send to {self.peer_name(dst)}: {why}")
-        self.links[dst].outq.put((tag, data))
+        last_data, last_tag, framed = self._framed
+        if data is not last_data or tag != last_tag:  # frames carry no destination: share them
+            framed = list(frames.encode_chunks(self.rank, tag, data, self.chunk_bytes))
+            self._framed = (data, tag, framed)
+        self.links[dst].outq.put(framed)
 
     def _take(self, src: int, tag: int) -> bytes:
         link = self.links[src]

@@ -12,6 +12,7 @@ import time
 from typing import Callable, TypeVar
 
 from testbed.comm.base import Communicator, check_tag
+from testbed.comm.serde import Encoded
 from testbed.errors import CommError
 
 T = TypeVar("T")
@@ -32,10 +33,10 @@ class InProcessCommunicator(Communicator):
         super().__init__(rank, group.world_size, group.timeout_s)
         self.group = group
 
-    def _post(self, dst: int, tag: int, data: bytes) -> None:
+    def _post(self, dst: int, tag: int, data: Encoded) -> None:
         if self.group.aborted.is_set():  # stop at the next message, sent or awaited
             raise CommError(f"rank {self.rank}: group aborted while sending to rank {dst}")
-        self.group.queues[(self.rank, dst)].put((tag, data))
+        self.group.queues[(self.rank, dst)].put((tag, b"".join(data)))  # the one copy: the message is ours
 
     def _take(self, src: int, tag: int) -> bytes:
         q = self.group.queues[(src, self.rank)]

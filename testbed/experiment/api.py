@@ -57,10 +57,11 @@ def default_out(spec: ExperimentSpec) -> Path:
     return Path("results") / f"{spec.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def check(spec: ExperimentSpec, out: Path, log: Callable[[str], None] | None = None) -> Prepared:
+def check(spec: ExperimentSpec, out: Path, log: Callable[[str], None] | None = None, startup=None) -> Prepared:
     """Everything a run checks before it measures (models, methods, topology, the backend's
-    availability, codebooks into ``out/codebooks``); raises ConfigError."""
-    return check_spec(spec, codebook_dir=Path(out) / "codebooks", log=log)
+    availability, codebooks into ``out/codebooks``); raises ConfigError. ``startup``: a
+    testbed.experiment.startup record that times the checks' steps, if any."""
+    return check_spec(spec, codebook_dir=Path(out) / "codebooks", log=log, startup=startup)
 
 
 def measure(spec: ExperimentSpec, out: Path, prepared: Prepared | None = None, **runner: Any):

@@ -39,8 +39,11 @@ def _method_arg(text: str) -> tuple[str, dict]:
 def _calibration_keys(args: argparse.Namespace) -> list[ProfileKey]:
     if args.experiment:
         spec = load_spec(args.experiment, backend="sim")
-        return [ProfileKey.of(spec.model.name, m.name, m.params, spec.input.tokens, spec.nodes.count,
-                              spec.nodes.threads, spec.input.batch) for m in spec.methods]
+        T, N, B = spec.input.tokens, spec.nodes.count, spec.input.batch
+        # params as the run settles them for its topology (e.g. the all-reduce), so the run finds these profiles
+        return [ProfileKey.of(spec.model.name, m.name, Simulator.settle(spec.model.name, m.name, m.params, T, N, B,
+                                                                        spec.topology),
+                              T, N, spec.nodes.threads, B) for m in spec.methods]
     check(bool(args.model), "--model", args.model, "a model name (or give an EXPERIMENT.yaml)")
     methods = [_method_arg(m) for m in (args.method or ["single"])]
     return [ProfileKey.of(args.model, name, params, t, n, args.threads, args.batch)

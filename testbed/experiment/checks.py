@@ -20,6 +20,7 @@ from typing import Any, Callable
 from testbed.errors import ConfigError, check
 from testbed.experiment import fields as F
 from testbed.experiment.codebooks import Codebooks
+from testbed.experiment.startup import Startup
 from testbed.experiment.spec import ExperimentSpec, MethodSpec
 
 
@@ -32,10 +33,11 @@ class Prepared:
     topology: Any = None  # testbed.net.topology.Topology (mininet, sim)
     dilation: Any = None  # testbed.experiment.dilation.Dilation: the run's time-dilation factor
     machine: Any = None  # what the backend's availability check found (mininet: the kernel probe)
+    startup: Startup | None = None  # the run's start-up clock (model build and calibration timed here)
 
 
 def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
-               log: Callable[[str], None] | None = None) -> Prepared:
+               log: Callable[[str], None] | None = None, startup: Startup | None = None) -> Prepared:
     """Raise ONE ConfigError (YAML path, value, allowed) if the experiment cannot run.
 
     ``codebook_dir``: the run's codebook directory. Codebooks the astra checks fit are written
@@ -48,7 +50,9 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
     """
     from testbed.experiment.dilation import resolve_dilation
 
-    model = _check_model(spec)
+    startup = startup or Startup()
+    with startup.phase("model build"):
+        model = _check_model(spec)
     topology = _check_topology(spec)
     _check_faults(spec, topology)
     dilation = resolve_dilation(spec, topology)
@@ -57,18 +61,18 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
     if codebook_dir is None:
         with tempfile.TemporaryDirectory(prefix="testbed-check-") as tmp:
             cbs = Codebooks(spec, model, directory=Path(tmp))
-            _check_methods(spec, model, cbs, log)
+            _check_methods(spec, model, cbs, log, startup)
         cbs.directory = None  # the temporary files are gone; the fitted tensors are kept
     else:
         created = _missing_ancestor(Path(codebook_dir))
         cbs = Codebooks(spec, model, directory=Path(codebook_dir))
         try:
-            _check_methods(spec, model, cbs, log)
+            _check_methods(spec, model, cbs, log, startup)
         except BaseException:
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             raise
-    return Prepared(model, cbs, topology, dilation, machine)
+    return Prepared(model, cbs, topology, dilation, machine, startup)
 
 
 def _missing_ancestor(path: Path) -> Path | None:
@@ -152,7 +156,7 @@ def _check_backend_available(spec: ExperimentSpec) -> Any:
                           "`--backend sim` (simulated links) or `--backend loopback` (unshaped profiles only)") from None
 
 
-def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[str], None]) -> None:
+def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[str], None], startup: Startup) -> None:
     from testbed.comm.inprocess import InProcessGroup
     from testbed.methods import METHODS, build_method, resolve_params
 
@@ -181,8 +185,9 @@ def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[s
             if m.name == "astra":
                 resolve_params("astra", m.params, model.cfg)  # bad params fail before any k-means is spent
                 if not cbs.trained():
-                    log(f"checking methods[{i}] ({m.display}): fitting its codebooks (once per run)")
-                path = cbs.file(m.params)
+                    log(f"checking methods[{i}] ({m.display}): its codebooks (fit once, then from the user cache)")
+                with startup.phase("calibration"):
+                    path = cbs.file(m.params)
             for rank in sorted({0, N - 1}):  # building does not communicate
                 build_method(m.name, model, dict(m.params), rank, N, group.communicator(rank), tokens=T,
                              codebook_path=path)

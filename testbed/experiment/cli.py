@@ -114,13 +114,13 @@ def locate(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool]:
     return with_output_dir(spec, str(out.resolve())), out, False
 
 
-def prepare(args: argparse.Namespace, spec: ExperimentSpec, out: Path) -> Prepared:
+def prepare(args: argparse.Namespace, spec: ExperimentSpec, out: Path, startup=None) -> Prepared:
     """check_spec with the run's codebook directory, telling about slow steps unless --quiet."""
     def log(msg: str) -> None:
         if not args.quiet:
             print(f"testbed run: {msg}", file=sys.stderr, flush=True)
 
-    return api.check(spec, out, log=log)
+    return api.check(spec, out, log=log, startup=startup)
 
 
 def run_main(argv: list[str]) -> int:
@@ -227,6 +227,9 @@ def execute(args: argparse.Namespace, name: str = "testbed run") -> int:
 
 
 def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
+    from testbed.experiment.startup import Startup
+
+    startup = Startup()  # from here to the first measured inference
     settings = sim_settings(args)
     try:
         if args.backend:  # before the (slow) checks of the experiment
@@ -234,7 +237,7 @@ def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
         spec, out, resume = locate(args)
         _check_settings(spec.backend, settings)
         where.append(out)
-        prepared = prepare(args, spec, out)
+        prepared = prepare(args, spec, out, startup)
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
@@ -259,6 +262,14 @@ def _report(o) -> None:
     print(f"  rows:     {d / 'rows.csv'}" + (f"  (and {d / 'rows.parquet'})" if (d / 'rows.parquet').exists() else ""))
     print(f"  traces:   {d / 'traces.jsonl'}")
     print(f"  manifest: {d / 'manifest.json'}")
+    from testbed.experiment.manifest import read_manifest
+    from testbed.experiment.startup import describe
+
+    m = read_manifest(d)
+    if m.get("codebooks_made"):
+        print("  codebooks: " + "; ".join(f"{k}: {v}" for k, v in m["codebooks_made"].items()))
+    if m.get("startup"):
+        print("  start-up: " + describe(m["startup"]))
     if o.plots:
         print(f"  plots:    {d / 'plots'}/ ({', '.join(Path(p).name for p in o.plots if p.endswith('.png'))})")
     if (d / "report.html").exists():

@@ -48,6 +48,7 @@ from testbed.experiment.metrics import Reference, make_reference, output_columns
 from testbed.experiment.progress import Progress
 from testbed.experiment.session import BackendSession, backend_setup
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
+from testbed.experiment.startup import Startup
 from testbed.experiment.store import ResultStore, read_rows
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
@@ -95,6 +96,7 @@ class Runner:
         self.source, self.show_progress, self.make_plots = source, progress, plots
         self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
         self.dilation = self.prepared.dilation  # testbed.experiment.dilation.Dilation, resolved by check_spec
+        self.startup = self.prepared.startup or Startup()  # the clock to the first measured inference
         self.mechanism = "?"  # the backend's shaping mechanism, known once it started
         self.trace_t0: float | None = None  # when the current unit's bandwidth trace started (monotonic s)
         self.trace_bw = None  # the current trace cell's testbed.net.replay.BandwidthTrace
@@ -168,12 +170,13 @@ class Runner:
             ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset)
             prog.show("astra codebooks")
             codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
-            manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
+            manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()},
+                         codebooks_made=self.prepared.codebooks.describe())  # "cached", "fit in S s", ...
         measured = 0
         setup = backend_setup(s, self.prepared.topology, self.dilation.factor, log_dir=self.out_dir / "node-logs",
                               run_dir=self.out_dir, settings=self.backend_settings, log=prog.show,
                               machine=self.prepared.machine)
-        session = BackendSession(s, setup, on_start=lambda b: self._on_backend(manifest, b))
+        session = BackendSession(s, setup, on_start=lambda b: self._on_backend(manifest, b), startup=self.startup)
         try:
             for cell in self.spec.cells():
                 units = [t for t in todo if t[0].index == cell.index]
@@ -216,11 +219,12 @@ class Runner:
         try:
             if cell.trace is not None:
                 self._hold_trace_start(session, cell)
-            session.load(job)
-            self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
-            phase = "warm-up"
-            for _ in range(self.spec.warmup):
-                session.infer()
+            with self.startup.phase("job load and warm-up"):
+                session.load(job)
+                self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
+                phase = "warm-up"
+                for _ in range(self.spec.warmup):
+                    session.infer()
             if cell.trace is not None:
                 phase = "trace start"
                 session.start_trace(cell.trace)
@@ -249,6 +253,8 @@ class Runner:
                 row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
                 row["status"], row["error"] = "ok", ""
                 store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
+                if self.startup.first_inference():
+                    manifest.set(startup=self.startup.to_dict())
                 prog.step(1)
         finally:
             if faults is not None:
@@ -286,10 +292,19 @@ class Runner:
             prog.step(1)
         return len(reps)
 
+    def settled_params(self, method: MethodSpec) -> dict:
+        """The method's params with the run's choices made (e.g. tensor_parallel's all-reduce by topology)."""
+        from testbed.methods import method_class
+
+        s, topo = self.spec, self.prepared.topology
+        flat = topo is None or topo.is_flat(s.nodes.count)  # no topology: every rank on this host
+        return method_class(method.name).settle(dict(method.params), self.prepared.model.cfg, s.input.tokens,
+                                                s.nodes.count, s.input.batch, flat)
+
     def job(self, method: MethodSpec, codebook_path: str | None) -> JobSpec:
         s = self.spec
         return JobSpec(model=s.model.name, method=method.name, world_size=s.nodes.count, tokens=s.input.tokens,
-                       params=dict(method.params), seed=s.input.seed, batch=s.input.batch,
+                       params=self.settled_params(method), seed=s.input.seed, batch=s.input.batch,
                        weights_path=s.model.weights_path, codebook_path=codebook_path, threads=s.nodes.threads,
                        dataset=s.model.dataset)
 
@@ -303,6 +318,7 @@ class Runner:
             "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism,
             "time_dilation": self.dilation.factor, "cell": cell_id(cell, mi),
             "method": method.name, "method_params": method.params_json, "label": method.display,
+            "all_reduce": self.settled_params(method).get("all_reduce", ""),  # the algorithm that ran, if any
             "model": s.model.name, "tokens": s.input.tokens, "batch": s.input.batch, "nodes": s.nodes.count,
             "topology": s.topology_name,
             "bandwidth_mbps": bw,

@@ -40,8 +40,10 @@ def backend_setup(spec: ExperimentSpec, topology, time_dilation: float = 1.0, lo
 
 
 class BackendSession:
-    def __init__(self, spec: ExperimentSpec, setup: BackendSetup, on_start: Callable[[Backend], None] | None = None):
+    def __init__(self, spec: ExperimentSpec, setup: BackendSetup, on_start: Callable[[Backend], None] | None = None,
+                 startup=None):
         self.spec, self.setup, self.on_start = spec, setup, on_start
+        self.startup = startup  # testbed.experiment.startup.Startup: times the first start
         self.backend: Backend | None = None
         self.profile: LinkProfile | None = None
         self.job: JobSpec | None = None
@@ -52,7 +54,11 @@ class BackendSession:
             return self.backend
         backend = backend_class(self.spec.backend).from_setup(self.setup)
         self.backend = backend  # set first: close() must reach a half-started backend
-        backend.start(self.spec.nodes.count)
+        if self.startup is not None:
+            with self.startup.phase("backend start"):  # network build and node servers
+                backend.start(self.spec.nodes.count)
+        else:
+            backend.start(self.spec.nodes.count)
         self.starts += 1
         if self.on_start is not None:
             self.on_start(backend)

@@ -39,12 +39,13 @@ COLUMNS = [
     "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
     "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
     "agreement", "max_abs_err", "accuracy", "status", "error", "started_at", "faults", "fault_time_s",
+    "all_reduce",  # the all-reduce algorithm that ran (ring | direct; empty for methods without one)
 ]
 NUMERIC = ["time_dilation", "tokens", "batch", "nodes", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace_time_s",
            "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
            "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
            "agreement", "max_abs_err", "accuracy", "fault_time_s"]
-TEXT = ["error", "trace", "label", "faults"]  # empty, never NaN
+TEXT = ["error", "trace", "label", "faults", "all_reduce"]  # empty, never NaN
 ROWS_CSV, ROWS_PARQUET, TRACES, MANIFEST = "rows.csv", "rows.parquet", "traces.jsonl", "manifest.json"
 
 
@@ -131,7 +132,7 @@ def read_rows(out_dir: str | Path, superseded: bool = False) -> pd.DataFrame:
             df[c] = pd.to_numeric(df[c], errors="coerce")
     for c in TEXT:
         if c in df:
-            df[c] = df[c].fillna("")
+            df[c] = df[c].astype(object).fillna("")  # an all-empty column reads as float
     key = [c for c in ("cell", "repetition") if c in df]  # a hand-made table may lack them: nothing superseded
     old = df.duplicated(key, keep="last") if len(key) == 2 else pd.Series(False, index=df.index)
     if superseded:

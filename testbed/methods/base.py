@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from testbed.comm.base import Communicator, all_gather_plan, all_reduce_plan, plan_ops, split_sizes
+from testbed.comm.base import (ALL_REDUCE, ALL_REDUCE_PLANS, Communicator, all_gather_plan, choose_all_reduce,
+                               plan_ops, split_sizes)
 from testbed.comm.trace import Collective
 from testbed.errors import ConfigError, check
 
@@ -102,6 +103,13 @@ class Method:
     @classmethod
     def _schedule(cls, cfg, T: int, N: int, p: dict[str, Any], batch: int) -> CommSchedule:
         raise NotImplementedError
+
+    @classmethod
+    def settle(cls, params: dict[str, Any], cfg, tokens: int, world_size: int, batch: int = 1,
+               flat: bool = True) -> dict[str, Any]:
+        """``params`` with the choices left to the run made for this job (``flat``: the ranks' paths
+        share no link), so the job runs and the row records what ran. Default: unchanged."""
+        return dict(params)
 
     # -- one rank at run time ---------------------------------------------------------------------
     def forward(self, inp: torch.Tensor) -> torch.Tensor | None:
@@ -237,12 +245,28 @@ def gathers(payloads: list[int]) -> list[Collective]:
     return [Collective("all_gather", plan_ops(all_gather_plan(r, n), payloads)) for r in range(n)]
 
 
-def ring_reduces(numel: int, elem_bytes: int, world_size: int) -> list[Collective] | None:
-    """One all_reduce of ``numel`` elements as each rank records it (None for one rank: no call is recorded)."""
+def reduces(numel: int, elem_bytes: int, world_size: int, algorithm: str) -> list[Collective] | None:
+    """One all_reduce of ``numel`` elements with ``algorithm`` (ring | direct) as each rank records
+    it (None for one rank: no call is recorded)."""
     if world_size == 1:
         return None
     chunks = [k * elem_bytes for k in split_sizes(numel, world_size)]
-    return [Collective("all_reduce", plan_ops(all_reduce_plan(r, world_size), chunks)) for r in range(world_size)]
+    plan = ALL_REDUCE_PLANS[algorithm]
+    return [Collective("all_reduce", plan_ops(plan(r, world_size), chunks)) for r in range(world_size)]
+
+
+ALL_REDUCE_CHOICES = ("auto", *ALL_REDUCE)
+
+
+def check_all_reduce_param(p: dict[str, Any]) -> None:
+    check(p["all_reduce"] in ALL_REDUCE_CHOICES, "all_reduce", p["all_reduce"], " | ".join(ALL_REDUCE_CHOICES))
+
+
+def all_reduce_algorithm(choice: str, nbytes: int, world_size: int, flat: bool = True) -> str:
+    """The algorithm an ``all_reduce`` param runs for payloads of ``nbytes`` bytes: itself, or for
+    ``auto`` the Communicator's default (``flat``: the ranks' paths share no link; in-process and
+    loopback runs are flat, the experiment states it for its topology)."""
+    return choose_all_reduce(nbytes, world_size, flat) if choice == "auto" else choice
 
 
 def packed_bytes(n_codes: int, bits: int) -> int:

@@ -1,7 +1,8 @@
 """Tensor parallelism (Megatron-LM, Shoeybi et al. 2019): heads and MLP columns split over N ranks.
 
 Per block, each rank computes q/k/v for its H/N heads and the matching columns of the output
-projection, then one ring all-reduce of the partial [B, T, D] sums; likewise the MLP's fc1 rows
+projection, then one all-reduce of the partial [B, T, D] sums (param ``all_reduce``: ring, direct, or
+auto: direct unless the experiment says the ranks' paths share links and the tensor is large); likewise the MLP's fc1 rows
 (hidden units) and fc2 columns, then a second all-reduce. Biases that follow a reduction are
 added once, after it. Embeddings, LayerNorms and the head are replicated; every rank ends with
 the full output and rank 0 returns it. Llama-family blocks (no biases after a reduction, GQA,
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, check_divides_heads, global_mask,
-                                  ring_reduces, stack)
+from testbed.methods.base import (FP32_BYTES, CommSchedule, Method, all_reduce_algorithm, check_all_reduce_param,
+                                  check_divides_heads, global_mask, reduces, stack)
 from testbed.models.layers import attend
 from testbed.models.llama import gqa_attend
 
@@ -99,7 +100,7 @@ class _LlamaShard:
 
 class TensorParallel(Method):
     name = "tensor_parallel"
-    DEFAULTS: dict[str, Any] = {}
+    DEFAULTS: dict[str, Any] = {"all_reduce": "auto"}
 
     def __init__(self, model, params, rank, world_size, comm, tokens, codebook_path=None):
         super().__init__(model, params, rank, world_size, comm, tokens, codebook_path)
@@ -113,14 +114,15 @@ class TensorParallel(Method):
         if self.cfg.kind == "llama" or self._keep_cache:
             return self._forward_shards(inp)
         x = self.model.embed(inp)  # (B, T, D), replicated
-        T = x.shape[1]
+        B, T = x.shape[:2]
         mask = global_mask(self.model, 0, T, T)
+        algo = self.algorithm(self.cfg, T, self.world_size, self.params, B)
         for s in self.shards:
             h = s.ln1(x)
             y = attend(F.linear(h, s.wq, s.bq), F.linear(h, s.wk, s.bk), F.linear(h, s.wv, s.bv), s.head_dim, mask)
-            x = x + self.comm.all_reduce(F.linear(y, s.wo)) + s.bo  # (B, T, D) partial sums over heads
+            x = x + self.comm.all_reduce(F.linear(y, s.wo), algo) + s.bo  # (B, T, D) partial sums over heads
             u = s.act(F.linear(s.ln2(x), s.w1, s.b1))  # (B, T, mlp/N)
-            x = x + self.comm.all_reduce(F.linear(u, s.w2)) + s.b2
+            x = x + self.comm.all_reduce(F.linear(u, s.w2), algo) + s.b2
         return self.model.output(x[:, self.model.output_index(T)]) if self.rank == self.output_rank else None
 
     def _forward_shards(self, inp: torch.Tensor) -> torch.Tensor | None:
@@ -157,9 +159,25 @@ class TensorParallel(Method):
         return [] if reduce is None else [reduce] * (2 * cfg.n_layers)
 
     @classmethod
+    def _check_params(cls, p, cfg) -> None:
+        check_all_reduce_param(p)
+
+    @classmethod
+    def settle(cls, params, cfg, tokens, world_size, batch=1, flat=True) -> dict[str, Any]:
+        p = dict(params)
+        p["all_reduce"] = all_reduce_algorithm(p.get("all_reduce", "auto"), batch * tokens * cfg.dim * FP32_BYTES,
+                                               world_size, flat)
+        return p
+
+    @staticmethod
+    def algorithm(cfg, T: int, N: int, p: dict[str, Any], batch: int) -> str:
+        """The all-reduce algorithm that runs: the param, or auto's choice for the [B, T, D] fp32 sums."""
+        return all_reduce_algorithm(p["all_reduce"], batch * T * cfg.dim * FP32_BYTES, N)
+
+    @classmethod
     def _schedule(cls, cfg, T, N, p, batch) -> CommSchedule:
         check_divides_heads(cfg, N)
-        reduce = ring_reduces(batch * T * cfg.dim, FP32_BYTES, N)  # the [B, T, D] fp32 partial sums
+        reduce = reduces(batch * T * cfg.dim, FP32_BYTES, N, cls.algorithm(cfg, T, N, p, batch))  # [B, T, D] fp32
         calls = [] if reduce is None else [reduce] * (2 * cfg.n_layers)  # attention, then MLP, per block
         return CommSchedule(cls.name, p, stack(calls, N), [T] * N, [T] * N, 0)
 

@@ -135,6 +135,12 @@ class Topology:
     def host_names(self) -> list[str]:
         return [h.name for h in self.hosts]
 
+    def is_flat(self, n_hosts: int | None = None) -> bool:
+        """Whether every pair of the first ``n_hosts`` hosts (all: None) is one link or one switch
+        apart, so no link carries traffic between two other pairs (star, mesh, one shared medium)."""
+        hosts = self.host_names[:n_hosts]
+        return all(len(self.path(a, b)) <= 2 for a in hosts for b in hosts if a != b)
+
     def switch(self, name: str) -> SwitchSpec | None:
         return next((s for s in self.switches if s.name == name), None)
 

@@ -1,7 +1,7 @@
 """Vectorized replay of lockstep schedules: the engine.py model, one collective at a time in numpy.
 
 Every method of this testbed makes every rank call the same collectives in the same
-order, each an all-gather or a ring all-reduce of the Communicator; their message
+order, each an all-gather or a (ring or direct) all-reduce of the Communicator; their message
 patterns are the Communicator's own plans (comm/base.py), read here, not re-derived.
 For such schedules the replay needs no event per message: all messages of one
 all-gather, or of one ring step, go through the hops of their paths together.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from testbed.comm.base import all_gather_plan, all_reduce_plan, peers, plan_ops
+from testbed.comm.base import all_gather_plan, all_reduce_plan, direct_all_reduce_plan, peers, plan_ops
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.sim.network import Network, TcpModel, WireModel, tcp_stall_s, wire_bytes_with_loss
 
@@ -37,7 +37,7 @@ class Lockstep:
 
     compute: np.ndarray  # [K+1, N] seconds on this host before collective k (last row: after the last)
     serialize: np.ndarray  # [K, N] seconds inside collective k
-    colls: tuple[tuple[str, np.ndarray], ...]  # ("all_gather", bytes per rank) | ("ring", bytes per chunk)
+    colls: tuple[tuple[str, np.ndarray], ...]  # ("all_gather", bytes per rank) | ("ring" | "direct", bytes per chunk)
 
     @property
     def n(self) -> int:
@@ -70,8 +70,8 @@ def compile_lockstep(traces: list[Trace]) -> Lockstep | None:
 
 
 def _pattern(cs: list[Collective], n: int) -> tuple[str, np.ndarray] | None:
-    """("all_gather", bytes per rank) or ("ring", bytes per chunk) if rank r's ops are exactly the
-    Communicator's plan for rank r with those sizes; None otherwise."""
+    """("all_gather", bytes per rank) or ("ring" | "direct", bytes per chunk) if rank r's ops are
+    exactly the Communicator's plan for rank r with those sizes; None otherwise."""
     if all(not c.ops for c in cs):
         return ("none", np.zeros(0))
     if n < 2:
@@ -80,11 +80,14 @@ def _pattern(cs: list[Collective], n: int) -> tuple[str, np.ndarray] | None:
         plan, pattern = all_gather_plan, "all_gather"
         sizes = [c.ops[0][2] if c.ops else 0 for c in cs]  # each rank's own payload: its first send
     elif all(c.kind == "all_reduce" for c in cs):
-        plan, pattern = all_reduce_plan, "ring"
-        sizes = [0] * n
-        for m, op in zip(all_reduce_plan(0, n), cs[0].ops):  # every chunk leaves rank 0 once
-            if m.op == "send":
-                sizes[m.part] = op[2]
+        for plan, pattern in ((all_reduce_plan, "ring"), (direct_all_reduce_plan, "direct")):
+            sizes = [0] * n
+            for m, op in zip(plan(0, n), cs[0].ops):  # every chunk leaves rank 0 (at least) once
+                if m.op == "send":
+                    sizes[m.part] = op[2]
+            if all(c.ops == plan_ops(plan(r, n), sizes) for r, c in enumerate(cs)):
+                return (pattern, np.array(sizes, dtype=np.int64))
+        return None
     else:
         return None
     if all(c.ops == plan_ops(plan(r, n), sizes) for r, c in enumerate(cs)):
@@ -248,13 +251,16 @@ class LockstepReplay:
         for k, (kind, sizes) in enumerate(ls.colls):
             c, z = ls.compute[k] * self.speed, ls.serialize[k] * self.speed
             clock, compute, ser = clock + c + z, compute + c, ser + z
-            if kind == "all_gather":
-                arr = self.transfer(src_ag, dst_ag, sizes[src_ag], clock[src_ag])
-                done = clock.copy()
-                np.maximum.at(done, dst_ag, arr)
-                wait += done - clock
-                clock = done
-                sent += sizes * (n - 1)
+            if kind in ("all_gather", "direct"):
+                # direct all-reduce: a round of chunk p to its owner p, then an all-gather of the sums
+                rounds = [sizes[dst_ag], sizes[src_ag]] if kind == "direct" else [sizes[src_ag]]
+                for payload in rounds:
+                    arr = self.transfer(src_ag, dst_ag, payload, clock[src_ag])
+                    done = clock.copy()
+                    np.maximum.at(done, dst_ag, arr)
+                    wait += done - clock
+                    clock = done
+                    np.add.at(sent, src_ag, payload)
             elif kind == "ring":
                 for chunk in ring_sends:  # each rank sends one chunk right, then waits for one from the left
                     arr = self.transfer(ranks, right, sizes[chunk], clock, unique=True)

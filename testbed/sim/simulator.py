@@ -210,6 +210,7 @@ class Simulator:
         """
         check(isinstance(profile, LinkProfile), "profile", profile, "a testbed.net.profile.LinkProfile")
         check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
+        params = self.settle(model, method, params, tokens, nodes, batch, topology)
         key = ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
         sched = self.schedule(key)
         stretch = contention_factor(self._profiles[key], self.config.shared_cpus)
@@ -218,6 +219,28 @@ class Simulator:
         net = self.network(topology, nodes, profile)
         return [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r)
                 for r in range(first_repetition, first_repetition + repetitions)]
+
+    @staticmethod
+    def settle(model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int, batch: int,
+               topology: Any) -> dict[str, Any]:
+        """The method's params with the choices left to the run made for this topology (as the
+        experiment runner does: e.g. tensor_parallel's ``auto`` all-reduce)."""
+        from testbed.methods import METHODS, method_class
+        from testbed.models import get_config
+
+        if method not in METHODS:  # reported with the profile key's checks
+            return dict(params or {})
+        if isinstance(topology, SimTopology):
+            topology = topology.kind
+        if isinstance(topology, str) and topology in KINDS:
+            flat = topology != "line" or nodes <= 2  # the line's middle links carry other pairs' traffic
+        else:
+            if isinstance(topology, (str, dict)):
+                from testbed.net.topology import load_topology
+
+                topology = load_topology(topology)
+            flat = topology.is_flat(nodes) if hasattr(topology, "is_flat") else True  # network() names a bad one
+        return method_class(method).settle(dict(params or {}), get_config(model), tokens, nodes, batch, flat)
 
     def mechanism(self, key: ProfileKey) -> str:
         """Where the compute times of ``key`` come from: sim/measured or sim/extrapolated."""

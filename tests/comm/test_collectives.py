@@ -6,24 +6,78 @@ import pytest
 import torch
 
 from testbed.comm import Trace, run_inprocess
+from testbed.comm.base import (ALL_REDUCE, ALL_REDUCE_PLANS, all_reduce_plan, choose_all_reduce,
+                               direct_all_reduce_plan, plan_ops, split_sizes)
 from testbed.comm.serde import bytes_to_tensor, tensor_to_bytes
 from testbed.errors import CommError
 
 WORLDS = [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("algorithm", ALL_REDUCE)
 @pytest.mark.parametrize("n", WORLDS)
-def test_all_reduce_sums_and_is_identical_on_every_rank(n):
+def test_all_reduce_sums_and_is_identical_on_every_rank(n, algorithm):
     def fn(rank, comm):
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(7, 13, generator=g)  # 91 elements: not divisible by most n
-        return x, comm.all_reduce(x)
+        return x, comm.all_reduce(x, algorithm)
 
     out = run_inprocess(n, fn)
     expected = sum(x for x, _ in out)
     for _, y in out:
         torch.testing.assert_close(y, expected)
-        assert torch.equal(y, out[0][1])  # ring: every rank holds bit-identical sums
+        assert torch.equal(y, out[0][1])  # each chunk is summed once, by one rank: bit-identical everywhere
+
+
+@pytest.mark.parametrize("algorithm", ALL_REDUCE)
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+@pytest.mark.parametrize("numel", [1, 3, 91, 1001])  # fewer elements than ranks, and sizes N does not divide
+def test_all_reduce_traces_its_plan_bytes(n, algorithm, numel):
+    def fn(rank, comm):
+        comm.trace.start()
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+        y = comm.all_reduce(x, algorithm)
+        comm.trace.finish()
+        return x, y, comm.trace
+
+    out = run_inprocess(n, fn)
+    expected = sum(x for x, _, _ in out)
+    chunks = [k * 4 for k in split_sizes(numel, n)]
+    for rank, (_, y, tr) in enumerate(out):
+        torch.testing.assert_close(y, expected)
+        (ar,) = tr.collectives("all_reduce")
+        assert ar.ops == plan_ops(ALL_REDUCE_PLANS[algorithm](rank, n), chunks)
+        if algorithm == "direct":  # every other chunk to its owner, then the own sum to every peer
+            assert ar.bytes_sent == sum(chunks) - chunks[rank] + (n - 1) * chunks[rank]
+    assert sum(tr.bytes_sent for _, _, tr in out) == 2 * (n - 1) * sum(chunks)  # 2(N-1)/N * S per rank on average
+
+
+def test_direct_all_reduce_takes_two_rounds():
+    plan = direct_all_reduce_plan(1, 4)
+    assert len({m.step for m in plan}) == 2 and len(all_reduce_plan(1, 4)) == len(plan) == 2 * 2 * 3
+
+
+def test_ranks_on_different_all_reduce_algorithms_fail_out_of_step():
+    def fn(rank, comm):
+        comm.all_reduce(torch.ones(8), "ring" if rank == 0 else "direct")
+
+    with pytest.raises(CommError, match="out of step"):
+        run_inprocess(2, fn)
+
+
+def test_unknown_all_reduce_algorithm_is_one_clear_error():
+    with pytest.raises(CommError, match="ring, direct"):
+        run_inprocess(2, lambda r, c: c.all_reduce(torch.ones(2), "tree"))
+
+
+@pytest.mark.parametrize("flat, nbytes, n, expected", [
+    (True, 1 << 26, 8, "direct"),  # flat: same bytes per access link, fewer rounds
+    (False, 1 << 26, 8, "ring"),  # shared hops and big chunks: ring's one message per link
+    (False, 1 << 12, 8, "direct"),  # latency-bound chunks
+    (False, 1 << 26, 2, "direct"),  # two ranks: the same two messages
+])
+def test_default_all_reduce_by_topology_and_size(flat, nbytes, n, expected):
+    assert choose_all_reduce(nbytes, n, flat) == expected
 
 
 @pytest.mark.parametrize("n", WORLDS)

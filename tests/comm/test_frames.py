@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from testbed.comm import frames
-from testbed.comm.serde import tensor_to_bytes
+from testbed.comm.serde import encode_tensor, tensor_to_bytes
 from testbed.proto import peer_pb2
 
 
@@ -30,6 +30,14 @@ def test_chunks_of_a_tensor_reassemble_to_the_same_bytes():
     data = tensor_to_bytes(torch.arange(1000, dtype=torch.float64))
     got = [frames.decode_frame(w) for w in frames.encode_chunks(1, 9, data, 777)]
     assert b"".join(bytes(f.payload) for f in got) == data
+
+
+@pytest.mark.parametrize("numel,chunk", [(0, 5), (1, 5), (7, 5), (1000, 777), (1000, 8002), (3, 1 << 20)])
+def test_a_tensor_framed_from_its_header_and_body_is_framed_as_its_joined_bytes(numel, chunk):
+    enc = encode_tensor(torch.arange(numel, dtype=torch.float64))
+    joined = b"".join(enc)
+    assert joined == tensor_to_bytes(torch.arange(numel, dtype=torch.float64)) and len(joined) == enc.nbytes
+    assert list(frames.encode_chunks(3, 11, enc, chunk)) == list(frames.encode_chunks(3, 11, joined, chunk))
 
 
 def test_hello_bye_and_malformed_frames():

@@ -62,6 +62,8 @@ def mixed_program(rank, comm):
         "gather_raw": comm.all_gather(torch.frombuffer(bytearray(b"rank%d" % rank), dtype=torch.uint8)),
         "reduce": comm.all_reduce(x),
         "reduce_f16": comm.all_reduce(x.half()),
+        "reduce_direct": comm.all_reduce(x, "direct"),
+        "reduce_direct_f16": comm.all_reduce(x.half(), "direct"),
         "bcast": comm.broadcast(x if rank == comm.world_size - 1 else None, src=comm.world_size - 1),
     }
     if rank == 0:

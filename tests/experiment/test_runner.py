@@ -67,6 +67,9 @@ def test_every_method_profile_repetition_has_a_correct_row(backend, tmp_path, mo
         want = analytic_total(method, p, 2, 17, codebook if method == "astra" else None)
         assert (g["bytes_sent"] == want).all(), (method, g["bytes_sent"].tolist(), want)
     assert (rows.loc[rows["method"] == "single", "comm_s"] == 0).all()
+    # the row records the all-reduce that ran: on one host auto is direct; other methods have none
+    assert set(rows.loc[rows["method"] == "tensor_parallel", "all_reduce"]) == {"direct"}
+    assert set(rows.loc[rows["method"] != "tensor_parallel", "all_reduce"]) == {""}
     # per-rank traces, one record per row, replayable by the simulator
     traces = read_traces(tmp_path / "out")
     assert len(traces) == len(rows) and all(len(t["ranks"]) == 2 for t in traces)

@@ -91,3 +91,9 @@ def test_codebook_path_only_for_astra(tmp_path):
 def test_input_with_other_token_count_than_built_for():
     m = build("sequence_parallel", world_size=1, tokens=11)
     raises("tokens", m.forward, m.model.make_input(13))
+
+
+@pytest.mark.parametrize("value", ["tree", None, 1, "RING"])
+def test_bad_all_reduce_algorithm(value):
+    err = raises("all_reduce", build, "tensor_parallel", {"all_reduce": value})
+    assert err.allowed == "auto | ring | direct"

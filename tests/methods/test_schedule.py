@@ -19,6 +19,10 @@ CASES = [
     ("vit", "tensor_parallel", 1, 11, {}, 1),
     ("vit", "tensor_parallel", 3, 11, {}, 2),
     ("gpt2", "tensor_parallel", 4, 9, {}, 1),
+    ("vit", "tensor_parallel", 2, 11, {"all_reduce": "ring"}, 3),
+    ("vit", "tensor_parallel", 4, 11, {"all_reduce": "ring"}, 1),  # 11*64 elements: chunks of 176
+    ("gpt2", "tensor_parallel", 2, 7, {"all_reduce": "direct"}, 1),
+    ("vit", "tensor_parallel", 4, 11, {"all_reduce": "direct"}, 2),
     ("vit", "sequence_parallel", 1, 11, {}, 1),
     ("vit", "sequence_parallel", 4, 18, {}, 2),
     ("gpt2", "sequence_parallel", 3, 13, {}, 1),
@@ -96,3 +100,25 @@ def test_resolution_is_one_place_and_idempotent(models):
     assert resolve_params("astra", {"groups": 4})["dct"] is None  # without a model: no model-dependent default
     assert resolve_params("astra", {}, vit, codebook=("f.pt", 2, 64))["groups"] == 2
     assert resolve_params("block_parallel", {}, vit) == {"n_b": 1}
+
+
+def test_all_reduce_choice_changes_the_schedule_not_the_bytes(models):
+    cfg = models["vit"].cfg
+    ring, direct, auto = (comm_schedule("tensor_parallel", cfg, 11, 4, {"all_reduce": a}) for a in ("ring", "direct", "auto"))
+    assert [ring.sent(r) for r in range(4)] != [] and sum(map(sum, map(ring.sent, range(4)))) == sum(
+        map(sum, map(direct.sent, range(4))))
+    steps = {len(c.ops) for c in direct.collectives[0]}
+    assert steps == {4 * 3}  # N-1 sends and N-1 receives in each of its 2 rounds
+    assert _ops(auto.collectives[0]) == _ops(direct.collectives[0])  # in-process: flat, so auto is direct
+    assert _ops(ring.collectives[0]) != _ops(direct.collectives[0])
+
+
+def test_settle_makes_auto_concrete_by_topology_and_size(models):
+    from testbed.methods import method_class
+
+    cfg, tp = models["vit"].cfg, method_class("tensor_parallel")
+    assert tp.settle({}, cfg, 11, 4)["all_reduce"] == "direct"  # flat: direct at any size
+    assert tp.settle({}, cfg, 11, 4, flat=False)["all_reduce"] == "direct"  # 11x64 fp32: latency-bound chunks
+    assert tp.settle({}, cfg, 4096, 4, flat=False)["all_reduce"] == "ring"  # 1 MiB over shared hops
+    assert tp.settle({"all_reduce": "ring"}, cfg, 11, 4)["all_reduce"] == "ring"  # a stated choice stays
+    assert method_class("astra").settle(ASTRA_FAST, cfg, 11, 4) == ASTRA_FAST  # nothing to settle

@@ -25,6 +25,43 @@ def test_quantize_is_the_nearest_entry_per_group():
     assert torch.equal(h_hat[0, 0, 16:32], cb[1, codes[0, 0, 1]])
 
 
+@pytest.mark.parametrize("name, groups", [("vit-tiny", 1), ("gpt2-tiny", 1), ("vit-small", 2)])
+def test_fast_search_agrees_with_the_exact_one_on_real_activations(name, groups):
+    """The int8 first pass + exact re-ranking picks the exact code for at least SEARCH_AGREEMENT of
+    the tokens of every block (codebooks fit to one input, tested on another); where it does not,
+    the entry it picks is as near within 1%."""
+    model = build_model(name, seed=0)
+    T = 65 if name.startswith("vit") else 64
+    cbs = vq.fit_codebooks(model, groups, 256, T, seed=0, n_samples=2, iters=4)
+    hs = vq.block_inputs(model, model.make_input(T, batch=2, seed=5))
+    for cb, h in zip(cbs, hs):
+        fast, exact = vq.Quantizer(cb), vq.Quantizer(cb, exact=True)
+        assert fast.fast and not exact.fast
+        got, want = fast(h), exact(h)
+        assert (got == want).float().mean().item() >= vq.SEARCH_AGREEMENT
+        x = h.reshape(-1, groups, cb.shape[-1])
+        dist = lambda codes: ((x - vq.dequantize(codes, cb).reshape(x.shape)) ** 2).sum(-1)  # noqa: E731
+        assert (dist(got.reshape(-1, groups)) <= dist(want.reshape(-1, groups)) * 1.01 + 1e-6).all()
+
+
+def test_fast_search_is_used_only_where_it_pays():
+    assert vq.Quantizer(torch.randn(1, 1024, 64)).fast and vq.Quantizer(torch.randn(2, 300, 64)).fast
+    assert not vq.Quantizer(torch.randn(32, 1024, 24)).fast  # narrow groups
+    assert not vq.Quantizer(torch.randn(1, 64, 64)).fast  # small codebooks
+    assert not vq.Quantizer(torch.randn(1, 1024, 64), exact=True).fast
+
+
+def test_fast_search_finds_exact_matches_and_the_exhaustive_search_on_separated_data():
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(2, 500, 64, generator=g)
+    q = vq.Quantizer(cb)
+    codes = torch.randint(0, 500, (300, 2), generator=g)
+    h = vq.dequantize(codes, cb)  # every token is an entry: distance 0 is the unique nearest
+    assert q.fast and torch.equal(q(h), codes)
+    far = h + 0.05 * torch.randn(h.shape, generator=g)
+    assert torch.equal(q(far), vq.Quantizer(cb, exact=True)(far))
+
+
 def test_quantize_slices_large_inputs_the_same_way(monkeypatch):
     g = torch.Generator().manual_seed(1)
     cb, h = torch.randn(2, 64, 8, generator=g), torch.randn(500, 16, generator=g)

@@ -114,3 +114,18 @@ def test_sim_options_become_the_backends_settings():
     assert sim_settings(args) == {"measure": False, "no_overhead": True, "speed": [1.0, 2.0],
                                   "calibration_repetitions": 2, "loss_mode": "expected"}
     assert sim_settings(_run_parser().parse_args(["e.yaml"])) == {}  # none given: the backend's defaults
+
+
+def test_calibrating_an_experiment_keys_profiles_by_the_params_the_run_settles(tmp_path):
+    import argparse
+
+    from testbed.experiment.calibrate import _calibration_keys
+
+    exp = tmp_path / "e.yaml"
+    for topology, want in (("star", "direct"), ("line", "ring")):
+        exp.write_text(EXPERIMENT.replace("topology: star", f"topology: {topology}").replace(
+            "input: {tokens: 17}", "input: {tokens: 1025}").replace("nodes: 2", "nodes: 4").replace(
+            "methods: [single,", "methods: [tensor_parallel, single,"))
+        keys = _calibration_keys(argparse.Namespace(experiment=str(exp)))
+        assert keys[0].method == "tensor_parallel" and keys[0].params == {"all_reduce": want}
+        assert keys[1].params == {}  # nothing to settle

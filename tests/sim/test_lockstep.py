@@ -15,10 +15,15 @@ from testbed.sim.network import Network, SimTopology, TcpModel, WireModel
 from testbed.sim.synth import METHOD_NAMES, skeleton
 
 
+PARAMS = {"astra": {"groups": 2}, "tensor_parallel:ring": {"all_reduce": "ring"},
+          "tensor_parallel:direct": {"all_reduce": "direct"}}
+
+
 def method_schedule(method: str, n: int, seed: int = 0) -> Schedule:
-    """A method's real message pattern with uneven random compute per rank and segment."""
+    """A method's real message pattern with uneven random compute per rank and segment
+    (``method:variant`` picks params from PARAMS)."""
     rng = random.Random(seed)
-    sk = skeleton("vit-tiny", method, {"groups": 2} if method == "astra" else {}, 67, n)
+    sk = skeleton("vit-tiny", method.split(":")[0], PARAMS.get(method, {}), 67, n)
     traces = []
     for r in range(n):
         events = []
@@ -28,7 +33,7 @@ def method_schedule(method: str, n: int, seed: int = 0) -> Schedule:
     return Schedule.from_traces(traces)
 
 
-CASES = list(itertools.product(METHOD_NAMES, (2, 4), ("star", "mesh", "shared_medium"),
+CASES = list(itertools.product((*METHOD_NAMES, "tensor_parallel:ring", "tensor_parallel:direct"), (2, 4), ("star", "mesh", "shared_medium"),
                                ((10, 5, 0), (100, 1, 1), (1000, 0, 0)), ("steady", "slow_start")))
 
 
@@ -50,7 +55,7 @@ def test_lockstep_and_simpy_replays_agree(method, n, kind, link, tcp_mode):
 
 
 def test_where_lockstep_does_not_apply():
-    ring = method_schedule("tensor_parallel", 4)
+    ring = method_schedule("tensor_parallel:ring", 4)
     line = Network(SimTopology("line", 4, LinkProfile(10, 1)))  # a link serves as 1st and 2nd hop
     medium = Network(SimTopology("shared_medium", 4, LinkProfile(10, 1)))  # ring steps share the medium
     for net in (line, medium):

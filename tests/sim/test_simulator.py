@@ -166,3 +166,19 @@ def test_stale_profiles_are_measured_again(tmp_path):
     sim = Simulator(SimConfig(calibration_dir=str(cal), calibration_repetitions=1, wire=WireModel()))
     res = sim.results(**cell(repetitions=1))[0]
     assert res.critical.compute_s < 5.0 and not store.get(key).stale
+
+
+def test_auto_all_reduce_is_settled_by_the_simulated_topology():
+    from testbed.net.topology import load_topology
+    from testbed.sim.simulator import Simulator
+
+    def algo(topology, tokens=4096, nodes=4):
+        return Simulator.settle("vit-tiny", "tensor_parallel", {}, tokens, nodes, 1, topology)["all_reduce"]
+
+    assert [algo(k) for k in ("star", "mesh", "shared_medium", "line")] == ["direct", "direct", "direct", "ring"]
+    assert algo("line", tokens=11) == "direct"  # latency-bound chunks: direct even over shared hops
+    assert algo("line", nodes=2) == "direct"
+    assert load_topology("star").is_flat() and not load_topology("line").is_flat()
+    assert algo(load_topology("line")) == "ring" and algo(load_topology("star")) == "direct"
+    assert Simulator.settle("vit-tiny", "tensor_parallel", {"all_reduce": "ring"}, 11, 4, 1, "star") == {
+        "all_reduce": "ring"}
