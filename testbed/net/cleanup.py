@@ -307,9 +307,9 @@ def main(argv: list[str]) -> int:
         prog="testbed clean",
         description="Remove leftovers of crashed emulation runs: their processes (node servers, delay lines, "
                     "Mininet shells) and with them their namespaces, veths, qdiscs and iptables rules; their "
-                    "bridges, IFB devices, cgroups, registry files and root-namespace iptables chains (TBNET-<id>); "
-                    "net.bridge.bridge-nf-call-iptables back to 0 if the testbed set it and no run is left. Runs whose owner is still alive are left "
-                    "alone unless --all is given. Nothing not named by the testbed is touched.")
+                    "bridges, IFB devices, cgroups, registry files and root-namespace iptables chains "
+                    "(TBNET-<id>); net.bridge.bridge-nf-call-iptables back to 0 if the testbed set it and no run "
+                    "is left. Runs whose owner is still alive are left alone unless --all is given. Nothing not named by the testbed is touched.")
     ap.add_argument("--all", action="store_true", help="also remove runs whose owner process is still alive")
     ap.add_argument("--run", help="only this run id (4 characters, as in bridge tb<id>s0)")
     ap.add_argument("--dry-run", action="store_true", help="only list what would be removed")

@@ -243,8 +243,9 @@ class Emulation:
         """One delay line per namespace that holds paths: "" (root) for the switches, else a host."""
         hosts = self.topology.host_names
         for ns in namespaces:
-            argv = [sys.executable, "-m", "testbed.net.delayline", "--seed",
-                    str(self.seed + (hosts.index(ns) if ns else len(hosts))), "--rt-priority", str(DELAYLINE_RT_PRIORITY)]
+            seed = self.seed + (hosts.index(ns) if ns else len(hosts))
+            argv = [sys.executable, "-m", "testbed.net.delayline", "--seed", str(seed),
+                    "--rt-priority", str(DELAYLINE_RT_PRIORITY)]
             pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             if ns:
                 proc = self.popen(ns, argv, device=False, **pipes)
