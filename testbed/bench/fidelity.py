@@ -9,8 +9,8 @@ testbed.net.fidelity (GOODPUT_RATIO, RTT_ERROR_MS, with their reasons). Plain pi
 what it should show where the delay is held (testbed.net.tc): the whole round trip through a
 switch, one direction on a direct link under htb+nfqueue. Then the time of live changes
 (bandwidth, delay, loss and all three) on that path and on a 4-host star (target <= 50 ms).
-``--collectives`` re-runs the collectives benchmark (ours vs gloo) with its ranks inside the hosts of a 4-host star at 10
-and 100 Mbit/s.
+``--collectives`` re-runs the collectives benchmark (ours vs gloo) with its ranks inside the
+hosts of a 4-host star at 10 and 100 Mbit/s.
 
 Numbers depend on the machine's load: on 2 shared cores, the delay line and iperf3 compete with
 everything else that runs.
