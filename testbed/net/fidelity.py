@@ -268,7 +268,7 @@ def distinct_pairs(topology) -> list[tuple[str, str]]:
 
 def format_table(rows: list[FidelityRow]) -> str:
     head = f"{'path':<14}{'bw Mbit/s':>10}{'goodput':>10}{'ratio':>7}{'delay ms':>9}{'RTT exp':>9}{'RTT -U':>9}" \
-           f"{'err ms':>8}{'plain exp':>10}{'plain':>9}{'err ms':>8}{'held':>17}{'loss %':>7}{'ping loss':>10}{'':>6}"
+           f"{'err ms':>8}{'plain exp':>10}{'plain':>9}{'err ms':>8}{'held':>19}{'loss %':>7}{'ping loss':>10}{'':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(x, spec):
@@ -276,7 +276,7 @@ def format_table(rows: list[FidelityRow]) -> str:
         lines.append(f"{r.src + '->' + r.dst:<14}{f(r.bandwidth_mbps, '10g')}{f(r.goodput_mbps, '10.2f')}"
                      f"{f(r.goodput_ratio, '7.3f')}{r.delay_ms:9.2f}{r.rtt_expected_ms:9.2f}{f(r.rtt_ms, '9.2f')}"
                      f"{f(r.rtt_error_ms, '8.2f')}{r.rtt_plain_expected_ms:10.2f}{f(r.rtt_plain_ms, '9.2f')}"
-                     f"{f(r.rtt_plain_error_ms, '8.2f')}{r.held:>17}{r.loss_pct:7.2f}{f(r.ping_loss_pct, '10.1f')}"
+                     f"{f(r.rtt_plain_error_ms, '8.2f')}{r.held:>19}{r.loss_pct:7.2f}{f(r.ping_loss_pct, '10.1f')}"
                      f"{'ok' if r.ok() else 'MISS':>6}")
     lines.append(f"ok: goodput ratio in {GOODPUT_RATIO[0]:g}-{GOODPUT_RATIO[1]:g}, |RTT error| <= {RTT_ERROR_MS:g} ms "
                  "(ping -U and plain ping)")
