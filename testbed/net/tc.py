@@ -13,8 +13,9 @@ Two mechanisms (picked by testbed.net.probe):
     FORWARD hook, ``switch_rules``; one delay line per run). The packet reaches the receiver
     already delayed, so everything inside the hosts sees the delay: TCP, plain ``ping`` (kernel
     receive timestamps), tcpdump. TCP keeps its goodput: the held packet left the sender's
-    socket (measured on 100 Mbit/s: 0.954-0.956 at 40 ms round trip, 0.917-0.954 at 100 ms,
-    beside 0.901-0.923 held by the receiver in the same runs, 2 loaded cores);
+    socket (goodput/rate 0.946-0.956 over 10-1000 Mbit/s x 0-100 ms round trip, as when held
+    by the receiver; on 2 cores at load 5-10, 0.917-0.954 at 100 Mbit/s and 100 ms beside
+    0.901-0.923 held by the receiver in the same runs);
   - a direct host-to-host link (mesh): no forwarding point exists, so on the receiving host's
     INPUT hook (``receiver_rules``; one delay line per receiving host). The kernel timestamps a
     packet before INPUT holds it: TCP and user-space timestamps (``ping -U``) see the delay,
