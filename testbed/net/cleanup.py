@@ -231,11 +231,16 @@ def find_leftovers(run_id: str | None = None, include_live: bool = False) -> Lef
 
 
 def _root_rules(wanted) -> list[str]:
-    """The root namespace's ``iptables -S`` lines that create runs' chains or jump to them."""
     try:
         listing = subprocess.run([IPT, "-w", "-S"], capture_output=True, text=True).stdout
     except OSError:  # no iptables: no rules either
         return []
+    return run_rules(listing, wanted)
+
+
+def run_rules(listing: str, wanted) -> list[str]:
+    """The lines of an ``iptables -S`` listing that create a wanted run's chain or jump to it
+    (the chain's own rules go with it)."""
     out = []
     for line in listing.splitlines():
         words = line.split()

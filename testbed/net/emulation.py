@@ -148,7 +148,8 @@ class Emulation:
         """The built network as the shaper sees it."""
         t, run = self.topology, self.run
         assert run is not None
-        switched = self.mechanism == "htb+nfqueue" and bool(t.switches)  # delays held in the switches
+        # delays held in the switches where bridged frames can pass iptables (br_netfilter), else by receivers
+        switched = self.mechanism == "htb+nfqueue" and bool(t.switches) and cleanup.BRIDGE_NF.exists()
         return Wiring.of(t, self._intf, {h: self.node(h).pid for h in t.host_names},
                          {h: self.data_ip(h) for h in t.host_names},
                          {s.name: run.name("m", k) for k, s in enumerate(t.switches)},
