@@ -1,5 +1,5 @@
 """Paths that cross a switch hold their delay in the root namespace (htb+nfqueue, testbed.net.tc):
-plain ping inside the hosts sees the configured round trip, TCP keeps its goodput, and nothing the
+plain ping and a packet capture inside the hosts see the configured round trip, TCP keeps its goodput, and nothing the
 run put in the root namespace (its iptables chain, the FORWARD hook, the delay line) outlives it,
 however the owner ends. Tolerances are testbed.net.fidelity's.
 """
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
+import sys
 import time
 
 import pytest
@@ -84,6 +86,44 @@ def test_plain_ping_sees_the_configured_round_trip(star, delay_ms):
         assert stats.loss_pct == 0 and rtt_ok(stats.mean_ms - expected), \
             f"{how}: RTT {stats.mean_ms:.2f} ms, configured {expected} ms, allowed +/- {RTT_ERROR_MS} ms"
     assert sum(star.delay_lines[""].stats().values()) >= before + 80  # requests and replies were held in root
+
+
+# What tcpdump does: a packet socket on the interface, kernel timestamps (SO_TIMESTAMPNS), outgoing
+# frames included. Prints "<seq> <ms from echo request out to echo reply in>" per ICMP echo.
+CAPTURE = """
+import socket, struct, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(3))  # ETH_P_ALL: outgoing frames too
+s.bind((sys.argv[1], 0))
+s.setsockopt(socket.SOL_SOCKET, 35, 1)
+s.settimeout(10)
+out, n = {}, int(sys.argv[2])
+print("ready", flush=True)
+while sum(1 for v in out.values() if len(v) == 2) < n:
+    data, anc, _f, addr = s.recvmsg(2048, 64)
+    sec, nsec = next(struct.unpack("qq", d[:16]) for _l, t, d in anc if t == 35)
+    ihl = (data[0] & 15) * 4
+    if addr[1] == 0x0800 and data[9] == 1 and data[ihl] in (0, 8):
+        out.setdefault(struct.unpack("!H", data[ihl + 6:ihl + 8])[0], {})[data[ihl]] = sec * 1e3 + nsec / 1e6
+for seq, v in sorted(out.items()):
+    if len(v) == 2:
+        print(seq, v[0] - v[8], flush=True)
+"""
+
+
+def test_a_packet_capture_in_the_sender_sees_the_whole_round_trip(star):
+    star.apply_profile(LinkProfile(bandwidth_mbps=100, delay_ms=10))
+    expected = star.topology.path_effect("h1", "h2").rtt_ms
+    dev = star.wiring.host("h1").devs[0]
+    cap = star.popen("h1", [sys.executable, "-c", CAPTURE, dev, "10"], device=False, text=True)
+    try:
+        assert cap.stdout.readline().strip() == "ready", cap.stderr.read()
+        ping(star, "h1", "h2", count=10, user_timestamps=False)
+        out, err = cap.communicate(timeout=30)
+    finally:
+        cap.kill()
+    rtts = [float(line.split()[1]) for line in out.splitlines()]
+    assert len(rtts) >= 10, err
+    assert rtt_ok(statistics.mean(rtts) - expected), f"captured RTTs {rtts}, configured {expected} ms"
 
 
 def test_tcp_goodput_is_kept(star):
