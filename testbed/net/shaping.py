@@ -1,13 +1,14 @@
 """Applies a Topology's link profiles to a live emulation, and changes them live.
 
-The shaper keeps what it installed (egress profile per interface, GSO size per host, source
-rules per receiving host) and on every ``apply(topology)`` issues only the commands for what
+The shaper keeps what it installed (egress profile per interface, GSO size per host, path
+rules per namespace) and on every ``apply(topology)`` issues only the commands for what
 differs: ``tc class change`` / ``tc qdisc change`` on a running link (through the namespace's
 long-running tc batch, testbed.net.batch), ``ip link set ... gso_max_size``, one atomic
 iptables-restore per namespace whose loss or delay set changed (the root namespace for the
 paths that cross a switch, the receiving host for direct links: see testbed.net.tc), one JSON
-line per delay line. All namespaces get their part at once; then the answers are collected. A bandwidth or
-delay change of a whole 4-host star costs a few milliseconds (loss changes spawn iptables).
+line per delay line. All namespaces get their part at once; then the answers are collected. A
+bandwidth or delay change of a whole 4-host star costs a few milliseconds (loss changes spawn
+iptables).
 
 The shaper knows the network only as a ``Wiring``: interface names, namespaces and addresses,
 which the emulation describes once it has built the network.
