@@ -7,7 +7,8 @@ differs between backends is part of the interface, with the defaults below: how 
 are shaped (``mechanism``), whether outputs are computed (``computes``) and traces kept
 (``keeps_traces``), live bandwidth traces (``replay`` / ``stop_replays``), the link
 fidelity measurement (``measures_fidelity`` / ``fidelity_table``), bytes on the wire
-(``wire_bytes``), the ids of emulated networks for the manifest (``run_ids``), and the
+(``wire_bytes``), the ids of emulated networks and shaping details for the manifest (``run_ids``,
+``shaping_details``), and the
 scheduled faults it can inject (``FAULTS``: ``link_down`` / ``link_up``,
 ``set_link_profile`` / ``restore_link``, ``kill_node``; called from the fault thread of
 testbed.experiment.faults while an inference runs).
@@ -123,6 +124,11 @@ class Backend(ABC):
     def run_ids(self) -> list[str]:
         """Ids of the emulated networks this backend made (what `testbed clean` knows them by)."""
         return []
+
+    def shaping_details(self) -> dict:
+        """What the manifest records beside ``mechanism`` about how links are shaped (mininet:
+        ``delay_held``, how many host-to-host paths hold their delay where; see testbed.net.tc)."""
+        return {}
 
     # -- faults (only the kinds in FAULTS; check_spec refuses the others before a run) -------------
     def link_down(self, a: str, b: str) -> None:

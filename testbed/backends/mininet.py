@@ -242,6 +242,10 @@ class MininetBackend(NodeBackend):
         run = self.emulation.run if self.emulation is not None else None
         return [run.run_id] if run is not None else []
 
+    def shaping_details(self) -> dict:
+        em = self.emulation
+        return {"delay_held": em.delay_points()} if em is not None and em.run is not None else {}
+
     def fidelity_table(self, seconds: float = 2.0) -> list[dict]:
         """Measure one host pair per distinct path profile (iperf3 + ping); rows as dicts.
 
@@ -259,7 +263,8 @@ class MininetBackend(NodeBackend):
             for row in rows:
                 for k in ("bandwidth_mbps", "goodput_mbps"):
                     row[k] = row[k] * f if row.get(k) is not None else None
-                for k in ("delay_ms", "rtt_expected_ms", "rtt_ms", "rtt_error_ms"):
+                for k in ("delay_ms", "rtt_expected_ms", "rtt_ms", "rtt_error_ms", "rtt_plain_expected_ms",
+                          "rtt_plain_ms", "rtt_plain_error_ms"):
                     row[k] = row[k] / f if row.get(k) is not None else None
                 row["time_dilation"] = f
         return rows

@@ -334,7 +334,7 @@ class Runner:
         starts = manifest.data["backend"].get("starts", 0) + 1  # > 1: nodes were restarted after a failure
         manifest.backend(backend.name, self.mechanism,
                          "per cell, under `fidelity`" if backend.measures_fidelity else None,
-                         {"starts": starts, **({"emulation_runs": ids} if ids else {})})
+                         {"starts": starts, **({"emulation_runs": ids} if ids else {}), **backend.shaping_details()})
         for s in STOP_SIGNALS:  # a backend may install its own handlers; ours stop the sweep between rows
             signal.signal(s, _raise_interrupted)
 

@@ -11,12 +11,22 @@ anything not named this way. The same sweep runs at the start of every Emulation
 keeper (testbed.net.keeper) runs it for its own run the moment the owner dies. Network namespaces are anonymous (Mininet's): they vanish with
 their last process, and their veths, qdiscs and iptables rules with them.
 
+What a run puts in the root namespace's iptables (the paths held in switches, see
+testbed.net.tc) is its chain ``TBNET-<id>`` and the FORWARD rule that jumps to it; the root
+NFQUEUE numbers it uses are recorded in its registry file (``claim_queues``: queues are shared
+by every run in the root namespace). Holding delay in a switch needs bridged frames to pass
+iptables (``net.bridge.bridge-nf-call-iptables`` = 1). Where the knob was 0, the run that sets
+it leaves a record (/run/testbed-net/bridge-nf-call-iptables.was-0), and the clean-up that
+finds no other live run sets it back to 0: the last run alive puts it back, whichever way it
+ends (teardown, keeper, or the next start's sweep). Runs that find it 1 leave it alone.
+
 ``main`` is the `testbed clean` command.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -26,6 +36,7 @@ import string
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +47,21 @@ LINK_RE = re.compile(rf"^tb({_ID})(?:[hsc]\d*|m\d+)(?:-eth\d+)?(?:@.*)?$")
 SHELL_RE = re.compile(rf"mininet:tb({_ID})")
 CGROUP_RE = re.compile(rf"^tb({_ID})h\d+$")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CHAIN_PREFIX = "TBNET-"  # + run id: the run's chain in the root namespace (hooked from FORWARD)
+CHAIN_RE = re.compile(rf"^{CHAIN_PREFIX}({_ID})$")
+IPT = "iptables-legacy"  # as testbed.net.tc.IPT (tc imports nothing of the run's naming)
+BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+BRIDGE_NF_RECORD = REGISTRY_DIR / "bridge-nf-call-iptables.was-0"
+QUEUE_NUMBERS = 65536  # NFQUEUE numbers are 16 bits
+
+
+@contextmanager
+def _root_lock():
+    """Serialises what runs share in the root namespace (queue numbers, the bridge knob)."""
+    REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
+    with open(REGISTRY_DIR / "root.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _start_time(pid: int) -> str | None:
@@ -71,8 +97,61 @@ class Run:
     def name(self, kind: str, index: int | None = None) -> str:
         return f"tb{self.run_id}{kind}{'' if index is None else index}"
 
+    @property
+    def chain(self) -> str:
+        return f"{CHAIN_PREFIX}{self.run_id}"
+
+    def claim_queues(self, count: int) -> int:
+        """The first of ``count`` root-namespace NFQUEUE numbers no live run uses, recorded in
+        this run's registry file (freed with it)."""
+        path = REGISTRY_DIR / f"{self.run_id}.json"
+        with _root_lock():
+            used = sorted(tuple(reg["queues"]) for reg in _live_registries(self.run_id) if "queues" in reg)
+            base = 0
+            for first, n in used:
+                if base + count <= first:
+                    break
+                base = max(base, first + n)
+            if base + count > QUEUE_NUMBERS:
+                raise RuntimeError(f"no {count} free NFQUEUE numbers in the root namespace (live runs use {used})")
+            reg = json.loads(path.read_text())
+            reg["queues"] = [base, count]
+            tmp = REGISTRY_DIR / f".{self.run_id}.tmp"
+            tmp.write_text(json.dumps(reg))
+            os.replace(tmp, path)
+        return base
+
     def forget(self) -> None:
         (REGISTRY_DIR / f"{self.run_id}.json").unlink(missing_ok=True)
+
+
+def _live_registries(other_than: str | None = None) -> list[dict]:
+    out = []
+    for p in REGISTRY_DIR.glob("*.json"):
+        if p.stem != other_than and run_alive(p.stem):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def bridge_netfilter_on() -> None:
+    """Make bridged frames pass iptables; record it where the testbed changed the knob."""
+    with _root_lock():
+        if BRIDGE_NF.read_text().strip() != "1":
+            BRIDGE_NF_RECORD.write_text("0\n")  # what it was: the last run alive puts it back
+            BRIDGE_NF.write_text("1\n")
+
+
+def _restore_bridge_netfilter(ending: str | None) -> bool:
+    """Put the knob back to 0 where the testbed set it and no run but ``ending`` is alive."""
+    with _root_lock():
+        if not BRIDGE_NF_RECORD.exists() or _live_registries(ending):
+            return False
+        BRIDGE_NF.write_text("0\n")
+        BRIDGE_NF_RECORD.unlink()
+        return True
 
 
 def run_alive(run_id: str) -> bool:
@@ -90,16 +169,17 @@ class Leftovers:
     processes: list[tuple[int, str]] = field(default_factory=list)  # (pid, command line)
     cgroups: list[Path] = field(default_factory=list)
     registries: list[Path] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)  # root iptables: "-N <chain>" and the rules jumping to it
 
     def empty(self) -> bool:
-        return not (self.links or self.processes or self.cgroups or self.registries)
+        return not (self.links or self.processes or self.cgroups or self.registries or self.rules)
 
     def describe(self) -> str:
         """One line; bridges and IFBs named before ports (``-eth``), which vanish with their namespace anyway."""
         shown = sorted(self.links, key=lambda n: ("-eth" in n, n))[:6]
         parts = [f"{len(self.links)} links ({', '.join(shown)}{'...' if len(self.links) > 6 else ''})",
                  f"{len(self.processes)} processes", f"{len(self.cgroups)} cgroups",
-                 f"{len(self.registries)} registry files"]
+                 f"{len(self.registries)} registry files", f"{len(self.rules)} root iptables chains and hooks"]
         return ", ".join(parts)
 
 
@@ -146,7 +226,38 @@ def find_leftovers(run_id: str | None = None, include_live: bool = False) -> Lef
             out.cgroups += [p for p in base.iterdir() if (m := CGROUP_RE.match(p.name)) and wanted(m.group(1))]
     if REGISTRY_DIR.is_dir():
         out.registries = [p for p in REGISTRY_DIR.glob("*.json") if wanted(p.stem)]
+    out.rules = _root_rules(wanted)
     return out
+
+
+def _root_rules(wanted) -> list[str]:
+    try:
+        listing = subprocess.run([IPT, "-w", "-S"], capture_output=True, text=True).stdout
+    except OSError:  # no iptables: no rules either
+        return []
+    return run_rules(listing, wanted)
+
+
+def run_rules(listing: str, wanted) -> list[str]:
+    """The lines of an ``iptables -S`` listing that create a wanted run's chain or jump to it
+    (the chain's own rules go with it)."""
+    out = []
+    for line in listing.splitlines():
+        words = line.split()
+        target = words[-1] if len(words) > 2 and words[-2] == "-j" else words[1] if words[:1] == ["-N"] else ""
+        m = CHAIN_RE.match(target)
+        if m and wanted(m.group(1)) and (words[0] == "-N" or words[1] != target):
+            out.append(line)
+    return out
+
+
+def _remove_rules(lines: list[str]) -> None:
+    """Unhook first, then flush and delete the chains (a chain still jumped to cannot be deleted)."""
+    hooks = [ln.split() for ln in lines if not ln.startswith("-N ")]
+    chains = [ln.split()[1] for ln in lines if ln.startswith("-N ")]
+    argvs = [["-D"] + w[1:] for w in hooks] + [[op, c] for c in chains for op in ("-F", "-X")]
+    for argv in argvs:
+        subprocess.run([IPT, "-w"] + argv, capture_output=True)
 
 
 def _kill(pids: list[int], grace_s: float = 1.0) -> None:
@@ -187,8 +298,11 @@ def clean(run_id: str | None = None, include_live: bool = False, grace_s: float 
                 break
             except OSError:
                 time.sleep(0.05)
+    _remove_rules(found.rules)
     for p in found.registries:
         p.unlink(missing_ok=True)
+    if BRIDGE_NF_RECORD.exists():
+        _restore_bridge_netfilter(run_id)
     return found
 
 
@@ -198,8 +312,9 @@ def main(argv: list[str]) -> int:
         prog="testbed clean",
         description="Remove leftovers of crashed emulation runs: their processes (node servers, delay lines, "
                     "Mininet shells) and with them their namespaces, veths, qdiscs and iptables rules; their "
-                    "bridges, IFB devices, cgroups and registry files. Runs whose owner is still alive are left "
-                    "alone unless --all is given. Nothing not named by the testbed is touched.")
+                    "bridges, IFB devices, cgroups, registry files and root-namespace iptables chains "
+                    "(TBNET-<id>); net.bridge.bridge-nf-call-iptables back to 0 if the testbed set it and no run "
+                    "is left. Runs whose owner is still alive are left alone unless --all is given. Nothing not named by the testbed is touched.")
     ap.add_argument("--all", action="store_true", help="also remove runs whose owner process is still alive")
     ap.add_argument("--run", help="only this run id (4 characters, as in bridge tb<id>s0)")
     ap.add_argument("--dry-run", action="store_true", help="only list what would be removed")

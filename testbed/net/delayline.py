@@ -1,10 +1,12 @@
-"""Receive-side delay line: holds packets from each source for that path's one-way delay (+ jitter).
+"""Delay line: holds each path's packets for that path's one-way delay (+ jitter).
 
-Used where the kernel has no sch_netem. One daemon runs per emulated host, inside its network
-namespace. iptables in that namespace sends packets from source S to NFQUEUE queue q(S)
-(testbed.net.tc.receiver_rules), so each queue is one path and keeps its own delay. Delay is held
-on the RECEIVING side because holding packets on the sender keeps them charged to the sending
-socket (TCP small queues) and collapses TCP throughput (measured: 2.3 vs 93.6 Mbit/s at 20 ms).
+Used where the kernel has no sch_netem. iptables sends each path's packets to its own NFQUEUE
+queue, so each queue is one path and keeps its own delay. One daemon runs in the root namespace
+per run for the paths that cross a switch (matched where the bridge forwards them to the
+receiver, testbed.net.tc.switch_rules), and one inside each host that receives over a direct
+link (matched on INPUT by source, testbed.net.tc.receiver_rules). Never on the sender: holding
+packets there keeps them charged to the sending socket (TCP small queues) and collapses TCP
+throughput (measured: 2.3 vs 93.6 Mbit/s at 20 ms).
 
 Jitter never reorders a path: release = max(previous release on that queue, arrival + delay +
 U(-jitter, +jitter)), as a real link would. Jitter samples are uniform like netem's default.
@@ -17,7 +19,7 @@ Control protocol (one JSON object per line on stdin; one reply line on stdout, f
 The daemon prints "ready" once started, and exits, releasing everything it holds, on end of
 stdin (its owner is gone) or SIGTERM.
 
-Run as ``python -m testbed.net.delayline [--seed N]`` inside the host's namespace.
+Run as ``python -m testbed.net.delayline [--seed N]`` in the namespace whose queues it serves.
 """
 
 from __future__ import annotations

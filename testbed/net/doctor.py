@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from testbed.net.cgroups import host_cpus
 from testbed.net.probe import FIX, probe
@@ -10,9 +11,13 @@ from testbed.net.probe import FIX, probe
 EXPLAIN = {
     "htb+netem": "bandwidth by htb on each link's egress; delay, jitter and loss by netem beneath it",
     "htb+nfqueue": "bandwidth by htb on each link's egress; delay and jitter by a user-space delay line on "
-                   "NFQUEUE on the RECEIVING host, per source host (held on the sender, packets would stall "
-                   "TCP through TCP small queues); loss by iptables' statistic match on the receiving host; "
-                   "jitter never reorders a path",
+                   "NFQUEUE, one queue per path, loss by iptables' statistic match just before it; jitter never "
+                   "reorders a path. Paths that cross a switch are held where the bridge forwards them to the "
+                   "receiver (root namespace, br_netfilter FORWARD hook): every tool inside the hosts sees the "
+                   "delay, plain ping and tcpdump included. Direct host-to-host links (mesh) have no such point "
+                   "and are held on the RECEIVING host's INPUT hook: TCP and `ping -U` see the delay, plain "
+                   "ping and tcpdump on the receiver do not (the kernel timestamps a packet before INPUT). "
+                   "Never on the sender: held packets would stall TCP through TCP small queues",
 }
 
 
@@ -41,7 +46,7 @@ def report() -> int:
         print(f"Fix: {FIX}")
         return 1
     print(f"\nMininet emulation: available. Link shaping mechanism: {mech}")
-    print(f"  {EXPLAIN[mech]}")
+    print(textwrap.fill(EXPLAIN[mech], width=100, initial_indent="  ", subsequent_indent="  "))
     if not caps.ok("ifb"):
         print("  shared-medium topologies need IFB devices, which are missing")
     if not caps.ok("cgroups"):

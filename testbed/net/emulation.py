@@ -13,7 +13,10 @@ SIGTERM/SIGHUP (turned into SystemExit so that with-blocks and atexit run). If t
 without tearing down (SIGKILL), the run's keeper (testbed.net.keeper, started before anything
 is built) kills every process the run started and removes its links and cgroups at once. And
 every start first removes what dead runs left (the rules of `testbed clean`: only runs whose
-owner is gone), saying so in one line on stderr.
+owner is gone), saying so in one line on stderr. Under htb+nfqueue with switches, the run also
+owns an iptables chain and a delay line in the root namespace and may set
+net.bridge.bridge-nf-call-iptables (testbed.net.cleanup says who puts it back): the same
+teardown, keeper and sweep remove them.
 """
 
 from __future__ import annotations
@@ -145,9 +148,13 @@ class Emulation:
         """The built network as the shaper sees it."""
         t, run = self.topology, self.run
         assert run is not None
+        # delays held in the switches where bridged frames can pass iptables (br_netfilter), else by receivers
+        switched = self.mechanism == "htb+nfqueue" and bool(t.switches) and cleanup.BRIDGE_NF.exists()
         return Wiring.of(t, self._intf, {h: self.node(h).pid for h in t.host_names},
                          {h: self.data_ip(h) for h in t.host_names},
-                         {s.name: run.name("m", k) for k, s in enumerate(t.switches)})
+                         {s.name: run.name("m", k) for k, s in enumerate(t.switches)},
+                         chain=run.chain if switched else "", bridges=f"{run.name('s')}+" if switched else "",
+                         queue_base=run.claim_queues(len(t.hosts) ** 2) if switched else 0)
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> "Emulation":
@@ -161,10 +168,11 @@ class Emulation:
             self.keeper = Keeper.start(self.run.run_id)
             self._build()
             self.wiring = self._wiring()
+            if self.wiring.chain:
+                cleanup.bridge_netfilter_on()
             self._configure_hosts()
-            if self.mechanism == "htb+nfqueue":
-                self._start_delay_lines()
             self.shaper = Shaper(self.wiring, self.mechanism, self.spawn, self.delay_lines)
+            self._start_delay_lines(list(self.shaper.wanted_rules(self.topology)))
             self.shaper.setup(self.topology)
             self._wire_base = self._wire_counters()
         except BaseException:
@@ -232,12 +240,35 @@ class Emulation:
         bad = [p.args for p in procs if p.returncode != 0]
         check(not bad, "topology", self.topology.name, f"addresses that the kernel accepts (failed: {bad})")
 
-    def _start_delay_lines(self) -> None:
-        for i, h in enumerate(self.topology.host_names):
-            proc = self.popen(h, [sys.executable, "-m", "testbed.net.delayline", "--seed", str(self.seed + i),
-                                  "--rt-priority", str(DELAYLINE_RT_PRIORITY)],
-                              device=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            self.delay_lines[h] = DelayLineClient(proc, h)
+    def _start_delay_lines(self, namespaces: list[str]) -> None:
+        """One delay line per namespace that holds paths: "" (root) for the switches, else a host."""
+        hosts = self.topology.host_names
+        for ns in namespaces:
+            seed = self.seed + (hosts.index(ns) if ns else len(hosts))
+            argv = [sys.executable, "-m", "testbed.net.delayline", "--seed", str(seed),
+                    "--rt-priority", str(DELAYLINE_RT_PRIORITY)]
+            pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            if ns:
+                proc = self.popen(ns, argv, device=False, **pipes)
+            else:
+                proc = subprocess.Popen(argv, env=self.env(), cwd=_repo_root(), **pipes)
+                self.procs.append(proc)
+            self.delay_lines[ns] = DelayLineClient(proc, ns or "the root namespace")
+
+    def delay_point(self, src: str, dst: str) -> str:
+        """Where path ``src`` -> ``dst`` holds its delay: "sender" (netem), "switch" (every tool in
+        the hosts sees it) or "receiver" (plain ping and tcpdump on ``dst`` do not); see testbed.net.tc."""
+        return self.shaper.delay_point(self.topology, src, dst)
+
+    def delay_points(self) -> dict[str, int]:
+        """How many host-to-host paths hold their delay at each point (for the manifest)."""
+        names, out = self.topology.host_names, {}
+        for src in names:
+            for dst in names:
+                if src != dst:
+                    k = self.delay_point(src, dst)
+                    out[k] = out.get(k, 0) + 1
+        return out
 
     def popen(self, host: str, argv: list[str], device: bool = True, **kwargs) -> subprocess.Popen:
         """Start a process in ``host``'s namespace; it dies with this process (the run's keeper kills it).

@@ -11,7 +11,9 @@ writer is the owner (the write end is close-on-exec, so no other child holds it)
 comes when the owner closes it (normal teardown, announced by ``done``: nothing to do) or when
 the owner dies, however (SIGKILL included: the kernel closes a dead process's files at once).
 Then the keeper kills every process of the run with SIGKILL (the owner is gone, nothing needs a
-graceful stop) and removes its links, cgroups and registry file (testbed.net.cleanup.clean),
+graceful stop) and removes its links, cgroups, registry file and root-namespace iptables chain
+(testbed.net.cleanup.clean, which also puts net.bridge.bridge-nf-call-iptables back if it was the
+last run),
 and says so in one line on stderr (the owner's).
 
 If the keeper dies with its owner (both killed), the next Emulation's start removes what is

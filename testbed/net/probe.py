@@ -135,12 +135,14 @@ def _bridge_netfilter_check() -> Check:
     """Bridged frames pass the root namespace's iptables when bridge-nf-call-iptables is 1."""
     knob = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
     if not knob.exists() or knob.read_text().strip() != "1":
-        return Check("bridge-netfilter", True, "bridged frames bypass the root iptables")
+        return Check("bridge-netfilter", True, "bridged frames bypass the root iptables (an htb+nfqueue run whose "
+                     "paths cross a switch sets net.bridge.bridge-nf-call-iptables to 1 and the last run puts it back)")
     p = subprocess.run(["iptables-legacy", "-S", "FORWARD"], capture_output=True, text=True)
     policy_drop = "-P FORWARD DROP" in p.stdout
     return Check("bridge-netfilter", not policy_drop,
                  "bridged frames pass the root FORWARD chain, whose policy is DROP: emulated hosts "
-                 "cannot talk (set `sysctl net.bridge.bridge-nf-call-iptables=0` or accept bridged traffic)"
+                 "cannot talk over a switch unless the run accepts its bridged frames itself (htb+nfqueue "
+                 "runs do; htb+netem runs need `sysctl net.bridge.bridge-nf-call-iptables=0` or an ACCEPT)"
                  if policy_drop else "bridged frames pass the root FORWARD chain (policy ACCEPT: fine)")
 
 

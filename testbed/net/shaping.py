@@ -1,12 +1,14 @@
 """Applies a Topology's link profiles to a live emulation, and changes them live.
 
-The shaper keeps what it installed (egress profile per interface, GSO size per host, source
-rules per receiving host) and on every ``apply(topology)`` issues only the commands for what
+The shaper keeps what it installed (egress profile per interface, GSO size per host, path
+rules per namespace) and on every ``apply(topology)`` issues only the commands for what
 differs: ``tc class change`` / ``tc qdisc change`` on a running link (through the namespace's
 long-running tc batch, testbed.net.batch), ``ip link set ... gso_max_size``, one atomic
-iptables-restore per receiving host whose loss or delay set changed, one JSON line per delay
-line. All namespaces get their part at once; then the answers are collected. A bandwidth or
-delay change of a whole 4-host star costs a few milliseconds (loss changes spawn iptables).
+iptables-restore per namespace whose loss or delay set changed (the root namespace for the
+paths that cross a switch, the receiving host for direct links: see testbed.net.tc), one JSON
+line per delay line. All namespaces get their part at once; then the answers are collected. A
+bandwidth or delay change of a whole 4-host star costs a few milliseconds (loss changes spawn
+iptables).
 
 The shaper knows the network only as a ``Wiring``: interface names, namespaces and addresses,
 which the emulation describes once it has built the network.
@@ -17,14 +19,14 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 from testbed.net.batch import Batch, BatchError
 from testbed.net.delayline import DelayLineClient
 from testbed.net.profile import LinkProfile
 from testbed.net.tc import (IPT, SourceRule, delayline_config, egress_commands, gso_max_bytes, medium_commands,
-                            queue_limit_bytes, receiver_rules)
+                            queue_limit_bytes, receiver_rules, switch_rules)
 from testbed.net.topology import Topology
 
 
@@ -56,12 +58,18 @@ class Wiring:
     hosts: tuple[HostPorts, ...]
     egress: tuple[Port, ...]  # one per link direction
     mediums: tuple[Port, ...] = ()  # one IFB per shared-medium switch
+    # htb+nfqueue in the switches (root namespace); chain "": every path held by its receiver
+    chain: str = ""  # the run's iptables chain, hooked from FORWARD
+    bridges: str = ""  # interface pattern matching the run's data bridges
+    queue_base: int = 0  # the run's block of root NFQUEUE numbers (queues are per namespace)
 
     @classmethod
     def of(cls, topo: Topology, intf: Mapping[tuple[int, str], str], pids: Mapping[str, int],
-           ips: Mapping[str, str], ifbs: Mapping[str, str]) -> "Wiring":
+           ips: Mapping[str, str], ifbs: Mapping[str, str], chain: str = "", bridges: str = "",
+           queue_base: int = 0) -> "Wiring":
         """The wiring of ``topo`` built with interface ``intf[(link index, node)]``, host namespaces
-        holding ``pids[host]``, data addresses ``ips[host]`` and IFB ``ifbs[switch]`` per medium."""
+        holding ``pids[host]``, data addresses ``ips[host]`` and IFB ``ifbs[switch]`` per medium;
+        ``chain``, ``bridges`` and ``queue_base`` as above."""
         def devs(node: str) -> tuple[str, ...]:
             return tuple(dev for (_i, n), dev in intf.items() if n == node)
 
@@ -69,7 +77,7 @@ class Wiring:
         return cls(tuple(HostPorts(h, pids[h], ips[h], devs(h)) for h in names),
                    tuple(Port(frm if frm in names else "", dev, i, frm) for (i, frm), dev in intf.items()),
                    tuple(Port("", ifbs[sw.name], None, sw.name, devs(sw.name))
-                         for sw in topo.switches if sw.medium is not None))
+                         for sw in topo.switches if sw.medium is not None), chain, bridges, queue_base)
 
     def host(self, name: str) -> HostPorts:
         return next(h for h in self.hosts if h.name == name)
@@ -95,7 +103,9 @@ class Shaper:
     """Shapes the ports of ``wiring`` with ``mechanism``.
 
     ``spawn(ns, argv)`` starts the long-running tc/ip batches in namespace ``ns`` ("" for root)
-    with stdin/stdout piped; ``delay_lines`` are the receiving hosts' delay lines (htb+nfqueue).
+    with stdin/stdout piped; ``delay_lines`` are the delay lines (htb+nfqueue) by namespace: ""
+    (root) for the paths held in the switches, a host's name for the direct links it receives on
+    (``wanted_rules`` says which namespaces need one).
     """
 
     def __init__(self, wiring: Wiring, mechanism: str, spawn: Callable[[str, list[str]], subprocess.Popen],
@@ -147,19 +157,36 @@ class Shaper:
         return out
 
     def wanted_rules(self, topo: Topology) -> dict[str, list[SourceRule]]:
-        """Receiving host -> what it does to each source (htb+nfqueue only)."""
+        """Namespace ("": root) -> its rule per path it holds (htb+nfqueue only). Which
+        namespaces appear depends on the topology's structure, never on its profiles."""
         if self.mechanism != "htb+nfqueue":
             return {}
         names = topo.host_names
-        out = {}
-        for dst in names:
-            rules = []
-            for q, src in enumerate(names):
-                if src != dst:
-                    eff = topo.one_way(src, dst)
-                    rules.append(SourceRule(self.wiring.host(src).ip, q, eff.delay_ms, eff.jitter_ms, eff.loss_pct))
-            out[dst] = rules
+        out: dict[str, list[SourceRule]] = {}
+        for d, dst in enumerate(names):
+            for s, src in enumerate(names):
+                if src == dst:
+                    continue
+                eff = topo.one_way(src, dst)
+                rule = SourceRule(self.wiring.host(src).ip, s, eff.delay_ms, eff.jitter_ms, eff.loss_pct)
+                if self._held_in_switch(topo, src, dst):
+                    lk, frm = topo.path(src, dst)[-1]
+                    port = self.wiring.link_port(topo.links.index(lk), frm).dev
+                    rule = replace(rule, queue_num=self.wiring.queue_base + s * len(names) + d, port=port)
+                out.setdefault("" if rule.port else dst, []).append(rule)
         return out
+
+    def _held_in_switch(self, topo: Topology, src: str, dst: str) -> bool:
+        """The path's last hop leaves a switch, and this run holds delays there."""
+        return bool(self.wiring.chain) and topo.switch(topo.path(src, dst)[-1][1]) is not None
+
+    def delay_point(self, topo: Topology, src: str, dst: str) -> str:
+        """Where the delay of path ``src`` -> ``dst`` is held: "sender" (netem on the egress
+        qdiscs), "switch" (before the receiver's stack: every tool in the hosts sees it) or
+        "receiver" (after the receiver's kernel timestamps: plain ping and tcpdump miss it)."""
+        if self.mechanism != "htb+nfqueue":
+            return "sender"
+        return "switch" if self._held_in_switch(topo, src, dst) else "receiver"
 
     # -- applying ------------------------------------------------------------
     def setup(self, topo: Topology) -> None:
@@ -178,14 +205,15 @@ class Shaper:
             t0 = time.perf_counter()
             egress, gso, rules = self.wanted_egress(topo), self.wanted_gso(topo), self.wanted_rules(topo)
             blocks = {**self._gso_blocks(gso, first), **self._tc_blocks(egress, first)}
-            ipt = {h: receiver_rules(r, first=first) for h, r in rules.items()
+            ipt = {h: self._rules_text(h, r, first) for h, r in rules.items()
                    if first or _rule_set(r) != _rule_set(self.rules.get(h, []))}
             delays = {h: delayline_config(r) for h, r in rules.items() if first or r != self.rules.get(h)}
             # everything starts at once; then the answers are collected
             for h, cfg in delays.items():
                 self.delay_lines[h].send(cfg)
-            procs = [(_spawn(self.wiring.ns_argv(h) + [f"{IPT}-restore", "--noflush"], text), text, h)
-                     for h, text in ipt.items()]
+            # the root namespace is shared with other runs: wait for the xtables lock there
+            procs = [(_spawn(self.wiring.ns_argv(h) + [f"{IPT}-restore", "--noflush"] + ([] if h else ["-w"]),
+                             text), text, h or "root") for h, text in ipt.items()]
             self._run_blocks(blocks)
             for h in delays:
                 self.delay_lines[h].wait_ok()
@@ -193,6 +221,11 @@ class Shaper:
             self.egress, self.gso, self.rules = egress, gso, rules
             self.last_change_s = time.perf_counter() - t0
             return self.last_change_s
+
+    def _rules_text(self, ns: str, rules: list[SourceRule], first: bool) -> str:
+        if ns:
+            return receiver_rules(rules, first=first)
+        return switch_rules(self.wiring.chain, self.wiring.bridges, rules, first=first)
 
     def _tc_blocks(self, egress: dict[Port, tuple[LinkProfile, float]], first: bool) -> dict:
         """(namespace, "tc") -> tc batch lines for every egress whose qdiscs must change."""
@@ -238,8 +271,8 @@ class Shaper:
 
 
 def _rule_set(rules: list[SourceRule]) -> list[tuple]:
-    """The part of a receiver's rules that lives in iptables (delay values live in the delay line)."""
-    return [(r.src_ip, r.queue_num, r.delayed, r.loss_pct) for r in rules]
+    """The part of a namespace's rules that lives in iptables (delay values live in the delay line)."""
+    return [(r.src_ip, r.queue_num, r.delayed, r.loss_pct, r.port) for r in rules]
 
 
 def _spawn(argv: list[str], stdin_text: str) -> subprocess.Popen:

@@ -47,6 +47,8 @@ def test_link_down_costs_the_repetition_it_hits_and_only_that_one(tmp_path, monk
     assert (event["name"], event["kind"], event["target"], event["at_s"]) == ("cut", "link_down", "h2-s1", 0.6)
     assert 0.6 <= event["fired_at_s"] < 0.6 + 0.5 and event["ended_at_s"] >= event["fired_at_s"] + 2
     assert "error" not in event
+    if manifest["backend"]["mechanism"] == "htb+nfqueue":  # a star: every path held in its switch
+        assert manifest["backend"]["delay_held"] == {"switch": 12}
     for run_id in manifest["backend"]["emulation_runs"]:
         left = find_leftovers(run_id)
         assert left.empty(), left.describe()

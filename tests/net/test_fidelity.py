@@ -31,10 +31,17 @@ def test_rows_are_marked_against_the_tolerances():
     slow = FidelityRow("h1", "h3", 10, 5, 0, goodput_mbps=8.0, goodput_ratio=0.80, rtt_expected_ms=10,
                        rtt_ms=10.5, rtt_error_ms=0.5, ping_loss_pct=0)
     unshaped = FidelityRow("h2", "h3", None, 0, 0, rtt_ms=0.1, rtt_error_ms=0.1, ping_loss_pct=0)
-    assert good.ok() and not slow.ok() and unshaped.ok()
-    lines = format_table([good, slow, unshaped]).splitlines()
+    # plain ping on a direct link misses the reply's delay (held by h1's receive side): expected 5, not 10
+    direct = FidelityRow("h1", "h4", None, 5, 0, rtt_expected_ms=10, rtt_ms=10.4, rtt_error_ms=0.4,
+                         held="receiver/receiver", rtt_plain_expected_ms=5, rtt_plain_ms=5.3, rtt_plain_error_ms=0.3)
+    plain_short = FidelityRow("h1", "h2", None, 5, 0, rtt_expected_ms=10, rtt_ms=10.4, rtt_error_ms=0.4,
+                              held="switch/switch", rtt_plain_expected_ms=10, rtt_plain_ms=5.3,
+                              rtt_plain_error_ms=-4.7)
+    assert good.ok() and not slow.ok() and unshaped.ok() and direct.ok() and not plain_short.ok()
+    lines = format_table([good, slow, unshaped, direct, plain_short]).splitlines()
     assert lines[2].endswith("ok") and lines[3].endswith("MISS") and lines[4].endswith("ok")
-    assert f"{RTT_ERROR_MS:g} ms" in lines[-1]
+    assert lines[5].endswith("ok") and "receiver/receiver" in lines[5] and lines[6].endswith("MISS")
+    assert f"{RTT_ERROR_MS:g} ms" in lines[-2] and "plain ping and tcpdump" in lines[-1]
 
 
 def test_data_capacity_leaves_out_acks_only_where_they_share_the_bottleneck():

@@ -10,20 +10,22 @@ from testbed.net.tc import FRAME_BYTES, SourceRule
 from testbed.net.topology import load_topology, topology_from_dict
 
 
-def wiring_of(topo) -> Wiring:
-    """A wiring as the emulation builds it: interface <node>-eth<link>, pid 1000 + host index."""
+def wiring_of(topo, switched: bool = False) -> Wiring:
+    """A wiring as the emulation builds it: interface <node>-eth<link>, pid 1000 + host index;
+    ``switched``: delays of paths crossing a switch held there (chain TBNET-abcd, queues from 100)."""
     intf = {(i, frm): f"{frm}-eth{i}" for i, lk in enumerate(topo.links) for frm in (lk.a, lk.b)}
     names = topo.host_names
     return Wiring.of(topo, intf, {h: 1000 + k for k, h in enumerate(names)},
                      {h: f"10.0.0.{k + 1}" for k, h in enumerate(names)},
-                     {s.name: f"ifb{k}" for k, s in enumerate(topo.switches)})
+                     {s.name: f"ifb{k}" for k, s in enumerate(topo.switches)},
+                     **(dict(chain="TBNET-abcd", bridges="tbabcds+", queue_base=100) if switched else {}))
 
 
-def shaper(topo, mechanism: str = "htb+nfqueue") -> Shaper:
+def shaper(topo, mechanism: str = "htb+nfqueue", switched: bool = False) -> Shaper:
     def no_spawn(ns, argv):
         raise AssertionError(f"nothing is started by what a topology wants ({ns}: {argv})")
 
-    return Shaper(wiring_of(topo), mechanism, no_spawn, {})
+    return Shaper(wiring_of(topo, switched), mechanism, no_spawn, {})
 
 
 def line():
@@ -72,3 +74,21 @@ def test_wiring_runs_host_commands_in_their_namespace_and_the_rest_in_root():
     assert w.ns_argv("h2") == ["mnexec", "-a", "1001"]
     assert w.ns_argv("s1") == [] and w.ns_argv("") == []
     assert w.host("h1").devs == ("h1-eth0",) and w.host("h1").ip == "10.0.0.1"
+
+
+def test_paths_ending_in_a_switch_are_held_there_direct_links_by_their_receiver():
+    topo = topology_from_dict({"name": "mixed", "hosts": ["h1", "h2", "h3"], "switches": ["s1"], "links": [
+        {"a": "h1", "b": "s1", "a_to_b": {"bandwidth_mbps": 10, "delay_ms": 5}},
+        {"a": "s1", "b": "h2", "a_to_b": {"delay_ms": 20, "loss_pct": 1}},
+        {"a": "h1", "b": "h3", "profile": {"delay_ms": 3}}, {"a": "h3", "b": "s1"}]})
+    sh = shaper(topo, switched=True)
+    rules = sh.wanted_rules(topo)
+    assert set(rules) == {"", "h1", "h3"}  # h2 receives only through s1: no delay line in h2
+    to_h2 = next(r for r in rules[""] if r.src_ip == "10.0.0.1")  # both hops composed, held at s1's port to h2
+    assert (to_h2.port, to_h2.queue_num, to_h2.delay_ms) == ("s1-eth1", 100 + 0 * 3 + 1, 25)
+    assert to_h2.loss_pct == pytest.approx(1)
+    assert sorted(r.port for r in rules[""]) == ["s1-eth0", "s1-eth1", "s1-eth1", "s1-eth3"]  # h1-h3 is direct
+    assert rules["h3"] == [SourceRule("10.0.0.1", 0, 3)] and rules["h1"] == [SourceRule("10.0.0.3", 2, 3)]
+    assert [sh.delay_point(topo, "h1", d) for d in ("h2", "h3")] == ["switch", "receiver"]
+    assert shaper(topo).delay_point(topo, "h1", "h2") == "receiver"  # no chain: the old receive side
+    assert shaper(topo, "htb+netem", switched=True).delay_point(topo, "h1", "h2") == "sender"

@@ -7,7 +7,8 @@ import pytest
 from testbed.errors import ConfigError
 from testbed.net.profile import LinkProfile
 from testbed.net.tc import (FRAME_BYTES, SourceRule, burst_bytes, delayline_config, egress_commands, gso_max_bytes,
-                            medium_commands, quantum_bytes, queue_limit_bytes, receiver_rules)
+                            medium_commands, quantum_bytes, queue_limit_bytes, receiver_rules,
+                            switch_rules)
 
 
 def opt(cmd: list[str], name: str) -> str:
@@ -97,3 +98,15 @@ def test_receiver_rules_drop_before_queueing_and_skip_undelayed_sources():
     assert "10.0.0.3" not in text and "--probability 0.0100000000" in lines[5]
     assert "-A INPUT" not in receiver_rules(rules)  # later updates only swap the chain's content
     assert delayline_config(rules)["1"] == {"delay_ms": 10, "jitter_ms": 0.0}
+
+
+def test_switch_rules_match_the_receivers_port_hook_forward_once_and_accept_the_rest():
+    rules = [SourceRule("10.0.0.1", 7, delay_ms=10, loss_pct=5, port="tbabcs0-eth2"), SourceRule("10.0.0.3", 8)]
+    lines = switch_rules("TBNET-abcd", "tbabcds+", rules, first=True).splitlines()
+    assert lines[:3] == ["*filter", ":TBNET-abcd - [0:0]",
+                         "-I FORWARD -i tbabcds+ -m physdev --physdev-is-bridged -j TBNET-abcd"]
+    match = "-s 10.0.0.1/32 -m physdev --physdev-out tbabcs0-eth2"
+    assert lines[3] == f"-A TBNET-abcd {match} -m statistic --mode random --probability 0.0500000000 -j DROP"
+    assert lines[4] == f"-A TBNET-abcd {match} -j NFQUEUE --queue-num 7"
+    assert lines[5:] == ["-A TBNET-abcd -j ACCEPT", "COMMIT"]  # 10.0.0.3's path: neither lost nor delayed
+    assert "FORWARD" not in switch_rules("TBNET-abcd", "tbabcds+", rules)  # live changes swap the chain only
