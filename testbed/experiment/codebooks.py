@@ -50,15 +50,17 @@ def cache_dir() -> Path:
 
 
 def weights_digest(weights_path: str | None, seed: int) -> str:
-    """What identifies the model's weights: the sha256 of its weights file, or its seeded init."""
-    from testbed.models.loader import _checkpoint_file
+    """What identifies the model's weights: the sha256 of its checkpoint's files (every shard, in
+    order), or its seeded init."""
+    from testbed.models.hf_checkpoint import checkpoint_files
 
     if not weights_path:
         return f"init:seed={seed}"
     h = hashlib.sha256()
-    with open(_checkpoint_file(weights_path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in checkpoint_files(weights_path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return "sha256:" + h.hexdigest()
 
 

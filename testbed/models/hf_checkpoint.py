@@ -97,7 +97,9 @@ def check_matches(ours: ModelConfig, theirs: ModelConfig, path: str) -> None:
     assert {f.name for f in fields(ModelConfig)} >= set(_ARCH) - {"kv_heads"}
 
 
-def _files(path: str | Path) -> list[Path]:
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the file itself, the shards its index lists (in name
+    order), or a directory's model.safetensors."""
     p = Path(path)
     if p.is_file():
         return [p]
@@ -147,7 +149,7 @@ def _map_file(f: Path) -> dict[str, torch.Tensor]:
 def mmap_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint at ``path``, keyed by name, mapped read-only from its files."""
     sd: dict[str, torch.Tensor] = {}
-    for f in _files(path):
+    for f in checkpoint_files(path):
         for key, t in _map_file(f).items():
             if key in sd:
                 raise _err(path, f"each tensor in one shard; {key} is in several")
