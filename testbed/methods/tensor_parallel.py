@@ -128,12 +128,13 @@ class TensorParallel(Method):
     def _forward_shards(self, inp: torch.Tensor) -> torch.Tensor | None:
         """The same sums through the shards' attn_partial/mlp_partial (any model; keeps the cache)."""
         x = self.model.embed(inp)  # (B, T, D), replicated
-        T = x.shape[1]
+        B, T = x.shape[:2]
         mask, pos = global_mask(self.model, 0, T, T), torch.arange(T)
+        algo = self.algorithm(self.cfg, T, self.world_size, self.params, B)
         cache = [] if self._keep_cache else None
         for s in self.shards:
-            x = x + self.comm.all_reduce(s.attn_partial(s.ln1(x), mask, pos, cache)) + s.bo
-            x = x + self.comm.all_reduce(s.mlp_partial(s.ln2(x))) + s.b2
+            x = x + self.comm.all_reduce(s.attn_partial(s.ln1(x), mask, pos, cache), algo) + s.bo
+            x = x + self.comm.all_reduce(s.mlp_partial(s.ln2(x)), algo) + s.b2
         return self._logits(x, cache)
 
     def _logits(self, x: torch.Tensor, cache) -> torch.Tensor | None:
@@ -148,14 +149,15 @@ class TensorParallel(Method):
         """Every rank: its KV heads' cache grows by one token; two all-reduces of [B, 1, D] per block."""
         x = self.model.embed_positions(ids, pos)  # (B, 1, D)
         p = torch.tensor([pos])
+        algo = self.algorithm(self.cfg, 1, self.world_size, self.params, x.shape[0])
         for s, c in zip(self.shards, self._cache):
-            x = x + self.comm.all_reduce(s.attn_partial(s.ln1(x), None, p, c, append=True)) + s.bo
-            x = x + self.comm.all_reduce(s.mlp_partial(s.ln2(x))) + s.b2
+            x = x + self.comm.all_reduce(s.attn_partial(s.ln1(x), None, p, c, append=True), algo) + s.bo
+            x = x + self.comm.all_reduce(s.mlp_partial(s.ln2(x)), algo) + s.b2
         return self.model.output(x[:, -1])
 
     @classmethod
     def _decode_calls(cls, cfg, N, p, batch):
-        reduce = ring_reduces(batch * cfg.dim, FP32_BYTES, N)  # [B, 1, D] partial sums
+        reduce = reduces(batch * cfg.dim, FP32_BYTES, N, cls.algorithm(cfg, 1, N, p, batch))  # [B, 1, D] sums
         return [] if reduce is None else [reduce] * (2 * cfg.n_layers)
 
     @classmethod

@@ -128,12 +128,14 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(h: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Codes of h [..., D] with one block's codebook [G, K, D//G] -> int64 [..., G].
+    """Codes of h [..., D] with one block's codebook [G, K, D//G] -> int64 [..., G], by the exhaustive
+    search (training's forward: its codes, and so its straight-through gradients, are exactly the
+    nearest entries, as k-means' are).
 
     Calls with the same codebook again and again (ASTRA, every inference) should keep a
-    ``Quantizer(codebook)`` instead.
+    ``Quantizer(codebook)`` instead (the fast search where it pays).
     """
-    return Quantizer(codebook)(h)
+    return Quantizer(codebook, exact=True)(h)
 
 
 def dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def check_stopped(proc: subprocess.Popen, sig: int, out_dir: Path, stdout: str, 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("phase, marker", [
-    ("validation", "fitting its codebooks"),
+    ("validation", "its codebooks"),  # fit: every test has its own empty user cache
     ("reference", "computing the single-device reference"),
     ("inference", "| astra"),
 ])
