@@ -18,7 +18,7 @@ from testbed.models import build_model
 from .helpers import tiny, write
 
 EXACT = {"single", "tensor_parallel", "sequence_parallel"}  # equal to the unsharded model up to float rounding
-PLOTS = {f"{s}.{e}" for s in ("latency", "speedup", "breakdown") for e in ("png", "svg")}
+PLOTS = {f"{s}.{e}" for s in ("latency", "speedup", "breakdown") for e in ("png", "svg", "pdf")}
 
 
 def analytic_total(method: str, params: dict, n: int, tokens: int, codebook_path: str | None) -> int:
