@@ -44,7 +44,8 @@ from testbed.backends.base import Backend
 from testbed.experiment.checks import Prepared, check_spec
 from testbed.experiment.faults import FaultTimeline
 from testbed.experiment.manifest import Manifest, now_iso
-from testbed.experiment.metrics import Reference, make_reference, output_columns, timing_columns
+from testbed.experiment.metrics import (Reference, decode_columns, make_reference, memory_columns, output_columns,
+                                       timing_columns)
 from testbed.experiment.progress import Progress
 from testbed.experiment.session import BackendSession, backend_setup
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
@@ -165,7 +166,8 @@ class Runner:
         ref, codebooks = None, {}
         if backend_class(s.backend).computes:  # outputs to compare, codebooks to load
             prog.show("computing the single-device reference")
-            ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset)
+            ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset,
+                                 s.input.generate)
             prog.show("astra codebooks")
             codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
             manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()})
@@ -217,6 +219,7 @@ class Runner:
             if cell.trace is not None:
                 self._hold_trace_start(session, cell)
             session.load(job)
+            memory = memory_columns(session.backend.load_times)
             self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
             phase = "warm-up"
             for _ in range(self.spec.warmup):
@@ -245,7 +248,8 @@ class Runner:
                     return k + self._fail(session, store, prog, cell, mi, method, reps[k:], msg, hit)
                 row.update(_fault_columns(faults, t0))
                 wire1 = session.wire_bytes()
-                row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref))
+                row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref),
+                           **decode_columns(res.nodes, ref), **memory)
                 row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
                 row["status"], row["error"] = "ok", ""
                 store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
@@ -291,7 +295,7 @@ class Runner:
         return JobSpec(model=s.model.name, method=method.name, world_size=s.nodes.count, tokens=s.input.tokens,
                        params=dict(method.params), seed=s.input.seed, batch=s.input.batch,
                        weights_path=s.model.weights_path, codebook_path=codebook_path, threads=s.nodes.threads,
-                       dataset=s.model.dataset)
+                       dataset=s.model.dataset, generate=s.input.generate)
 
     def base_row(self, cell: Cell, mi: int, method: MethodSpec, rep: int) -> dict:
         s, p = self.spec, cell.profile
@@ -303,7 +307,8 @@ class Runner:
             "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism,
             "time_dilation": self.dilation.factor, "cell": cell_id(cell, mi),
             "method": method.name, "method_params": method.params_json, "label": method.display,
-            "model": s.model.name, "tokens": s.input.tokens, "batch": s.input.batch, "nodes": s.nodes.count,
+            "model": s.model.name, "tokens": s.input.tokens, "generate": s.input.generate, "batch": s.input.batch,
+            "nodes": s.nodes.count,
             "topology": s.topology_name,
             "bandwidth_mbps": bw,
             "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms, "loss_pct": p.loss_pct,
