@@ -50,13 +50,16 @@ class JobSpec:
 class RankRunner:
     """Builds one rank's shard of a job once, then runs inferences on demand."""
 
-    def __init__(self, job: JobSpec, rank: int, comm: Communicator):
+    def __init__(self, job: JobSpec, rank: int, comm: Communicator, model=None):
+        """``model``: the job's model already built (ranks in one process may share it: inference
+        never writes weights); None builds it."""
         from testbed.methods import build_method
         from testbed.models import build_model
 
         self.job, self.rank, self.comm = job, rank, comm
         # nodes never write weights: a checkpoint stays mapped read-only, one copy per host (loader)
-        self.model = build_model(job.model, seed=job.seed, weights_path=job.weights_path, share_weights=True)
+        self.model = model if model is not None else build_model(job.model, seed=job.seed,
+                                                                  weights_path=job.weights_path, share_weights=True)
         if job.dataset:
             from testbed.models.datasets import load_split
 
