@@ -86,6 +86,25 @@ def test_generate_on_the_simulator_is_one_error(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]
 
 
+def test_a_simulated_experiment_on_llama_3_8b_is_checked_without_building_its_weights(tmp_path, monkeypatch):
+    import testbed.models
+    from testbed.errors import ConfigError
+    from testbed.experiment.checks import check_spec
+    from testbed.experiment.spec import load_spec
+
+    def refuse(name, **_):  # 32 GB of fp32 weights: this host cannot hold them
+        raise AssertionError(f"built {name}")
+
+    monkeypatch.setattr(testbed.models, "build_model", refuse)
+    prepared = check_spec(load_spec(Path(__file__).parents[2] / "experiments" / "llm8b_sim.yaml"))
+    assert prepared.model is None
+    bad = tiny(model={"name": "llama-3-8b"}, input={"tokens": 1024}, nodes={"count": 4}, backend="sim",
+               methods=["single", {"name": "block_parallel", "params": {"n_b": 40}}])
+    with pytest.raises(ConfigError) as info:
+        check_spec(load_spec(write(tmp_path / "bad.yaml", bad)))
+    assert info.value.field == "methods[1].params.n_b"
+
+
 @pytest.mark.parametrize("data,where,allowed", [
     (tiny(input={"tokens": 17, "generate": 4}), "input.generate: got 4", "only causal LMs"),
     (tiny(**{**LLAMA, "input": {"tokens": 13, "generate": 4}}), "input.generate: got 4", "block_parallel"),
