@@ -76,8 +76,9 @@ class InProcessBackend(Backend):
         outs = run_ranks(self.world_size, lambda r: runners[r].infer(), group.aborted.set, name="inprocess-rank",
                          stop_s=self.timeout_s)
         latency = time.perf_counter() - t0
-        return InferenceResult(next((o for o, _ in outs if o is not None), None), latency,
-                               [self._record(runners[r], r, *outs[r]) for r in range(self.world_size)])
+        nodes = [self._record(runners[r], r, *outs[r]) for r in range(self.world_size)]
+        nodes[0].rss_kib, nodes[0].pss_kib = process_memory()  # one process holds every rank: said once
+        return InferenceResult(next((o for o, _ in outs if o is not None), None), latency, nodes)
 
     @staticmethod
     def _record(runner: RankRunner, rank: int, output, wall_s: float) -> RankResult:

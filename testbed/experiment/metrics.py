@@ -24,9 +24,11 @@ logits); the per-token times are the gaps between consecutive tokens (``generate
 over their sum (decode throughput, prefill excluded, as llama.cpp's eval rate);
 ``generated_agreement`` the share of generated ids equal to the single-device greedy decode.
 
-Memory (``memory_columns``, reported by each node once its job is built): ``rss_mib`` is the
+Memory (``memory_columns``, reported by each node right after the inference): ``rss_mib`` is the
 largest node's resident set, ``pss_mib`` the nodes' proportional set sizes added up (what they
-take together: pages shared by co-located nodes count once).
+take together: pages shared by co-located nodes count once). After the inference rather than after
+the load, because a checkpoint is mapped lazily: its pages are resident once an inference has read
+them. What each node held right after the load goes into the manifest (``memory``).
 """
 
 from __future__ import annotations
@@ -117,10 +119,12 @@ def decode_columns(nodes: list, ref: Reference | None) -> dict:
     return cols
 
 
-def memory_columns(load_times: list) -> dict:
-    """``rss_mib`` (largest node) and ``pss_mib`` (all nodes together; NaN unless every node could
-    read it) from what each node reported after its load (testbed.node.records.LoadTimes)."""
-    rss = [t.rss_kib for t in load_times if t.rss_kib]
-    pss = [t.pss_kib for t in load_times]
-    return {"rss_mib": max(rss) / 1024 if rss else math.nan,
-            "pss_mib": sum(pss) / 1024 if pss and None not in pss else math.nan}
+def memory_columns(records: list) -> dict:
+    """``rss_mib`` (largest process) and ``pss_mib`` (all processes together; NaN unless each could
+    read it) from what node processes reported (testbed.node.records.RankResult after an inference,
+    or LoadTimes after a load). Records with no figure (rss_kib 0: the in-process backend's ranks
+    after the first, all in one process) are left out."""
+    said = [t for t in records if t.rss_kib]
+    pss = [t.pss_kib for t in said]
+    return {"rss_mib": max(t.rss_kib for t in said) / 1024 if said else math.nan,
+            "pss_mib": sum(pss) / 1024 if said and None not in pss else math.nan}

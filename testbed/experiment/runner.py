@@ -219,7 +219,7 @@ class Runner:
             if cell.trace is not None:
                 self._hold_trace_start(session, cell)
             session.load(job)
-            memory = memory_columns(session.backend.load_times)
+            self._record_load_memory(manifest, cell, method, session.backend.load_times)
             self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
             phase = "warm-up"
             for _ in range(self.spec.warmup):
@@ -249,7 +249,7 @@ class Runner:
                 row.update(_fault_columns(faults, t0))
                 wire1 = session.wire_bytes()
                 row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref),
-                           **decode_columns(res.nodes, ref), **memory)
+                           **decode_columns(res.nodes, ref), **memory_columns(res.nodes))
                 row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
                 row["status"], row["error"] = "ok", ""
                 store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
@@ -258,6 +258,17 @@ class Runner:
             if faults is not None:
                 self._end_faults(faults, manifest, cell, method, restore=True)
         return len(reps)
+
+    @staticmethod
+    def _record_load_memory(manifest: Manifest, cell: Cell, method: MethodSpec, load_times: list) -> None:
+        """What each node process held once the job was built (none for the simulator)."""
+        if not load_times:
+            return
+        nodes = [{"rss_mib": round(t.rss_kib / 1024, 1),
+                  "pss_mib": None if t.pss_kib is None else round(t.pss_kib / 1024, 1)} for t in load_times]
+        manifest.data.setdefault("memory", []).append(
+            {"cell": cell.index, "method": method.display, "after": "load", "nodes": nodes})
+        manifest.write()
 
     def _end_faults(self, faults: FaultTimeline, manifest: Manifest, cell: Cell, method: MethodSpec,
                     restore: bool) -> None:

@@ -63,6 +63,10 @@ class RankResult:
     # output is held. Empty / None for prefill-only jobs.
     token_times_s: list[float] = field(default_factory=list)
     generated: torch.Tensor | None = None
+    # the node process's memory right after the inference (testbed.node.memory), KiB: pages of a
+    # read-only mapped checkpoint are resident once an inference has read them
+    rss_kib: int = 0  # VmRSS; 0: unknown
+    pss_kib: int | None = None  # proportional set size; None: unreadable
 
 
 @dataclass

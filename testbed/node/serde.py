@@ -66,7 +66,7 @@ def infer_response(r: RankResult) -> node_pb2.InferResponse:
     resp = node_pb2.InferResponse(rank=r.rank, wall_s=r.wall_s, compute_s=r.compute_s, comm_s=r.comm_s,
                                   wait_s=r.wait_s, serialize_s=r.serialize_s, bytes_sent=r.bytes_sent,
                                   bytes_recv=r.bytes_recv, trace_json=json.dumps(r.trace.to_dict()),
-                                  token_times_s=r.token_times_s)
+                                  token_times_s=r.token_times_s, rss_kib=r.rss_kib, pss_kib=r.pss_kib)
     if r.output is not None:
         resp.output = tensor_to_bytes(r.output)
     if r.generated is not None:
@@ -81,7 +81,8 @@ def read_infer_response(resp: node_pb2.InferResponse, address: str = "") -> Rank
                       bytes_sent=resp.bytes_sent, bytes_recv=resp.bytes_recv,
                       trace=Trace.from_dict(json.loads(resp.trace_json)), address=address,
                       token_times_s=list(resp.token_times_s),
-                      generated=bytes_to_tensor(resp.generated) if resp.HasField("generated") else None)
+                      generated=bytes_to_tensor(resp.generated) if resp.HasField("generated") else None,
+                      rss_kib=resp.rss_kib, pss_kib=resp.pss_kib if resp.HasField("pss_kib") else None)
 
 
 def stats_request() -> node_pb2.StatsRequest:

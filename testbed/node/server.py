@@ -137,11 +137,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 job.comm.abort(f"rank {job.args.rank} failed: {job.broken}")
                 raise
             job.inferences += 1
+            rss_kib, pss_kib = process_memory()
             tr = job.comm.trace
             result = RankResult(rank=job.args.rank, output=out, wall_s=wall_s, compute_s=tr.compute_s,
                                 comm_s=tr.comm_s, wait_s=tr.wait_s, serialize_s=tr.serialize_s,
                                 bytes_sent=tr.bytes_sent, bytes_recv=tr.bytes_recv, trace=tr,
-                                token_times_s=job.runner.token_times_s, generated=job.runner.generated)
+                                token_times_s=job.runner.token_times_s, generated=job.runner.generated,
+                                rss_kib=rss_kib, pss_kib=pss_kib)
             return serde.infer_response(result)
 
     @_rpc

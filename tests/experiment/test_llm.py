@@ -5,6 +5,7 @@ pages, and rows record each run's resident memory."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,10 @@ def test_decode_rows_carry_ttft_per_token_latency_and_tokens_per_second(backend,
     assert (rows["rss_mib"] > 50).all() and (rows["pss_mib"] > 0).all()
     if backend == "inprocess":  # one process holds every rank: its PSS is part of its resident set
         assert (rows["pss_mib"] <= rows["rss_mib"]).all()
+    memory = json.loads((out / "manifest.json").read_text())["memory"]  # what each node held once loaded
+    assert len(memory) == len(methods) and {m["after"] for m in memory} == {"load"}
+    assert all(len(m["nodes"]) == (1 if backend == "inprocess" else 2) and m["nodes"][0]["rss_mib"] > 50
+               for m in memory)
 
 
 def test_decode_columns_from_the_token_times():

@@ -43,7 +43,8 @@ def test_infer_response_round_trip(output, decode):
     times = [0.25, 0.3125, 0.375] if decode else []
     ids = torch.tensor([[5, 7, 11]]) if decode and output is not None else None
     r = RankResult(rank=1, output=output, wall_s=0.7, compute_s=0.5, comm_s=0.2, wait_s=0.1, serialize_s=0.01,
-                   bytes_sent=64, bytes_recv=64, trace=trace, token_times_s=times, generated=ids)
+                   bytes_sent=64, bytes_recv=64, trace=trace, token_times_s=times, generated=ids,
+                   rss_kib=123456 if decode else 0, pss_kib=65432 if decode else None)
     back = serde.read_infer_response(wire(serde.infer_response(r)), address="h:1")
     assert back.address == "h:1" and back.trace.to_dict() == trace.to_dict()
     assert (back.output is None) == (output is None)
@@ -53,7 +54,8 @@ def test_infer_response_round_trip(output, decode):
     assert (back.generated is None) == (ids is None)
     if ids is not None:
         assert torch.equal(back.generated, ids) and back.generated.dtype == ids.dtype
-    for name in ("rank", "wall_s", "compute_s", "comm_s", "wait_s", "serialize_s", "bytes_sent", "bytes_recv"):
+    for name in ("rank", "wall_s", "compute_s", "comm_s", "wait_s", "serialize_s", "bytes_sent", "bytes_recv", "rss_kib",
+                 "pss_kib"):
         assert getattr(back, name) == getattr(r, name)
 
 
