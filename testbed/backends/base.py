@@ -70,6 +70,9 @@ class Backend(ABC):
     SETTINGS: tuple[str, ...] = ()
     #: the fault kinds it can inject (testbed.experiment.faults.KINDS)
     FAULTS: tuple[str, ...] = ()
+    #: what the latest load() reported per node process (testbed.node.records.LoadTimes: build time,
+    #: resident memory once built); one entry for the in-process backend's one process, none for sim
+    load_times: list = []
 
     @classmethod
     def check_available(cls) -> Any:
@@ -194,7 +197,7 @@ class NodeBackend(Backend):
             raise ConfigError("backend", f"{self.name} (not started)", "start() before load()")
         if self._client is None:
             self._client = self.client(self.addresses, self.timeout_s)
-        self._client.load(job)
+        self.load_times = list(self._client.load(job))
 
     def infer(self, repetition: int | None = None) -> InferenceResult:
         if self._client is None:

@@ -31,7 +31,7 @@ def undilate_trace(trace: Trace, factor: float) -> Trace:
 def undilate_rank(r: RankResult, factor: float) -> RankResult:
     return replace(r, wall_s=r.wall_s / factor, compute_s=r.compute_s / factor, comm_s=r.comm_s / factor,
                    wait_s=r.wait_s / factor, serialize_s=r.serialize_s / factor,
-                   trace=undilate_trace(r.trace, factor))
+                   trace=undilate_trace(r.trace, factor), token_times_s=[t / factor for t in r.token_times_s])
 
 
 def undilate(result: InferenceResult, factor: float) -> InferenceResult:

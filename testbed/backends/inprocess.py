@@ -23,7 +23,8 @@ from testbed.comm.trace import Trace
 from testbed.errors import CommError, ConfigError
 from testbed.methods.job import JobSpec, RankRunner
 from testbed.net.profile import LinkProfile
-from testbed.node.records import InferenceResult, RankResult
+from testbed.node.memory import process_memory
+from testbed.node.records import InferenceResult, LoadTimes, RankResult
 
 
 class InProcessBackend(Backend):
@@ -37,6 +38,7 @@ class InProcessBackend(Backend):
         self.world_size = 0
         self.runners: list[RankRunner] = []
         self.group: InProcessGroup | None = None
+        self.load_times: list[LoadTimes] = []
 
     @classmethod
     def from_setup(cls, setup: BackendSetup) -> "InProcessBackend":
@@ -58,7 +60,11 @@ class InProcessBackend(Backend):
         # set once for the process: every rank thread uses the job's intra-op thread count
         torch.set_num_threads(job.threads)
         self.group = InProcessGroup(job.world_size, self.timeout_s)
+        t0 = time.perf_counter()
         self.runners = [RankRunner(job, r, self.group.communicator(r)) for r in range(job.world_size)]
+        # every rank lives in this process: one figure for all of them (the runner's own share included)
+        rss_kib, pss_kib = process_memory()
+        self.load_times = [LoadTimes(time.perf_counter() - t0, 0.0, rss_kib, pss_kib)]
 
     def infer(self, repetition: int | None = None) -> InferenceResult:
         if not self.runners or self.group is None:
@@ -70,8 +76,9 @@ class InProcessBackend(Backend):
         outs = run_ranks(self.world_size, lambda r: runners[r].infer(), group.aborted.set, name="inprocess-rank",
                          stop_s=self.timeout_s)
         latency = time.perf_counter() - t0
-        return InferenceResult(next((o for o, _ in outs if o is not None), None), latency,
-                               [self._record(runners[r], r, *outs[r]) for r in range(self.world_size)])
+        nodes = [self._record(runners[r], r, *outs[r]) for r in range(self.world_size)]
+        nodes[0].rss_kib, nodes[0].pss_kib = process_memory()  # one process holds every rank: said once
+        return InferenceResult(next((o for o, _ in outs if o is not None), None), latency, nodes)
 
     @staticmethod
     def _record(runner: RankRunner, rank: int, output, wall_s: float) -> RankResult:
@@ -79,7 +86,8 @@ class InProcessBackend(Backend):
         return RankResult(rank=rank, output=output, wall_s=wall_s, compute_s=tr.compute_s, comm_s=tr.comm_s,
                           wait_s=tr.wait_s, serialize_s=tr.serialize_s, bytes_sent=tr.bytes_sent,
                           bytes_recv=tr.bytes_recv, trace=Trace.from_dict(tr.to_dict()),  # the next inference reuses tr
-                          address=f"inprocess:{rank}")
+                          address=f"inprocess:{rank}", token_times_s=list(runner.token_times_s),
+                          generated=runner.generated)
 
     def _drop_job(self) -> None:
         if self.group is not None:

@@ -48,17 +48,22 @@ def check_spec(spec: ExperimentSpec, codebook_dir: Path | None = None,
     in memory for a runner to write. ``log``: told about slow steps (k-means takes minutes at
     paper scale).
     """
+    from testbed.backends import backend_class
     from testbed.experiment.dilation import resolve_dilation
 
     startup = startup or Startup()
+    computes = backend_class(spec.backend).computes
     with startup.phase("model build"):
-        model = _check_model(spec)
+        model = _check_model(spec, build=computes or spec.model.weights_path is not None)
     topology = _check_topology(spec)
     _check_faults(spec, topology)
     dilation = resolve_dilation(spec, topology)
     machine = _check_backend_available(spec)
     log = log or (lambda _msg: None)
-    if codebook_dir is None:
+    if model is None:  # nothing computes: the methods' stated schedules hold every check of sizes and params
+        _check_methods(spec, None, None, log, startup)
+        cbs = Codebooks(spec, None)
+    elif codebook_dir is None:
         with tempfile.TemporaryDirectory(prefix="testbed-check-") as tmp:
             cbs = Codebooks(spec, model, directory=Path(tmp))
             _check_methods(spec, model, cbs, log, startup)
@@ -85,7 +90,9 @@ def _missing_ancestor(path: Path) -> Path | None:
     return top
 
 
-def _check_model(spec: ExperimentSpec):
+def _check_model(spec: ExperimentSpec, build: bool = True):
+    """The experiment's model, built (weights loaded) when ``build``, else None after the config's checks
+    (a backend that computes nothing, the simulator, needs no weights: Llama-3-8B does not fit here)."""
     from testbed.models import CONFIGS, build_model
 
     m = spec.model
@@ -100,6 +107,8 @@ def _check_model(spec: ExperimentSpec):
         from testbed.models.datasets import SPLITS
 
         check(m.dataset in SPLITS, "model.dataset", m.dataset, " | ".join(SPLITS))
+    if not build:
+        return None
     try:
         return build_model(m.name, seed=spec.input.seed, weights_path=m.weights_path)
     except ConfigError as e:
@@ -156,11 +165,16 @@ def _check_backend_available(spec: ExperimentSpec) -> Any:
                           "`--backend sim` (simulated links) or `--backend loopback` (unshaped profiles only)") from None
 
 
-def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[str], None], startup: Startup) -> None:
+def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks | None, log: Callable[[str], None],
+                   startup: Startup) -> None:
+    """Build ranks 0 and N-1 of every method on ``model`` (astra: with its codebooks); ``model`` None:
+    only each method's stated schedule (params, sizes), nothing built."""
     from testbed.comm.inprocess import InProcessGroup
-    from testbed.methods import METHODS, build_method, resolve_params
+    from testbed.methods import METHODS, build_method, comm_schedule, resolve_params
+    from testbed.models import get_config
 
     N, T = spec.nodes.count, spec.input.tokens
+    cfg = get_config(spec.model.name) if model is None else model.cfg
     for i, m in enumerate(spec.methods):
         check(m.name in METHODS, f"methods[{i}].name", m.name, " | ".join(METHODS))
     if spec.input.generate:
@@ -168,13 +182,20 @@ def _check_methods(spec: ExperimentSpec, model, cbs: Codebooks, log: Callable[[s
 
         for m in spec.methods:
             try:
-                check_decodes(m.name, model.cfg, spec.input.generate)
+                check_decodes(m.name, cfg, spec.input.generate)
             except ConfigError as e:
                 raise ConfigError("input.generate", e.value, e.allowed) from None
-        # decode runs in the methods (Method.generate) but node results do not carry per-token times yet
-        raise ConfigError("input.generate", spec.input.generate,
-                          "0 in experiments for now (decode is measured by `python -m testbed.bench.compute "
-                          "--model M --generate N`; result rows do not carry per-token times yet)")
+        # the simulator's compute profiles are of prefill: no per-token compute to replay decode with
+        check(spec.backend != "sim", "input.generate", spec.input.generate,
+              "0 with backend sim (its compute profiles cover prefill only; decode runs on inprocess, loopback "
+              "and mininet)")
+    if model is None:
+        for i, m in enumerate(spec.methods):
+            try:
+                comm_schedule(m.name, cfg, T, N, dict(m.params), spec.input.batch)
+            except ConfigError as e:
+                raise _method_error(e, i, m) from None
+        return
     # cheap ones first: an error in any other method is reported before minutes of k-means
     order = sorted(range(len(spec.methods)), key=lambda i: spec.methods[i].name == "astra")
     for i in order:

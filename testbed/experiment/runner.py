@@ -44,7 +44,8 @@ from testbed.backends.base import Backend
 from testbed.experiment.checks import Prepared, check_spec
 from testbed.experiment.faults import FaultTimeline
 from testbed.experiment.manifest import Manifest, now_iso
-from testbed.experiment.metrics import Reference, make_reference, output_columns, timing_columns
+from testbed.experiment.metrics import (Reference, decode_columns, make_reference, memory_columns, output_columns,
+                                       timing_columns)
 from testbed.experiment.progress import Progress
 from testbed.experiment.session import BackendSession, backend_setup
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
@@ -167,7 +168,8 @@ class Runner:
         ref, codebooks = None, {}
         if backend_class(s.backend).computes:  # outputs to compare, codebooks to load
             prog.show("computing the single-device reference")
-            ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset)
+            ref = make_reference(self.prepared.model, s.input.tokens, s.input.batch, s.input.seed, s.model.dataset,
+                                 s.input.generate)
             prog.show("astra codebooks")
             codebooks = self.prepared.codebooks.write(self.out_dir / "codebooks", only=sorted({t[1] for t in todo}))
             manifest.set(codebooks={s.methods[i].display: p for i, p in codebooks.items()},
@@ -221,6 +223,7 @@ class Runner:
                 self._hold_trace_start(session, cell)
             with self.startup.phase("job load and warm-up"):
                 session.load(job)
+                self._record_load_memory(manifest, cell, method, session.backend.load_times)
                 self.mechanism = session.mechanism  # a model-based backend says per job where its times come from
                 phase = "warm-up"
                 for _ in range(self.spec.warmup):
@@ -249,7 +252,8 @@ class Runner:
                     return k + self._fail(session, store, prog, cell, mi, method, reps[k:], msg, hit)
                 row.update(_fault_columns(faults, t0))
                 wire1 = session.wire_bytes()
-                row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref))
+                row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref),
+                           **decode_columns(res.nodes, ref), **memory_columns(res.nodes))
                 row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
                 row["status"], row["error"] = "ok", ""
                 store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
@@ -260,6 +264,17 @@ class Runner:
             if faults is not None:
                 self._end_faults(faults, manifest, cell, method, restore=True)
         return len(reps)
+
+    @staticmethod
+    def _record_load_memory(manifest: Manifest, cell: Cell, method: MethodSpec, load_times: list) -> None:
+        """What each node process held once the job was built (none for the simulator)."""
+        if not load_times:
+            return
+        nodes = [{"rss_mib": round(t.rss_kib / 1024, 1),
+                  "pss_mib": None if t.pss_kib is None else round(t.pss_kib / 1024, 1)} for t in load_times]
+        manifest.data.setdefault("memory", []).append(
+            {"cell": cell.index, "method": method.display, "after": "load", "nodes": nodes})
+        manifest.write()
 
     def _end_faults(self, faults: FaultTimeline, manifest: Manifest, cell: Cell, method: MethodSpec,
                     restore: bool) -> None:
@@ -306,7 +321,7 @@ class Runner:
         return JobSpec(model=s.model.name, method=method.name, world_size=s.nodes.count, tokens=s.input.tokens,
                        params=self.settled_params(method), seed=s.input.seed, batch=s.input.batch,
                        weights_path=s.model.weights_path, codebook_path=codebook_path, threads=s.nodes.threads,
-                       dataset=s.model.dataset)
+                       dataset=s.model.dataset, generate=s.input.generate)
 
     def base_row(self, cell: Cell, mi: int, method: MethodSpec, rep: int) -> dict:
         s, p = self.spec, cell.profile
@@ -319,7 +334,8 @@ class Runner:
             "time_dilation": self.dilation.factor, "cell": cell_id(cell, mi),
             "method": method.name, "method_params": method.params_json, "label": method.display,
             "all_reduce": self.settled_params(method).get("all_reduce", ""),  # the algorithm that ran, if any
-            "model": s.model.name, "tokens": s.input.tokens, "batch": s.input.batch, "nodes": s.nodes.count,
+            "model": s.model.name, "tokens": s.input.tokens, "generate": s.input.generate, "batch": s.input.batch,
+            "nodes": s.nodes.count,
             "topology": s.topology_name,
             "bandwidth_mbps": bw,
             "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms, "loss_pct": p.loss_pct,

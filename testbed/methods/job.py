@@ -30,12 +30,14 @@ class JobSpec:
     codebook_path: str | None = None  # astra: codebooks made by testbed.methods.astra (torch.save file)
     threads: int = 1  # torch intra-op threads per rank
     dataset: str | None = None  # evaluation split (testbed.models.datasets) used as the input batch instead of random input
+    generate: int = 0  # causal LMs: greedy tokens decoded after prefill (testbed.methods.decode); 0: prefill only
 
     def __post_init__(self) -> None:
         check(isinstance(self.world_size, int) and self.world_size >= 1, "world_size", self.world_size, "an integer >= 1")
         check(isinstance(self.tokens, int) and self.tokens >= 1, "tokens", self.tokens, "an integer >= 1")
         check(isinstance(self.batch, int) and self.batch >= 1, "batch", self.batch, "an integer >= 1")
         check(isinstance(self.threads, int) and self.threads >= 1, "threads", self.threads, "an integer >= 1")
+        check(isinstance(self.generate, int) and self.generate >= 0, "generate", self.generate, "an integer >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,13 +50,16 @@ class JobSpec:
 class RankRunner:
     """Builds one rank's shard of a job once, then runs inferences on demand."""
 
-    def __init__(self, job: JobSpec, rank: int, comm: Communicator):
+    def __init__(self, job: JobSpec, rank: int, comm: Communicator, model=None):
+        """``model``: the job's model already built (ranks in one process may share it: inference
+        never writes weights); None builds it."""
         from testbed.methods import build_method
         from testbed.models import build_model
 
         self.job, self.rank, self.comm = job, rank, comm
         # nodes never write weights: a checkpoint stays mapped read-only, one copy per host (loader)
-        self.model = build_model(job.model, seed=job.seed, weights_path=job.weights_path, share_weights=True)
+        self.model = model if model is not None else build_model(job.model, seed=job.seed,
+                                                                  weights_path=job.weights_path, share_weights=True)
         if job.dataset:
             from testbed.models.datasets import load_split
 
@@ -64,15 +69,26 @@ class RankRunner:
         self.method = build_method(job.method, self.model, job.params, rank, job.world_size, comm,
                                    tokens=job.tokens, codebook_path=job.codebook_path)
 
+        self.token_times_s: list[float] = []  # of the latest inference (job.generate > 0), see infer
+        self.generated: torch.Tensor | None = None
+
     @torch.inference_mode()
     def infer(self) -> tuple[torch.Tensor | None, float]:
         """One inference. Returns (output on the rank that holds it else None, wall seconds).
 
+        With ``job.generate`` > 0 the inference is prefill then that many greedy tokens
+        (Method.generate): the output is still prefill's (the logits the reference is compared
+        with), ``generated`` holds the token ids [B, generate] on the output rank and
+        ``token_times_s`` the seconds from the start to each token (the first: time to first token).
         The communicator's trace holds this inference's schedule afterwards.
         """
         self.comm.trace.start()
         t0 = time.perf_counter()
-        out = self.method.forward(self.input)
+        if self.job.generate:
+            self.generated, self.token_times_s = self.method.generate(self.input, self.job.generate)
+            out = self.method.prefill_output if self.generated is not None else None
+        else:
+            out = self.method.forward(self.input)
         wall = time.perf_counter() - t0
         self.comm.trace.finish()
         return out, wall

@@ -35,8 +35,12 @@ class LoadArgs:
 
 @dataclass
 class LoadTimes:
+    """What loading a job took on one node, and the node's memory once the job was built."""
+
     build_s: float  # model, method and input, seconds
     connect_s: float  # peer streams, seconds
+    rss_kib: int = 0  # resident set of the node process after the load (VmRSS); 0: unknown
+    pss_kib: int | None = None  # proportional set size (pages shared by k processes count 1/k); None: unreadable
 
 
 @dataclass
@@ -54,6 +58,15 @@ class RankResult:
     bytes_recv: int
     trace: Trace = field(repr=False)
     address: str = ""  # control address of the node (filled in by the orchestrator)
+    # decode after prefill (job.generate > 0): seconds from the start of the inference to each
+    # generated token (the first is the time to first token); token ids [B, generate] where the
+    # output is held. Empty / None for prefill-only jobs.
+    token_times_s: list[float] = field(default_factory=list)
+    generated: torch.Tensor | None = None
+    # the node process's memory right after the inference (testbed.node.memory), KiB: pages of a
+    # read-only mapped checkpoint are resident once an inference has read them
+    rss_kib: int = 0  # VmRSS; 0: unknown
+    pss_kib: int | None = None  # proportional set size; None: unreadable
 
 
 @dataclass

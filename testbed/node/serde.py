@@ -42,11 +42,13 @@ def read_load_request(req: node_pb2.LoadJobRequest) -> LoadArgs:
 
 
 def load_response(times: LoadTimes) -> node_pb2.LoadJobResponse:
-    return node_pb2.LoadJobResponse(build_s=times.build_s, connect_s=times.connect_s)
+    return node_pb2.LoadJobResponse(build_s=times.build_s, connect_s=times.connect_s, rss_kib=times.rss_kib,
+                                    pss_kib=times.pss_kib)
 
 
 def read_load_response(resp: node_pb2.LoadJobResponse) -> LoadTimes:
-    return LoadTimes(build_s=resp.build_s, connect_s=resp.connect_s)
+    return LoadTimes(build_s=resp.build_s, connect_s=resp.connect_s, rss_kib=resp.rss_kib,
+                     pss_kib=resp.pss_kib if resp.HasField("pss_kib") else None)
 
 
 # -- control plane: Infer, Stats, Shutdown ---------------------------------------
@@ -63,9 +65,12 @@ def read_infer_request(req: node_pb2.InferRequest) -> str:
 def infer_response(r: RankResult) -> node_pb2.InferResponse:
     resp = node_pb2.InferResponse(rank=r.rank, wall_s=r.wall_s, compute_s=r.compute_s, comm_s=r.comm_s,
                                   wait_s=r.wait_s, serialize_s=r.serialize_s, bytes_sent=r.bytes_sent,
-                                  bytes_recv=r.bytes_recv, trace_json=json.dumps(r.trace.to_dict()))
+                                  bytes_recv=r.bytes_recv, trace_json=json.dumps(r.trace.to_dict()),
+                                  token_times_s=r.token_times_s, rss_kib=r.rss_kib, pss_kib=r.pss_kib)
     if r.output is not None:
         resp.output = tensor_to_bytes(r.output)
+    if r.generated is not None:
+        resp.generated = tensor_to_bytes(r.generated)
     return resp
 
 
@@ -74,7 +79,10 @@ def read_infer_response(resp: node_pb2.InferResponse, address: str = "") -> Rank
     return RankResult(rank=resp.rank, output=output, wall_s=resp.wall_s, compute_s=resp.compute_s,
                       comm_s=resp.comm_s, wait_s=resp.wait_s, serialize_s=resp.serialize_s,
                       bytes_sent=resp.bytes_sent, bytes_recv=resp.bytes_recv,
-                      trace=Trace.from_dict(json.loads(resp.trace_json)), address=address)
+                      trace=Trace.from_dict(json.loads(resp.trace_json)), address=address,
+                      token_times_s=list(resp.token_times_s),
+                      generated=bytes_to_tensor(resp.generated) if resp.HasField("generated") else None,
+                      rss_kib=resp.rss_kib, pss_kib=resp.pss_kib if resp.HasField("pss_kib") else None)
 
 
 def stats_request() -> node_pb2.StatsRequest:

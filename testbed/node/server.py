@@ -28,6 +28,7 @@ import grpc
 from testbed.errors import CommError, ConfigError, check
 from testbed.node import serde
 from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, join_hostport, make_server, split_hostport
+from testbed.node.memory import process_memory
 from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
 
@@ -114,9 +115,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
             comm.abort(f"rank {args.rank} failed to build its shard: {type(e).__name__}: {e}")
             raise
         self.job = _Job(args, comm, runner)
-        log.info("loaded job %s rank %d/%d (%s, %s)", args.job_id, args.rank, args.job.world_size,
-                 args.job.model, args.job.method)
-        return LoadTimes(build_s=time.perf_counter() - t1, connect_s=t1 - t0)
+        build_s = time.perf_counter() - t1
+        rss_kib, pss_kib = process_memory()
+        log.info("loaded job %s rank %d/%d (%s, %s), resident %d MiB", args.job_id, args.rank, args.job.world_size,
+                 args.job.model, args.job.method, rss_kib // 1024)
+        return LoadTimes(build_s=build_s, connect_s=t1 - t0, rss_kib=rss_kib, pss_kib=pss_kib)
 
     @_rpc
     def Infer(self, request, context):  # noqa: N802
@@ -134,10 +137,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 job.comm.abort(f"rank {job.args.rank} failed: {job.broken}")
                 raise
             job.inferences += 1
+            rss_kib, pss_kib = process_memory()
             tr = job.comm.trace
             result = RankResult(rank=job.args.rank, output=out, wall_s=wall_s, compute_s=tr.compute_s,
                                 comm_s=tr.comm_s, wait_s=tr.wait_s, serialize_s=tr.serialize_s,
-                                bytes_sent=tr.bytes_sent, bytes_recv=tr.bytes_recv, trace=tr)
+                                bytes_sent=tr.bytes_sent, bytes_recv=tr.bytes_recv, trace=tr,
+                                token_times_s=job.runner.token_times_s, generated=job.runner.generated,
+                                rss_kib=rss_kib, pss_kib=pss_kib)
             return serde.infer_response(result)
 
     @_rpc

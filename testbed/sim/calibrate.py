@@ -90,8 +90,14 @@ def measure(job: JobSpec, repetitions: int = 3, warmup: int = 1, timeout_s: floa
     check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
     check(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
 
+    from testbed.models import build_model
+
+    # one copy of the weights for every rank (inference never writes them): a model this host can
+    # hold once is measurable at any node count
+    model = build_model(job.model, seed=job.seed, weights_path=job.weights_path, share_weights=True)
+
     def body(rank: int, comm: InProcessCommunicator) -> list[Trace]:
-        runner = RankRunner(job, rank, comm)
+        runner = RankRunner(job, rank, comm, model=model)
         reps = []
         for i in range(warmup + repetitions):
             runner.infer()

@@ -14,6 +14,9 @@ Where compute times come from, in order of preference:
 3. extrapolating from measured profiles of the same family (``testbed.sim.extrapolate``),
    first measuring a small basis grid if fewer than two points exist. Such rows say
    ``sim/extrapolated`` in their ``mechanism`` column (else ``sim/measured``).
+A model too large to build here (``testbed.sim.proxy.PROXIES``: Llama-3-8B) takes its compute
+from a proxy with the same blocks, fewer of them, found by the same three steps (also
+``sim/extrapolated``).
 
 Device speed: ``speed`` scales compute per rank (3.0 = three times slower than this
 host). ``speed_from_device`` turns a device profile's core speed into that factor.
@@ -33,6 +36,7 @@ from testbed.sim.engine import Schedule, SimResult, simulate
 from testbed.sim.extrapolate import extrapolate
 from testbed.sim.network import KINDS, Network, SimTopology, TcpModel, WireModel
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, host_info
+from testbed.sim.proxy import from_proxy, proxy_key
 from testbed.sim.synth import WIDTH_SPLIT, skeleton
 
 @dataclass(frozen=True)
@@ -158,7 +162,10 @@ class Simulator:
                 prof = None
             else:
                 self.log(f"warning: {self.store.path(key).name} was measured with other methods/models code")
-        if prof is None or prof.extrapolated:
+        if (prof is None or prof.extrapolated) and proxy_key(key) is not None:  # too large to build here
+            prof = from_proxy(key, self.profile(proxy_key(key)))
+            self.log(f"extrapolated {key.model} {key.method} T={key.tokens} N={key.nodes} from {prof.basis[0].model}")
+        elif prof is None or prof.extrapolated:
             if self.config.measure_missing and self.measurable(key):
                 prof = self.measure(key)
             else:

@@ -55,8 +55,9 @@ def skeleton(model: str | ModelConfig, method: str, params: dict[str, Any], toke
     resolve_params(method, params, cfg)  # a bad param is reported before the sizes
     check(isinstance(nodes, int) and nodes >= 1, "nodes", nodes, "an integer >= 1")
     check(isinstance(tokens, int) and tokens >= 1, "tokens", tokens, "an integer >= 1")
-    if cfg.kind == "gpt2":
-        check(tokens <= cfg.max_positions, "tokens", tokens, f"an integer in [1, {cfg.max_positions}] for this GPT-2")
+    if cfg.causal:
+        check(tokens <= cfg.max_positions, "tokens", tokens,
+              f"an integer in [1, {cfg.max_positions}] for this {cfg.kind} model")
     else:
         check(tokens >= 2, "tokens", tokens, "an integer >= 2 for ViT (patches + CLS)")
     s = comm_schedule(method, cfg, tokens, nodes, params, batch)

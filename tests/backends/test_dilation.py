@@ -13,7 +13,8 @@ def _rank(rank: int) -> RankResult:
     trace = Trace(rank, [Compute(0.4), Collective("all_gather", [("send", 1 - rank, 100), ("recv", 1 - rank, 100)],
                                                    duration_s=0.2, wait_s=0.1, serialize_s=0.02), Compute(0.6)])
     return RankResult(rank, torch.ones(2) if rank == 0 else None, wall_s=1.2, compute_s=1.0, comm_s=0.2, wait_s=0.1,
-                      serialize_s=0.02, bytes_sent=100, bytes_recv=100, trace=trace, address=f"n{rank}")
+                      serialize_s=0.02, bytes_sent=100, bytes_recv=100, trace=trace, address=f"n{rank}",
+                      token_times_s=[0.5, 0.75, 1.0])
 
 
 def test_undilate_divides_every_duration_and_keeps_the_rest():
@@ -28,5 +29,6 @@ def test_undilate_divides_every_duration_and_keeps_the_rest():
         coll = n.trace.collectives()[0]
         assert coll.ops == r.trace.collectives()[0].ops and coll.wait_s == 0.1 / 2.5
         assert coll.serialize_s == 0.02 / 2.5
+        assert n.token_times_s == [0.5 / 2.5, 0.75 / 2.5, 1.0 / 2.5]
     assert raw.nodes[0].trace.events[0].duration_s == 0.4  # the raw result is left as it was
     assert undilate(raw, 1) is raw

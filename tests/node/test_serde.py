@@ -11,7 +11,7 @@ from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
 from testbed.methods.job import JobSpec
 from testbed.node import serde
-from testbed.node.records import LoadArgs, NodeStats, RankResult
+from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2
 
 
@@ -37,17 +37,32 @@ def test_unknown_job_field_is_a_config_error_naming_it():
 
 
 @pytest.mark.parametrize("output", [None, torch.arange(12, dtype=torch.float32).reshape(3, 4)])
-def test_infer_response_round_trip(output):
+@pytest.mark.parametrize("decode", [False, True])
+def test_infer_response_round_trip(output, decode):
     trace = Trace(1, [Compute(0.5), Collective("all_gather", [("send", 0, 64), ("recv", 0, 64)], 0.2, 0.1, 0.01)])
+    times = [0.25, 0.3125, 0.375] if decode else []
+    ids = torch.tensor([[5, 7, 11]]) if decode and output is not None else None
     r = RankResult(rank=1, output=output, wall_s=0.7, compute_s=0.5, comm_s=0.2, wait_s=0.1, serialize_s=0.01,
-                   bytes_sent=64, bytes_recv=64, trace=trace)
+                   bytes_sent=64, bytes_recv=64, trace=trace, token_times_s=times, generated=ids,
+                   rss_kib=123456 if decode else 0, pss_kib=65432 if decode else None)
     back = serde.read_infer_response(wire(serde.infer_response(r)), address="h:1")
     assert back.address == "h:1" and back.trace.to_dict() == trace.to_dict()
     assert (back.output is None) == (output is None)
     if output is not None:
         assert torch.equal(back.output, output) and back.output.dtype == output.dtype
-    for name in ("rank", "wall_s", "compute_s", "comm_s", "wait_s", "serialize_s", "bytes_sent", "bytes_recv"):
+    assert back.token_times_s == times
+    assert (back.generated is None) == (ids is None)
+    if ids is not None:
+        assert torch.equal(back.generated, ids) and back.generated.dtype == ids.dtype
+    for name in ("rank", "wall_s", "compute_s", "comm_s", "wait_s", "serialize_s", "bytes_sent", "bytes_recv", "rss_kib",
+                 "pss_kib"):
         assert getattr(back, name) == getattr(r, name)
+
+
+@pytest.mark.parametrize("pss", [None, 0, 2048])
+def test_load_response_round_trip_with_memory(pss):
+    t = LoadTimes(build_s=1.5, connect_s=0.25, rss_kib=4096, pss_kib=pss)
+    assert serde.read_load_response(wire(serde.load_response(t))) == t
 
 
 def test_stats_round_trip():
