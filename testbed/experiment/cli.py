@@ -164,21 +164,22 @@ def stop_signals():
     the last message), is ignored so that the clean-up is not cut short. The runner installs
     its own handlers for the sweep and puts these back afterwards, so a signal in any phase,
     validation to plots, ends as Interrupted. The previous handlers are back after the block."""
-    from testbed.experiment.runner import STOP_SIGNALS, Interrupted
+    from testbed.experiment.runner import SIGNALLED, STOP_SIGNALS, Interrupted, quiet_dropped_interrupts
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
-    fired: list[int] = []
+    SIGNALLED.clear()  # the runner's checks raise again what a dropped raise missed (runner.stop_if_signalled)
 
     def handler(signum, _frame) -> None:
-        if not fired:
-            fired.append(signum)
+        if not SIGNALLED:
+            SIGNALLED.append(signum)
             raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield
+        with quiet_dropped_interrupts():
+            yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -227,6 +228,7 @@ def execute(args: argparse.Namespace, name: str = "testbed run") -> int:
 
 
 def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
+    from testbed.experiment.runner import stop_if_signalled
     from testbed.experiment.startup import Startup
 
     startup = Startup()  # from here to the first measured inference
@@ -238,6 +240,7 @@ def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
         _check_settings(spec.backend, settings)
         where.append(out)
         prepared = prepare(args, spec, out, startup)
+        stop_if_signalled()  # a stop signal during the checks whose raise Python dropped
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

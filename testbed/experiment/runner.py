@@ -36,6 +36,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,11 @@ class Runner:
     # ------------------------------------------------------------------ top level
     def run(self) -> RunOutcome:
         outcome = RunOutcome(self.out_dir, "failed")
+        SIGNALLED.clear()  # what earlier runs of this process received is theirs
+        with quiet_dropped_interrupts():
+            return self._run(outcome)
+
+    def _run(self, outcome: RunOutcome) -> RunOutcome:
         old = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
         store = ResultStore(self.out_dir)
         manifest = Manifest(self.out_dir, self.spec.to_dict(), self.source, self.resume)
@@ -216,6 +222,7 @@ class Runner:
               ref: Reference | None, cell: Cell, mi: int, method: MethodSpec, reps: list[int],
               codebook_path: str | None) -> int:
         """Load, warm up and measure the pending repetitions of one method in one cell; return rows written."""
+        stop_if_signalled()
         prog.show(f"{describe_cell(cell)} | {method.display}")
         job, phase, faults = self.job(method, codebook_path), "load", None
         try:
@@ -237,8 +244,10 @@ class Runner:
                                        self.prepared.topology.host_names).start()
         except Exception as e:  # noqa: BLE001 - any failure is this cell's result, recorded below
             return self._fail(session, store, prog, cell, mi, method, reps, f"{phase}: {_msg(e)}")
+        stop_if_signalled()  # a signal during the node start or load whose raise Python dropped
         try:
             for k, rep in enumerate(reps):
+                stop_if_signalled()
                 row = self.base_row(cell, mi, method, rep)
                 t0, wire0 = faults.now() if faults else None, session.wire_bytes()
                 try:
@@ -310,11 +319,13 @@ class Runner:
     def settled_params(self, method: MethodSpec) -> dict:
         """The method's params with the run's choices made (e.g. tensor_parallel's all-reduce by topology)."""
         from testbed.methods import method_class
+        from testbed.models import CONFIGS
 
         s, topo = self.spec, self.prepared.topology
         flat = topo is None or topo.is_flat(s.nodes.count)  # no topology: every rank on this host
-        return method_class(method.name).settle(dict(method.params), self.prepared.model.cfg, s.input.tokens,
-                                                s.nodes.count, s.input.batch, flat)
+        cfg = CONFIGS[s.model.name]  # the sim backend's checks build no model: the config is enough
+        return method_class(method.name).settle(dict(method.params), cfg, s.input.tokens, s.nodes.count,
+                                                s.input.batch, flat)
 
     def job(self, method: MethodSpec, codebook_path: str | None) -> JobSpec:
         s = self.spec
@@ -375,5 +386,35 @@ def _msg(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+# Stop signals received in this process. Python drops an exception raised by a signal handler
+# while it runs code whose exceptions it ignores (an at-fork hook such as logging's, a __del__):
+# the sweep's checks (stop_if_signalled) raise it again before the next repetition.
+SIGNALLED: list[int] = []
+
+
 def _raise_interrupted(signum, _frame) -> None:
+    SIGNALLED.append(signum)
     raise Interrupted(signum)
+
+
+def stop_if_signalled() -> None:
+    """Raise Interrupted for a stop signal received earlier, whatever became of its handler's raise."""
+    if SIGNALLED:
+        raise Interrupted(SIGNALLED[0])
+
+
+@contextmanager
+def quiet_dropped_interrupts():
+    """Within the block, an Interrupted that Python drops (it would print "Exception ignored" and a
+    traceback) is dropped silently: SIGNALLED holds its signal, stop_if_signalled raises it again."""
+    previous = sys.unraisablehook
+
+    def hook(u) -> None:
+        if not isinstance(u.exc_value, Interrupted):
+            previous(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous

@@ -119,3 +119,25 @@ def test_signal_while_plotting(tmp_path, sig):
     stdout, stderr = interrupt_at(proc, "drawing plots", sig)
     check_stopped(proc, sig, out, stdout, stderr)
     assert (out / "rows.csv").read_text().count("\n") - 1 == 6 * 6 * 3 * 2  # every row was kept
+
+
+def test_a_stop_signal_whose_raise_python_dropped_is_raised_at_the_next_check(capsys):
+    """Python drops an exception raised by a signal handler inside code whose exceptions it ignores
+    (an at-fork hook, a __del__): the signal is kept and the runner's next check raises it, silently."""
+    from testbed.experiment.runner import SIGNALLED, Interrupted, _raise_interrupted, quiet_dropped_interrupts, \
+        stop_if_signalled
+
+    class DropsIt:
+        def __del__(self):
+            _raise_interrupted(signal.SIGINT, None)  # as if the signal landed here
+
+    SIGNALLED.clear()
+    stop_if_signalled()  # nothing received: no raise
+    with quiet_dropped_interrupts():
+        x = DropsIt()
+        del x  # the raise is dropped here
+        with pytest.raises(Interrupted) as e:
+            stop_if_signalled()
+    assert e.value.signum == signal.SIGINT
+    assert "Exception ignored" not in capsys.readouterr().err
+    SIGNALLED.clear()
