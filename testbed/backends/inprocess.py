@@ -18,7 +18,7 @@ import time
 import torch
 
 from testbed.backends.base import Backend, BackendSetup
-from testbed.comm.inprocess import InProcessGroup, run_ranks
+from testbed.comm.inprocess import InProcessGroup, run_ranks, signals_held
 from testbed.comm.trace import Trace
 from testbed.errors import CommError, ConfigError
 from testbed.methods.job import JobSpec, RankRunner
@@ -90,9 +90,10 @@ class InProcessBackend(Backend):
                           generated=runner.generated)
 
     def _drop_job(self) -> None:
-        if self.group is not None:
-            self.group.aborted.set()
-        self.runners, self.group = [], None
+        group, self.runners, self.group = self.group, [], None
+        if group is not None:
+            with signals_held():  # Ctrl-C landing inside set() would leave the event's lock held
+                group.aborted.set()
 
     def close(self) -> None:
         self._drop_job()

@@ -7,8 +7,10 @@ If any rank fails, the group is aborted so that the others stop waiting.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 from testbed.comm.base import Communicator, check_tag
@@ -54,6 +56,23 @@ class InProcessCommunicator(Communicator):
         return data
 
 
+@contextmanager
+def signals_held():
+    """Within the block, SIGINT, SIGTERM and SIGHUP wait (in the main thread, where Python runs their
+    handlers) and are delivered after it. For code that must not be cut short by a handler that
+    raises: teardown, and taking a lock (a raise between acquiring it and entering its with-block
+    would leave it held for good)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def run_ranks(world_size: int, fn: Callable[[int], T], abort: Callable[[], None] = lambda: None,
               name: str = "rank", stop_s: float = 120.0) -> list[T]:
     """Run ``fn(rank)`` for every rank in its own thread; return results in rank order.
@@ -82,7 +101,8 @@ def run_ranks(world_size: int, fn: Callable[[int], T], abort: Callable[[], None]
         for t in threads:
             t.join()
     except BaseException:
-        abort()
+        with signals_held():  # a second signal must not raise inside abort()'s lock
+            abort()
         join_within(threads, stop_s)
         raise
     # prefer a real failure over the "group aborted" errors it caused in other ranks

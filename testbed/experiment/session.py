@@ -11,13 +11,12 @@ everything down and is safe to call twice, from a signal path too.
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from testbed.backends import backend_class
 from testbed.backends.base import Backend, BackendSetup
+from testbed.comm.inprocess import signals_held
 from testbed.errors import ConfigError
 from testbed.experiment.spec import ExperimentSpec, TraceSpec
 from testbed.methods.job import JobSpec
@@ -106,13 +105,5 @@ class BackendSession:
         backend, self.backend, self.job = self.backend, None, None
         if backend is None:
             return
-        # a second Ctrl-C / SIGTERM must not cut the teardown short: hold signals until it is done
-        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-        main = threading.current_thread() is threading.main_thread()
-        if main:
-            signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
+        with signals_held():  # a second Ctrl-C / SIGTERM must not cut the teardown short
             backend.close()
-        finally:
-            if main:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

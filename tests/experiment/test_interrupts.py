@@ -141,3 +141,24 @@ def test_a_stop_signal_whose_raise_python_dropped_is_raised_at_the_next_check(ca
     assert e.value.signum == signal.SIGINT
     assert "Exception ignored" not in capsys.readouterr().err
     SIGNALLED.clear()
+
+
+def test_signals_held_wait_for_the_end_of_the_block():
+    """Teardown and lock-taking code run with stop signals held: the handler runs after the block."""
+    import time
+
+    from testbed.comm.inprocess import signals_held
+
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda s, _f: got.append(s))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert got == []
+        deadline = time.monotonic() + 2
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, old)
