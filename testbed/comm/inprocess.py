@@ -58,19 +58,27 @@ class InProcessCommunicator(Communicator):
 
 @contextmanager
 def signals_held():
-    """Within the block, SIGINT, SIGTERM and SIGHUP wait (in the main thread, where Python runs their
-    handlers) and are delivered after it. For code that must not be cut short by a handler that
-    raises: teardown, and taking a lock (a raise between acquiring it and entering its with-block
-    would leave it held for good)."""
+    """Within the block, SIGINT, SIGTERM and SIGHUP are only noted; their handlers run after it.
+    For code that must not be cut short by a handler that raises: teardown, and taking a lock (a
+    raise between acquiring it and entering its with-block would leave it held for good). Python
+    runs handlers in the main thread only, so only there is anything held (and a per-thread signal
+    mask would not do: another thread of the process would take the signal)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    old = {s: signal.signal(s, lambda signum, _frame: noted.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in noted:
+            if callable(old[s]):
+                old[s](s, None)
+            elif old[s] == signal.SIG_DFL:
+                signal.raise_signal(s)
 
 
 def run_ranks(world_size: int, fn: Callable[[int], T], abort: Callable[[], None] = lambda: None,
