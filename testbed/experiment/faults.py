@@ -177,10 +177,14 @@ class FaultTimeline:
         return sorted(steps, key=lambda s: (s[0], not s[2]))  # at equal times an end comes before a begin
 
     def _run(self) -> None:
+        fired: dict[int, float] = {}  # event -> when it really began (device s)
         for t, i, begin in self._steps():
+            if not begin and i in fired:  # a late begin still gets its whole duration
+                t = max(t, fired[i] + self.faults[i].duration_s)
             if self._stop.wait(max(0.0, self.t0 + t * self.f - time.monotonic())):
                 return
             if begin:
+                fired[i] = self.now()
                 self._begin(i)
             else:
                 self._end(i)
