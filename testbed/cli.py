@@ -22,6 +22,8 @@ COMMANDS = {
     "doctor": ("testbed.experiment.doctor", "main", "what this machine can emulate, and why"),
     "clean": ("testbed.net.cleanup", "main", "remove leftovers of a crashed run (namespaces, links, rules, processes)"),
     "node": ("testbed.node.server", "main", "run one edge-device node server (gRPC)"),
+    "certs": ("testbed.comm.tls", "main", "make an experiment CA and the node and orchestrator certificates "
+              "(mutual TLS for nodes on real networks)"),
     "compare": ("testbed.methods.compare", "main", "compare all methods in-process on one model (no network)"),
     "train": ("testbed.train.cli", "main", "train a small ViT and ASTRA codebooks (NAQ, DCT) on an offline dataset"),
 }

@@ -139,6 +139,7 @@ class MininetBackend(NodeBackend):
         em = self.emulation
         argv = [self.python, "-m", "testbed.node", "--listen", f"{em.data_ip(host)}:0",
                 "--listen", f"{em.control_ip(host)}:0", "--watch-parent",
+                "--insecure",  # plain gRPC on the emulated network's addresses (nobody else reaches them)
                 "--keepalive-timeout-s", f"{KEEPALIVE_TIMEOUT_S * self.time_dilation:g}"]
         with open(self.log_path(host), "ab") as log:
             return em.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)

@@ -114,5 +114,27 @@ def split_hostport(address: str, field: str = "address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP or a name, as in --listen) is a loopback address (127.0.0.0/8, ::1):
+    a name counts only if every address it resolves to is one. Unresolvable: not loopback."""
+    import ipaddress
+    import socket
+
+    def loop(ip: str) -> bool:
+        a = ipaddress.ip_address(ip.split("%", 1)[0])
+        mapped = getattr(a, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+        return (mapped or a).is_loopback
+
+    try:
+        return loop(host)
+    except ValueError:
+        pass  # a name
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(loop(str(info[4][0])) for info in infos)
+
+
 def join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -16,6 +16,11 @@ communicator breaks (peer killed, connection reset, keepalive timeout) every
 waiting and later ``_take`` raises a CommError naming the peer, its address and
 what happened. Peers are probed at construction with ``connect_timeout_s``, so a
 wrong or unreachable address fails the job load, not its first collective.
+
+With ``credentials`` (testbed.comm.tls, a node started with --tls-dir) the streams run over
+mutual TLS: this rank presents its certificate and checks the peer's against the
+experiment's CA; a hub serving TLS takes streams only from the node certificate. Without
+them the channels are plain, exactly as before (nothing added per message either way).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import grpc
 
 from testbed.comm.base import Communicator, check_tag
 from testbed.errors import CommError, check
-from testbed.comm import frames
+from testbed.comm import frames, tls
 from testbed.comm.channels import CHUNK_BYTES, KEEPALIVE_TIMEOUT_S, data_channel_options, make_server
 
 _STOP = object()  # outbound sentinel: end the stream
@@ -116,19 +121,21 @@ class GrpcCommunicator(Communicator):
     for a peer's message; ``connect_timeout_s``: deadline for reaching every peer
     and opening every stream, at construction. ``chunk_bytes``: largest payload per
     frame (both ends of a job must use the same value). ``keepalive_timeout_s``: of the
-    peer channels (testbed.comm.channels).
+    peer channels (testbed.comm.channels). ``credentials``: this rank's TLS identity for
+    dialling its peers (``tls.channel_credentials(dir, "node")``); None: plain channels.
     """
 
     def __init__(self, rank: int, addresses: Sequence[str], hub: "PeerHub", job_id: str,
                  timeout_s: float = 120.0, connect_timeout_s: float = 10.0, chunk_bytes: int = CHUNK_BYTES,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 credentials: grpc.ChannelCredentials | None = None):
         super().__init__(rank, len(addresses), timeout_s)
         check(isinstance(chunk_bytes, int) and chunk_bytes >= 1, "chunk_bytes", chunk_bytes, "an integer >= 1")
         for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s)):
             check(isinstance(v, (int, float)) and v > 0, name, v, "a number of seconds > 0")
         self.addresses, self.hub, self.job_id = list(addresses), hub, job_id
         self.connect_timeout_s, self.chunk_bytes = connect_timeout_s, chunk_bytes
-        self.keepalive_timeout_s = keepalive_timeout_s
+        self.keepalive_timeout_s, self.credentials = keepalive_timeout_s, credentials
         self.links = {p: _Link(self, p) for p in range(self.world_size) if p != rank}
         self.failure: str | None = None
         self._framed: tuple = (None, None, None)  # the last message posted, its tag and frames
@@ -150,7 +157,7 @@ class GrpcCommunicator(Communicator):
         """Probe every peer, dial the higher ranks, wait for every stream's Hello."""
         deadline = time.monotonic() + self.connect_timeout_s
         options = data_channel_options(self.chunk_bytes, self.keepalive_timeout_s)
-        probes = {p: grpc.insecure_channel(self.addresses[p], options=options) for p in self.links}
+        probes = {p: tls.open_channel(self.addresses[p], options, self.credentials) for p in self.links}
         self._channels += probes.values()
         futures = {p: grpc.channel_ready_future(ch) for p, ch in probes.items()}
         unreachable = []
@@ -160,8 +167,10 @@ class GrpcCommunicator(Communicator):
             except grpc.FutureTimeoutError:
                 unreachable.append(self.peer_name(p))
         if unreachable:
+            why = ("no node there accepts this node's TLS certificate, or none answers" if self.credentials
+                   else "no gRPC server answers there")
             raise CommError(f"rank {self.rank}: cannot reach {', '.join(unreachable)} "
-                            f"within {self.connect_timeout_s:g} s (no gRPC server answers there)")
+                            f"within {self.connect_timeout_s:g} s ({why})")
         for p, link in self.links.items():
             if p > self.rank:  # the lower rank of a pair dials; the probe channel becomes the stream's
                 link.call = probes[p].stream_stream(frames.EXCHANGE_METHOD)(link.outgoing())  # raw bytes frames
@@ -297,6 +306,7 @@ class PeerHub:
                                                                               {"Exchange": handler}),))
 
     def Exchange(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        tls.require_role(context, "node")  # over TLS: streams from nodes only, not from the orchestrator
         try:
             hello = frames.decode_frame(next(request_iterator))
         except (StopIteration, grpc.RpcError):
@@ -318,16 +328,18 @@ class PeerHub:
 
 
 class PeerServer:
-    """A stand-alone gRPC server with a PeerHub, for ranks that run outside a node (tests, benchmarks)."""
+    """A stand-alone gRPC server with a PeerHub, for ranks that run outside a node (tests, benchmarks).
+    ``tls_dir``: serve mutual TLS with the node certificate there (testbed.comm.tls)."""
 
-    def __init__(self, listen: str = "127.0.0.1:0"):
+    def __init__(self, listen: str = "127.0.0.1:0", tls_dir: str | None = None):
         from testbed.comm.channels import join_hostport, split_hostport
 
         host, _ = split_hostport(listen, "listen")
         self.hub = PeerHub()
         self.server = make_server()
         self.hub.add_to_server(self.server)
-        port = self.server.add_insecure_port(listen)
+        port = (self.server.add_secure_port(listen, tls.server_credentials(tls_dir)) if tls_dir
+                else self.server.add_insecure_port(listen))
         self.address = join_hostport(host, port)
         self.server.start()
 

@@ -39,6 +39,15 @@ class JobSpec:
         check(isinstance(self.threads, int) and self.threads >= 1, "threads", self.threads, "an integer >= 1")
         check(isinstance(self.generate, int) and self.generate >= 0, "generate", self.generate, "an integer >= 0")
 
+    #: the fields that name files a rank reads (``model`` names a config and ``dataset`` a bundled
+    #: split, testbed.models.datasets: neither is a path). A node started with --allow-dir
+    #: checks exactly these (testbed.node.access); a new path field must be listed here.
+    FILE_FIELDS = ("weights_path", "codebook_path")
+
+    def file_paths(self) -> dict[str, str]:
+        """The files this job reads, by field (only those set)."""
+        return {f: getattr(self, f) for f in self.FILE_FIELDS if getattr(self, f)}
+
     def to_dict(self) -> dict:
         return asdict(self)
 

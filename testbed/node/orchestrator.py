@@ -20,6 +20,7 @@ import grpc
 from testbed.errors import CommError, ConfigError, check
 from testbed.methods.job import JobSpec
 from testbed.node import serde
+from testbed.comm import tls
 from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
 from testbed.node.records import InferenceResult, LoadArgs, LoadTimes, NodeAddress, NodeStats
 from testbed.proto import node_pb2_grpc
@@ -45,7 +46,9 @@ class Orchestrator:
     ``connect_timeout_s``: for reaching the nodes and for the nodes reaching each other;
     ``load_timeout_s``: for building a job. The nodes wait for each peer message at most
     ``PEER_WAIT_FRACTION * timeout_s``, so a silent rank is named by its peers, and the
-    other nodes stopped, before the orchestrator's own deadline fires."""
+    other nodes stopped, before the orchestrator's own deadline fires. ``tls_dir``: a directory made
+    by ``testbed certs`` (ca.pem, orchestrator.pem, orchestrator.key): talk mutual TLS to nodes
+    started with ``--tls-dir`` (testbed.comm.tls); None: plain gRPC."""
 
     PEER_WAIT_FRACTION = 0.5
     # After the first failure, how long the others get to report theirs (failures cascade
@@ -55,7 +58,7 @@ class Orchestrator:
     STOP_RPC_S = 1.0
 
     def __init__(self, addresses: Sequence[NodeAddress], timeout_s: float = 120.0, connect_timeout_s: float = 10.0,
-                 load_timeout_s: float = 300.0):
+                 load_timeout_s: float = 300.0, tls_dir: str | None = None):
         check(len(addresses) >= 1, "addresses", list(addresses), "at least one NodeAddress")
         for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s),
                         ("load_timeout_s", load_timeout_s)):
@@ -66,7 +69,9 @@ class Orchestrator:
         self.job_id = ""
         self.load_times: list[LoadTimes] = []
         self._stopped = False
-        self._channels = [grpc.insecure_channel(a.control, options=CONTROL_CHANNEL_OPTIONS) for a in self.addresses]
+        self.tls_dir = tls_dir
+        creds = tls.channel_credentials(tls_dir, "orchestrator") if tls_dir else None
+        self._channels = [tls.open_channel(a.control, CONTROL_CHANNEL_OPTIONS, creds) for a in self.addresses]
         self._stubs = [node_pb2_grpc.NodeStub(ch) for ch in self._channels]
         try:
             self._await_ready()
@@ -80,8 +85,11 @@ class Orchestrator:
             try:
                 grpc.channel_ready_future(ch).result(timeout=max(0.0, deadline - time.monotonic()))
             except grpc.FutureTimeoutError:
+                hint = ("; or it refuses this orchestrator's certificate (another experiment's CA?), or "
+                        "serves no TLS" if self.tls_dir else "; a node started with --tls-dir answers TLS "
+                        "clients only (Orchestrator tls_dir)")
                 raise NodeError("connect", rank, self.addresses[rank].control,
-                                f"no node answers within {self.connect_timeout_s:g} s") from None
+                                f"no node answers within {self.connect_timeout_s:g} s{hint}") from None
 
     # -- the job ---------------------------------------------------------------
     def load(self, job: JobSpec) -> list[LoadTimes]:
@@ -204,6 +212,11 @@ class Orchestrator:
                 except grpc.RpcError:
                     break  # stopped serving
                 time.sleep(0.05)
+        self._close_channels()
+
+    def close(self) -> None:
+        """Let go of the nodes without stopping them (another orchestrator may drive them next)."""
+        self._stopped = True
         self._close_channels()
 
     def _close_channels(self) -> None:

@@ -8,6 +8,12 @@ address and the peers a shaped data address. A job is built once per LoadJob
 inference aborts the job's peer streams, so the other ranks fail at once rather
 than at their deadline. SIGTERM, SIGINT, Shutdown and (with --watch-parent) the
 death of the parent process all stop the node cleanly.
+
+On a real network a node runs with ``--tls-dir DIR`` (testbed.comm.tls: mutual TLS with the
+experiment's certificates, on the control plane and on its own peer streams) and
+``--allow-dir DIR`` (testbed.node.access: the only directories a job may read files from). A
+node refuses to listen on anything but loopback without TLS, unless told ``--insecure`` (an
+emulated network, whose addresses nobody else reaches).
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from testbed.errors import CommError, ConfigError, check
+from testbed.errors import AccessDenied, CommError, ConfigError, check
 from testbed.node import serde
-from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, join_hostport, make_server, split_hostport
+from testbed.comm import tls
+from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, is_loopback, join_hostport, make_server, split_hostport
+from testbed.node.access import FileAccess
 from testbed.node.memory import process_memory
 from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
@@ -39,14 +47,19 @@ READY_PREFIX = "testbed-node listening on "
 
 
 def _rpc(method):
-    """Map exceptions to gRPC status codes: bad input, communication, anything else."""
+    """Map exceptions to gRPC status codes: bad input, refused access, communication, anything else.
+    Over TLS only the orchestrator's certificate may call (testbed.comm.tls.require_role)."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        tls.require_role(context, "orchestrator")  # aborts: outside the try, which would log it as a crash
         try:
             return method(self, request, context)
         except ConfigError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except AccessDenied as e:  # one line, no traceback: a refusal, not a failure of the node
+            log.warning("%s refused: %s", method.__name__, e)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except CommError as e:  # a peer failed or the job is out of step: secondary to that peer's error
             context.abort(grpc.StatusCode.ABORTED, str(e))
         except _Precondition as e:
@@ -72,10 +85,14 @@ class _Job:
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
+    """``credentials``: of this node's peer channels (None: plain); ``access``: the files jobs may read."""
+
     def __init__(self, hub, listen_addresses: list[str], stop: threading.Event,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S, credentials: grpc.ChannelCredentials | None = None,
+                 access: FileAccess | None = None):
         self.hub, self.listen_addresses, self.stop = hub, listen_addresses, stop
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.credentials, self.access = credentials, access or FileAccess()
         self.job: _Job | None = None
         self.started = time.monotonic()
         self._lock = threading.Lock()  # one LoadJob or Infer at a time
@@ -93,6 +110,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         check(len(args.peers) == n, "peer_data_addresses", args.peers, f"{n} host:port entries (world_size)")
         for a in args.peers:
             split_hostport(a, "peer_data_addresses")
+        self.access.check_job(args.job)  # before anything is read, and before the current job is dropped
         with self._lock:
             self.unload("a new job is loaded")
             return serde.load_response(self._build(args))
@@ -107,7 +125,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         t0 = time.perf_counter()
         comm = GrpcCommunicator(args.rank, args.peers, self.hub, args.job_id, timeout_s=args.comm_timeout_s,
                                 connect_timeout_s=args.connect_timeout_s,
-                                keepalive_timeout_s=self.keepalive_timeout_s)
+                                keepalive_timeout_s=self.keepalive_timeout_s, credentials=self.credentials)
         t1 = time.perf_counter()
         try:
             runner = RankRunner(args.job, args.rank, comm)
@@ -170,27 +188,44 @@ class NodeService(node_pb2_grpc.NodeServicer):
 
 
 class NodeServer:
-    """A running node: one gRPC server on every listen address. ``addresses`` are the bound ones."""
+    """A running node: one gRPC server on every listen address. ``addresses`` are the bound ones.
 
-    def __init__(self, listen: list[str], keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
+    ``tls_dir``: serve mutual TLS with the certificates there (testbed.comm.tls) and dial peers
+    with them; without it every address must be loopback unless ``insecure`` (an emulated
+    network). ``allow_dirs``: the directories jobs may read files from (testbed.node.access)."""
+
+    def __init__(self, listen: list[str], keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 tls_dir: str | None = None, allow_dirs: list[str] | tuple = (), insecure: bool = False):
         from testbed.comm.grpc import PeerHub
 
         check(len(listen) >= 1, "listen", listen, "at least one HOST:PORT")
         check(isinstance(keepalive_timeout_s, (int, float)) and keepalive_timeout_s >= 1, "keepalive_timeout_s",
               keepalive_timeout_s, "a number of seconds >= 1")
+        check(not (insecure and tls_dir), "insecure", insecure, "not with --tls-dir (TLS or plain, not both)")
+        hosts = [split_hostport(addr, "listen")[0] for addr in listen]
+        if tls_dir is None and not insecure:
+            for addr, host in zip(listen, hosts):
+                check(is_loopback(host), "listen", addr, "a loopback address (127.0.0.0/8, ::1) for a node without "
+                      "TLS; elsewhere start it with --tls-dir DIR (`testbed certs`), or --insecure on an emulated "
+                      "network")
+        server_creds = tls.server_credentials(tls_dir) if tls_dir else None
+        peer_creds = tls.channel_credentials(tls_dir, "node") if tls_dir else None
+        access = FileAccess(allow_dirs, restricted=tls_dir is not None)
         self.stop_event = threading.Event()
         self.hub = PeerHub()
         self.server = make_server(keepalive_timeout_s=keepalive_timeout_s)
         self.addresses: list[str] = []
-        for addr in listen:
-            host, _ = split_hostport(addr, "listen")
+        for addr, host in zip(listen, hosts):
             try:
-                port = self.server.add_insecure_port(addr)
+                port = (self.server.add_secure_port(addr, server_creds) if server_creds
+                        else self.server.add_insecure_port(addr))
             except RuntimeError as e:  # grpcio raises when the address cannot be bound
                 raise ConfigError("listen", addr, f"an address this host can bind ({e})") from None
             check(port > 0, "listen", addr, "an address this host can bind")
             self.addresses.append(join_hostport(host, port))
-        self.service = NodeService(self.hub, self.addresses, self.stop_event, keepalive_timeout_s)
+        self.service = NodeService(self.hub, self.addresses, self.stop_event, keepalive_timeout_s,
+                                   credentials=peer_creds, access=access)
+        self.tls, self.access = tls_dir is not None, access
         node_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
         self.hub.add_to_server(self.server)
         self.server.start()
@@ -230,12 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keepalive-timeout-s", type=float, default=KEEPALIVE_TIMEOUT_S, metavar="S",
                     help="gRPC keepalive ack timeout of every stream (pings every S/2 seconds); longer on "
                          "slow links")
+    ap.add_argument("--tls-dir", metavar="DIR",
+                    help="mutual TLS with the certificates in DIR (ca.pem, node.pem, node.key from `testbed certs`): "
+                         "clients and peers must hold a certificate of the same CA; needed to listen on anything "
+                         "but loopback")
+    ap.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                    help="a directory jobs may read weights and codebooks from (repeatable); none: with --tls-dir "
+                         "no files at all, without it any file")
+    ap.add_argument("--insecure", action="store_true",
+                    help="listen without TLS on addresses other than loopback (emulated networks only)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format=f"%(asctime)s node[{os.getpid()}] %(levelname)s %(message)s")
     try:
-        node = NodeServer(args.listen, keepalive_timeout_s=args.keepalive_timeout_s)
+        node = NodeServer(args.listen, keepalive_timeout_s=args.keepalive_timeout_s, tls_dir=args.tls_dir,
+                          allow_dirs=args.allow_dir, insecure=args.insecure)
     except ConfigError as e:
         print(f"testbed node: {e}", file=sys.stderr)
         return 2
@@ -243,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, _frame: node.stop_event.set())
     if args.watch_parent:
         _watch_parent(node.stop_event)
+    log.info("serving %s on %s; jobs may read %s", "mutual TLS" if node.tls else "plain gRPC",
+             ", ".join(node.addresses), node.access.describe())
     for addr in node.addresses:
         print(f"{READY_PREFIX}{addr}", flush=True)
     node.wait()
