@@ -223,6 +223,32 @@ def test_a_tls_node_without_allowed_directories_reads_no_files(tmp_path):
     FileAccess([str(tmp_path)], restricted=True).check_job(job)
 
 
+def test_every_file_of_a_checkpoint_directory_must_lie_inside(tmp_path):
+    """A checkpoint directory inside is not enough: its index may list shards elsewhere, its
+    config.json may be a link out; each is checked before the loader opens it."""
+    from testbed.models.hf_checkpoint import INDEX
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "ckpt").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "shard.safetensors").write_bytes(b"")
+    (allowed / "ckpt" / "config.json").write_text("{}")
+    (allowed / "ckpt" / "model-00001-of-00001.safetensors").write_bytes(b"")
+    index = allowed / "ckpt" / INDEX
+    index.write_text('{"weight_map": {"a": "model-00001-of-00001.safetensors"}}')
+    access = FileAccess([str(allowed)])
+    job = JobSpec(model="llama-tiny", method="single", weights_path=str(allowed / "ckpt"))
+    access.check_job(job)
+    index.write_text('{"weight_map": {"a": "../../outside/shard.safetensors"}}')
+    with pytest.raises(AccessDenied, match="shard.safetensors"):
+        access.check_job(job)
+    index.unlink()
+    (allowed / "ckpt" / "config.json").unlink()
+    (allowed / "ckpt" / "config.json").symlink_to(outside / "shard.safetensors")
+    with pytest.raises(AccessDenied, match="config.json"):
+        access.check_job(job)
+
+
 def test_a_node_without_tls_refuses_to_listen_beyond_loopback():
     done = subprocess.run([sys.executable, "-m", "testbed.node", "--listen", "0.0.0.0:0"], capture_output=True,
                           text=True, timeout=120, env=_env(), stdin=subprocess.DEVNULL)
