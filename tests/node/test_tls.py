@@ -24,13 +24,15 @@ from testbed.backends.base import read_lines, ready_addresses
 from testbed.cli import main as cli_main
 from testbed.comm import InProcessGroup, frames, tls
 from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
-from testbed.errors import AccessDenied
+from testbed.comm.grpc import GrpcCommunicator, PeerServer
+from testbed.errors import AccessDenied, CommError, ConfigError
 from testbed.methods.job import JobSpec, RankRunner
 from testbed.models import build_model, save_hf_weights
 from testbed.node import serde
 from testbed.node.access import FileAccess
 from testbed.node.orchestrator import NodeError, Orchestrator
 from testbed.node.records import NodeAddress
+from testbed.node.server import NodeServer
 from testbed.proto import node_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +41,10 @@ TOKENS = 17  # vit-tiny: 16 patches + CLS
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    """The nodes' environment: this checkout importable; gRPC's own logging at its defaults (the
+    node's log then holds gRPC's line per refused handshake)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GRPC_VERBOSITY", "GRPC_TRACE")}
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +281,49 @@ def test_certs_writes_private_keys_0600_and_refuses_to_overwrite_without_force(t
     assert cli_main(["certs", str(d), "--force"]) == 0
     assert (d / "ca.pem").read_bytes() != before["ca.pem"]
     assert stat.S_IMODE((d / "ca.key").stat().st_mode) == 0o600
+
+
+def test_peer_streams_run_over_tls_and_refuse_a_peer_of_another_experiment(world):
+    """The data plane alone (two ranks in this process): a rank dialling with A's node certificate
+    all-gathers with its peer; one holding B's certificate cannot reach it (nor would a peer
+    with B's certificate be accepted by it, its handshake fails the same way)."""
+    servers = [PeerServer(f"127.0.0.{31 + r}:0", tls_dir=str(world["a"])) for r in range(2)]
+    addresses = [srv.address for srv in servers]
+    try:
+        own = tls.channel_credentials(world["a"], "node")
+        out = [None, None]
+
+        def rank(r):
+            comm = GrpcCommunicator(r, addresses, servers[r].hub, "tls-job", timeout_s=20, credentials=own)
+            try:
+                out[r] = comm.all_gather(torch.full((2,), float(r)))
+            finally:
+                comm.close()
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert all(torch.equal(torch.cat(o), torch.tensor([0.0, 0.0, 1.0, 1.0])) for o in out)
+        with pytest.raises(CommError, match="TLS certificate"):
+            GrpcCommunicator(0, addresses, servers[0].hub, "foreign", connect_timeout_s=1.0,
+                             credentials=tls.channel_credentials(world["b"], "node"))
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def test_a_node_whose_tls_dir_is_incomplete_or_conflicting_does_not_start(tmp_path, world):
+    (tmp_path / "ca.pem").write_bytes((world["a"] / "ca.pem").read_bytes())
+    with pytest.raises(ConfigError, match="node.pem") as info:
+        NodeServer(["127.0.0.1:0"], tls_dir=str(tmp_path))
+    assert info.value.field == "tls_dir"
+    for name in ("node.pem", "node.key"):  # another experiment's node certificate beside A's ca.pem
+        (tmp_path / name).write_bytes((world["b"] / name).read_bytes())
+    with pytest.raises(ConfigError, match="not signed by its ca.pem"):
+        NodeServer(["127.0.0.1:0"], tls_dir=str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        NodeServer(["127.0.0.1:0"], tls_dir=str(world["a"]), insecure=True)
+    assert info.value.field == "insecure"
+    with pytest.raises(ConfigError) as info:
+        NodeServer(["127.0.0.1:0"], allow_dirs=[str(tmp_path / "missing")])
+    assert info.value.field == "allow_dir"
