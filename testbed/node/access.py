@@ -50,6 +50,8 @@ class FileAccess:
             self._check_checkpoint(job.weights_path)
 
     def check(self, field: str, path: str | os.PathLike) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(field, path, "a file path (a string)")
         real = os.path.realpath(path)
         if not self.dirs:
             raise AccessDenied(field, str(path), "is not readable: this node reads no files (it serves TLS "
