@@ -8,6 +8,8 @@ import sys
 # subcommand -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
 COMMANDS = {
     "run": ("testbed.experiment.cli", "run_main", "run an experiment YAML (sweep link profiles, record rows, plot)"),
+    "merge": ("testbed.experiment.merge", "main", "join the run directories of a sharded sweep (`testbed run "
+              "--shard K/N`) into one run directory"),
     "plot": ("testbed.experiment.cli", "plot_main", "make plots from a results directory"),
     "report": ("testbed.experiment.htmlreport", "main", "write a run directory's report.html again (one "
                "self-contained page)"),
