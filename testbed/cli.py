@@ -18,6 +18,8 @@ COMMANDS = {
                "(for editors)"),
     "diff": ("testbed.experiment.diff", "main", "the same cells of two runs side by side (latency ratio B/A, "
              "spread), with warnings where the runs differ"),
+    "deploy": ("testbed.experiment.deploy", "main", "write the Kubernetes manifests that run an experiment on a "
+               "cluster (node StatefulSet, Service, Secret, ConfigMap, sweep Job)"),
     "calibrate": ("testbed.experiment.calibrate", "calibrate_main", "measure compute profiles on this host for the "
                   "simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
