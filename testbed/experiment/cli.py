@@ -295,6 +295,10 @@ def _report(o) -> None:
     from testbed.experiment.startup import describe
 
     m = read_manifest(d)
+    if m.get("shard"):
+        sh = m["shard"]
+        print(f"  shard:    {sh['index']}/{sh['count']} ({len(sh.get('units') or [])} of the sweep's units); join the "
+              f"shards with: testbed merge OUT DIR...")
     if m.get("codebooks_made"):
         print("  codebooks: " + "; ".join(f"{k}: {v}" for k, v in m["codebooks_made"].items()))
     if m.get("startup"):

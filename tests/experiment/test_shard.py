@@ -98,6 +98,7 @@ def test_three_shards_merged_equal_the_whole_sweep(sweep):
     assert m["status"] == "complete" and m["rows"] == 12 and m["failed_rows"] == 0 and m["shard"] is None
     assert m["experiment_digest"] == read_manifest(d / "whole")["experiment_digest"]
     assert (d / "merged" / "rows.parquet").exists() and (d / "merged" / "report.html").exists()
+    assert "0/3 on " in (d / "merged" / "report.html").read_text()
     assert {Path(p).stem for p in m["plots"]} >= {"latency", "speedup", "breakdown"}
     assert all((d / "merged" / "shards" / str(k) / "manifest.json").exists() for k in range(3))
     assert len(pd.read_parquet(d / "merged" / "rows.parquet")) == 12
