@@ -138,6 +138,15 @@ def test_merge_refuses_what_is_not_one_sweeps_shards(sweep, tmp_path, capsys, mo
     err = refused(s[0], s[1], str(changed))
     assert "differ in code version" in err and str(changed) in err
 
+    # the same shard on a machine whose links were shaped another way
+    mech = tmp_path / "m2"
+    shutil.copytree(s[2], mech)
+    m = json.loads((mech / "manifest.json").read_text())
+    m["backend"]["mechanism"] = "netem"
+    (mech / "manifest.json").write_text(json.dumps(m))
+    err = refused(s[0], s[1], str(mech))
+    assert "differ in shaping mechanism" in err and "mechanism netem" in err and str(mech) in err
+
     # a unit of shard 0 also in shard 2's rows
     overlap = tmp_path / "x2"
     shutil.copytree(s[2], overlap)
@@ -193,3 +202,17 @@ def test_resume_of_a_shard_measures_only_its_missing_units(tmp_path, monkeypatch
     assert (merged["agreement"] == 1.0).all()
     traces = read_traces(tmp_path / "merged")
     assert sorted((t["cell"], t["repetition"]) for t in traces) == sorted(zip(merged["cell"], merged["repetition"]))
+
+
+def test_the_python_api_runs_and_merges_shards(tmp_path, monkeypatch):
+    from testbed.experiment import api
+
+    monkeypatch.chdir(tmp_path)
+    exp = api.experiment(SIM, repetitions=1)
+    runs = [api.run(exp, out=tmp_path / f"s{k}", shard=f"{k}/2", plots=False) for k in range(2)]
+    assert [len(r.rows) for r in runs] == [3, 3] and all(r.manifest["shard"]["count"] == 2 for r in runs)
+    merged = api.merge(tmp_path / "merged", [r.dir for r in runs], plots=False)
+    assert len(merged.rows) == 6 and merged.manifest["shards"][1]["shard"] == "1/2"
+    with pytest.raises(api.ConfigError, match="shard: got '2/2'"):
+        api.run(exp, out=tmp_path / "bad", shard="2/2")
+    assert not (tmp_path / "bad").exists()
