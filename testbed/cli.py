@@ -8,6 +8,8 @@ import sys
 # subcommand -> (module, function, one-line help). Each function takes argv (list[str]) and returns an exit code.
 COMMANDS = {
     "run": ("testbed.experiment.cli", "run_main", "run an experiment YAML (sweep link profiles, record rows, plot)"),
+    "merge": ("testbed.experiment.merge", "main", "join the run directories of a sharded sweep (`testbed run "
+              "--shard K/N`) into one run directory"),
     "plot": ("testbed.experiment.cli", "plot_main", "make plots from a results directory"),
     "report": ("testbed.experiment.htmlreport", "main", "write a run directory's report.html again (one "
                "self-contained page)"),
@@ -16,6 +18,8 @@ COMMANDS = {
                "(for editors)"),
     "diff": ("testbed.experiment.diff", "main", "the same cells of two runs side by side (latency ratio B/A, "
              "spread), with warnings where the runs differ"),
+    "deploy": ("testbed.experiment.deploy", "main", "write the Kubernetes manifests that run an experiment on a "
+               "cluster (node StatefulSet, Service, Secret, ConfigMap, sweep Job)"),
     "calibrate": ("testbed.experiment.calibrate", "calibrate_main", "measure compute profiles on this host for the "
                   "simulator"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),

@@ -11,6 +11,9 @@ For notebooks and scripts; `testbed run` is a thin layer over the same two steps
     run.summary()       # medians and speed-ups per configuration and method (testbed.experiment.report)
     run.dir             # the run directory: rows.csv, rows.parquet, manifest.json, plots/, report.html
 
+A sharded sweep (testbed.experiment.shard): ``api.run(exp, out=..., shard="1/4")`` on each machine,
+then ``api.merge("results/whole", [dir0, dir1, dir2, dir3])``.
+
 An experiment is the same typed, validated ``ExperimentSpec`` a YAML file gives; a bad field
 raises one ``ConfigError`` naming it, before anything is written. ``api.open_run(DIR)`` reads a
 finished (or stopped) run back.
@@ -29,7 +32,7 @@ from testbed.errors import ConfigError
 from testbed.experiment.checks import Prepared, check_spec
 from testbed.experiment.spec import ExperimentSpec, load_spec, parse_spec, with_output_dir
 
-__all__ = ["experiment", "run", "open_run", "Run", "ExperimentSpec", "ConfigError", "default_out", "check", "measure"]
+__all__ = ["experiment", "run", "merge", "open_run", "Run", "ExperimentSpec", "ConfigError", "default_out", "check", "measure"]
 
 
 def experiment(source: str | Path | dict | ExperimentSpec, **fields: Any) -> ExperimentSpec:
@@ -113,19 +116,32 @@ class Run:
 
 
 def run(spec: ExperimentSpec | str | Path | dict, out: str | Path | None = None, *, backend: str | None = None,
-        progress: bool = False, plots: bool = True, settings: dict | None = None) -> Run:
+        progress: bool = False, plots: bool = True, settings: dict | None = None, shard: str | None = None) -> Run:
     """Run an experiment (a spec, or what ``experiment`` takes) on its backend (or ``backend``) into
     ``out`` (a new or empty directory; default ``default_out``). ``settings``: the backend's own
-    options (e.g. the sim backend's ``{"tcp": "steady"}``). Returns the Run; rows that failed are in
-    it with status "error". A ConfigError is raised before anything is written."""
+    options (e.g. the sim backend's ``{"tcp": "steady"}``). ``shard``: ``"K/N"``, only that shard of
+    the sweep's units (testbed.experiment.shard; join the shards with ``merge``). Returns the Run; rows
+    that failed are in it with status "error". A ConfigError is raised before anything is written."""
+    from testbed.experiment.shard import shard_for
+
     spec = experiment(spec, **({"backend": backend} if backend else {}))
+    sh = shard_for(spec, shard, "shard")
     out = Path(out) if out is not None else default_out(spec)
     if out.exists() and any(out.iterdir()):
         raise ConfigError("out", str(out), "a new or empty directory")
     spec = with_output_dir(spec, str(out.resolve()))
     prepared = check(spec, out, log=print if progress else None)
-    outcome = measure(spec, out, prepared, progress=progress, plots=plots, backend_settings=settings)
+    outcome = measure(spec, out, prepared, progress=progress, plots=plots, backend_settings=settings, shard=sh)
     return Run(out, outcome.status)
+
+
+def merge(out: str | Path, dirs: list[str | Path], plots: bool = True) -> Run:
+    """Join the run directories of a sharded sweep into ``out`` (testbed.experiment.merge; raises
+    ConfigError or MergeError, nothing written, when they are not one sweep's complete shards)."""
+    from testbed.experiment.merge import merge as merge_dirs
+
+    d = merge_dirs(out, dirs, plots=plots)
+    return Run(d, "complete")
 
 
 def open_run(path: str | Path) -> Run:

@@ -2,6 +2,7 @@
 
     testbed run EXPERIMENT.yaml [--out DIR] [--backend B] [--no-plots] [--quiet] [sim options]
     testbed run [EXPERIMENT.yaml] --resume DIR
+    testbed run EXPERIMENT.yaml --shard K/N [--out DIR]   (then `testbed merge OUT DIR...`)
     testbed simulate EXPERIMENT.yaml [--out DIR] [--tcp steady|slow_start] [--loss-mode expected|sampled]
                      [--no-overhead] [--speed 1,1,3,3] [--calibration DIR] [--no-measure] ...
     testbed plot RESULTS_DIR
@@ -79,6 +80,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default: the file's output_dir, else "
                    "results/<name>-<YYYYmmdd-HHMMSS>)")
     p.add_argument("--backend", choices=BACKENDS, help="override the file's backend")
+    p.add_argument("--shard", metavar="K/N", help="run only shard K of N (0-based: K = 0 .. N-1) of the sweep's "
+                   "(cell, method) units, the same share on every machine; join the shards' directories with "
+                   "`testbed merge OUT DIR...`. With --resume: the stored shard (optional, must match)")
     p.add_argument("--no-plots", action="store_true", help="do not make plots at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sim_options(p)
@@ -114,6 +118,24 @@ def locate(args: argparse.Namespace) -> tuple[ExperimentSpec, Path, bool]:
     return with_output_dir(spec, str(out.resolve())), out, False
 
 
+def resolve_shard(args: argparse.Namespace, spec: ExperimentSpec, out: Path, resume: bool):
+    """The run's shard (testbed.experiment.shard.Shard, None: the whole sweep); raises ConfigError.
+
+    A resumed run keeps the shard its manifest records; ``--shard`` given with ``--resume`` must name it."""
+    from testbed.experiment.manifest import read_manifest
+    from testbed.experiment.shard import Shard, parse_shard, shard_for
+
+    shard = parse_shard(getattr(args, "shard", None))
+    if resume:
+        stored = read_manifest(out).get("shard")
+        stored = Shard.from_dict(stored) if stored else None
+        if shard is not None and shard != stored:
+            raise ConfigError("--shard", str(shard), f"the shard {out} was started as ({stored or 'none: a whole run'}),"
+                              " or no --shard")
+        return stored
+    return shard_for(spec, getattr(args, "shard", None))
+
+
 def prepare(args: argparse.Namespace, spec: ExperimentSpec, out: Path, startup=None) -> Prepared:
     """check_spec with the run's codebook directory, telling about slow steps unless --quiet."""
     def log(msg: str) -> None:
@@ -138,7 +160,7 @@ def simulate_main(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sim_options(p, calibration_repetitions="--repetitions")
     args = p.parse_args(argv)
-    args.backend, args.resume, args.retry_failed = "sim", None, False
+    args.backend, args.resume, args.retry_failed, args.shard = "sim", None, False, None
     print("testbed simulate: an alias of `testbed run --backend sim` (same rows, manifest, plots and sim.json)",
           file=sys.stderr, flush=True)
     return execute(args, "testbed simulate")
@@ -229,6 +251,7 @@ def execute(args: argparse.Namespace, name: str = "testbed run") -> int:
 
 def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
     from testbed.experiment.runner import stop_if_signalled
+    from testbed.experiment.shard import parse_shard
     from testbed.experiment.startup import Startup
 
     startup = Startup()  # from here to the first measured inference
@@ -236,7 +259,9 @@ def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
     try:
         if args.backend:  # before the (slow) checks of the experiment
             _check_settings(args.backend, settings)
+        shard = parse_shard(getattr(args, "shard", None))  # a bad value is refused before the (slow) checks
         spec, out, resume = locate(args)
+        shard = resolve_shard(args, spec, out, resume)
         _check_settings(spec.backend, settings)
         where.append(out)
         prepared = prepare(args, spec, out, startup)
@@ -247,7 +272,8 @@ def _execute(args: argparse.Namespace, name: str, where: list[Path]) -> int:
     source = str(Path(args.experiment).resolve()) if args.experiment else None
     try:
         outcome = api.measure(spec, out, prepared, resume=resume, source=source, progress=not args.quiet,
-                              plots=not args.no_plots, backend_settings=settings, retry_failed=args.retry_failed)
+                              plots=not args.no_plots, backend_settings=settings, retry_failed=args.retry_failed,
+                              shard=shard)
     except TestbedError as e:  # the run could not go on (e.g. the backend did not start); rows so far are kept
         print(f"\n{name}: failed: {e}\n  rows and manifest so far: {out}", file=sys.stderr)
         return 1
@@ -269,6 +295,10 @@ def _report(o) -> None:
     from testbed.experiment.startup import describe
 
     m = read_manifest(d)
+    if m.get("shard"):
+        sh = m["shard"]
+        print(f"  shard:    {sh['index']}/{sh['count']} ({len(sh.get('units') or [])} of the sweep's units); join the "
+              f"shards with: testbed merge OUT DIR...")
     if m.get("codebooks_made"):
         print("  codebooks: " + "; ".join(f"{k}: {v}" for k, v in m["codebooks_made"].items()))
     if m.get("startup"):

@@ -83,6 +83,10 @@ def _what_ran(m: dict) -> str:
         "started / updated": f"{m.get('created_at')} / {m.get('updated_at')}",
         "source file": m.get("source_file"),
     }
+    if m.get("shard"):  # one shard of a sharded sweep (testbed run --shard K/N)
+        items["shard"] = f"{m['shard'].get('index')}/{m['shard'].get('count')} ({len(m['shard'].get('units') or [])} units)"
+    if m.get("shards"):  # made by testbed merge
+        items["shards"] = "; ".join(f"{s.get('shard')} on {s.get('host')}" for s in m["shards"])
     return "<dl>" + "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items.items()) + "</dl>"
 
 

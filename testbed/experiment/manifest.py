@@ -9,6 +9,7 @@ killed run leaves a manifest that says what it was. A resumed run appends to
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import platform
 import subprocess
@@ -42,6 +43,30 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def source_digest(root: Path = ROOT) -> str | None:
+    """sha256 over the package's Python sources and protos/*.proto (paths and contents; generated stubs
+    left out): the same for a git checkout and an image built from it, whether or not .git is there."""
+    pkg = root / "testbed"
+    if not pkg.is_dir():
+        return None
+    files = [f for f in sorted(pkg.rglob("*.py")) if not (f.parent.name == "proto" and "_pb2" in f.name)]
+    files += sorted((root / "protos").glob("*.proto"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def code_version(root: Path = ROOT) -> dict[str, Any]:
+    """Which code ran: git commit and dirtiness (None outside a checkout, e.g. in a container image),
+    the package version and ``source_digest`` (what `testbed merge` compares)."""
+    try:
+        version = metadata.version("testbed")
+    except metadata.PackageNotFoundError:
+        version = None
+    return {**git_state(root), "package": version, "source_digest": source_digest(root)}
+
+
 def package_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in PACKAGES:
@@ -73,6 +98,7 @@ class Manifest:
     def __init__(self, out_dir: Path, config: dict, source: str | None, resume: bool):
         self.path = Path(out_dir) / MANIFEST
         old = _read(self.path) if resume else {}
+        code = code_version()
         self.data: dict[str, Any] = {
             "experiment": config["name"],
             "config": config,
@@ -81,7 +107,8 @@ class Manifest:
             "created_at": old.get("created_at", now_iso()),
             "updated_at": now_iso(),
             "sessions": old.get("sessions", []),
-            "git": git_state(),
+            "git": {k: code[k] for k in ("commit", "dirty")},
+            "code": code,
             "machine": machine(),
             "packages": package_versions(),
             "backend": old.get("backend", {"name": config["backend"], "mechanism": None, "fidelity": None}),

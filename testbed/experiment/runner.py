@@ -49,6 +49,7 @@ from testbed.experiment.metrics import (Reference, decode_columns, make_referenc
                                        timing_columns)
 from testbed.experiment.progress import Progress
 from testbed.experiment.session import BackendSession, backend_setup
+from testbed.experiment.shard import Shard, cell_id, select_units, spec_digest, sweep_units
 from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
 from testbed.experiment.startup import Startup
 from testbed.experiment.store import ResultStore, read_rows
@@ -78,25 +79,22 @@ class RunOutcome:
     signum: int | None = None
 
 
-def cell_id(cell: Cell, method_index: int) -> str:
-    """Row key of a (cell, method) unit: stable for a given experiment file."""
-    return f"p{cell.index}/m{method_index}"
-
-
 class Runner:
     def __init__(self, spec: ExperimentSpec, out_dir: Path, *, prepared: Prepared | None = None, resume: bool = False,
                  source: str | None = None, progress: bool = True, plots: bool = True,
-                 backend_settings: dict | None = None, retry_failed: bool = False):
+                 backend_settings: dict | None = None, retry_failed: bool = False, shard: Shard | None = None):
         """``prepared``: what check_spec built (model, codebooks, topology); made here if None (the spec is
         checked again). ``backend_settings``: the backend's own options (BackendSetup.settings).
-        ``retry_failed``: on resume, measure again the units whose latest row is an error."""
+        ``retry_failed``: on resume, measure again the units whose latest row is an error.
+        ``shard``: measure only that shard's units (testbed.experiment.shard; None: every unit)."""
         self.spec, self.out_dir, self.resume = spec, Path(out_dir), resume
         self.retry_failed = retry_failed
         self.backend_settings = dict(backend_settings or {})
         self.prepared = prepared if prepared is not None else check_spec(
             spec, codebook_dir=Path(out_dir) / "codebooks")
         self.source, self.show_progress, self.make_plots = source, progress, plots
-        self.plan = [(c, mi, m) for c in spec.cells() for mi, m in enumerate(spec.methods)]
+        self.shard = shard
+        self.plan = select_units(sweep_units(spec), shard)  # the (cell, method index, method) units to measure
         self.dilation = self.prepared.dilation  # testbed.experiment.dilation.Dilation, resolved by check_spec
         self.startup = self.prepared.startup or Startup()  # the clock to the first measured inference
         self.mechanism = "?"  # the backend's shaping mechanism, known once it started
@@ -115,7 +113,9 @@ class Runner:
         store = ResultStore(self.out_dir)
         manifest = Manifest(self.out_dir, self.spec.to_dict(), self.source, self.resume)
         done: set = set()
-        manifest.set(time_dilation=self.dilation.to_dict())
+        manifest.set(time_dilation=self.dilation.to_dict(), experiment_digest=spec_digest(self.spec.to_dict()),
+                     shard=None if self.shard is None else {**self.shard.to_dict(),
+                                                            "units": [cell_id(c, mi) for c, mi, _ in self.plan]})
         self._say(self.dilation.explain())
         if self.dilation.warning():
             print(f"testbed run: {self.dilation.warning()}", file=sys.stderr, flush=True)
