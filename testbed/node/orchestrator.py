@@ -5,7 +5,9 @@ builds its shard), runs inferences by asking every rank at once and timing the
 whole from the client's side, and stops the nodes. If any node fails, dies or
 misses the deadline, it raises a NodeError naming the rank, its address and what
 happened (the root cause is preferred over the ranks that merely lost that peer),
-and stops the other nodes so nothing is left waiting.
+and stops the other nodes so nothing is left waiting. Nodes it does not own
+(``owns_nodes=False``: servers on real devices, started by their user) are never stopped:
+where it would stop them it unloads their job (Unload), and they keep serving.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class Orchestrator:
     ``connect_timeout_s``: for reaching the nodes and for the nodes reaching each other;
     ``load_timeout_s``: for building a job. The nodes wait for each peer message at most
     ``PEER_WAIT_FRACTION * timeout_s``, so a silent rank is named by its peers, and the
-    other nodes stopped, before the orchestrator's own deadline fires."""
+    other nodes stopped, before the orchestrator's own deadline fires. ``owns_nodes`` False:
+    the nodes are someone else's; they are unloaded, never stopped (``release``)."""
 
     PEER_WAIT_FRACTION = 0.5
     # After the first failure, how long the others get to report theirs (failures cascade
@@ -55,12 +58,13 @@ class Orchestrator:
     STOP_RPC_S = 1.0
 
     def __init__(self, addresses: Sequence[NodeAddress], timeout_s: float = 120.0, connect_timeout_s: float = 10.0,
-                 load_timeout_s: float = 300.0):
+                 load_timeout_s: float = 300.0, owns_nodes: bool = True):
         check(len(addresses) >= 1, "addresses", list(addresses), "at least one NodeAddress")
         for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s),
                         ("load_timeout_s", load_timeout_s)):
             check(isinstance(v, (int, float)) and v > 0, name, v, "a number of seconds > 0")
         self.addresses = list(addresses)
+        self.owns_nodes = owns_nodes
         self.timeout_s, self.connect_timeout_s, self.load_timeout_s = timeout_s, connect_timeout_s, load_timeout_s
         self.job: JobSpec | None = None
         self.job_id = ""
@@ -84,8 +88,9 @@ class Orchestrator:
                                 f"no node answers within {self.connect_timeout_s:g} s") from None
 
     # -- the job ---------------------------------------------------------------
-    def load(self, job: JobSpec) -> list[LoadTimes]:
-        """Load ``job`` on every node (replacing any previous job). Returns per-rank build and connect times."""
+    def load(self, job: JobSpec, codebooks: bytes | None = None) -> list[LoadTimes]:
+        """Load ``job`` on every node (replacing any previous job). Returns per-rank build and connect times.
+        ``codebooks``: the bytes of the job's codebook file, sent along to nodes that do not share files."""
         self._check_running()
         n = len(self.addresses)
         check(job.world_size == n, "world_size", job.world_size, f"{n} (the number of node addresses)")
@@ -93,7 +98,8 @@ class Orchestrator:
         peers = [a.data for a in self.addresses]
         wait_s = self.PEER_WAIT_FRACTION * self.timeout_s
         requests = [serde.load_request(LoadArgs(job_id, job, r, peers, comm_timeout_s=wait_s,
-                                                connect_timeout_s=self.connect_timeout_s)) for r in range(n)]
+                                                connect_timeout_s=self.connect_timeout_s, codebooks=codebooks))
+                    for r in range(n)]
         calls = [lambda r=r: self._stubs[r].LoadJob.future(requests[r], timeout=self.load_timeout_s)
                  for r in range(n)]
         self.job, self.job_id = None, ""  # every node drops its previous job first
@@ -117,9 +123,12 @@ class Orchestrator:
         output = next((n.output for n in nodes if n.output is not None), None)
         return InferenceResult(output=output, latency_s=latency_s, nodes=nodes)
 
-    def stats(self) -> list[NodeStats]:
+    def stats(self, data_hosts: Sequence[str] | None = None) -> list[NodeStats]:
+        """Every node's stats; ``data_hosts``: per rank, the IP its peers reach it at (the node then
+        reports that interface's byte counters)."""
         self._check_running()
-        calls = [lambda r=r: self._stubs[r].Stats.future(serde.stats_request(), timeout=self.connect_timeout_s)
+        hosts = list(data_hosts) if data_hosts is not None else [""] * len(self.addresses)
+        calls = [lambda r=r: self._stubs[r].Stats.future(serde.stats_request(hosts[r]), timeout=self.connect_timeout_s)
                  for r in range(len(self.addresses))]
         return [serde.read_stats_response(r) for r in self._fan_out("stats", calls)]
 
@@ -176,7 +185,10 @@ class Orchestrator:
         # nodes rejected (bad job, unreachable peer) leaves them healthy and jobless; only a
         # node that died or hung during load stops them all.
         if phase != "load" or any(e.code() in _GONE for e in failed.values()):
-            self.shutdown(f"{phase} failed on rank {root}")
+            if self.owns_nodes:
+                self.shutdown(f"{phase} failed on rank {root}")
+            else:
+                self.release(f"{phase} failed on rank {root}")
         return NodeError(phase, root, self.addresses[root].control, root_what, others)
 
     def _check_running(self) -> None:
@@ -206,6 +218,21 @@ class Orchestrator:
                 time.sleep(0.05)
         self._close_channels()
 
+    def release(self, reason: str = "orchestrator done") -> None:
+        """Unload every node's job and let go of the nodes, which keep serving (a node that
+        cannot answer within STOP_RPC_S is left as it is). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        req = serde.unload_request(reason)
+        futs = [stub.Unload.future(req, timeout=self.STOP_RPC_S + 5.0) for stub in self._stubs]
+        for fut in futs:
+            try:
+                fut.result()
+            except grpc.RpcError:
+                pass  # gone or frozen: nothing more to ask of it
+        self._close_channels()
+
     def _close_channels(self) -> None:
         for ch in self._channels:
             ch.close()
@@ -214,4 +241,7 @@ class Orchestrator:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.shutdown()
+        if self.owns_nodes:
+            self.shutdown()
+        else:
+            self.release()

@@ -1,24 +1,31 @@
 """The node server: the process each edge device runs (``python -m testbed.node --listen HOST:PORT``).
 
 One gRPC server serves both the control plane (Node service: LoadJob, Infer, Stats,
-Shutdown) and the data plane (Peer service: streams from the other ranks) on every
+Shutdown, Unload) and the data plane (Peer service: streams from the other ranks) on every
 ``--listen`` address; under emulation the orchestrator uses an unshaped control
 address and the peers a shaped data address. A job is built once per LoadJob
 (testbed.methods.job.RankRunner) and runs inferences on demand; any failure inside an
 inference aborts the job's peer streams, so the other ranks fail at once rather
 than at their deadline. SIGTERM, SIGINT, Shutdown and (with --watch-parent) the
-death of the parent process all stop the node cleanly.
+death of the parent process all stop the node cleanly; Unload only drops the job (a node on a
+real device belongs to its user and keeps serving the next run).
+
+A LoadJob may carry the job's astra codebooks inline (nodes on other machines do not share
+the orchestrator's files): the node writes them to a private temporary file, builds the job
+from it and deletes it at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,14 +35,18 @@ import grpc
 from testbed.errors import CommError, ConfigError, check
 from testbed.node import serde
 from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, join_hostport, make_server, split_hostport
+from testbed.node import host
 from testbed.node.memory import process_memory
-from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
+from testbed.node.records import PROTOCOL_VERSION, LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
 
 log = logging.getLogger("testbed.node")
 
 #: what a node prints on stdout, once per listen address, when it serves (backends read it)
 READY_PREFIX = "testbed-node listening on "
+#: a test hook: the package version the node reports instead of its own (tests of the orchestrator's
+#: version check run nodes of one checkout; never set it on a device)
+VERSION_OVERRIDE_ENV = "TESTBED_NODE_REPORT_VERSION"
 
 
 def _rpc(method):
@@ -110,11 +121,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
                                 keepalive_timeout_s=self.keepalive_timeout_s)
         t1 = time.perf_counter()
         try:
-            runner = RankRunner(args.job, args.rank, comm)
+            with _codebook_file(args.codebooks) as path:
+                job = args.job if path is None else dataclasses.replace(args.job, codebook_path=path)
+                runner = RankRunner(job, args.rank, comm)
         except BaseException as e:
             comm.abort(f"rank {args.rank} failed to build its shard: {type(e).__name__}: {e}")
             raise
-        self.job = _Job(args, comm, runner)
+        self.job = _Job(dataclasses.replace(args, codebooks=None), comm, runner)
         build_s = time.perf_counter() - t1
         rss_kib, pss_kib = process_memory()
         log.info("loaded job %s rank %d/%d (%s, %s), resident %d MiB", args.job_id, args.rank, args.job.world_size,
@@ -149,17 +162,40 @@ class NodeService(node_pb2_grpc.NodeServicer):
     @_rpc
     def Stats(self, request, context):  # noqa: N802
         job = self.job
+        data_host = serde.read_stats_request(request)
+        iface = host.data_interface(data_host) if data_host else ""
+        tx, rx = host.interface_counters(iface)
         return serde.stats_response(NodeStats(
             pid=os.getpid(), listen_addresses=self.listen_addresses, job_id=job.args.job_id if job else "",
             rank=job.args.rank if job else -1, inferences=job.inferences if job else 0,
             uptime_s=time.monotonic() - self.started,
-            max_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+            max_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            package_version=os.environ.get(VERSION_OVERRIDE_ENV) or host.package_version(),
+            protocol_version=PROTOCOL_VERSION, **host.host_info(), data_interface=iface, tx_bytes=tx, rx_bytes=rx))
 
     @_rpc
     def Shutdown(self, request, context):  # noqa: N802
         log.info("shutdown requested: %s", serde.read_shutdown_request(request) or "(no reason given)")
         self.stop.set()  # the main thread stops the server after this reply has gone out
         return serde.shutdown_response()
+
+    @_rpc
+    def Unload(self, request, context):  # noqa: N802
+        """Drop the job and keep serving; an inference or load in flight is aborted first."""
+        reason = serde.read_unload_request(request) or "(no reason given)"
+        job = self.job
+        if job is not None and self.busy:
+            job.comm.abort(f"the orchestrator unloads the job: {reason}")
+        got = self._lock.acquire(timeout=self.UNLOAD_WAIT_S)  # the aborted call returns within moments
+        try:
+            self.unload(reason)
+        finally:
+            if got:
+                self._lock.release()
+        return serde.unload_response()
+
+    #: how long Unload waits for an aborted inference or load to give the job back
+    UNLOAD_WAIT_S = 5.0
 
     def unload(self, reason: str) -> None:
         """Drop the current job, ending its peer streams cleanly."""
@@ -208,6 +244,28 @@ class NodeServer:
             job.comm.abort("the node is shutting down")
         self.service.unload("the node is shutting down")
         self.server.stop(grace=grace_s).wait()
+
+
+class _codebook_file:
+    """A private temporary file holding ``data`` (None: no file) for the block; deleted after it."""
+
+    def __init__(self, data: bytes | None):
+        self.data, self.path = data, None
+
+    def __enter__(self) -> str | None:
+        if self.data is None:
+            return None
+        fd, self.path = tempfile.mkstemp(prefix="testbed-codebooks-", suffix=".pt")  # mode 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.data)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 def _watch_parent(stop: threading.Event) -> None:
