@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from testbed.backends.base import BackendSetup, NodeBackend
-from testbed.backends.inventory import Inventory
-from testbed.comm.channels import split_hostport
+from testbed.backends.inventory import DeviceNode, Inventory
+from testbed.comm.channels import join_hostport, split_hostport
 from testbed.errors import CommError, ConfigError, check
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
@@ -78,11 +78,14 @@ class DevicesBackend(NodeBackend):
         check(n_nodes == len(inv.nodes), "nodes.count", n_nodes, f"{len(inv.nodes)}, the inventory's devices")
         if self._client is not None:
             raise ConfigError("n_nodes", n_nodes, "one start() per backend (close() it first)")
-        addresses = [NodeAddress(control=d.address, data=d.address) for d in inv.nodes]
+        # peers dial each other at the IP this machine resolves (no name service needed on the devices);
+        # each node's shaping matches its peers by those IPs
+        self.data_hosts = [_resolve(d) for d in inv.nodes]
+        addresses = [NodeAddress(control=d.address, data=join_hostport(ip, split_hostport(d.address)[1]))
+                     for d, ip in zip(inv.nodes, self.data_hosts)]
         self.log(f"connecting to {n_nodes} devices")
         self._client = self.client(addresses, self.timeout_s)
         try:
-            self.data_hosts = [_resolve(d.address) for d in inv.nodes]
             stats = self._client.stats(self.data_hosts)
             self._check_versions(stats)
             self._machines = [self._machine(i, s) for i, s in enumerate(stats)]
@@ -155,7 +158,7 @@ class DevicesBackend(NodeBackend):
             shape(links)
         except CommError as e:
             raise self._named(e) from None
-        mechanisms = getattr(self._client, "mechanisms", None)  # what each node reported it shapes with
+        mechanisms = getattr(self._client, "shape_mechanisms", None)  # what each node reported it shapes with
         if mechanisms:
             self.mechanism = "+".join(sorted(set(mechanisms)))
 
@@ -242,13 +245,13 @@ class DevicesBackend(NodeBackend):
         """Nothing to stop: the nodes are their users' (close() unloads them)."""
 
 
-def _resolve(address: str) -> str:
-    """The IP of an inventory address's host (what peers reach it at, and what shaping matches)."""
-    host, port = split_hostport(address)
+def _resolve(d: DeviceNode) -> str:
+    """The IP of a device's host (what peers reach it at, and what shaping matches)."""
+    host, port = split_hostport(d.address)
     try:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
     except OSError as e:
-        raise CommError(f"{address}: the host does not resolve ({e})") from None
+        raise CommError(f"device {d.name!r} ({d.address}): its host does not resolve here ({e})") from None
 
 
 def _tx_total(stats: list[NodeStats]) -> int | None:
