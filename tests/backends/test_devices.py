@@ -240,3 +240,45 @@ def test_inventory_file_paths_start_at_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         api.experiment(exp)
     assert e.value.field == "inv.yaml.nodes[1].name"
+
+
+def test_a_run_goes_on_when_a_device_drops(devices, tmp_path, monkeypatch):
+    """pi3 drops during the first unit's second repetition and is still gone when the second unit
+    starts; it is back for the third. Each failure is that unit's rows, naming the device."""
+    holder = {"node": launch_node("127.0.0.17:0", tmp_path / "pi3.log")}
+    port = holder["node"].address.rsplit(":", 1)[1]
+    calls = {"infer": 0, "start": 0}
+    infer, start_nodes = DevicesBackend.infer, DevicesBackend.start_nodes
+
+    def dropping_infer(self, repetition=None):
+        calls["infer"] += 1
+        if calls["infer"] == 2:
+            holder["node"].stop()  # the device goes away
+        return infer(self, repetition)
+
+    def returning_start(self, n):
+        calls["start"] += 1
+        if calls["start"] == 3:  # its user starts it again
+            holder["node"] = launch_node(f"127.0.0.17:{port}", tmp_path / "pi3.log")
+        return start_nodes(self, n)
+
+    monkeypatch.setattr(DevicesBackend, "infer", dropping_infer)
+    monkeypatch.setattr(DevicesBackend, "start_nodes", returning_start)
+    inv = inventory(devices[:2], connect_timeout_s=1)
+    inv["nodes"].append({"name": "pi3", "address": f"127.0.0.17:{port}"})
+    try:
+        run = api.run(experiment(backend="devices", devices=inv, repetitions=2,
+                                 methods=["single", "sequence_parallel", "sequence_parallel_int8"]),
+                      tmp_path / "out", plots=False)
+        rows = run.rows.sort_values(["cell", "repetition"])
+        status = dict(zip(zip(rows["label"], rows["repetition"]), rows["status"]))
+        errors = dict(zip(zip(rows["label"], rows["repetition"]), rows["error"]))
+        assert status == {("single", 0): "ok", ("single", 1): "error", ("sequence_parallel", 0): "error",
+                          ("sequence_parallel", 1): "error", ("sequence_parallel_int8", 0): "ok",
+                          ("sequence_parallel_int8", 1): "ok"}, errors
+        assert "device 'pi3'" in errors[("single", 1)], errors
+        assert f"device 'pi3' (127.0.0.17:{port}) cannot be reached" in errors[("sequence_parallel", 0)], errors
+        assert run.manifest["backend"]["starts"] == 2  # the failed start is no start
+        assert all(d.alive() and stats(d.address).job_id == "" for d in devices[:2])
+    finally:
+        holder["node"].stop()
