@@ -90,9 +90,9 @@ class DevicesBackend(NodeBackend):
             self._check_versions(stats)
             self._machines = [self._machine(i, s) for i, s in enumerate(stats)]
             self._wire0 = _tx_total(stats)
-        except BaseException:
+        except BaseException:  # nothing was asked of the nodes yet: leave them as they are
             client, self._client = self._client, None
-            client.release("the devices backend could not start")
+            client.disconnect()
             raise
         return addresses
 

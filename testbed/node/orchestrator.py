@@ -233,6 +233,11 @@ class Orchestrator:
                 pass  # gone or frozen: nothing more to ask of it
         self._close_channels()
 
+    def disconnect(self) -> None:
+        """Let go of the nodes without asking them anything (they keep their job, if any). Idempotent."""
+        self._stopped = True
+        self._close_channels()
+
     def _close_channels(self) -> None:
         for ch in self._channels:
             ch.close()
