@@ -44,9 +44,6 @@ log = logging.getLogger("testbed.node")
 
 #: what a node prints on stdout, once per listen address, when it serves (backends read it)
 READY_PREFIX = "testbed-node listening on "
-#: a test hook: the package version the node reports instead of its own (tests of the orchestrator's
-#: version check run nodes of one checkout; never set it on a device)
-VERSION_OVERRIDE_ENV = "TESTBED_NODE_REPORT_VERSION"
 
 
 def _rpc(method):
@@ -170,7 +167,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             rank=job.args.rank if job else -1, inferences=job.inferences if job else 0,
             uptime_s=time.monotonic() - self.started,
             max_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            package_version=os.environ.get(VERSION_OVERRIDE_ENV) or host.package_version(),
+            package_version=host.package_version(),
             protocol_version=PROTOCOL_VERSION, **host.host_info(), data_interface=iface, tx_bytes=tx, rx_bytes=rx))
 
     @_rpc
