@@ -18,6 +18,7 @@ from it and deletes it at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -243,26 +244,19 @@ class NodeServer:
         self.server.stop(grace=grace_s).wait()
 
 
-class _codebook_file:
-    """A private temporary file holding ``data`` (None: no file) for the block; deleted after it."""
-
-    def __init__(self, data: bytes | None):
-        self.data, self.path = data, None
-
-    def __enter__(self) -> str | None:
-        if self.data is None:
-            return None
-        fd, self.path = tempfile.mkstemp(prefix="testbed-codebooks-", suffix=".pt")  # mode 0600
+@contextlib.contextmanager
+def _codebook_file(data: bytes | None):
+    """The path of a private temporary file holding ``data`` for the block (None: no file), deleted after it."""
+    if data is None:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="testbed-codebooks-", suffix=".pt")  # mode 0600
+    try:
         with os.fdopen(fd, "wb") as f:
-            f.write(self.data)
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            f.write(data)
+        yield path
+    finally:
+        os.unlink(path)
 
 
 def _watch_parent(stop: threading.Event) -> None:
