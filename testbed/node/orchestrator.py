@@ -1,7 +1,7 @@
 """The orchestrator: the client that drives N node servers through one job.
 
 It loads a job on every node at once (each node then opens its peer streams and
-builds its shard), runs inferences by asking every rank at once and timing the
+builds its shard), asks nodes that shape their own links to do so (``shape``), runs inferences by asking every rank at once and timing the
 whole from the client's side, and stops the nodes. If any node fails, dies or
 misses the deadline, it raises a NodeError naming the rank, its address and what
 happened (the root cause is preferred over the ranks that merely lost that peer),
@@ -21,8 +21,10 @@ import grpc
 
 from testbed.errors import CommError, ConfigError, check
 from testbed.methods.job import JobSpec
+from testbed.net.profile import LinkProfile
+from testbed.net.selfshape import node_shares
 from testbed.node import serde
-from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
+from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS, split_hostport
 from testbed.node.records import InferenceResult, LoadArgs, LoadTimes, NodeAddress, NodeStats
 from testbed.proto import node_pb2_grpc
 
@@ -40,6 +42,8 @@ class NodeError(CommError):
 _SECONDARY = {grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 # Status codes that mean the node itself died, is unreachable or hangs.
 _GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Phases whose refusal by a node leaves every node running (nothing waits on a peer in them).
+_REJECTABLE = {"load", "shape"}
 
 
 class Orchestrator:
@@ -56,6 +60,8 @@ class Orchestrator:
     GRACE_S = 1.0
     # A Shutdown RPC gets this long: a node that cannot answer it (frozen) is the backend's to kill.
     STOP_RPC_S = 1.0
+    # A Shape gets this long: the first one probes the kernel and starts the node's delay line.
+    SHAPE_RPC_S = 60.0
 
     def __init__(self, addresses: Sequence[NodeAddress], timeout_s: float = 120.0, connect_timeout_s: float = 10.0,
                  load_timeout_s: float = 300.0, owns_nodes: bool = True):
@@ -69,6 +75,7 @@ class Orchestrator:
         self.job: JobSpec | None = None
         self.job_id = ""
         self.load_times: list[LoadTimes] = []
+        self.shape_mechanisms: list[str] = []  # per rank, from the last shape(): "htb+nfqueue", ..., "none"
         self._stopped = False
         self._channels = [grpc.insecure_channel(a.control, options=CONTROL_CHANNEL_OPTIONS) for a in self.addresses]
         self._stubs = [node_pb2_grpc.NodeStub(ch) for ch in self._channels]
@@ -107,6 +114,25 @@ class Orchestrator:
         self.job, self.job_id = job, job_id
         self.load_times = [serde.read_load_response(r) for r in replies]
         return self.load_times
+
+    def shape(self, links_by_rank: Sequence[dict[str, LinkProfile]]) -> list[float]:
+        """Make every node shape its own links (nodes on real devices or in containers; see
+        testbed.net.selfshape). ``links_by_rank[r]`` maps a peer's data host (as in the nodes'
+        data addresses) to the profile of the direction rank r -> that peer, in device time;
+        an empty mapping everywhere removes all shaping. Each node gets its share: the bandwidth
+        of what it sends, the delay, jitter and loss of what it receives (``node_shares``).
+        Replaces the previous shape() on every node; live, a job stays loaded. Returns each
+        rank's seconds to apply; ``shape_mechanisms`` says how each applied it. A node refusing
+        (no CAP_NET_ADMIN: FAILED_PRECONDITION, bad input) raises NodeError and, like a refused
+        load, leaves the nodes running."""
+        self._check_running()
+        hosts = [split_hostport(a.data, "data address")[0] for a in self.addresses]
+        requests = [serde.shape_request(share) for share in node_shares(list(links_by_rank), hosts)]
+        calls = [lambda r=r: self._stubs[r].Shape.future(requests[r], timeout=self.SHAPE_RPC_S)
+                 for r in range(len(self.addresses))]
+        replies = [serde.read_shape_response(resp) for resp in self._fan_out("shape", calls)]
+        self.shape_mechanisms = [m for _s, m in replies]
+        return [s for s, _m in replies]
 
     def infer(self) -> InferenceResult:
         """One inference on every rank at once. Raises NodeError if any rank fails (and stops the nodes)."""
@@ -175,16 +201,17 @@ class Orchestrator:
         primary = [r for r, e in failed.items() if e.code() not in _SECONDARY]
         if primary:
             root, root_what = min(primary), what(failed[min(primary)])
-        elif silent and phase != "load":  # every failure only lost a peer, and a rank never answered
+        elif silent and phase not in _REJECTABLE:  # every failure only lost a peer, and a rank never answered
             root, root_what = silent[0], "no reply while its peers failed waiting for it (hung or overloaded?)"
         else:
             root = min(failed)
             root_what = what(failed[root])
         others = "; ".join(f"rank {r}: {what(e)}" for r, e in sorted(failed.items()) if r != root)
-        # A failed inference stops every node (nothing may be left waiting). A load that the
-        # nodes rejected (bad job, unreachable peer) leaves them healthy and jobless; only a
-        # node that died or hung during load stops them all.
-        if phase != "load" or any(e.code() in _GONE for e in failed.values()):
+        # A failed inference stops every node (nothing may be left waiting); nodes the orchestrator
+        # does not own are unloaded instead. A load or shape that the nodes rejected (bad job,
+        # unreachable peer, no CAP_NET_ADMIN) leaves them healthy; only a node that died or hung
+        # then stops (unloads) them all.
+        if phase not in _REJECTABLE or any(e.code() in _GONE for e in failed.values()):
             if self.owns_nodes:
                 self.shutdown(f"{phase} failed on rank {root}")
             else:

@@ -14,6 +14,7 @@ from testbed.comm.serde import bytes_to_tensor, tensor_to_bytes
 from testbed.comm.trace import Trace
 from testbed.errors import ConfigError
 from testbed.methods.job import JobSpec
+from testbed.net.profile import LinkProfile
 from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2
 
@@ -135,3 +136,36 @@ def read_unload_request(req: node_pb2.UnloadRequest) -> str:
 
 def unload_response() -> node_pb2.UnloadResponse:
     return node_pb2.UnloadResponse()
+
+
+# -- control plane: Shape ------------------------------------------------------------
+
+
+def shape_request(links: dict[str, LinkProfile]) -> node_pb2.ShapeRequest:
+    return node_pb2.ShapeRequest(links=[node_pb2.PeerLink(peer=peer, profile_json=json.dumps(prof.to_dict()))
+                                        for peer, prof in links.items()])
+
+
+def read_shape_request(req: node_pb2.ShapeRequest) -> dict[str, LinkProfile]:
+    """Peer -> profile; raises ConfigError naming the entry for bad JSON, unknown fields, bad values
+    or a peer given twice."""
+    out: dict[str, LinkProfile] = {}
+    for i, link in enumerate(req.links):
+        where = f"links[{i}]"
+        if link.peer in out:
+            raise ConfigError(f"{where}.peer", link.peer, "each peer once")
+        try:
+            d = json.loads(link.profile_json) if link.profile_json else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}.profile_json", link.profile_json[:80],
+                              f"a JSON object of LinkProfile fields ({e})") from None
+        out[link.peer] = LinkProfile.from_dict(d, f"{where}.profile")
+    return out
+
+
+def shape_response(apply_s: float, mechanism: str) -> node_pb2.ShapeResponse:
+    return node_pb2.ShapeResponse(apply_s=apply_s, mechanism=mechanism)
+
+
+def read_shape_response(resp: node_pb2.ShapeResponse) -> tuple[float, str]:
+    return resp.apply_s, resp.mechanism

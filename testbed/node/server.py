@@ -1,7 +1,7 @@
 """The node server: the process each edge device runs (``python -m testbed.node --listen HOST:PORT``).
 
 One gRPC server serves both the control plane (Node service: LoadJob, Infer, Stats,
-Shutdown, Unload) and the data plane (Peer service: streams from the other ranks) on every
+Shutdown, Shape, Unload) and the data plane (Peer service: streams from the other ranks) on every
 ``--listen`` address; under emulation the orchestrator uses an unshaped control
 address and the peers a shaped data address. A job is built once per LoadJob
 (testbed.methods.job.RankRunner) and runs inferences on demand; any failure inside an
@@ -9,6 +9,9 @@ inference aborts the job's peer streams, so the other ranks fail at once rather
 than at their deadline. SIGTERM, SIGINT, Shutdown and (with --watch-parent) the
 death of the parent process all stop the node cleanly; Unload only drops the job (a node on a
 real device belongs to its user and keeps serving the next run).
+
+Shape makes the node shape its own links (testbed.net.selfshape: a real device or a container
+has nobody outside to do it); whatever it installed is removed when the node stops.
 
 A LoadJob may carry the job's astra codebooks inline (nodes on other machines do not share
 the orchestrator's files): the node writes them to a private temporary file, builds the job
@@ -38,6 +41,7 @@ from testbed.node import serde
 from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, join_hostport, make_server, split_hostport
 from testbed.node import host
 from testbed.node.memory import process_memory
+from testbed.net.selfshape import NoNetAdmin, SelfShaper
 from testbed.node.records import PROTOCOL_VERSION, LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
 
@@ -82,9 +86,10 @@ class _Job:
 
 class NodeService(node_pb2_grpc.NodeServicer):
     def __init__(self, hub, listen_addresses: list[str], stop: threading.Event,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S, shape_mechanism: str = "auto"):
         self.hub, self.listen_addresses, self.stop = hub, listen_addresses, stop
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.shaper = SelfShaper(shape_mechanism)
         self.job: _Job | None = None
         self.started = time.monotonic()
         self._lock = threading.Lock()  # one LoadJob or Infer at a time
@@ -195,6 +200,19 @@ class NodeService(node_pb2_grpc.NodeServicer):
     #: how long Unload waits for an aborted inference or load to give the job back
     UNLOAD_WAIT_S = 5.0
 
+    @_rpc
+    def Shape(self, request, context):  # noqa: N802
+        return serde.shape_response(*self._shape(serde.read_shape_request(request)))
+
+    def _shape(self, links) -> tuple[float, str]:
+        """Shape this node's links (testbed.net.selfshape); one log line says what is applied."""
+        try:
+            result = self.shaper.shape(links)
+        except NoNetAdmin as e:
+            raise _Precondition(str(e)) from None
+        log.info("shape (%s, %.1f ms): %s", result.mechanism, 1e3 * result.apply_s, result.summary)
+        return result.apply_s, result.mechanism
+
     def unload(self, reason: str) -> None:
         """Drop the current job, ending its peer streams cleanly."""
         job, self.job = self.job, None
@@ -206,7 +224,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
 class NodeServer:
     """A running node: one gRPC server on every listen address. ``addresses`` are the bound ones."""
 
-    def __init__(self, listen: list[str], keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S):
+    def __init__(self, listen: list[str], keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 shape_mechanism: str = "auto"):
         from testbed.comm.grpc import PeerHub
 
         check(len(listen) >= 1, "listen", listen, "at least one HOST:PORT")
@@ -224,7 +243,7 @@ class NodeServer:
                 raise ConfigError("listen", addr, f"an address this host can bind ({e})") from None
             check(port > 0, "listen", addr, "an address this host can bind")
             self.addresses.append(join_hostport(host, port))
-        self.service = NodeService(self.hub, self.addresses, self.stop_event, keepalive_timeout_s)
+        self.service = NodeService(self.hub, self.addresses, self.stop_event, keepalive_timeout_s, shape_mechanism)
         node_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
         self.hub.add_to_server(self.server)
         self.server.start()
@@ -236,12 +255,23 @@ class NodeServer:
 
     def close(self, grace_s: float = 1.0) -> None:
         """Stop serving (in-flight RPCs get ``grace_s`` seconds). A job in the middle of an
-        inference or a load is aborted, so that its peers fail at once instead of waiting."""
-        job = self.service.job
-        if job is not None and self.service.busy:
-            job.comm.abort("the node is shutting down")
-        self.service.unload("the node is shutting down")
-        self.server.stop(grace=grace_s).wait()
+        inference or a load is aborted, so that its peers fail at once instead of waiting. Then
+        the node's own shaping (Shape) is removed."""
+        try:
+            job = self.service.job
+            if job is not None and self.service.busy:
+                job.comm.abort("the node is shutting down")
+            self.service.unload("the node is shutting down")
+            self.server.stop(grace=grace_s).wait()
+        finally:
+            self._unshape()
+
+    def _unshape(self) -> None:
+        """Remove whatever this node's Shapes installed (qdiscs, iptables chain, delay line)."""
+        shaped = bool(self.service.shaper.applied)
+        self.service.shaper.close()
+        if shaped:
+            log.info("shaping removed")
 
 
 @contextlib.contextmanager
@@ -279,12 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keepalive-timeout-s", type=float, default=KEEPALIVE_TIMEOUT_S, metavar="S",
                     help="gRPC keepalive ack timeout of every stream (pings every S/2 seconds); longer on "
                          "slow links")
+    ap.add_argument("--shape-mechanism", default="auto", choices=["auto", "htb+nfqueue", "htb+netem"],
+                    help="how Shape requests are applied (auto: netem where the kernel has it, else an NFQUEUE "
+                         "delay line; see testbed.net.selfshape)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format=f"%(asctime)s node[{os.getpid()}] %(levelname)s %(message)s")
     try:
-        node = NodeServer(args.listen, keepalive_timeout_s=args.keepalive_timeout_s)
+        node = NodeServer(args.listen, keepalive_timeout_s=args.keepalive_timeout_s,
+                          shape_mechanism=args.shape_mechanism)
     except ConfigError as e:
         print(f"testbed node: {e}", file=sys.stderr)
         return 2
