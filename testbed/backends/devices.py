@@ -20,8 +20,9 @@ with CAP_NET_ADMIN, for shaped profiles); the experiment's ``devices`` inventory
   next unit connects again (a device still gone fails that unit too, naming it).
 
 Bytes on the wire (``wire_bytes``) are the tx byte counters of each node's data interface
-(the one carrying its inventory address), counted once per host and interface: every packet
-that interface sent, control plane and anything else on the device included.
+(the one holding its inventory address), counted once per network stack and interface (nodes
+on one host's loopback share one): every packet that interface sent, control plane and anything
+else on the device included.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class DevicesBackend(NodeBackend):
         return CommError(f"device {self.inventory.nodes[rank].name!r}: {e}")
 
     def wire_bytes(self) -> int | None:
-        """tx bytes of the nodes' data interfaces since start (once per host and interface); None if
+        """tx bytes of the nodes' data interfaces since start (once per network stack and interface); None if
         any is unreadable or a node does not answer."""
         if self._client is None or self._wire0 is None:
             return None
@@ -255,10 +256,10 @@ def _resolve(d: DeviceNode) -> str:
 
 
 def _tx_total(stats: list[NodeStats]) -> int | None:
-    """tx bytes summed over distinct (host, interface): nodes sharing one interface count it once."""
+    """tx bytes summed over distinct (network stack, interface): nodes sharing one interface count it once."""
     seen: dict[tuple[str, str], int] = {}
     for s in stats:
         if s.tx_bytes is None or not s.data_interface:
             return None
-        seen[(s.hostname, s.data_interface)] = s.tx_bytes
+        seen[(s.net_id, s.data_interface)] = s.tx_bytes
     return sum(seen.values())

@@ -107,3 +107,4 @@ class NodeStats:
     data_interface: str = ""  # the interface carrying the data host the Stats request named ("": not found)
     tx_bytes: int | None = None  # its byte counters (None: unreadable)
     rx_bytes: int | None = None
+    net_id: str = ""  # the machine and network namespace of the counters (testbed.node.host.net_id)

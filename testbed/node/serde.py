@@ -101,7 +101,7 @@ def stats_response(s: NodeStats) -> node_pb2.StatsResponse:
                                   package_version=s.package_version, protocol_version=s.protocol_version,
                                   hostname=s.hostname, kernel=s.kernel, cpu_model=s.cpu_model,
                                   cpu_count=s.cpu_count, data_interface=s.data_interface, tx_bytes=s.tx_bytes,
-                                  rx_bytes=s.rx_bytes)
+                                  rx_bytes=s.rx_bytes, net_id=s.net_id)
 
 
 def read_stats_response(resp: node_pb2.StatsResponse) -> NodeStats:
@@ -111,7 +111,7 @@ def read_stats_response(resp: node_pb2.StatsResponse) -> NodeStats:
                      protocol_version=resp.protocol_version, hostname=resp.hostname, kernel=resp.kernel,
                      cpu_model=resp.cpu_model, cpu_count=resp.cpu_count, data_interface=resp.data_interface,
                      tx_bytes=resp.tx_bytes if resp.HasField("tx_bytes") else None,
-                     rx_bytes=resp.rx_bytes if resp.HasField("rx_bytes") else None)
+                     rx_bytes=resp.rx_bytes if resp.HasField("rx_bytes") else None, net_id=resp.net_id)
 
 
 def shutdown_request(reason: str) -> node_pb2.ShutdownRequest:

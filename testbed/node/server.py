@@ -174,7 +174,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             uptime_s=time.monotonic() - self.started,
             max_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             package_version=host.package_version(),
-            protocol_version=PROTOCOL_VERSION, **host.host_info(), data_interface=iface, tx_bytes=tx, rx_bytes=rx))
+            protocol_version=PROTOCOL_VERSION, **host.host_info(), data_interface=iface, tx_bytes=tx, rx_bytes=rx,
+            net_id=host.net_id()))
 
     @_rpc
     def Shutdown(self, request, context):  # noqa: N802
