@@ -1,4 +1,5 @@
-"""Backends run the ranks of an experiment: in-process threads, node servers (loopback, Mininet) or the simulator.
+"""Backends run the ranks of an experiment: in-process threads, node servers (loopback, Mininet, real
+devices) or the simulator.
 
 The layer stands on node, sim and net; experiment drives every backend through base.Backend.
 
@@ -15,6 +16,7 @@ BACKENDS = {
     "loopback": "testbed.backends.loopback:LoopbackBackend",
     "mininet": "testbed.backends.mininet:MininetBackend",
     "sim": "testbed.backends.sim:SimBackend",
+    "devices": "testbed.backends.devices:DevicesBackend",
 }
 
 

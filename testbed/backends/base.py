@@ -1,4 +1,5 @@
-"""The contract between the experiment runner and what runs the ranks (in-process, loopback, Mininet, sim).
+"""The contract between the experiment runner and what runs the ranks (in-process, loopback, Mininet, sim,
+real devices).
 
 The runner drives every backend the same way: ``start(n)`` once, then per cell
 ``apply_profile``, per method ``load(job)`` and ``infer()`` for each inference (one
@@ -7,8 +8,8 @@ differs between backends is part of the interface, with the defaults below: how 
 are shaped (``mechanism``), whether outputs are computed (``computes``) and traces kept
 (``keeps_traces``), live bandwidth traces (``replay`` / ``stop_replays``), the link
 fidelity measurement (``measures_fidelity`` / ``fidelity_table``), bytes on the wire
-(``wire_bytes``), the ids of emulated networks and shaping details for the manifest (``run_ids``,
-``shaping_details``), and the
+(``wire_bytes``), the ids of emulated networks, shaping details and the nodes' machines for the
+manifest (``run_ids``, ``shaping_details``, ``machines``), and the
 scheduled faults it can inject (``FAULTS``: ``link_down`` / ``link_up``,
 ``set_link_profile`` / ``restore_link``, ``kill_node``; called from the fault thread of
 testbed.experiment.faults while an inference runs).
@@ -53,6 +54,7 @@ class BackendSetup:
     cpu_slice_ms: float | None = None  # testbed.net.cgroups (None: its default)
     settings: dict[str, Any] = field(default_factory=dict)  # backend-specific options (see each backend)
     machine: Any = None  # what the backend's check_available() found, once per run (mininet: the kernel probe)
+    inventory: Any = None  # testbed.backends.inventory.Inventory: the node servers of backend devices
     log: Callable[[str], None] = lambda _msg: None  # told about slow steps
 
 
@@ -126,6 +128,12 @@ class Backend(ABC):
 
     def run_ids(self) -> list[str]:
         """Ids of the emulated networks this backend made (what `testbed clean` knows them by)."""
+        return []
+
+    def machines(self) -> list[dict]:
+        """What each node's machine is, in rank order, for the manifest (devices: host name, kernel,
+        CPU model and core count as each node reports them); [] when the nodes run on this machine
+        (the manifest's ``machine``)."""
         return []
 
     def shaping_details(self) -> dict:

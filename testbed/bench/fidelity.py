@@ -12,6 +12,12 @@ switch, one direction on a direct link under htb+nfqueue. Then the time of live 
 ``--collectives`` re-runs the collectives benchmark (ours vs gloo) with its ranks inside the
 hosts of a 4-host star at 10 and 100 Mbit/s.
 
+``--self-shaped`` puts nodes that shape themselves (testbed.net.selfshape: two node servers in
+plain namespaces on a bridge, no Mininet, shaped by Shape requests through the Orchestrator)
+beside the Mininet-shaped pair, on the same profiles in one run (default: 20 and 100 Mbit/s x
+5 and 25 ms): goodput ratio, RTT errors, and the time of live changes, for the self-shaped
+nodes both the orchestrator's round trip of ``shape()`` and the nodes' own apply time.
+
 Numbers depend on the machine's load: on 2 shared cores, the delay line and iperf3 compete with
 everything else that runs.
 """
@@ -22,6 +28,7 @@ import argparse
 import platform
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,8 @@ from testbed.net.profile import LinkProfile
 
 RATES_MBPS = (10, 20, 50, 100, 500, 1000)
 DELAYS_MS = (0, 5, 20, 50)
+SELF_SHAPED_RATES_MBPS = (20, 100)  # --self-shaped: a couple of profiles, a few minutes
+SELF_SHAPED_DELAYS_MS = (5, 25)
 
 
 @dataclass
@@ -69,17 +78,19 @@ def fidelity_grid(em, rates, delays, seconds: float) -> list[Cell]:
     return cells
 
 
+CHANGE_KINDS = {  # values alternate so every call changes something
+    "bandwidth": lambda i: LinkProfile(bandwidth_mbps=50 if i % 2 else 100, delay_ms=10),
+    "delay": lambda i: LinkProfile(bandwidth_mbps=100, delay_ms=5 if i % 2 else 10),
+    "loss": lambda i: LinkProfile(bandwidth_mbps=100, delay_ms=10, loss_pct=1 if i % 2 else 0),
+    "all three": lambda i: LinkProfile(bandwidth_mbps=50 if i % 2 else 100, delay_ms=5 if i % 2 else 10,
+                                       loss_pct=1 if i % 2 else 0),
+}
+
+
 def change_times(em, repeats: int = 20) -> dict[str, list[float]]:
     """Seconds per live change, by what changes (values alternate so every call changes something)."""
-    kinds = {
-        "bandwidth": lambda i: LinkProfile(bandwidth_mbps=50 if i % 2 else 100, delay_ms=10),
-        "delay": lambda i: LinkProfile(bandwidth_mbps=100, delay_ms=5 if i % 2 else 10),
-        "loss": lambda i: LinkProfile(bandwidth_mbps=100, delay_ms=10, loss_pct=1 if i % 2 else 0),
-        "all three": lambda i: LinkProfile(bandwidth_mbps=50 if i % 2 else 100, delay_ms=5 if i % 2 else 10,
-                                           loss_pct=1 if i % 2 else 0),
-    }
     out = {}
-    for name, make in kinds.items():
+    for name, make in CHANGE_KINDS.items():
         em.apply_profile(make(0))
         out[name] = [em.apply_profile(make(i)) for i in range(1, repeats + 1)]
     return out
@@ -87,10 +98,119 @@ def change_times(em, repeats: int = 20) -> dict[str, list[float]]:
 
 def print_changes(label: str, times: dict[str, list[float]]) -> None:
     for name, ts in times.items():
-        ts = sorted(ts)
-        p95 = ts[min(len(ts) - 1, int(0.95 * len(ts)))]
-        print(f"  {label:<22} {name:<10} median {1e3 * statistics.median(ts):6.1f} ms   p95 {1e3 * p95:6.1f} ms   "
-              f"max {1e3 * ts[-1]:6.1f} ms")
+        print(f"  {label:<22} {name:<10} {_spread(ts)}")
+
+
+def _spread(ts: list[float]) -> str:
+    ts = sorted(ts)
+    p95 = ts[min(len(ts) - 1, int(0.95 * len(ts)))]
+    return f"median {1e3 * statistics.median(ts):6.1f} ms   p95 {1e3 * p95:6.1f} ms   max {1e3 * ts[-1]:6.1f} ms"
+
+
+class SelfShapedPair:
+    """Two node servers that shape themselves, in plain namespaces h1 and h2 on a bridge
+    (testbed.net.plainnet), reshaped live through the Orchestrator as ``Emulation.apply_profile``
+    reshapes the Mininet pair: every direction gets the profile. The measuring functions of
+    testbed.net.fidelity take it as they take an Emulation (the namespaces' ``ns_argv``,
+    ``popen``, ``data_ip``, ``topology``)."""
+
+    def __init__(self, log_dir: Path):
+        from testbed.backends.launch import start_node
+        from testbed.net.plainnet import PlainNet
+        from testbed.node.orchestrator import Orchestrator
+        from testbed.node.records import NodeAddress
+
+        self.net = PlainNet(2, prefix="tbsb").start()
+        self.orch = None
+        self.node_apply_s: list[float] = []  # the slowest node's own apply time, per apply_profile
+        try:
+            addrs = []
+            for h in self.net.hosts:
+                proc, addr = start_node(f"{self.net.data_ip(h)}:50051", log_dir / f"{h}.log",
+                                        prefix=self.net.ns_argv(h))
+                self.net.procs.append(proc)
+                addrs.append(NodeAddress(addr, addr))
+            self.orch = Orchestrator(addrs)
+            self.mechanism = "none"
+        except BaseException:
+            self.close()
+            raise
+
+    def __getattr__(self, name):  # ns_argv, popen, env, data_ip, topology: the namespaces'
+        if name == "net":
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def apply_profile(self, profile: LinkProfile) -> float:
+        """Shape both directions with ``profile``; returns the orchestrator's round trip in seconds."""
+        from testbed.net.plainnet import mesh
+        from testbed.net.selfshape import topology_links
+
+        topo = mesh(self.net.hosts, profile.to_dict())
+        t0 = time.perf_counter()
+        applied = self.orch.shape(topology_links(topo, {h: self.net.data_ip(h) for h in self.net.hosts}))
+        seconds = time.perf_counter() - t0
+        self.net.topology, self.mechanism = topo, self.orch.shape_mechanisms[0]
+        self.node_apply_s.append(max(applied))
+        return seconds
+
+    def delay_point(self, src: str, dst: str) -> str:
+        return "receiver"  # each node holds what it receives (testbed.net.selfshape)
+
+    def close(self) -> None:
+        if self.orch is not None:
+            self.orch.shutdown("benchmark done")
+        self.net.close()
+
+
+def self_shaped_side_by_side(direct: bool, rates, delays, seconds: float, repeats: int) -> None:
+    """The fidelity grid and live change times of the Mininet pair and of self-shaped nodes, on
+    the same profiles, one after the other in this run; one table side by side."""
+    import tempfile
+
+    from testbed.net.emulation import Emulation
+
+    with Emulation(pair_topology(direct)) as em:
+        mn_held = em.delay_point("h1", "h2")
+        print(f"Mininet pair, {'direct link' if direct else 'through a switch'} ({em.mechanism}, delay held: "
+              f"{mn_held}):", flush=True)
+        mn_cells = fidelity_grid(em, rates, delays, seconds)
+        mn_changes = change_times(em, repeats)
+    with tempfile.TemporaryDirectory(prefix="tbsb-logs-") as logs:
+        pair = SelfShapedPair(Path(logs))
+        try:
+            print("self-shaped nodes (plain namespaces on a bridge, Shape through the orchestrator):", flush=True)
+            ss_cells = fidelity_grid(pair, rates, delays, seconds)
+            mechanism = pair.mechanism
+            ss_changes, node_changes = {}, {}
+            for name, make in CHANGE_KINDS.items():
+                pair.apply_profile(make(0))
+                first = len(pair.node_apply_s)
+                ss_changes[name] = [pair.apply_profile(make(i)) for i in range(1, repeats + 1)]
+                node_changes[name] = pair.node_apply_s[first:]
+        finally:
+            pair.close()
+
+    def side(c: Cell) -> str:
+        return (f"{c.goodput_mbps:8.2f} {c.goodput_ratio:6.3f} {c.rtt_error_ms:+8.2f} {c.rtt_plain_error_ms:+8.2f}"
+                f" {'ok' if c.ok else 'MISS':>4}")
+
+    print()
+    print(f"fidelity side by side ({platform.node()}, {platform.release()}; one-way delay each direction; "
+          f"RTT errors in ms, plain ping held to what it should show where the delay is held)")
+    print(f"left: Mininet-shaped pair ({em.mechanism}, delay held: {mn_held}); right: self-shaped nodes "
+          f"({mechanism}, delay held: receiver)")
+    cols = f"{'goodput':>8} {'ratio':>6} {'RTT -U':>8} {'plain':>8} {'':>4}"
+    print(f"{'Mbit/s':>7}{'ms':>7} | {cols} | {cols}")
+    for m, n in zip(mn_cells, ss_cells):
+        print(f"{m.bandwidth_mbps:7g}{m.delay_ms:7g} | {side(m)} | {side(n)}")
+    print(f"ok: goodput ratio in {GOODPUT_RATIO[0]:g}-{GOODPUT_RATIO[1]:g}, |RTT error| <= {RTT_ERROR_MS:g} ms")
+    print(f"live changes ({repeats} per kind): Mininet Emulation.apply_profile | self-shaped: Orchestrator.shape() "
+          "round trip | the slower node's own apply")
+    for name in CHANGE_KINDS:
+        print(f"  {name:<10} Mininet   {_spread(mn_changes[name])}")
+        print(f"  {'':<10} self rtt  {_spread(ss_changes[name])}")
+        print(f"  {'':<10} self node {_spread(node_changes[name])}")
 
 
 def run_collectives(bandwidths=(10, 100), sizes=("1K,16K,256K,1M", "1K,64K,1M,4M"), reps: int = 3) -> None:
@@ -136,14 +256,27 @@ def main(argv: list[str] | None = None) -> int:
     from testbed.net.topology import load_topology
 
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.fidelity", description=__doc__.splitlines()[0])
-    ap.add_argument("--rates", type=float, nargs="+", default=RATES_MBPS, help="Mbit/s")
-    ap.add_argument("--delays", type=float, nargs="+", default=DELAYS_MS, help="one-way ms")
+    ap.add_argument("--rates", type=float, nargs="+", help=f"Mbit/s (default: {RATES_MBPS}; "
+                    f"{SELF_SHAPED_RATES_MBPS} with --self-shaped)")
+    ap.add_argument("--delays", type=float, nargs="+", help=f"one-way ms (default: {DELAYS_MS}; "
+                    f"{SELF_SHAPED_DELAYS_MS} with --self-shaped)")
     ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 seconds per cell (+1 omitted)")
     ap.add_argument("--repeats", type=int, default=20, help="live changes timed per kind")
     ap.add_argument("--out", help="also write the grid as CSV here")
     ap.add_argument("--collectives", action="store_true", help="also run the collectives benchmark in a star")
     ap.add_argument("--direct", action="store_true", help="two hosts on one direct link instead of a switch")
+    ap.add_argument("--self-shaped", action="store_true",
+                    help="self-shaping nodes beside the Mininet pair, same profiles, one table")
     args = ap.parse_args(argv)
+    if args.self_shaped:
+        try:
+            self_shaped_side_by_side(args.direct, args.rates or SELF_SHAPED_RATES_MBPS,
+                                     args.delays or SELF_SHAPED_DELAYS_MS, args.seconds, args.repeats)
+        except EmulationUnavailable as e:
+            print(f"bench.fidelity: {e}", file=sys.stderr)
+            return 2
+        return 0
+    args.rates, args.delays = args.rates or RATES_MBPS, args.delays or DELAYS_MS
     try:
         with Emulation(pair_topology(args.direct)) as em:
             print(f"fidelity of one emulated path, {'direct link' if args.direct else 'through a switch'} "

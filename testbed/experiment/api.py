@@ -49,7 +49,7 @@ def experiment(source: str | Path | dict | ExperimentSpec, **fields: Any) -> Exp
         from testbed.yamlfile import read_yaml
 
         load_spec(source)  # the file's own errors name the file's fields as they are
-        data = read_yaml(source)
+        return parse_spec({**read_yaml(source), **fields}, base_dir=Path(source).resolve().parent)
     return parse_spec({**data, **fields})
 
 

@@ -117,8 +117,11 @@ def _check_model(spec: ExperimentSpec, build: bool = True):
 
 def _check_topology(spec: ExperimentSpec):
     """The topology must exist and parse; emulated and simulated runs need one host per node."""
+    from testbed.experiment.topology import spec_topology
     from testbed.net.topology import TOPOLOGY_DIR, load_topology
 
+    if spec.backend == "devices":  # its own: a mesh of the inventory's devices
+        return spec_topology(spec)
     src = spec.topology
     if isinstance(src, str) and not Path(src).suffix:
         names = sorted(p.stem for p in TOPOLOGY_DIR.glob("*.yaml"))

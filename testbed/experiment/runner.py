@@ -23,7 +23,9 @@ time and hands back results in device time; the runner only says so (one line at
 the manifest, the ``time_dilation`` column) and measures ``trace_time_s`` in device time.
 
 A failure inside a cell (load, warm-up or a repetition) is recorded as rows with
-status "error" and the message; the nodes are restarted and the sweep goes on.
+status "error" and the message; the nodes are restarted and the sweep goes on. So is a
+failure to restart them (or to apply a cell's profile) once they started the first time:
+that cell's units are recorded failed and the next cell tries again.
 SIGTERM and Ctrl-C stop the run between two Python statements: the backend is
 torn down, what was measured stays, and ``--resume DIR`` measures only the
 (cell, repetition) pairs that have no row yet; with ``retry_failed`` also those whose
@@ -191,7 +193,16 @@ class Runner:
                 if not units:
                     continue
                 prog.show(f"cell {cell.index}: {describe_cell(cell)}")
-                self._enter_cell(session, cell, manifest)
+                try:
+                    self._enter_cell(session, cell, manifest)
+                except Exception as e:  # noqa: BLE001
+                    if session.starts == 0:  # the backend never started: no cell can run
+                        raise
+                    # a restart after a failure (a device still gone) or the profile failed: this cell's
+                    # units are its result, the next cell tries again
+                    for _, mi, method, reps in units:
+                        measured += self._fail(session, store, prog, cell, mi, method, reps, f"cell start: {_msg(e)}")
+                    continue
                 try:
                     for _, mi, method, reps in units:
                         path = codebooks.get(mi)
@@ -359,9 +370,11 @@ class Runner:
         self.mechanism = backend.mechanism
         ids = manifest.data["backend"].get("emulation_runs", []) + backend.run_ids()  # what `testbed clean` knows
         starts = manifest.data["backend"].get("starts", 0) + 1  # > 1: nodes were restarted after a failure
+        machines = backend.machines()  # the nodes' own machines (real devices), as they were at this start
         manifest.backend(backend.name, self.mechanism,
                          "per cell, under `fidelity`" if backend.measures_fidelity else None,
-                         {"starts": starts, **({"emulation_runs": ids} if ids else {}), **backend.shaping_details()})
+                         {"starts": starts, **({"emulation_runs": ids} if ids else {}), **backend.shaping_details(),
+                          **({"nodes": machines} if machines else {})})
         for s in STOP_SIGNALS:  # a backend may install its own handlers; ours stop the sweep between rows
             signal.signal(s, _raise_interrupted)
 

@@ -188,11 +188,34 @@ def experiment_schema() -> dict:
         "fidelity_s": {"type": "number", "anyOf": [{"const": 0}, {"minimum": 1, "maximum": 60}]},
         "emulation": emulation,
         "faults": _faults(),
+        "devices": _devices(),
     }
+    # backend devices needs `devices` and takes no topology but mesh; every other backend the reverse
+    devices = {"properties": {"backend": {"const": "devices"}}, "required": ["backend"]}
+    others = {"required": ["topology"], "not": {"required": ["devices"]}}
     return {"$schema": DRAFT, "title": "testbed experiment",
             "description": S.__doc__.split("\n\n")[0].strip(),
-            **_obj(props, ("name", "model", "input", "methods", "nodes", "topology")),
+            **_obj(props, ("name", "model", "input", "methods", "nodes")),
+            "if": devices,
+            "then": {"required": ["devices"], "properties": {"topology": {"const": S.DEVICES_TOPOLOGY}}},
+            "else": others,
             "definitions": {"profile": profile_schema(), "topology": topology_schema(top=False)}}
+
+
+def _devices() -> dict:
+    """The inventory of backend devices (testbed.experiment.inventory), inline or as a file's path."""
+    from testbed.experiment import inventory as I
+
+    node = _obj({"name": {"type": "string", "pattern": I.DEVICE_NAME_RE.pattern},
+                 "address": {"type": "string", "pattern": r"^(\[[^\]\s]+\]|[^\s:\[\]]+):[0-9]{1,5}$",
+                             "description": "HOST:PORT of a node server (python -m testbed.node --listen ...)"},
+                 "device": _device()}, ("name", "address"))
+    inventory = _obj({"nodes": {"type": "array", "items": node, "minItems": 1,
+                                "description": "nodes.count devices, in rank order"},
+                      "tls": _nullable({**STRING, "description": "a directory made by `testbed certs`"}),
+                      "connect_timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                                            "maximum": I.MAX_CONNECT_TIMEOUT_S}}, ("nodes",))
+    return {"oneOf": [{**STRING, "description": "a path to an inventory YAML file"}, inventory]}
 
 
 def schema(kind: str) -> dict:
@@ -221,7 +244,9 @@ def runner_checks(kind: str, data: Any) -> None:
             resolve_params(m.name, m.params)
         except ConfigError as e:
             raise ConfigError(f"methods[{i}].{e.field}", e.value, e.allowed) from None
-    T.load_topology(spec.topology)
+    from testbed.experiment.topology import spec_topology
+
+    spec_topology(spec)
 
 
 def main(argv: list[str]) -> int:

@@ -35,7 +35,7 @@ def backend_setup(spec: ExperimentSpec, topology, time_dilation: float = 1.0, lo
                         topology=topo, topology_source=spec.topology, devices=node_devices(spec, topo),
                         seed=spec.input.seed, time_dilation=time_dilation,
                         cpu_slice_ms=spec.emulation.cpu_slice_ms, settings=dict(settings or {}),
-                        log=log or (lambda _msg: None), machine=machine)
+                        log=log or (lambda _msg: None), machine=machine, inventory=spec.devices)
 
 
 class BackendSession:

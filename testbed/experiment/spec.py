@@ -31,7 +31,11 @@ Schema (units in the names; see experiments/quickstart.yaml for a full example):
     faults:                          # optional: events at device times after each method's repetitions
       - {kind: link_down, link: [h2, s1], at_s: 1, duration_s: 2}   # start (testbed.experiment.faults)
     warmup: 1                        # unmeasured inferences before them
-    backend: mininet                 # inprocess | loopback | mininet | sim
+    backend: mininet                 # inprocess | loopback | mininet | sim | devices
+    devices: lab.yaml                # backend devices only (required there): node servers already running
+                                     # on real machines, an inventory file or inline (testbed.experiment.inventory);
+                                     # `topology` is then mesh or left out (every pair of devices gets the
+                                     # cell's profile, host to host)
     output_dir: null                 # default results/<name>-<YYYYmmdd-HHMMSS>
     emulation: {time_dilation: auto, reserve_cores: 0.5, cpu_slice_ms: 10}
                                      # mininet: run F times slower than real time so that every node
@@ -53,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.backends import BACKENDS as BACKEND_REGISTRY
+from testbed.backends.inventory import Inventory
 from testbed.errors import ConfigError, check
 from testbed.experiment import fields as F
 from testbed.experiment.faults import FaultSpec, parse_faults
@@ -64,6 +69,8 @@ LINK_AXES = ("bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct")
 #: backends that run the real method but cannot shape links
 UNSHAPED_BACKENDS = ("inprocess", "loopback")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+#: the one topology of backend devices: every ordered pair of devices gets the cell's profile
+DEVICES_TOPOLOGY = "mesh"
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,7 @@ class ExperimentSpec:
     description: str = ""
     emulation: EmulationSpec = field(default_factory=EmulationSpec)
     faults: tuple[FaultSpec, ...] = ()  # replayed in every unit from its repetitions' start
+    devices: Inventory | None = None  # backend devices: the node servers on real machines, in rank order
 
     def cells(self) -> list[Cell]:
         return self.sweep.cells()
@@ -211,6 +219,7 @@ class ExperimentSpec:
             "output_dir": self.output_dir, "timeout_s": self.timeout_s, "fidelity_s": self.fidelity_s,
             "emulation": asdict(self.emulation),
             **({"faults": [f.to_dict() for f in self.faults]} if self.faults else {}),
+            **({"devices": self.devices.to_dict()} if self.devices is not None else {}),
         }
 
 
@@ -239,34 +248,39 @@ def load_spec(path: str | Path, backend: str | None = None) -> ExperimentSpec:
     data = read_yaml(p)
     if backend is not None and isinstance(data, dict):
         data = {**data, "backend": backend}
-    return parse_spec(data)
+    return parse_spec(data, base_dir=p.resolve().parent)
 
 
-def parse_spec(data: Any) -> ExperimentSpec:
-    """Validate a mapping (an experiment file's content) into an ExperimentSpec."""
+def parse_spec(data: Any, base_dir: str | Path | None = None) -> ExperimentSpec:
+    """Validate a mapping (an experiment file's content) into an ExperimentSpec. ``base_dir``: where
+    the file lies, the start of its relative ``devices`` paths (None: the current directory)."""
     d = F.mapping(data, "", {"name": True, "description": False, "model": True, "input": True, "methods": True,
-                             "nodes": True, "topology": True, "sweep": False, "repetitions": False, "warmup": False,
+                             "nodes": True, "topology": False, "sweep": False, "repetitions": False, "warmup": False,
                              "backend": False, "output_dir": False, "timeout_s": False, "fidelity_s": False,
-                             "emulation": False, "faults": False})
+                             "emulation": False, "faults": False, "devices": False})
     name = F.string(d["name"], "name")
     check(bool(NAME_RE.match(name)), "name", name, "letters, digits, '.', '_' and '-' only (it names a directory)")
+    backend = F.string(d.get("backend", "mininet"), "backend", BACKENDS)
+    nodes = _nodes(d["nodes"], "nodes")
+    devices = _devices(d, backend, nodes.count, Path(base_dir) if base_dir is not None else Path.cwd())
     spec = ExperimentSpec(
         name=name,
         description=F.optional(d.get("description"), F.string, "description") or "",
         model=_model(d["model"], "model"),
         input=_input(d["input"], "input"),
         methods=_methods(d["methods"], "methods"),
-        nodes=_nodes(d["nodes"], "nodes"),
-        topology=_topology(d["topology"], "topology"),
+        nodes=nodes,
+        topology=_topology(d.get("topology"), "topology", backend),
         sweep=_sweep(d.get("sweep"), "sweep"),
         repetitions=F.integer(d.get("repetitions", 3), "repetitions", 1),
         warmup=F.integer(d.get("warmup", 1), "warmup", 0),
-        backend=F.string(d.get("backend", "mininet"), "backend", BACKENDS),
+        backend=backend,
         output_dir=F.optional(d.get("output_dir"), F.string, "output_dir"),
         timeout_s=F.number(d.get("timeout_s", 600.0), "timeout_s", 0, 86400, lo_open=True),
         fidelity_s=F.number(d.get("fidelity_s", 1.0), "fidelity_s", 0, 60),
         emulation=_emulation(d.get("emulation"), "emulation"),
         faults=parse_faults(d.get("faults")),
+        devices=devices,
     )
     # iperf3 is run with -O 1 (the first second not counted): shorter runs never end
     check(spec.fidelity_s == 0 or spec.fidelity_s >= 1, "fidelity_s", spec.fidelity_s, "0 (off) or a number in [1, 60]")
@@ -357,10 +371,30 @@ def _emulation(v: Any, path: str) -> EmulationSpec:
                          cpu_slice_ms=F.number(d.get("cpu_slice_ms", 10.0), F.join(path, "cpu_slice_ms"), 0.5, 1000))
 
 
-def _topology(v: Any, path: str) -> str | dict:
+def _topology(v: Any, path: str, backend: str) -> str | dict:
+    if backend == "devices":  # real devices are where they are: one profile between every pair of them
+        check(v in (None, DEVICES_TOPOLOGY), path, v,
+              f"{DEVICES_TOPOLOGY} or no `topology` with backend devices (the cell's link profile applies to every "
+              "ordered pair of devices, host to host, as in topologies/mesh.yaml)")
+        return DEVICES_TOPOLOGY
+    check(v is not None, path, v, "this field is required (a topology; only backend devices goes without one)")
     check(isinstance(v, (str, dict)) and v != "", path, v,
           "the name of a file in topologies/ (e.g. star), a path to a topology YAML, or an inline mapping")
     return v
+
+
+def _devices(d: dict, backend: str, count: int, base_dir: Path) -> Inventory | None:
+    """The inventory of backend devices: required there, refused with any other backend."""
+    from testbed.experiment.inventory import parse_devices
+
+    v = d.get("devices")
+    if backend != "devices":
+        check(v is None, "devices", v, f"no `devices` with backend {backend} (an inventory of node servers on real "
+              "machines is for `backend: devices`)")
+        return None
+    check(v is not None, "devices", v, "an inventory with backend devices: a path to an inventory YAML file or an "
+          "inline mapping with `nodes: [{name, address: HOST:PORT}, ...]` (nodes.count entries, in rank order)")
+    return parse_devices(v, count, base_dir)
 
 
 def _sweep(v: Any, path: str) -> SweepSpec:
@@ -449,9 +483,9 @@ def _check_backend_fit(spec: ExperimentSpec) -> None:
                 a = next(iter(shaped))
                 raise ConfigError(f"sweep.{a}", shaped[a], f"null/0 only with backend {b} (it cannot shape links); "
                                   "use backend mininet (root) or sim")
-    if b == "sim":
+    if b in ("sim", "devices"):
         check(not spec.sweep.traces, "sweep.traces", [t.name for t in spec.sweep.traces],
-              "none with backend sim (the simulator replays fixed link profiles); use backend mininet")
+              f"none with backend {b} (it applies fixed link profiles); use backend mininet")
     limits = {"speed": ("device.speed", ("mininet", "sim")), "memory_mb": ("memory_mb", ("mininet",))}
     for f, (name, backends) in limits.items():
         val = getattr(spec.nodes, f)

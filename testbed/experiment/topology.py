@@ -16,12 +16,20 @@ from testbed.errors import ConfigError
 from testbed.experiment.spec import ExperimentSpec, TraceSpec
 
 
+def spec_topology(spec: ExperimentSpec):
+    """The topology the spec names or holds; backend devices: a full mesh of its devices (h1..hN,
+    each with the inventory's device profile), so every ordered pair gets the cell's profile."""
+    from testbed.net.topology import DeviceProfile, full_mesh, load_topology
+
+    if spec.backend == "devices" and spec.devices is not None:
+        return full_mesh([n.device or DeviceProfile() for n in spec.devices.nodes])
+    return load_topology(spec.topology)
+
+
 def experiment_topology(spec: ExperimentSpec, topology=None):
     """The spec's topology (testbed.net.topology.Topology; ``topology``: already loaded) with the
     experiment's devices on the hosts that run nodes."""
-    from testbed.net.topology import load_topology
-
-    topo = topology if topology is not None else load_topology(spec.topology)
+    topo = topology if topology is not None else spec_topology(spec)
     n = spec.nodes
     hosts = []
     for i, h in enumerate(topo.hosts):

@@ -20,6 +20,12 @@ it leaves a record (/run/testbed-net/bridge-nf-call-iptables.was-0), and the cle
 finds no other live run sets it back to 0: the last run alive puts it back, whichever way it
 ends (teardown, keeper, or the next start's sweep). Runs that find it 1 leave it alone.
 
+Self-shaping nodes (testbed.net.selfshape) clean up after themselves, and a guard process
+does it for a node killed outright. What a node that died with its guard left is found by a
+sweep (no run id): its registry file /run/testbed-net/self-<pid>.json names its namespace
+(entered if it still exists) and what to undo there; a chain ``TBSELF-<pid>`` of a dead pid in
+this namespace's iptables is removed even without one. Live nodes are never touched.
+
 ``main`` is the `testbed clean` command.
 """
 
@@ -49,6 +55,7 @@ CGROUP_RE = re.compile(rf"^tb({_ID})h\d+$")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CHAIN_PREFIX = "TBNET-"  # + run id: the run's chain in the root namespace (hooked from FORWARD)
 CHAIN_RE = re.compile(rf"^{CHAIN_PREFIX}({_ID})$")
+SELF_CHAIN_RE = re.compile(r"^TBSELF-(\d+)[a-z]?$")  # a self-shaping node's chain (testbed.net.selfshape)
 IPT = "iptables-legacy"  # as testbed.net.tc.IPT (tc imports nothing of the run's naming)
 BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 BRIDGE_NF_RECORD = REGISTRY_DIR / "bridge-nf-call-iptables.was-0"
@@ -170,9 +177,10 @@ class Leftovers:
     cgroups: list[Path] = field(default_factory=list)
     registries: list[Path] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)  # root iptables: "-N <chain>" and the rules jumping to it
+    nodes: list[Path] = field(default_factory=list)  # registry files of dead self-shaping nodes
 
     def empty(self) -> bool:
-        return not (self.links or self.processes or self.cgroups or self.registries or self.rules)
+        return not (self.links or self.processes or self.cgroups or self.registries or self.rules or self.nodes)
 
     def describe(self) -> str:
         """One line; bridges and IFBs named before ports (``-eth``), which vanish with their namespace anyway."""
@@ -180,6 +188,8 @@ class Leftovers:
         parts = [f"{len(self.links)} links ({', '.join(shown)}{'...' if len(self.links) > 6 else ''})",
                  f"{len(self.processes)} processes", f"{len(self.cgroups)} cgroups",
                  f"{len(self.registries)} registry files", f"{len(self.rules)} root iptables chains and hooks"]
+        if self.nodes:
+            parts.append(f"what {len(self.nodes)} dead self-shaping nodes left")
         return ", ".join(parts)
 
 
@@ -226,16 +236,33 @@ def find_leftovers(run_id: str | None = None, include_live: bool = False) -> Lef
             out.cgroups += [p for p in base.iterdir() if (m := CGROUP_RE.match(p.name)) and wanted(m.group(1))]
     if REGISTRY_DIR.is_dir():
         out.registries = [p for p in REGISTRY_DIR.glob("*.json") if wanted(p.stem)]
-    out.rules = _root_rules(wanted)
+    out.rules = _root_rules(wanted, dead_nodes=run_id is None)
+    if run_id is None:
+        from testbed.net.selfshape import dead_node_records
+
+        out.nodes = [p for p, _reg in dead_node_records(REGISTRY_DIR)]
     return out
 
 
-def _root_rules(wanted) -> list[str]:
+def _root_rules(wanted, dead_nodes: bool = False) -> list[str]:
     try:
         listing = subprocess.run([IPT, "-w", "-S"], capture_output=True, text=True).stdout
     except OSError:  # no iptables: no rules either
         return []
-    return run_rules(listing, wanted)
+    return run_rules(listing, wanted) + (dead_node_rules(listing) if dead_nodes else [])
+
+
+def dead_node_rules(listing: str, alive=lambda pid: Path(f"/proc/{pid}").exists()) -> list[str]:
+    """The lines of an ``iptables -S`` listing that create or jump to the chain of a self-shaping
+    node whose process is gone (``TBSELF-<pid>``)."""
+    out = []
+    for line in listing.splitlines():
+        words = line.split()
+        target = words[-1] if len(words) > 2 and words[-2] == "-j" else words[1] if words[:1] == ["-N"] else ""
+        m = SELF_CHAIN_RE.match(target)
+        if m and not alive(int(m.group(1))) and (words[0] == "-N" or words[1] != target):
+            out.append(line)
+    return out
 
 
 def run_rules(listing: str, wanted) -> list[str]:
@@ -298,6 +325,10 @@ def clean(run_id: str | None = None, include_live: bool = False, grace_s: float 
                 break
             except OSError:
                 time.sleep(0.05)
+    if found.nodes:
+        from testbed.net.selfshape import clean_dead_nodes
+
+        clean_dead_nodes(REGISTRY_DIR)  # before the chains below: it also removes their qdiscs
     _remove_rules(found.rules)
     for p in found.registries:
         p.unlink(missing_ok=True)
@@ -314,7 +345,8 @@ def main(argv: list[str]) -> int:
                     "Mininet shells) and with them their namespaces, veths, qdiscs and iptables rules; their "
                     "bridges, IFB devices, cgroups, registry files and root-namespace iptables chains "
                     "(TBNET-<id>); net.bridge.bridge-nf-call-iptables back to 0 if the testbed set it and no run "
-                    "is left. Runs whose owner is still alive are left alone unless --all is given. Nothing not named by the testbed is touched.")
+                    "is left; what dead self-shaping nodes left (qdiscs, chains TBSELF-<pid>, in namespaces "
+                    "that still exist). Runs whose owner is still alive are left alone unless --all is given. Nothing not named by the testbed is touched.")
     ap.add_argument("--all", action="store_true", help="also remove runs whose owner process is still alive")
     ap.add_argument("--run", help="only this run id (4 characters, as in bridge tb<id>s0)")
     ap.add_argument("--dry-run", action="store_true", help="only list what would be removed")

@@ -35,6 +35,9 @@ import sys
 import time
 from collections import deque
 
+# SCHED_FIFO priority the owners give a delay line: it must release packets on time on a busy machine
+DELAYLINE_RT_PRIORITY = 10
+
 
 class PathDelay:
     """Release times for one path (one NFQUEUE queue). Times are seconds on one monotonic clock."""

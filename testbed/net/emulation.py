@@ -34,7 +34,7 @@ from pathlib import Path
 from testbed.errors import check
 from testbed.net import cleanup
 from testbed.net.cgroups import DEFAULT_SLICE_MS, DeviceCgroup, allocate_cores, host_cpus
-from testbed.net.delayline import DelayLineClient
+from testbed.net.delayline import DELAYLINE_RT_PRIORITY, DelayLineClient
 from testbed.net.keeper import Keeper
 from testbed.net.probe import Capabilities, probe
 from testbed.net.profile import LinkProfile
@@ -42,7 +42,6 @@ from testbed.net.shaping import Shaper, Wiring
 from testbed.net.tc import MECHANISMS
 from testbed.net.topology import Topology
 
-DELAYLINE_RT_PRIORITY = 10  # SCHED_FIFO: the delay lines must release packets on time on a busy machine
 
 
 def _bridge_class():

@@ -38,7 +38,7 @@ from pathlib import Path
 from testbed.errors import ConfigError
 
 IPERF_PORT = 5201  # every host has its own namespace, so a fixed port cannot collide
-PING_RT_PRIORITY = 5  # below the delay lines' (testbed.net.emulation.DELAYLINE_RT_PRIORITY)
+PING_RT_PRIORITY = 5  # below the delay lines' (testbed.net.delayline.DELAYLINE_RT_PRIORITY)
 
 # -- tolerances ----------------------------------------------------------------------------
 # TCP goodput / configured bandwidth. htb counts whole Ethernet frames (1514 B for a 1500-byte

@@ -43,7 +43,7 @@ class Capabilities:
     @property
     def mechanism(self) -> str | None:
         """The link-shaping mechanism this machine supports best, or None."""
-        if not (self.ok("root") and self.ok("htb")):
+        if not ((self.ok("root") or self.ok("net_admin")) and self.ok("htb")):
             return None
         if self.ok("netem"):
             return "htb+netem"
@@ -144,6 +144,67 @@ def _bridge_netfilter_check() -> Check:
                  "cannot talk over a switch unless the run accepts its bridged frames itself (htb+nfqueue "
                  "runs do; htb+netem runs need `sysctl net.bridge.bridge-nf-call-iptables=0` or an ACCEPT)"
                  if policy_drop else "bridged frames pass the root FORWARD chain (policy ACCEPT: fine)")
+
+
+CAP_NET_ADMIN = 12  # bit of CapEff in /proc/<pid>/status (linux/capability.h)
+
+
+def has_net_admin(status_text: str | None = None) -> bool:
+    """Whether this process may shape links: CAP_NET_ADMIN in its *effective* capabilities.
+
+    Read from /proc/self/status (``status_text``: its content, for tests), not guessed from the
+    uid: root in a container or under ``capsh --drop=cap_net_admin`` lacks it, and a non-root
+    process started with it (``setcap``, a pod's NET_ADMIN) has it."""
+    if status_text is None:
+        try:
+            status_text = Path("/proc/self/status").read_text()
+        except OSError:
+            return False
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False
+
+
+def probe_node() -> Capabilities:
+    """What a node shaping its own namespace (testbed.net.selfshape) can use: CAP_NET_ADMIN,
+    tc and iptables, and the kernel's htb, netem, IFB and NFQUEUE.
+
+    The kernel features are tried as ``probe`` tries them, in a throwaway namespace, where the
+    node may make one (root); a node that may not (CAP_NET_ADMIN alone, e.g. a container) tries
+    htb, netem and IFB on a throwaway IFB device of its own namespace, and takes NFQUEUE as
+    present when iptables-legacy is (its first Shape says so if it is not).
+    """
+    caps = Capabilities()
+    admin = has_net_admin()
+    caps.checks.append(Check("net_admin", admin, "CAP_NET_ADMIN in the effective capabilities" if admin else
+                             "no CAP_NET_ADMIN: start the node as root or with NET_ADMIN to shape its links"))
+    missing = [t for t in ("ip", "tc", "iptables-legacy", "iptables-legacy-restore") if shutil.which(t) is None]
+    caps.checks.append(Check("tools", not missing, "all found" if not missing else f"missing {', '.join(missing)}"))
+    if not admin or shutil.which("tc") is None:
+        return caps
+    if _in_fresh_netns("true")[0]:
+        caps.checks.append(_kernel_check("htb", "tc qdisc add dev lo root handle 1: htb", "sch_htb"))
+        caps.checks.append(_kernel_check("netem", "tc qdisc add dev lo root netem delay 1ms", "sch_netem"))
+        caps.checks.append(_kernel_check("ifb", "ip link add tbprobe0 type ifb && ip link set tbprobe0 up", "IFB"))
+        if shutil.which("iptables-legacy"):
+            caps.checks.append(_nfqueue_check())
+        return caps
+    dev = f"tbprobe{os.getpid() % 100000}"
+    made = subprocess.run(["ip", "link", "add", dev, "type", "ifb"], capture_output=True, text=True)
+    caps.checks.append(Check("ifb", made.returncode == 0, "IFB" if made.returncode == 0 else made.stderr.strip()))
+    if made.returncode == 0:
+        for name, qdisc in (("htb", ["htb"]), ("netem", ["netem", "delay", "1ms"])):
+            p = subprocess.run(["tc", "qdisc", "add", "dev", dev, "root"] + qdisc, capture_output=True, text=True)
+            caps.checks.append(Check(name, p.returncode == 0, f"sch_{name}" if p.returncode == 0 else p.stderr.strip()))
+            subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+        subprocess.run(["ip", "link", "del", dev], capture_output=True)
+    else:
+        caps.checks.append(Check("htb", True, "untried (no IFB device to try it on); the first Shape says"))
+    ok = shutil.which("iptables-legacy") is not None
+    caps.checks.append(Check("nfqueue", ok, "untried (no namespace of its own to try it in)" if ok else
+                             "iptables-legacy not found"))
+    return caps
 
 
 def probe(full: bool = True) -> Capabilities:

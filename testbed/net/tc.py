@@ -23,6 +23,12 @@ Two mechanisms (picked by testbed.net.probe):
   Never on the sender: held packets stay charged to the sending socket (TCP small queues) and
   TCP collapses (2.3 vs 93.6 Mbit/s at 20 ms).
 
+A node that shapes itself (testbed.net.selfshape, a real device or a container) uses the same
+functions from inside its own namespace: ``peer_commands`` gives its interface one htb class per
+peer (``class_commands``, as a link direction gets here) with a u32 filter on the peer's address,
+``receiver_rules(own=True)`` holds what it receives in its own chain, and on netem kernels
+``ingress_redirect_commands`` sends each peer's packets through an IFB with a netem class.
+
 Sizing, from the rate (Mininet's fixed 15 KB burst caps throughput well below 1 Gbit/s, and
 its TCLink refuses rates above 1000 Mbit/s):
 - burst/cburst: 1 ms of traffic at the rate, at least two full frames. The kernel releases
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 from testbed.errors import check
 from testbed.net.profile import MAX_BANDWIDTH_MBPS, LinkProfile
@@ -58,6 +65,8 @@ MIN_QUEUE_FRAMES = 16
 MAX_QUANTUM_BYTES = 200_000
 MAX_GSO_BYTES = 65_536  # the kernel's default (and largest IPv4) GSO packet
 CHAIN = "TBNET"  # iptables chain of the testbed in each host's namespace (INPUT jumps to it)
+MAX_MINOR = 0xFFF  # htb class minors used (leaf handles <minor>0: must stay below 0x10000)
+PEER_DEFAULT_MINOR = 0xFFFF  # per-peer devices: a class that never exists, so unclassified frames pass unshaped
 IPT = "iptables-legacy"  # never nft: this kernel has no nft queue, and the two must not mix
 
 
@@ -95,9 +104,15 @@ def _us(ms: float) -> str:
     return f"{round(ms * 1000)}us"
 
 
-def _htb_class(dev: str, verb: str, bandwidth_mbps: float) -> list[str]:
+def _htb_root(dev: str, default_minor: int) -> list[str]:
+    """The root htb; frames no filter classifies go to class 1:<default_minor>, or straight out
+    unshaped where that class does not exist (htb's direct queue)."""
+    return ["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", f"{default_minor:x}"]
+
+
+def _htb_class(dev: str, verb: str, bandwidth_mbps: float, minor: int = 1) -> list[str]:
     b = burst_bytes(bandwidth_mbps)
-    return ["tc", "class", verb, "dev", dev, "parent", "1:", "classid", "1:1", "htb",
+    return ["tc", "class", verb, "dev", dev, "parent", "1:", "classid", f"1:{minor:x}", "htb",
             "rate", f"{rate_bits(bandwidth_mbps)}bit", "burst", str(b), "cburst", str(b),
             "quantum", str(quantum_bytes(bandwidth_mbps))]
 
@@ -115,6 +130,27 @@ def _netem_args(profile: LinkProfile, rtt_ms: float) -> list[str]:
     return args
 
 
+LEAVES = ("bfifo", "netem")
+
+
+def class_commands(dev: str, verb: str, profile: LinkProfile, leaf: str, rtt_ms: float = 0.0,
+                   minor: int = 1) -> list[list[str]]:
+    """THE profile-to-tc function: htb class 1:<minor> at the profile's rate (the largest rate
+    where it has none) and its leaf qdisc <minor>0: under it, ``add``-ed or ``change``-d (``verb``).
+
+    ``leaf`` "bfifo": a byte FIFO of ``queue_limit_bytes`` (delay and loss live elsewhere);
+    "netem": netem with the profile's delay, jitter and loss. Both callers shape through it:
+    ``egress_commands`` (one class per link direction, the Mininet shaper) and
+    ``peer_commands`` (one class per peer, a self-shaping node, testbed.net.selfshape).
+    """
+    check(leaf in LEAVES, "leaf", leaf, ", ".join(LEAVES))
+    check(1 <= minor <= MAX_MINOR, "minor", minor, f"1..{MAX_MINOR}")
+    head = ["tc", "qdisc", verb, "dev", dev, "parent", f"1:{minor:x}", "handle", f"{minor:x}0:"]
+    args = _netem_args(profile, rtt_ms) if leaf == "netem" else ["bfifo", "limit",
+                                                                  str(queue_limit_bytes(profile, rtt_ms))]
+    return [_htb_class(dev, verb, profile.bandwidth_mbps or MAX_BANDWIDTH_MBPS, minor), head + args]
+
+
 def _layout(profile: LinkProfile | None, mechanism: str) -> str:
     """What sits on the egress: 'none', 'htb' (htb + bfifo), 'htb+netem', or 'netem' (root)."""
     if profile is None:
@@ -129,7 +165,8 @@ def _layout(profile: LinkProfile | None, mechanism: str) -> str:
 
 def egress_commands(dev: str, profile: LinkProfile, mechanism: str, rtt_ms: float = 0.0,
                     old: LinkProfile | None = None) -> list[list[str]]:
-    """tc argv lists that make ``dev``'s egress follow ``profile``.
+    """tc argv lists that make ``dev``'s egress follow ``profile`` (one link direction: every frame
+    leaving ``dev`` goes through class 1:1).
 
     ``old`` is what is installed now (None: nothing). When old and new have the same layout the
     commands change the running qdisc/class in place (no packet of the queue is lost); otherwise
@@ -147,12 +184,83 @@ def egress_commands(dev: str, profile: LinkProfile, mechanism: str, rtt_ms: floa
         return cmds + [["tc", "qdisc", verb, "dev", dev, "root", "handle", "1:"] + _netem_args(profile, rtt_ms)]
     assert profile.bandwidth_mbps is not None
     if verb == "add":
-        cmds.append(["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"])
-    cmds.append(_htb_class(dev, verb, profile.bandwidth_mbps))
-    leaf = ["tc", "qdisc", verb, "dev", dev, "parent", "1:1", "handle", "10:"]
-    if new_layout == "htb+netem":
-        return cmds + [leaf + _netem_args(profile, rtt_ms)]
-    return cmds + [leaf + ["bfifo", "limit", str(queue_limit_bytes(profile, rtt_ms))]]
+        cmds.append(_htb_root(dev, 1))
+    return cmds + class_commands(dev, verb, profile, "netem" if new_layout == "htb+netem" else "bfifo", rtt_ms)
+
+
+@dataclass(frozen=True)
+class PeerClass:
+    """One peer's class on a device shaped per peer (a self-shaping node): class 1:<minor>,
+    leaf <minor>0:, and a u32 filter of priority <minor> on the peer's address."""
+
+    minor: int
+    profile: LinkProfile
+    rtt_ms: float = 0.0  # sizes the default queue (the round trip to that peer)
+
+
+def peer_commands(dev: str, new: Mapping[str, PeerClass], old: Mapping[str, PeerClass] | None = None,
+                  match: str = "dst", leaf: str = "bfifo") -> list[list[str]]:
+    """tc argv lists that give ``dev`` one htb class per peer address (``new``: IPv4 address ->
+    its class), each classified by a filter on the packet's ``match`` address ("dst": what this
+    host sends to the peer; "src": what arrives from it, on an IFB). Frames to or from any other
+    address pass unshaped (htb's direct queue: the default class does not exist).
+
+    ``old`` is what is installed now; only what differs is touched: a class whose profile changed
+    is changed in place, a new peer gets its class and filter, a peer gone loses both, and the
+    root qdisc comes and goes with the first and last class. The class and leaf of each peer are
+    ``class_commands``', the same as one link direction's in the Mininet shaper.
+    """
+    check(match in ("dst", "src"), "match", match, "dst, src")
+    old = old or {}
+    cmds: list[list[str]] = []
+    if not new:
+        return [["tc", "qdisc", "del", "dev", dev, "root"]] if old else []
+    if not old:
+        cmds.append(_htb_root(dev, PEER_DEFAULT_MINOR))
+    for ip, pc in old.items():
+        if ip not in new or new[ip].minor != pc.minor:
+            cmds.append(_peer_filter(dev, "del", ip, pc.minor, match)[:11])
+            cmds.append(["tc", "class", "del", "dev", dev, "classid", f"1:{pc.minor:x}"])
+    for ip, pc in new.items():
+        was = old.get(ip)
+        if was is not None and was.minor == pc.minor:
+            if class_commands(dev, "add", was.profile, leaf, was.rtt_ms, was.minor) != \
+                    class_commands(dev, "add", pc.profile, leaf, pc.rtt_ms, pc.minor):
+                cmds += class_commands(dev, "change", pc.profile, leaf, pc.rtt_ms, pc.minor)
+            continue
+        cmds += class_commands(dev, "add", pc.profile, leaf, pc.rtt_ms, pc.minor)
+        cmds.append(_peer_filter(dev, "add", ip, pc.minor, match))
+    return cmds
+
+
+def _peer_filter(dev: str, verb: str, ip: str, minor: int, match: str) -> list[str]:
+    return ["tc", "filter", verb, "dev", dev, "parent", "1:", "protocol", "ip", "prio", str(minor),
+            "u32", "match", "ip", match, f"{ip}/32", "flowid", f"1:{minor:x}"]
+
+
+def ingress_redirect_commands(dev: str, ifb: str, new: Mapping[str, int], old: Mapping[str, int] | None = None
+                              ) -> list[list[str]]:
+    """tc argv lists that send what arrives on ``dev`` from each source address of ``new``
+    (address -> filter priority) through the IFB device ``ifb``, where ``peer_commands(ifb, ...,
+    match="src", leaf="netem")`` holds it: receive-side delay with netem. Only what differs from
+    ``old`` is touched; the ingress qdisc comes and goes with the first and last source."""
+    old = old or {}
+    if not new:
+        return [["tc", "qdisc", "del", "dev", dev, "ingress"]] if old else []
+    cmds = [] if old else [["tc", "qdisc", "add", "dev", dev, "handle", "ffff:", "ingress"]]
+    for ip, prio in old.items():
+        if new.get(ip) != prio:
+            cmds.append(["tc", "filter", "del", "dev", dev, "parent", "ffff:", "protocol", "ip", "prio", str(prio)])
+    for ip, prio in new.items():
+        if old.get(ip) != prio:
+            cmds.append(_redirect(dev, ifb, ["protocol", "ip", "prio", str(prio), "u32", "match", "ip", "src",
+                                             f"{ip}/32"]))
+    return cmds
+
+
+def _redirect(port: str, ifb: str, match: list[str]) -> list[str]:
+    return ["tc", "filter", "add", "dev", port, "parent", "ffff:"] + match + \
+        ["action", "mirred", "egress", "redirect", "dev", ifb]
 
 
 def medium_commands(ifb: str, ports: list[str]) -> list[list[str]]:
@@ -164,8 +272,7 @@ def medium_commands(ifb: str, ports: list[str]) -> list[list[str]]:
     cmds = []
     for p in ports:
         cmds.append(["tc", "qdisc", "add", "dev", p, "handle", "ffff:", "ingress"])
-        cmds.append(["tc", "filter", "add", "dev", p, "parent", "ffff:", "protocol", "all", "u32",
-                     "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", ifb])
+        cmds.append(_redirect(p, ifb, ["protocol", "all", "u32", "match", "u32", "0", "0"]))
     return cmds
 
 
@@ -190,14 +297,20 @@ class SourceRule:
         return self.delay_ms > 0 or self.jitter_ms > 0
 
 
-def receiver_rules(rules: list[SourceRule], first: bool = False) -> str:
+def receiver_rules(rules: list[SourceRule], first: bool = False, chain: str = CHAIN, own: bool = False) -> str:
     """Input for ``iptables-legacy-restore --noflush`` in the receiving host's namespace.
 
     Declaring the chain flushes it, so the whole rule set is swapped in one atomic commit
     (a live change never passes through an empty set). ``first`` also hooks the chain into INPUT.
     Loss comes before the queue so dropped packets are never delayed first.
+
+    ``own``: the namespace is not the testbed's alone (a self-shaping node's device or container,
+    testbed.net.selfshape): the hook goes first in INPUT, before the host's own firewall rules,
+    and a packet whose delay line is gone passes undelayed (``--queue-bypass``) rather than being
+    dropped, so a node killed before it could clean up never cuts its host off.
     """
-    return _chain_rules(CHAIN, rules, f"-A INPUT -j {CHAIN}" if first else None)
+    hook = (f"-I INPUT -j {chain}" if own else f"-A INPUT -j {chain}") if first else None
+    return _chain_rules(chain, rules, hook, bypass=own)
 
 
 def switch_rules(chain: str, bridges: str, rules: list[SourceRule], first: bool = False) -> str:
@@ -213,14 +326,16 @@ def switch_rules(chain: str, bridges: str, rules: list[SourceRule], first: bool 
     return _chain_rules(chain, rules, hook, tail=f"-A {chain} -j ACCEPT")
 
 
-def _chain_rules(chain: str, rules: list[SourceRule], hook: str | None, tail: str | None = None) -> str:
+def _chain_rules(chain: str, rules: list[SourceRule], hook: str | None, tail: str | None = None,
+                 bypass: bool = False) -> str:
     lines = ["*filter", f":{chain} - [0:0]"] + ([hook] if hook else [])
     for r in rules:
         if r.loss_pct > 0:
             lines.append(f"-A {chain} {r.match} -m statistic --mode random "
                          f"--probability {r.loss_pct / 100:.10f} -j DROP")
         if r.delayed:
-            lines.append(f"-A {chain} {r.match} -j NFQUEUE --queue-num {r.queue_num}")
+            lines.append(f"-A {chain} {r.match} -j NFQUEUE --queue-num {r.queue_num}"
+                         + (" --queue-bypass" if bypass else ""))
     lines += ([tail] if tail else []) + ["COMMIT"]
     return "\n".join(lines) + "\n"
 

@@ -329,14 +329,27 @@ def _named(item: object, allowed: tuple[str, ...], where: str) -> dict:
 
 def _host(item: object, where: str) -> HostSpec:
     d = _named(item, ("name", "device"), where)
-    raw = d.get("device") or {}
+    return HostSpec(d["name"], device_profile(d.get("device"), f"{where}.device"))
+
+
+def device_profile(raw: object, where: str) -> DeviceProfile:
+    """A DeviceProfile from its mapping (None: the default), errors naming ``where``'s fields."""
+    raw = raw or {}
     if isinstance(raw, dict) and "cpu_share" in raw:
-        raise ConfigError(f"{where}.device.cpu_share", raw["cpu_share"], CPU_SHARE_MIGRATION)
-    dev = _keys(raw, ("speed", "threads", "memory_mb"), f"{where}.device")
+        raise ConfigError(f"{where}.cpu_share", raw["cpu_share"], CPU_SHARE_MIGRATION)
+    dev = _keys(raw, ("speed", "threads", "memory_mb"), where)
     try:
-        return HostSpec(d["name"], DeviceProfile(**dev))
+        return DeviceProfile(**dev)
     except ConfigError as e:
-        raise ConfigError(f"{where}.device.{e.field}", e.value, e.allowed) from None
+        raise ConfigError(f"{where}.{e.field}", e.value, e.allowed) from None
+
+
+def full_mesh(devices: list[DeviceProfile], name: str = "mesh") -> Topology:
+    """Hosts h1..hN with these devices and one direct link per pair that takes the sweep profile as it
+    is (``sweep: full``): every ordered pair of hosts gets the cell's profile, as in topologies/mesh.yaml."""
+    hosts = tuple(HostSpec(f"h{i + 1}", d) for i, d in enumerate(devices))
+    links = tuple(LinkSpec(a.name, b.name) for i, a in enumerate(hosts) for b in hosts[i + 1:])
+    return Topology(name, hosts, (), links)
 
 
 def _switch(item: object, where: str) -> SwitchSpec:

@@ -1,11 +1,13 @@
 """The orchestrator: the client that drives N node servers through one job.
 
 It loads a job on every node at once (each node then opens its peer streams and
-builds its shard), runs inferences by asking every rank at once and timing the
+builds its shard), asks nodes that shape their own links to do so (``shape``), runs inferences by asking every rank at once and timing the
 whole from the client's side, and stops the nodes. If any node fails, dies or
 misses the deadline, it raises a NodeError naming the rank, its address and what
 happened (the root cause is preferred over the ranks that merely lost that peer),
-and stops the other nodes so nothing is left waiting.
+and stops the other nodes so nothing is left waiting. Nodes it does not own
+(``owns_nodes=False``: servers on real devices, started by their user) are never stopped:
+where it would stop them it unloads their job (Unload), and they keep serving.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import grpc
 
 from testbed.errors import CommError, ConfigError, check
 from testbed.methods.job import JobSpec
+from testbed.net.profile import LinkProfile
+from testbed.net.selfshape import node_shares
 from testbed.node import serde
 from testbed.comm import tls
-from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
+from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS, split_hostport
 from testbed.node.records import InferenceResult, LoadArgs, LoadTimes, NodeAddress, NodeStats
 from testbed.proto import node_pb2_grpc
 
@@ -39,6 +43,8 @@ class NodeError(CommError):
 _SECONDARY = {grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 # Status codes that mean the node itself died, is unreachable or hangs.
 _GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Phases whose refusal by a node leaves every node running (nothing waits on a peer in them).
+_REJECTABLE = {"load", "shape"}
 
 
 class Orchestrator:
@@ -48,7 +54,8 @@ class Orchestrator:
     ``PEER_WAIT_FRACTION * timeout_s``, so a silent rank is named by its peers, and the
     other nodes stopped, before the orchestrator's own deadline fires. ``tls_dir``: a directory made
     by ``testbed certs`` (ca.pem, orchestrator.pem, orchestrator.key): talk mutual TLS to nodes
-    started with ``--tls-dir`` (testbed.comm.tls); None: plain gRPC."""
+    started with ``--tls-dir`` (testbed.comm.tls); None: plain gRPC. ``owns_nodes`` False:
+    the nodes are someone else's; they are unloaded, never stopped (``release``)."""
 
     PEER_WAIT_FRACTION = 0.5
     # After the first failure, how long the others get to report theirs (failures cascade
@@ -56,18 +63,22 @@ class Orchestrator:
     GRACE_S = 1.0
     # A Shutdown RPC gets this long: a node that cannot answer it (frozen) is the backend's to kill.
     STOP_RPC_S = 1.0
+    # A Shape gets this long: the first one probes the kernel and starts the node's delay line.
+    SHAPE_RPC_S = 60.0
 
     def __init__(self, addresses: Sequence[NodeAddress], timeout_s: float = 120.0, connect_timeout_s: float = 10.0,
-                 load_timeout_s: float = 300.0, tls_dir: str | None = None):
+                 load_timeout_s: float = 300.0, tls_dir: str | None = None, owns_nodes: bool = True):
         check(len(addresses) >= 1, "addresses", list(addresses), "at least one NodeAddress")
         for name, v in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s),
                         ("load_timeout_s", load_timeout_s)):
             check(isinstance(v, (int, float)) and v > 0, name, v, "a number of seconds > 0")
         self.addresses = list(addresses)
+        self.owns_nodes = owns_nodes
         self.timeout_s, self.connect_timeout_s, self.load_timeout_s = timeout_s, connect_timeout_s, load_timeout_s
         self.job: JobSpec | None = None
         self.job_id = ""
         self.load_times: list[LoadTimes] = []
+        self.shape_mechanisms: list[str] = []  # per rank, from the last shape(): "htb+nfqueue", ..., "none"
         self._stopped = False
         self.tls_dir = tls_dir
         creds = tls.channel_credentials(tls_dir, "orchestrator") if tls_dir else None
@@ -92,8 +103,9 @@ class Orchestrator:
                                 f"no node answers within {self.connect_timeout_s:g} s{hint}") from None
 
     # -- the job ---------------------------------------------------------------
-    def load(self, job: JobSpec) -> list[LoadTimes]:
-        """Load ``job`` on every node (replacing any previous job). Returns per-rank build and connect times."""
+    def load(self, job: JobSpec, codebooks: bytes | None = None) -> list[LoadTimes]:
+        """Load ``job`` on every node (replacing any previous job). Returns per-rank build and connect times.
+        ``codebooks``: the bytes of the job's codebook file, sent along to nodes that do not share files."""
         self._check_running()
         n = len(self.addresses)
         check(job.world_size == n, "world_size", job.world_size, f"{n} (the number of node addresses)")
@@ -101,7 +113,8 @@ class Orchestrator:
         peers = [a.data for a in self.addresses]
         wait_s = self.PEER_WAIT_FRACTION * self.timeout_s
         requests = [serde.load_request(LoadArgs(job_id, job, r, peers, comm_timeout_s=wait_s,
-                                                connect_timeout_s=self.connect_timeout_s)) for r in range(n)]
+                                                connect_timeout_s=self.connect_timeout_s, codebooks=codebooks))
+                    for r in range(n)]
         calls = [lambda r=r: self._stubs[r].LoadJob.future(requests[r], timeout=self.load_timeout_s)
                  for r in range(n)]
         self.job, self.job_id = None, ""  # every node drops its previous job first
@@ -109,6 +122,25 @@ class Orchestrator:
         self.job, self.job_id = job, job_id
         self.load_times = [serde.read_load_response(r) for r in replies]
         return self.load_times
+
+    def shape(self, links_by_rank: Sequence[dict[str, LinkProfile]]) -> list[float]:
+        """Make every node shape its own links (nodes on real devices or in containers; see
+        testbed.net.selfshape). ``links_by_rank[r]`` maps a peer's data host (as in the nodes'
+        data addresses) to the profile of the direction rank r -> that peer, in device time;
+        an empty mapping everywhere removes all shaping. Each node gets its share: the bandwidth
+        of what it sends, the delay, jitter and loss of what it receives (``node_shares``).
+        Replaces the previous shape() on every node; live, a job stays loaded. Returns each
+        rank's seconds to apply; ``shape_mechanisms`` says how each applied it. A node refusing
+        (no CAP_NET_ADMIN: FAILED_PRECONDITION, bad input) raises NodeError and, like a refused
+        load, leaves the nodes running."""
+        self._check_running()
+        hosts = [split_hostport(a.data, "data address")[0] for a in self.addresses]
+        requests = [serde.shape_request(share) for share in node_shares(list(links_by_rank), hosts)]
+        calls = [lambda r=r: self._stubs[r].Shape.future(requests[r], timeout=self.SHAPE_RPC_S)
+                 for r in range(len(self.addresses))]
+        replies = [serde.read_shape_response(resp) for resp in self._fan_out("shape", calls)]
+        self.shape_mechanisms = [m for _s, m in replies]
+        return [s for s, _m in replies]
 
     def infer(self) -> InferenceResult:
         """One inference on every rank at once. Raises NodeError if any rank fails (and stops the nodes)."""
@@ -125,9 +157,12 @@ class Orchestrator:
         output = next((n.output for n in nodes if n.output is not None), None)
         return InferenceResult(output=output, latency_s=latency_s, nodes=nodes)
 
-    def stats(self) -> list[NodeStats]:
+    def stats(self, data_hosts: Sequence[str] | None = None) -> list[NodeStats]:
+        """Every node's stats; ``data_hosts``: per rank, the IP its peers reach it at (the node then
+        reports that interface's byte counters)."""
         self._check_running()
-        calls = [lambda r=r: self._stubs[r].Stats.future(serde.stats_request(), timeout=self.connect_timeout_s)
+        hosts = list(data_hosts) if data_hosts is not None else [""] * len(self.addresses)
+        calls = [lambda r=r: self._stubs[r].Stats.future(serde.stats_request(hosts[r]), timeout=self.connect_timeout_s)
                  for r in range(len(self.addresses))]
         return [serde.read_stats_response(r) for r in self._fan_out("stats", calls)]
 
@@ -174,17 +209,21 @@ class Orchestrator:
         primary = [r for r, e in failed.items() if e.code() not in _SECONDARY]
         if primary:
             root, root_what = min(primary), what(failed[min(primary)])
-        elif silent and phase != "load":  # every failure only lost a peer, and a rank never answered
+        elif silent and phase not in _REJECTABLE:  # every failure only lost a peer, and a rank never answered
             root, root_what = silent[0], "no reply while its peers failed waiting for it (hung or overloaded?)"
         else:
             root = min(failed)
             root_what = what(failed[root])
         others = "; ".join(f"rank {r}: {what(e)}" for r, e in sorted(failed.items()) if r != root)
-        # A failed inference stops every node (nothing may be left waiting). A load that the
-        # nodes rejected (bad job, unreachable peer) leaves them healthy and jobless; only a
-        # node that died or hung during load stops them all.
-        if phase != "load" or any(e.code() in _GONE for e in failed.values()):
-            self.shutdown(f"{phase} failed on rank {root}")
+        # A failed inference stops every node (nothing may be left waiting); nodes the orchestrator
+        # does not own are unloaded instead. A load or shape that the nodes rejected (bad job,
+        # unreachable peer, no CAP_NET_ADMIN) leaves them healthy; only a node that died or hung
+        # then stops (unloads) them all.
+        if phase not in _REJECTABLE or any(e.code() in _GONE for e in failed.values()):
+            if self.owns_nodes:
+                self.shutdown(f"{phase} failed on rank {root}")
+            else:
+                self.release(f"{phase} failed on rank {root}")
         return NodeError(phase, root, self.addresses[root].control, root_what, others)
 
     def _check_running(self) -> None:
@@ -214,8 +253,23 @@ class Orchestrator:
                 time.sleep(0.05)
         self._close_channels()
 
-    def close(self) -> None:
-        """Let go of the nodes without stopping them (another orchestrator may drive them next)."""
+    def release(self, reason: str = "orchestrator done") -> None:
+        """Unload every node's job and let go of the nodes, which keep serving (a node that
+        cannot answer within STOP_RPC_S is left as it is). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        req = serde.unload_request(reason)
+        futs = [stub.Unload.future(req, timeout=self.STOP_RPC_S + 5.0) for stub in self._stubs]
+        for fut in futs:
+            try:
+                fut.result()
+            except grpc.RpcError:
+                pass  # gone or frozen: nothing more to ask of it
+        self._close_channels()
+
+    def disconnect(self) -> None:
+        """Let go of the nodes without asking them anything (they keep their job, if any). Idempotent."""
         self._stopped = True
         self._close_channels()
 
@@ -227,4 +281,7 @@ class Orchestrator:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.shutdown()
+        if self.owns_nodes:
+            self.shutdown()
+        else:
+            self.release()

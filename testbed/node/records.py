@@ -12,6 +12,10 @@ import torch
 from testbed.comm.trace import Trace
 from testbed.methods.job import JobSpec
 
+#: the version of the node's wire protocol (protos/*.proto and what the messages mean): bumped
+#: whenever they change; an orchestrator refuses nodes that report another one
+PROTOCOL_VERSION = 2
+
 
 @dataclass(frozen=True)
 class NodeAddress:
@@ -31,6 +35,7 @@ class LoadArgs:
     peers: list[str]  # data-plane host:port by rank, this node's own entry included
     comm_timeout_s: float  # deadline of every wait for a peer's message
     connect_timeout_s: float  # deadline for reaching every peer at load
+    codebooks: bytes | None = None  # astra codebook file's bytes, shipped to nodes that do not share files
 
 
 @dataclass
@@ -92,3 +97,14 @@ class NodeStats:
     inferences: int  # completed since the job was loaded
     uptime_s: float
     max_rss_kib: int  # peak resident memory of the node process
+    # what the node runs and on what (testbed.node.host); the orchestrator checks the versions
+    package_version: str = ""
+    protocol_version: int = 0
+    hostname: str = ""
+    kernel: str = ""
+    cpu_model: str = ""
+    cpu_count: int = 0
+    data_interface: str = ""  # the interface carrying the data host the Stats request named ("": not found)
+    tx_bytes: int | None = None  # its byte counters (None: unreadable)
+    rx_bytes: int | None = None
+    net_id: str = ""  # the machine and network namespace of the counters (testbed.node.host.net_id)

@@ -1,30 +1,41 @@
 """The node server: the process each edge device runs (``python -m testbed.node --listen HOST:PORT``).
 
 One gRPC server serves both the control plane (Node service: LoadJob, Infer, Stats,
-Shutdown) and the data plane (Peer service: streams from the other ranks) on every
+Shutdown, Shape, Unload) and the data plane (Peer service: streams from the other ranks) on every
 ``--listen`` address; under emulation the orchestrator uses an unshaped control
 address and the peers a shaped data address. A job is built once per LoadJob
 (testbed.methods.job.RankRunner) and runs inferences on demand; any failure inside an
 inference aborts the job's peer streams, so the other ranks fail at once rather
 than at their deadline. SIGTERM, SIGINT, Shutdown and (with --watch-parent) the
-death of the parent process all stop the node cleanly.
+death of the parent process all stop the node cleanly; Unload only drops the job (a node on a
+real device belongs to its user and keeps serving the next run).
 
 On a real network a node runs with ``--tls-dir DIR`` (testbed.comm.tls: mutual TLS with the
 experiment's certificates, on the control plane and on its own peer streams) and
 ``--allow-dir DIR`` (testbed.node.access: the only directories a job may read files from). A
 node refuses to listen on anything but loopback without TLS, unless told ``--insecure`` (an
 emulated network, whose addresses nobody else reaches).
+
+Shape makes the node shape its own links (testbed.net.selfshape: a real device or a container
+has nobody outside to do it); whatever it installed is removed when the node stops.
+
+A LoadJob may carry the job's astra codebooks inline (nodes on other machines do not share
+the orchestrator's files): the node writes them to a private temporary file, builds the job
+from it and deletes it at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -36,8 +47,10 @@ from testbed.node import serde
 from testbed.comm import tls
 from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, is_loopback, join_hostport, make_server, split_hostport
 from testbed.node.access import FileAccess
+from testbed.node import host
 from testbed.node.memory import process_memory
-from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
+from testbed.net.selfshape import NoNetAdmin, SelfShaper
+from testbed.node.records import PROTOCOL_VERSION, LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
 
 log = logging.getLogger("testbed.node")
@@ -89,10 +102,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
 
     def __init__(self, hub, listen_addresses: list[str], stop: threading.Event,
                  keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S, credentials: grpc.ChannelCredentials | None = None,
-                 access: FileAccess | None = None):
+                 access: FileAccess | None = None, shape_mechanism: str = "auto"):
         self.hub, self.listen_addresses, self.stop = hub, listen_addresses, stop
         self.keepalive_timeout_s = keepalive_timeout_s
         self.credentials, self.access = credentials, access or FileAccess()
+        self.shaper = SelfShaper(shape_mechanism)
         self.job: _Job | None = None
         self.started = time.monotonic()
         self._lock = threading.Lock()  # one LoadJob or Infer at a time
@@ -110,7 +124,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         check(len(args.peers) == n, "peer_data_addresses", args.peers, f"{n} host:port entries (world_size)")
         for a in args.peers:
             split_hostport(a, "peer_data_addresses")
-        self.access.check_job(args.job)  # before anything is read, and before the current job is dropped
+        # before anything is read, and before the current job is dropped; codebooks sent inline are no file of ours
+        self.access.check_job(args.job if args.codebooks is None else dataclasses.replace(args.job, codebook_path=None))
         with self._lock:
             self.unload("a new job is loaded")
             return serde.load_response(self._build(args))
@@ -128,11 +143,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
                                 keepalive_timeout_s=self.keepalive_timeout_s, credentials=self.credentials)
         t1 = time.perf_counter()
         try:
-            runner = RankRunner(args.job, args.rank, comm)
+            with _codebook_file(args.codebooks) as path:
+                job = args.job if path is None else dataclasses.replace(args.job, codebook_path=path)
+                runner = RankRunner(job, args.rank, comm)
         except BaseException as e:
             comm.abort(f"rank {args.rank} failed to build its shard: {type(e).__name__}: {e}")
             raise
-        self.job = _Job(args, comm, runner)
+        self.job = _Job(dataclasses.replace(args, codebooks=None), comm, runner)
         build_s = time.perf_counter() - t1
         rss_kib, pss_kib = process_memory()
         log.info("loaded job %s rank %d/%d (%s, %s), resident %d MiB", args.job_id, args.rank, args.job.world_size,
@@ -167,17 +184,54 @@ class NodeService(node_pb2_grpc.NodeServicer):
     @_rpc
     def Stats(self, request, context):  # noqa: N802
         job = self.job
+        data_host = serde.read_stats_request(request)
+        iface = host.data_interface(data_host) if data_host else ""
+        tx, rx = host.interface_counters(iface)
         return serde.stats_response(NodeStats(
             pid=os.getpid(), listen_addresses=self.listen_addresses, job_id=job.args.job_id if job else "",
             rank=job.args.rank if job else -1, inferences=job.inferences if job else 0,
             uptime_s=time.monotonic() - self.started,
-            max_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+            max_rss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            package_version=host.package_version(),
+            protocol_version=PROTOCOL_VERSION, **host.host_info(), data_interface=iface, tx_bytes=tx, rx_bytes=rx,
+            net_id=host.net_id()))
 
     @_rpc
     def Shutdown(self, request, context):  # noqa: N802
         log.info("shutdown requested: %s", serde.read_shutdown_request(request) or "(no reason given)")
         self.stop.set()  # the main thread stops the server after this reply has gone out
         return serde.shutdown_response()
+
+    @_rpc
+    def Unload(self, request, context):  # noqa: N802
+        """Drop the job and keep serving; an inference or load in flight is aborted first."""
+        reason = serde.read_unload_request(request) or "(no reason given)"
+        job = self.job
+        if job is not None and self.busy:
+            job.comm.abort(f"the orchestrator unloads the job: {reason}")
+        got = self._lock.acquire(timeout=self.UNLOAD_WAIT_S)  # the aborted call returns within moments
+        try:
+            self.unload(reason)
+        finally:
+            if got:
+                self._lock.release()
+        return serde.unload_response()
+
+    #: how long Unload waits for an aborted inference or load to give the job back
+    UNLOAD_WAIT_S = 5.0
+
+    @_rpc
+    def Shape(self, request, context):  # noqa: N802
+        return serde.shape_response(*self._shape(serde.read_shape_request(request)))
+
+    def _shape(self, links) -> tuple[float, str]:
+        """Shape this node's links (testbed.net.selfshape); one log line says what is applied."""
+        try:
+            result = self.shaper.shape(links)
+        except NoNetAdmin as e:
+            raise _Precondition(str(e)) from None
+        log.info("shape (%s, %.1f ms): %s", result.mechanism, 1e3 * result.apply_s, result.summary)
+        return result.apply_s, result.mechanism
 
     def unload(self, reason: str) -> None:
         """Drop the current job, ending its peer streams cleanly."""
@@ -195,7 +249,8 @@ class NodeServer:
     network). ``allow_dirs``: the directories jobs may read files from (testbed.node.access)."""
 
     def __init__(self, listen: list[str], keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-                 tls_dir: str | None = None, allow_dirs: list[str] | tuple = (), insecure: bool = False):
+                 tls_dir: str | None = None, allow_dirs: list[str] | tuple = (), insecure: bool = False,
+                 shape_mechanism: str = "auto"):
         from testbed.comm.grpc import PeerHub
 
         check(len(listen) >= 1, "listen", listen, "at least one HOST:PORT")
@@ -224,7 +279,7 @@ class NodeServer:
             check(port > 0, "listen", addr, "an address this host can bind")
             self.addresses.append(join_hostport(host, port))
         self.service = NodeService(self.hub, self.addresses, self.stop_event, keepalive_timeout_s,
-                                   credentials=peer_creds, access=access)
+                                   credentials=peer_creds, access=access, shape_mechanism=shape_mechanism)
         self.tls, self.access = tls_dir is not None, access
         node_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
         self.hub.add_to_server(self.server)
@@ -237,12 +292,38 @@ class NodeServer:
 
     def close(self, grace_s: float = 1.0) -> None:
         """Stop serving (in-flight RPCs get ``grace_s`` seconds). A job in the middle of an
-        inference or a load is aborted, so that its peers fail at once instead of waiting."""
-        job = self.service.job
-        if job is not None and self.service.busy:
-            job.comm.abort("the node is shutting down")
-        self.service.unload("the node is shutting down")
-        self.server.stop(grace=grace_s).wait()
+        inference or a load is aborted, so that its peers fail at once instead of waiting. Then
+        the node's own shaping (Shape) is removed."""
+        try:
+            job = self.service.job
+            if job is not None and self.service.busy:
+                job.comm.abort("the node is shutting down")
+            self.service.unload("the node is shutting down")
+            self.server.stop(grace=grace_s).wait()
+        finally:
+            self._unshape()
+
+    def _unshape(self) -> None:
+        """Remove whatever this node's Shapes installed (qdiscs, iptables chain, delay line)."""
+        shaped = bool(self.service.shaper.applied)
+        self.service.shaper.close()
+        if shaped:
+            log.info("shaping removed")
+
+
+@contextlib.contextmanager
+def _codebook_file(data: bytes | None):
+    """The path of a private temporary file holding ``data`` for the block (None: no file), deleted after it."""
+    if data is None:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="testbed-codebooks-", suffix=".pt")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+    finally:
+        os.unlink(path)
 
 
 def _watch_parent(stop: threading.Event) -> None:
@@ -274,13 +355,17 @@ def main(argv: list[str] | None = None) -> int:
                          "no files at all, without it any file")
     ap.add_argument("--insecure", action="store_true",
                     help="listen without TLS on addresses other than loopback (emulated networks only)")
+    ap.add_argument("--shape-mechanism", default="auto", choices=["auto", "htb+nfqueue", "htb+netem"],
+                    help="how Shape requests are applied (auto: netem where the kernel has it, else an NFQUEUE "
+                         "delay line; see testbed.net.selfshape)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format=f"%(asctime)s node[{os.getpid()}] %(levelname)s %(message)s")
     try:
         node = NodeServer(args.listen, keepalive_timeout_s=args.keepalive_timeout_s, tls_dir=args.tls_dir,
-                          allow_dirs=args.allow_dir, insecure=args.insecure)
+                          allow_dirs=args.allow_dir, insecure=args.insecure,
+                          shape_mechanism=args.shape_mechanism)
     except ConfigError as e:
         print(f"testbed node: {e}", file=sys.stderr)
         return 2

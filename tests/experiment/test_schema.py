@@ -75,7 +75,17 @@ GOOD = {
     "full": lambda d: d.update(_full()),
     "null sections": lambda d: d.update(sweep=None, faults=None, emulation=None, description=None),
     "number forms": lambda d: d.update(timeout_s=1e3, fidelity_s=1, emulation={"time_dilation": 1}),
+    "devices inline": lambda d: (d.pop("topology"), d.update(backend="devices", devices=_inventory())),
+    "devices with mesh": lambda d: d.update(backend="devices", topology="mesh", devices=_inventory(
+        connect_timeout_s=2)),
 }
+
+
+def _inventory(**over) -> dict:
+    return {"nodes": [{"name": "pi1", "address": "192.168.1.20:50051", "device": {"speed": 1.0}},
+                      {"name": "pi-2", "address": "[fe80::2]:50051"}], **over}
+
+
 
 BAD = {
     "unknown top-level field": lambda d: d.update(colour="red"),
@@ -114,6 +124,16 @@ BAD = {
     "fault empty profile": lambda d: d.update(faults=[{"kind": "link_profile", "link": ["h1", "s1"], "at_s": 1,
                                                        "profile": {}}]),
     "device speed zero": lambda d: d.update(backend="sim", nodes={"count": 2, "device": {"speed": 0}}),
+    "devices on another backend": lambda d: d.update(devices=_inventory()),
+    "backend devices without devices": lambda d: (d.pop("topology"), d.update(backend="devices")),
+    "backend devices on a star": lambda d: d.update(backend="devices", devices=_inventory()),
+    "device address without port": lambda d: (d.pop("topology"), d.update(backend="devices", devices={
+        "nodes": [{"name": "a", "address": "10.0.0.1"}, {"name": "b", "address": "10.0.0.2:1"}]})),
+    "device name with a space": lambda d: (d.pop("topology"), d.update(backend="devices", devices={
+        "nodes": [{"name": "a b", "address": "10.0.0.1:1"}, {"name": "b", "address": "10.0.0.2:1"}]})),
+    "device field unknown": lambda d: (d.pop("topology"), d.update(backend="devices", devices=_inventory(
+        colour="red"))),
+    "topology missing": lambda d: d.pop("topology"),
     "inline topology without hosts": lambda d: d.update(topology={"name": "x"}),
     "inline host name": lambda d: d.update(topology={"hosts": ["1x"]}),
     "inline link with profile and a_to_b": lambda d: d.update(topology={
@@ -131,6 +151,11 @@ RUNNER_ONLY = {
     "no such topology file": lambda d: d.update(topology="nonexistent"),
     "codebook of one entry": lambda d: d.update(methods=[{"name": "astra", "params": {"codebook_size": 1}}]),
     "weights file missing": lambda d: d.update(model={"name": "vit-tiny", "weights_path": "/nonexistent.safetensors"}),
+    "two devices of one name": lambda d: (d.pop("topology"), d.update(backend="devices", devices={
+        "nodes": [{"name": "a", "address": "10.0.0.1:1"}, {"name": "a", "address": "10.0.0.2:1"}]})),
+    "fewer devices than nodes": lambda d: (d.pop("topology"), d.update(backend="devices", devices={
+        "nodes": [{"name": "a", "address": "10.0.0.1:1"}]})),
+    "no such inventory file": lambda d: (d.pop("topology"), d.update(backend="devices", devices="nonexistent.yaml")),
 }
 
 

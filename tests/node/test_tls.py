@@ -98,7 +98,7 @@ def still_serves(world) -> None:
     try:
         assert len(orch.stats()) == N
     finally:
-        orch.close()
+        orch.disconnect()
 
 
 def reference(job: JobSpec) -> torch.Tensor:
@@ -121,7 +121,7 @@ def load_and_infer(world, job: JobSpec):
         orch.load(job)
         return orch.infer()
     finally:
-        orch.close()
+        orch.disconnect()
 
 
 def test_an_authenticated_orchestrator_runs_a_job_whose_peers_talk_over_tls(world):
