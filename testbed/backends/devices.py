@@ -107,7 +107,7 @@ class DevicesBackend(NodeBackend):
         try:
             return Orchestrator(addresses, timeout_s=timeout_s, connect_timeout_s=self.inventory.connect_timeout_s,
                                 load_timeout_s=load_timeout_s if load_timeout_s is not None else max(300.0, timeout_s),
-                                owns_nodes=False)
+                                tls_dir=self.tls_dir, owns_nodes=False)
         except NodeError as e:
             d = self.inventory.nodes[e.rank]
             host, port = split_hostport(d.address)
@@ -221,16 +221,16 @@ class DevicesBackend(NodeBackend):
         go of the nodes after a failure); a device that does not answer is named in the log."""
         from testbed.proto import node_pb2
 
-        if not hasattr(node_pb2, "ShapeRequest"):
-            return
+        import grpc
+
+        from testbed.comm import tls
+        from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
+        from testbed.proto import node_pb2_grpc
+
+        creds = tls.channel_credentials(self.tls_dir, "orchestrator") if self.tls_dir else None
 
         def one(d) -> str | None:
-            import grpc
-
-            from testbed.comm.channels import CONTROL_CHANNEL_OPTIONS
-            from testbed.proto import node_pb2_grpc
-
-            with grpc.insecure_channel(d.address, options=CONTROL_CHANNEL_OPTIONS) as ch:
+            with tls.open_channel(d.address, CONTROL_CHANNEL_OPTIONS, creds) as ch:
                 try:
                     node_pb2_grpc.NodeStub(ch).Shape(node_pb2.ShapeRequest(), timeout=TIDY_TIMEOUT_S)
                 except grpc.RpcError as e:

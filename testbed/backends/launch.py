@@ -26,8 +26,14 @@ def start_node(listen: str, log: Path, prefix: list[str] | None = None, args: li
     appended to ``log``. ``shell_wrapper``: a program that takes a shell command line after its
     own arguments (capsh's ``--drop=... -- -c``); the node command is passed to it as one string.
     Returns the process and the address it printed once serving (raises CommError, with the
-    log's tail, if it exits or prints nothing within ``timeout_s``)."""
-    node = [python, "-m", "testbed.node", "--listen", listen] + list(args or [])
+    log's tail, if it exits or prints nothing within ``timeout_s``). A node on a non-loopback
+    address without ``--tls-dir`` gets ``--insecure``: these are the testbed's own namespaces."""
+    from testbed.comm.channels import is_loopback, split_hostport
+
+    args = list(args or [])
+    if "--tls-dir" not in args and "--insecure" not in args and not is_loopback(split_hostport(listen, "listen")[0]):
+        args.append("--insecure")
+    node = [python, "-m", "testbed.node", "--listen", listen] + args
     argv = list(prefix or []) + (list(shell_wrapper) + ["exec " + shlex.join(node)] if shell_wrapper else node)
     with open(log, "ab") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, cwd=str(REPO_ROOT))

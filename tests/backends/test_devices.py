@@ -254,3 +254,37 @@ def test_a_run_goes_on_when_a_device_drops(devices, tmp_path, monkeypatch):
         assert all(d.alive() and stats(d.address).job_id == "" for d in devices[:2])
     finally:
         holder["node"].stop()
+
+
+def test_devices_over_mutual_tls_with_allowed_dirs(tmp_path):
+    """Devices started as on a real network (--tls-dir, --allow-dir): the run talks mutual TLS to
+    them (inventory `tls`), the peers too, ASTRA's codebooks travel inline (the devices may read no
+    file of the orchestrator's), and the rows equal the plain run's."""
+    from testbed.comm.tls import make_certs
+
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    models = tmp_path / "models"
+    models.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    nodes = []
+    try:
+        for i in range(3):
+            nodes.append(launch_node(f"127.0.0.{14 + i}:0", logs / f"{NAMES[i]}.log",
+                                     args=["--tls-dir", str(certs), "--allow-dir", str(models)]))
+        run = api.run(experiment(backend="devices", devices=inventory(nodes, tls=str(certs))), tmp_path / "run",
+                      plots=False)
+        plain = api.run(experiment(backend="loopback", topology="mesh"), tmp_path / "plain", plots=False)
+        assert run.status == "complete"
+        a, b = (r.rows.set_index("label") for r in (run, plain))
+        assert (a["status"] == "ok").all(), a[["status"]]
+        for col in ("bytes_sent", "agreement", "max_abs_err"):
+            assert a[col].to_dict() == b[col].to_dict(), col
+        with pytest.raises(grpc.RpcError) as info:  # a plain client is refused by the TLS handshake
+            stats(nodes[0].address)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert all(n.alive() for n in nodes)
+    finally:
+        for n in nodes:
+            n.stop()
