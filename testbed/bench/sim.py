@@ -99,16 +99,21 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
               "directory with --emulated RUN_DIR.")
         return
     from testbed.experiment.report import varying
-    from testbed.experiment.validation import emulation_cpus, validate_run
+    from testbed.experiment.validation import validate_run
     from testbed.sim.validate import summary
 
+    from testbed.experiment.validation import emulation_cpus, run_emulation
+    from testbed.sim.emulation import EmulationModel
+
     for run_dir in args.emulated:
-        cpus = None if args.no_contention else emulation_cpus(run_dir) or os.cpu_count()
-        if cpus:
-            print(f"[fidelity] {run_dir}: emulated nodes share {cpus} cores "
-                  "(compute of busy ranks stretched accordingly)")
-        run_sim = Simulator(replace(sim.config, shared_cpus=cpus), log=sim.log)
-        table, paths = validate_run(run_dir, run_sim)
+        emu = run_emulation(run_dir)
+        if args.emulation == "contention":  # the model before dilation was read: contention on the host's cores
+            cpus = emulation_cpus(run_dir) or os.cpu_count()
+            emu = EmulationModel(emu.time_dilation, None, cpus, 1.0, f"contention on {cpus} cores (manifest ignored)")
+        elif args.emulation == "none":
+            emu = EmulationModel(emu.time_dilation, None, None, 1.0, "compute as calibrated (manifest ignored)")
+        print(f"[fidelity] {run_dir}: {emu.why}")
+        table, paths = validate_run(run_dir, sim, emulation=emu)
         s = summary(table)
         verdict = "meets" if s["median_abs_error_pct"] <= 10 else "MISSES"
         print(f"[fidelity] {run_dir}: {s['predicted']}/{s['cells']} cells predicted; median |error| "
@@ -133,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default="results/calibration")
     p.add_argument("--emulated", nargs="*", default=[], metavar="RUN_DIR")
     p.add_argument("--skip-scale", action="store_true")
-    p.add_argument("--no-contention", action="store_true", help="fidelity: ignore that emulated nodes share cores")
+    p.add_argument("--emulation", choices=("manifest", "contention", "none"), default="manifest",
+                   help="fidelity: how the emulated devices computed: as the run's manifest says (dilation, "
+                        "throttling, contention; default), contention on the host's cores whatever the manifest "
+                        "says, or compute as calibrated")
     p.add_argument("--engine", choices=ENGINES, default="auto", help="replay engine (auto: lockstep where it applies)")
     args = p.parse_args(argv)
     try:

@@ -7,7 +7,10 @@ as every other backend) but take turns on the CPU: a rank holds the group's
 ``cpu`` lock while it runs and lets go of it only while it blocks waiting for a
 message. Every compute segment (and every serialization) is therefore timed with
 the CPU to itself, at ``job.threads`` torch threads, exactly as a device of its
-own would run it. The ordering cost of taking turns lands in the collectives'
+own would run it. Compute segments are timed in CPU seconds of this process
+(``CLOCK``): only the rank holding the turn runs, so that is the rank's own CPU
+time, and other work on a shared host (which stretches wall-clock time, not CPU
+time) does not inflate the profile. The ordering cost of taking turns lands in the collectives'
 wait time, which the simulator does not use: it replays only compute and
 serialization times, and models the waiting itself.
 """
@@ -27,6 +30,9 @@ from testbed.errors import check
 from testbed.methods.job import JobSpec, RankRunner
 
 T = TypeVar("T")
+
+#: how compute segments of a profile are timed (recorded in its meta; profiles timed otherwise are stale)
+CLOCK = "process_time"
 
 
 class _TurnTakingGroup(InProcessGroup):
@@ -97,6 +103,7 @@ def measure(job: JobSpec, repetitions: int = 3, warmup: int = 1, timeout_s: floa
     model = build_model(job.model, seed=job.seed, weights_path=job.weights_path, share_weights=True)
 
     def body(rank: int, comm: InProcessCommunicator) -> list[Trace]:
+        comm.trace.clock = time.process_time  # CPU seconds: see CLOCK
         runner = RankRunner(job, rank, comm, model=model)
         reps = []
         for i in range(warmup + repetitions):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 from testbed.errors import check
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
-from testbed.sim.calibrate import measure
+from testbed.sim.calibrate import CLOCK, measure
 from testbed.sim.engine import Schedule, SimResult, simulate
 from testbed.sim.extrapolate import extrapolate
 from testbed.sim.network import KINDS, Network, SimTopology, TcpModel, WireModel
@@ -54,6 +54,9 @@ class SimConfig:
     #: the devices share this many cores (emulation on one machine, e.g. Mininet here): compute of the
     #: busy ranks is stretched by max(1, busy * threads / shared_cpus); None: every device has its own
     shared_cpus: int | None = None
+    #: multiplies every compute segment: 1.0 for devices as calibrated; a time-dilated emulation's CPU
+    #: overhead of CFS throttling when predicting one (testbed.sim.emulation.EmulationModel)
+    compute_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.wire is None or isinstance(self.wire, WireModel), "wire", self.wire, "a WireModel or None")
@@ -65,6 +68,8 @@ class SimConfig:
               self.calibration_warmup, "an integer >= 0")
         c = self.shared_cpus
         check(c is None or (isinstance(c, int) and c >= 1), "shared_cpus", c, "an integer >= 1 or null")
+        k = self.compute_scale
+        check(isinstance(k, (int, float)) and not isinstance(k, bool) and k > 0, "compute_scale", k, "a number > 0")
 
 
 def contention_factor(profile: ComputeProfile, shared_cpus: int | None) -> float:
@@ -130,7 +135,8 @@ class Simulator:
         t0 = time.perf_counter()
         traces = measure(job, c.calibration_repetitions, c.calibration_warmup)
         meta = {**host_info(), "repetitions": c.calibration_repetitions, "warmup": c.calibration_warmup,
-                "wall_s": time.perf_counter() - t0, "how": "in-process, ranks take turns on the CPU"}
+                "wall_s": time.perf_counter() - t0, "how": "in-process, ranks take turns on the CPU",
+                "clock": CLOCK}
         prof = ComputeProfile(key, traces, meta=meta)
         self.store.put(prof)
         return prof
@@ -220,7 +226,7 @@ class Simulator:
         params = self.settle(model, method, params, tokens, nodes, batch, topology)
         key = ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
         sched = self.schedule(key)
-        stretch = contention_factor(self._profiles[key], self.config.shared_cpus)
+        stretch = contention_factor(self._profiles[key], self.config.shared_cpus) * self.config.compute_scale
         if stretch != 1.0:
             speed = [f * stretch for f in speed] if not isinstance(speed, (int, float)) else speed * stretch
         net = self.network(topology, nodes, profile)
