@@ -126,10 +126,8 @@ def confirm_specs(ranked, top: int, model: str, tokens: int, profile: LinkProfil
 
     chosen = [r.candidate for r in ranked[:top]]
     groups: "OrderedDict[int, list]" = OrderedDict()
-    multi = [c for c in chosen if c.method != "single"]
-    first_n = multi[0].nodes if multi else 2
     for c in chosen:
-        groups.setdefault(c.nodes if c.method != "single" else first_n, []).append(c)
+        groups.setdefault(c.nodes, []).append(c)
     out = []
     for n, cands in groups.items():
         nodes: dict[str, Any] = {"count": n, "threads": device[1] if device else threads}

@@ -74,7 +74,8 @@ class Ranked:
 
 
 def candidates(model: str, tokens: int, nodes: Sequence[int], batch: int = 1) -> list[Candidate]:
-    """Every (method, params, N) the methods accept for this model and size (``single`` once, N = 1)."""
+    """Every (method, params, N) the methods accept for this model and size (``single`` once, on the
+    smallest N: the other ranks idle, as in an experiment that runs it beside the others)."""
     from testbed.methods import METHODS
     from testbed.models import get_config
     from testbed.sim.synth import skeleton
@@ -82,7 +83,7 @@ def candidates(model: str, tokens: int, nodes: Sequence[int], batch: int = 1) ->
     cfg = get_config(model)
     check(len(nodes) >= 1 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in nodes),
           "--nodes", list(nodes), "node counts >= 2 (single runs on one node anyway)")
-    grid: list[Candidate] = [Candidate.of("single", {}, 1)]
+    grid: list[Candidate] = [Candidate.of("single", {}, min(nodes))]
     for n in sorted(set(nodes)):
         for m in METHODS:
             if m == "single":

@@ -109,6 +109,9 @@ class Simulator:
         """The wire model in use (see SimConfig.wire); measures the transport once if needed."""
         if self._wire is None:
             t = self.store.transport()
+            if t is not None and "batches" not in t and self.config.measure_missing:
+                self.log("transport calibration timed as one mean (host load included): measuring again")
+                t = None
             if t is None and self.config.measure_missing:
                 from testbed.sim.calibrate import measure_transport
 

@@ -76,7 +76,7 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         prof = _profile(cell)
         reps = len(grp)
         try:
-            pred = sim.results(model=cell["model"], method=cell["method"], params=_params(cell["method_params"]),
+            pred = sim.results(model=cell["model"], method=cell["method"], params=run_params(cell, grp),
                                tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
                                topology=topology if topology is not None else cell["topology"], profile=prof,
                                speed=speed, repetitions=reps)
@@ -106,6 +106,18 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         table["abs_error_pct"] = table["error_pct"].abs()
         table["replay_error_pct"] = 100 * (table["replayed_latency_s"] - m) / m
     return table
+
+
+def run_params(cell: dict, rows: pd.DataFrame) -> dict:
+    """The params a cell ran with: its ``method_params``, plus the all-reduce algorithm tensor parallel
+    used, which the rows' ``all_reduce`` column records. Rows without that column were measured before
+    the algorithm was chosen per topology, when every all-reduce was the ring."""
+    params = _params(cell["method_params"])
+    if cell["method"] == "tensor_parallel" and "all_reduce" not in params:
+        ran = rows["all_reduce"].dropna().astype(str) if "all_reduce" in rows else pd.Series(dtype=str)
+        ran = ran[ran != ""]
+        params["all_reduce"] = ran.iloc[0] if len(ran) else "ring"
+    return params
 
 
 def _params(text: Any) -> dict:
