@@ -4,7 +4,7 @@
 
 Part 1 (scale; target < 60 s at 256 nodes): every method at ``--nodes`` ranks and ``--tokens``
 tokens over 10 link profiles (a star), then on the other topology kinds the simulator scales to
-any N (``--kinds``: mesh, line, shared_medium; one profile each) and on a star of mixed devices
+any N (``--kinds``: mesh, shared_medium by default; line replays message by message and takes long at hundreds of nodes; one profile each) and on a star of mixed devices
 (every other node at half speed, ``--slow-every``), each timed. Traces for that many ranks cannot be measured
 here, so they are synthesized: each method's communication pattern
 (testbed.sim.synth, the same messages the methods send) with compute segments from
@@ -131,6 +131,8 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
         if args.emulation == "contention":  # the model before dilation was read: contention on the host's cores
             cpus = emulation_cpus(run_dir) or os.cpu_count()
             emu = EmulationModel(emu.time_dilation, None, cpus, 1.0, f"contention on {cpus} cores (manifest ignored)")
+        elif args.emulation == "no-jitter":
+            emu = replace(emu, segment_jitter_k=0.0, why=emu.why + " (jitter off)")
         elif args.emulation == "none":
             emu = EmulationModel(emu.time_dilation, None, None, 1.0, "compute as calibrated (manifest ignored)")
         print(f"[fidelity] {run_dir}: {emu.why}")
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vit-base")
     p.add_argument("--nodes", type=int, default=256)
     p.add_argument("--target-s", type=float, default=60.0, help="scale part's time target (default 60 s)")
-    p.add_argument("--kinds", default="mesh,line,shared_medium", help="other topology kinds simulated at --nodes "
+    p.add_argument("--kinds", default="mesh,shared_medium", help="other topology kinds simulated at --nodes (line: SimPy replay, slow at hundreds of nodes) "
                    "(comma-separated; empty: none)")
     p.add_argument("--slow-every", type=int, default=2, help="mixed devices: every k-th node at half speed (0: skip)")
     p.add_argument("--tokens", type=int, default=8192)
@@ -163,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default="results/calibration")
     p.add_argument("--emulated", nargs="*", default=[], metavar="RUN_DIR")
     p.add_argument("--skip-scale", action="store_true")
-    p.add_argument("--emulation", choices=("manifest", "contention", "none"), default="manifest",
+    p.add_argument("--emulation", choices=("manifest", "no-jitter", "contention", "none"), default="manifest",
                    help="fidelity: how the emulated devices computed: as the run's manifest says (dilation, "
-                        "throttling, contention; default), contention on the host's cores whatever the manifest "
-                        "says, or compute as calibrated")
+                        "throttling, contention, segment jitter; default), the same without jitter, contention on "
+                        "the host's cores whatever the manifest says, or compute as calibrated")
     p.add_argument("--engine", choices=ENGINES, default="auto", help="replay engine (auto: lockstep where it applies)")
     args = p.parse_args(argv)
     try:

@@ -79,14 +79,15 @@ def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None
                  ) -> tuple[pd.DataFrame, list[Path]]:
     """``compare`` on a results directory (rows and traces), saved beside it (validation/);
     ``topology``: instead of the run's own (``run_topology``); ``emulation``: instead of the
-    run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus`` and ``compute_scale``."""
+    run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus``, ``compute_scale`` and
+    ``segment_jitter_k``."""
     d = Path(run_dir)
     rows = read_rows(d)
     check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
     topo = topology if topology is not None else run_topology(d)
     emu = emulation if emulation is not None else run_emulation(d)
-    run_sim = Simulator(replace(sim.config, shared_cpus=emu.shared_cpus, compute_scale=emu.compute_scale),
-                        log=sim.log)
+    run_sim = Simulator(replace(sim.config, shared_cpus=emu.shared_cpus, compute_scale=emu.compute_scale,
+                                segment_jitter_k=emu.segment_jitter_k), log=sim.log)
     table = compare(rows, run_sim, traces=read_traces(d), topology=topo, speed=run_speeds(d))
     return table, save_validation(table, out_dir if out_dir is not None else d / "validation")
 

@@ -38,6 +38,8 @@ CELL = ["experiment", "model", "method", "method_params", "label", "tokens", "ba
         "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
 REQUIRED = CELL + ["repetition", "latency_s", "comm_s", "bytes_on_wire", "status"]
 PROFILE_COLS = ["bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
+#: with compute jitter (SimConfig.segment_jitter_k) a prediction is the median of this many draws at least
+JITTER_SAMPLES = 9
 
 
 def _profile(row: Any) -> LinkProfile:
@@ -79,7 +81,8 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
             pred = sim.results(model=cell["model"], method=cell["method"], params=run_params(cell, grp),
                                tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
                                topology=topology if topology is not None else cell["topology"], profile=prof,
-                               speed=speed, repetitions=reps)
+                               speed=speed, repetitions=reps if sim.config.segment_jitter_k == 0 else
+                               max(reps, JITTER_SAMPLES))
             status, error = "ok", ""
         except ConfigError as e:  # a cell the simulator cannot run: recorded, the others are compared
             pred, status, error = [], "error", str(e)

@@ -80,12 +80,24 @@ def test_ranking_is_the_sim_backends_own_order(profile, cal, tmp_path):
         assert r.low_s < r.latency_s < r.high_s and math.isfinite(r.band_pct)
 
 
-def test_the_link_decides_the_order():
-    """5 Mbit/s: the method sending the fewest bytes wins among the distributed ones; tensor
-    parallel (two all-reduces of the full activations per block) is last on both links."""
+def test_the_link_decides_the_order(cal):
+    """At 5 Mbit/s tensor parallel (two all-reduces of the full activations per block, the most bytes)
+    is the slowest candidate; 100x the bandwidth shrinks its latency the most."""
+    sim = Simulator(SimConfig(calibration_dir=str(cal), calibration_repetitions=1))
+    slow, _ = rank(sim, "vit-tiny", 17, "star", PROFILES[0], nodes=[2])
+    fast, _ = rank(sim, "vit-tiny", 17, "star", PROFILES[1], nodes=[2])
+    assert slow[-1].candidate.method == "tensor_parallel"
+    gain = {r.candidate.label: r.latency_s for r in slow}
+    for r in fast:
+        gain[r.candidate.label] /= r.latency_s
+    assert max(gain, key=gain.get) == "tensor_parallel N=2" and gain["single"] == pytest.approx(1.0)
+
+
+def test_without_calibration_every_candidate_is_reported_not_guessed():
     sim = Simulator(SimConfig(calibration_dir="/nonexistent", measure_missing=False))
-    with pytest.raises(ConfigError):  # no calibration and no measuring: said, not guessed
-        rank(sim, "vit-tiny", 17, "star", PROFILES[0], nodes=[2])
+    ranked, skipped = rank(sim, "vit-tiny", 17, "star", PROFILES[0], nodes=[2])
+    assert not ranked and len(skipped) == len(candidates("vit-tiny", 17, [2]))
+    assert all(why for _, why in skipped)
 
 
 def test_link_device_and_fidelity_parsing(tmp_path):

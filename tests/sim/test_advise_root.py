@@ -19,13 +19,16 @@ pytestmark = pytest.mark.root
 CASES = [("single", {}), ("tensor_parallel", {}), ("sequence_parallel", {}), ("sequence_parallel_int8", {})]
 BANDWIDTHS = (5.0, 500.0)
 APART = 1.5  # predicted latency ratio above which the measured order must agree
+PAIR = {"name": "pair", "hosts": ["h1", "h2"], "switches": ["s1"],  # two hosts on one switch, as the star
+        "links": [{"a": "h1", "b": "s1", "profile": {"bandwidth_mbps": 100, "delay_ms": 0.5}, "sweep": "half"},
+                  {"a": "h2", "b": "s1", "profile": {"bandwidth_mbps": 100, "delay_ms": 0.5}, "sweep": "half"}]}
 
 
 def test_advise_ranks_as_mininet_measures(tmp_path):
     from testbed.experiment.cli import run_main
 
     exp = {"name": "advise-root", "model": {"name": "vit-tiny"}, "input": {"tokens": 17},
-           "methods": [{"name": m, "params": p} for m, p in CASES], "nodes": {"count": 2}, "topology": "star",
+           "methods": [{"name": m, "params": p} for m, p in CASES], "nodes": {"count": 2}, "topology": PAIR,
            "sweep": {"bandwidth_mbps": list(BANDWIDTHS), "delay_ms": [1]}, "repetitions": 3, "warmup": 1,
            "backend": "mininet", "timeout_s": 60, "fidelity_s": 0}
     (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
@@ -34,7 +37,7 @@ def test_advise_ranks_as_mininet_measures(tmp_path):
     rows = rows[rows["status"] == "ok"]
     sim = Simulator(SimConfig(calibration_dir=str(tmp_path / "cal"), calibration_repetitions=2))
     for bw in BANDWIDTHS:
-        ranked, _ = rank(sim, "vit-tiny", 17, "star", LinkProfile(bw, 1), nodes=[2])
+        ranked, _ = rank(sim, "vit-tiny", 17, PAIR, LinkProfile(bw, 1), nodes=[2])
         predicted = {r.candidate.method: r.latency_s for r in ranked if (r.candidate.method, r.candidate.params)
                      in CASES}
         measured = {m: float(rows[(rows["method"] == m) & (rows["bandwidth_mbps"] == bw)]["latency_s"].median())

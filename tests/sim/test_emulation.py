@@ -122,3 +122,70 @@ def test_calibration_measures_cpu_seconds(tmp_path):
     prof = sim.profile(ProfileKey.of("vit-tiny", "sequence_parallel", {}, 17, 2))
     assert prof.meta["clock"] == "process_time" and not prof.stale
     assert all(c > 0 for c in prof.compute_s)
+
+
+def test_segment_jitter_k_is_the_median_spread_over_sqrt_length():
+    from testbed.sim.emulation import segment_jitter_k
+
+    def run(segs_by_rank):
+        return {"method": "sequence_parallel", "ranks": [
+            {"rank": r, "events": [{"type": "compute", "duration_s": d} for d in segs]}
+            for r, segs in enumerate(segs_by_rank)]}
+
+    # two ranks at d - e and d + e: std (n-1) = e * sqrt(2), mean d
+    d, e = 0.04, 0.002
+    k = segment_jitter_k([run([[d - e, 0.001], [d + e, 0.001]])])  # the 1 ms segment is left out
+    assert k == pytest.approx(e * 2 ** 0.5 / d ** 0.5)
+    with pytest.raises(ConfigError):
+        segment_jitter_k([run([[0.001], [0.001]])])
+    # the committed references: the constants are what the function measures on them
+    from pathlib import Path
+
+    from testbed.experiment.store import read_traces
+    from testbed.sim.emulation import DILATED_JITTER_K, UNDILATED_JITTER_K
+
+    ref = Path(__file__).resolve().parents[2] / "results" / "reference"
+    assert segment_jitter_k(read_traces(ref / "quickstart")) == pytest.approx(DILATED_JITTER_K, abs=5e-5)
+    assert segment_jitter_k(read_traces(ref / "undilated" / "quickstart")) == pytest.approx(UNDILATED_JITTER_K,
+                                                                                          abs=5e-5)
+
+
+def test_jittered_segments_keep_their_mean_and_spread_as_k_sqrt_d():
+    import numpy as np
+
+    from testbed.comm.trace import Compute
+    from testbed.sim.simulator import jittered
+
+    tr = [Trace(0, [Compute(0.04)] * 200), Trace(1, [Compute(0.01)] * 200)]
+    same = jittered(tr, [1.0, 1.0], 0.0, seed=3)
+    assert [e.duration_s for e in same[0].events] == [0.04] * 200
+    f = [1.0, 4.0]  # rank 1's device 4x slower: 0.04 device seconds per segment
+    draws = np.array([[e.duration_s * f[i] for e in t.events] for s in range(20)
+                      for i, t in enumerate(jittered(tr, f, 0.02, seed=s))]).reshape(20, 2, 200)
+    for i in range(2):
+        dev = draws[:, i, :].ravel()
+        assert dev.mean() == pytest.approx(0.04, rel=0.01)
+        assert dev.std() == pytest.approx(0.02 * 0.04 ** 0.5, rel=0.05)
+    assert jittered(tr, f, 0.02, seed=1)[0].events[0].duration_s == jittered(tr, f, 0.02, seed=1)[0].events[0].duration_s
+
+
+def test_jitter_makes_synchronised_ranks_wait_for_the_slowest(tmp_path):
+    """Two ranks, all-gather after every segment: each sync adds E[max(z1, z2)] = 1/sqrt(pi) standard
+    deviations on average; the rank-wise sums alone (no sync) would add nothing."""
+    import math
+
+    import numpy as np
+
+    cal = tmp_path / "cal"
+    d = 0.02
+    stored_profile(cal, "sequence_parallel", 2, [d, d])
+    base = dict(calibration_dir=str(cal), measure_missing=False, wire=WireModel())
+    c = cell(repetitions=400, profile=LinkProfile(10_000, 0))
+    plain = Simulator(SimConfig(**base)).results(**c)[0].latency_s
+    k = 0.02
+    lat = np.array([r.latency_s for r in Simulator(SimConfig(**base, segment_jitter_k=k)).results(**c)])
+    from testbed.sim.synth import skeleton
+
+    n_segments = len(skeleton("vit-tiny", "sequence_parallel", {}, 17, 2).collectives[0]) + 1
+    expected = n_segments * k * math.sqrt(d) / math.sqrt(math.pi)
+    assert lat.mean() - plain == pytest.approx(expected, rel=0.15)
