@@ -1,6 +1,12 @@
 """`testbed advise` against emulation: on a tiny model, two clearly separated links (5 and 500 Mbit/s),
 the order advise predicts is the order a small Mininet run of the same cases measures, for every
-pair of cases it predicts clearly apart (1.5x or more). Root: Mininet, tc, namespaces."""
+pair of cases it predicts clearly apart (2x or more). Root: Mininet, tc, namespaces.
+
+Run once while it was written (F = 1.34, 24 rows, 9 s), with 1.5x: it passed, but one pair it then
+checked was a tie in emulation (sequence parallel int8 vs fp32 at 5 Mbit/s, predicted 5.9 vs 11.0 ms,
+measured 11.70 vs 11.71 ms): at this size every emulated inference carries a fixed ~7 ms that the
+simulator does not model (single: 0.9 ms predicted, 8.5 ms measured), which compresses differences of
+a few ms. 2x leaves five pairs per link, all of which that run ordered as predicted."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ pytestmark = pytest.mark.root
 
 CASES = [("single", {}), ("tensor_parallel", {}), ("sequence_parallel", {}), ("sequence_parallel_int8", {})]
 BANDWIDTHS = (5.0, 500.0)
-APART = 1.5  # predicted latency ratio above which the measured order must agree
+APART = 2.0  # predicted latency ratio above which the measured order must agree (see the module docstring)
 PAIR = {"name": "pair", "hosts": ["h1", "h2"], "switches": ["s1"],  # two hosts on one switch, as the star
         "links": [{"a": "h1", "b": "s1", "profile": {"bandwidth_mbps": 100, "delay_ms": 0.5}, "sweep": "half"},
                   {"a": "h2", "b": "s1", "profile": {"bandwidth_mbps": 100, "delay_ms": 0.5}, "sweep": "half"}]}
