@@ -22,6 +22,10 @@ COMMANDS = {
                "cluster (node StatefulSet, Service, Secret, ConfigMap, sweep Job)"),
     "calibrate": ("testbed.experiment.calibrate", "calibrate_main", "measure compute profiles on this host for the "
                   "simulator"),
+    "validate": ("testbed.experiment.validation", "main", "predict every cell of an emulated run on the simulator "
+                 "from calibration alone: |error| per method, plot and CSV"),
+    "advise": ("testbed.experiment.advise", "main", "rank every method and its parameters by predicted latency "
+               "for a model, token count, devices and link"),
     "fidelity": ("testbed.net.fidelity", "main", "check emulated links with iperf3 and ping against their profiles"),
     "doctor": ("testbed.experiment.doctor", "main", "what this machine can emulate, and why"),
     "clean": ("testbed.net.cleanup", "main", "remove leftovers of a crashed run (namespaces, links, rules, processes)"),

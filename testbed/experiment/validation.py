@@ -1,11 +1,16 @@
 """Simulation against a `testbed run` results directory: testbed.sim.validate on its rows and traces.
 
-The topology is the run's own: the experiment as resolved in its manifest (``config.topology``),
-so a topology given inline in the experiment, or as a path, is simulated as it was emulated.
+Everything the prediction needs comes from the run's manifest, none of it from its measurements:
+the topology is the run's own (the experiment as resolved in ``config.topology``, so a topology
+given inline in the experiment, or as a path, is simulated as it was emulated), each rank's
+device speed comes from the devices of that topology and the experiment (``node_devices``), and
+how the devices computed (time dilation, throttling, contention) from its dilation record
+(testbed.sim.emulation.EmulationModel).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +20,9 @@ from testbed.errors import ConfigError, check
 from testbed.experiment.manifest import read_manifest
 from testbed.experiment.spec import parse_spec
 from testbed.experiment.store import read_rows, read_traces
+from testbed.sim.emulation import EmulationModel
 from testbed.sim.network import KINDS
-from testbed.sim.simulator import Simulator
+from testbed.sim.simulator import Simulator, speed_from_device
 from testbed.sim.validate import compare, save_validation
 
 
@@ -26,17 +32,36 @@ def emulation_cpus(run_dir: str | Path) -> int | None:
     return int(cpus) if isinstance(cpus, int) and cpus >= 1 else None
 
 
+def run_spec(run_dir: str | Path):
+    """The experiment a run resolved (its manifest's ``config``), parsed again."""
+    config = read_manifest(run_dir).get("config")
+    check(isinstance(config, dict), "run_dir", str(run_dir),
+          "a results directory with the manifest.json testbed run writes (it holds the experiment)")
+    try:
+        return parse_spec(config)
+    except ConfigError as e:
+        raise ConfigError(f"manifest.json config ({e.field})", e.value, e.allowed) from None
+
+
+def run_speeds(run_dir: str | Path) -> list[float]:
+    """Compute slow-down per rank of a run: its nodes' device speeds (experiment and topology)."""
+    from testbed.experiment.topology import node_devices
+
+    spec = run_spec(run_dir)
+    try:
+        return [speed_from_device(d.speed) for d in node_devices(spec)]
+    except ConfigError as e:
+        raise ConfigError(f"manifest.json config ({e.field})", e.value, e.allowed) from None
+
+
 def run_topology(run_dir: str | Path) -> Any:
     """The topology a run used, from its manifest: a topology kind the simulator scales to any N
     (star | mesh | line | shared_medium, named so in the experiment), else the loaded topology with
     the experiment's devices (testbed.experiment.topology.experiment_topology)."""
     from testbed.experiment.topology import experiment_topology
 
-    config = read_manifest(run_dir).get("config")
-    check(isinstance(config, dict), "run_dir", str(run_dir),
-          "a results directory with the manifest.json testbed run writes (it holds the experiment)")
+    spec = run_spec(run_dir)
     try:
-        spec = parse_spec(config)
         if isinstance(spec.topology, str) and spec.topology in KINDS:
             return spec.topology
         return experiment_topology(spec)
@@ -44,13 +69,82 @@ def run_topology(run_dir: str | Path) -> Any:
         raise ConfigError(f"manifest.json config ({e.field})", e.value, e.allowed) from None
 
 
+def run_emulation(run_dir: str | Path) -> EmulationModel:
+    """How a run's devices computed (dilation, throttling overhead, contention), from its manifest."""
+    return EmulationModel.of_manifest(read_manifest(run_dir))
+
+
 def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,
-                 topology: Any = None) -> tuple[pd.DataFrame, list[Path]]:
+                 topology: Any = None, emulation: EmulationModel | None = None
+                 ) -> tuple[pd.DataFrame, list[Path]]:
     """``compare`` on a results directory (rows and traces), saved beside it (validation/);
-    ``topology``: instead of the run's own (``run_topology``)."""
+    ``topology``: instead of the run's own (``run_topology``); ``emulation``: instead of the
+    run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus``, ``compute_scale`` and
+    ``segment_jitter_k``."""
     d = Path(run_dir)
     rows = read_rows(d)
     check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
     topo = topology if topology is not None else run_topology(d)
-    table = compare(rows, sim, traces=read_traces(d), topology=topo)
+    emu = emulation if emulation is not None else run_emulation(d)
+    run_sim = Simulator(replace(sim.config, shared_cpus=emu.shared_cpus, compute_scale=emu.compute_scale,
+                                segment_jitter_k=emu.segment_jitter_k), log=sim.log)
+    table = compare(rows, run_sim, traces=read_traces(d), topology=topo, speed=run_speeds(d))
     return table, save_validation(table, out_dir if out_dir is not None else d / "validation")
+
+
+def error_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Median and p90 |error| (percent) per method label and overall, cells predicted / compared."""
+    from testbed.sim.validate import summary
+
+    rows = []
+    for label, grp in list(table.groupby("label", sort=False)) + [("overall", table)]:
+        s = summary(grp)
+        rows.append({"method": label, "cells": s["cells"], "predicted": s["predicted"],
+                     "median_abs_error_pct": s["median_abs_error_pct"], "p90_abs_error_pct": s["p90_abs_error_pct"],
+                     "replay_median_abs_error_pct": s["replay_median_abs_error_pct"]})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`testbed validate RUN_DIR`: predict every cell of an emulated run from calibration alone."""
+    import argparse
+    import sys
+
+    from testbed.sim.simulator import SimConfig
+
+    p = argparse.ArgumentParser(
+        prog="testbed validate",
+        description="Predict every cell of an emulated run on the simulator from calibration alone (topology, "
+                    "devices and time dilation read from the run's manifest), print median and p90 |error| per "
+                    "method and overall, and write validation.csv and validation.png (predicted vs measured).")
+    p.add_argument("run_dir", help="results directory of `testbed run` (rows.csv, manifest.json, traces.jsonl)")
+    p.add_argument("--calibration", metavar="DIR", default="results/calibration",
+                   help="compute profiles directory (default results/calibration; missing profiles are measured)")
+    p.add_argument("--out", metavar="DIR", help="where validation.csv and .png go (default RUN_DIR/validation)")
+    p.add_argument("--no-measure", action="store_true", help="never measure: stored profiles or extrapolation only")
+    p.add_argument("--quiet", action="store_true", help="no per-cell table")
+    args = p.parse_args(argv)
+    try:
+        sim = Simulator(SimConfig(calibration_dir=args.calibration, measure_missing=not args.no_measure),
+                        log=lambda m: print(f"  {m}", flush=True))
+        emu = run_emulation(args.run_dir)
+        print(f"{args.run_dir}: {emu.why}")
+        table, paths = validate_run(args.run_dir, sim, out_dir=args.out, emulation=emu)
+    except ConfigError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{p.prog}: stopped by SIGINT; calibration measured so far is kept in {args.calibration}",
+              file=sys.stderr)
+        return 130
+    fmt = {"float_format": lambda v: f"{v:.1f}"}
+    if not args.quiet and len(table):
+        cols = ["label", "bandwidth_mbps", "delay_ms", "loss_pct", "measured_latency_s", "predicted_latency_s",
+                "replayed_latency_s", "error_pct"]
+        print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(error_table(table).to_string(index=False, **fmt))
+    failed = table[table["sim_status"] != "ok"] if len(table) else table
+    for error, n in (failed["sim_error"].value_counts().items() if len(failed) else []):
+        print(f"{n} cell(s) not predicted: {error}")
+    print("written: " + ", ".join(str(x) for x in paths))
+    return 0

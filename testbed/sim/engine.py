@@ -68,22 +68,42 @@ class SimResult:
         return max(self.ranks, key=lambda s: s.finish_s)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
-    """Validated traces of one inference, compiled once for many replays: op lists for the SimPy
-    replay, and the lockstep form (lockstep.py) when every rank runs the same collectives."""
+    """Validated traces of one inference, compiled once for many replays: the lockstep form
+    (lockstep.py) when every rank runs the same collectives, and op lists for the SimPy replay
+    (``programs``; compiled when first needed: a lockstep schedule of hundreds of ranks replays
+    without them)."""
 
-    programs: tuple[tuple[tuple, ...], ...]
+    traces: tuple[Trace, ...]
     lockstep: Lockstep | None = None
+    _programs: list = field(default_factory=list, repr=False)  # [programs] once compiled
 
     @property
     def n(self) -> int:
-        return len(self.programs)
+        return len(self.traces)
+
+    @property
+    def programs(self) -> tuple[tuple[tuple, ...], ...]:
+        if not self._programs:
+            self._programs.append(tuple(tuple(p) for p in compile_traces(self.traces)))
+        return self._programs[0]
 
     @classmethod
     def from_traces(cls, traces: Sequence[Trace | dict]) -> "Schedule":
-        traces = [Trace.from_dict(t) if isinstance(t, dict) else t for t in traces]
-        return cls(tuple(tuple(p) for p in compile_traces(traces)), compile_lockstep(traces))
+        traces = tuple(Trace.from_dict(t) if isinstance(t, dict) else t for t in traces)
+        check(len(traces) >= 1, "traces", len(traces), "one trace per node (at least one)")
+        lockstep = compile_lockstep(list(traces))
+        sched = cls(traces, lockstep)
+        if lockstep is None:
+            sched.programs  # noqa: B018 - validates the traces now
+        else:  # the collectives matched the Communicator's plans rank by rank; check what they do not cover
+            for r, tr in enumerate(traces):
+                check(tr.rank == r, "traces", f"trace of rank {tr.rank} at position {r}", "traces in rank order")
+            check(bool((lockstep.compute >= 0).all()) and bool((lockstep.serialize >= 0).all()),
+                  "trace duration_s", float(min(lockstep.compute.min(), lockstep.serialize.min(initial=0))),
+                  "a number of seconds >= 0")
+        return sched
 
 
 def compile_traces(traces: Sequence[Trace | dict]) -> list[list[tuple]]:

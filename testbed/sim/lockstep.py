@@ -21,6 +21,7 @@ trees); elsewhere (line) and for other schedules, ``simulate`` uses the SimPy re
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -69,6 +70,14 @@ def compile_lockstep(traces: list[Trace]) -> Lockstep | None:
     return Lockstep(comp, ser, tuple(colls))
 
 
+@functools.lru_cache(maxsize=64)
+def _plan_ops(pattern: str, n: int, sizes: tuple[int, ...]) -> tuple[list, ...]:
+    """Every rank's trace ops of one collective pattern with these sizes (cached: the collectives of a
+    schedule repeat, and at hundreds of ranks building the plans is what compiling costs)."""
+    plan = _PLANS[pattern]
+    return tuple(plan_ops(plan(r, n), list(sizes)) for r in range(n))
+
+
 def _pattern(cs: list[Collective], n: int) -> tuple[str, np.ndarray] | None:
     """("all_gather", bytes per rank) or ("ring" | "direct", bytes per chunk) if rank r's ops are
     exactly the Communicator's plan for rank r with those sizes; None otherwise."""
@@ -77,22 +86,25 @@ def _pattern(cs: list[Collective], n: int) -> tuple[str, np.ndarray] | None:
     if n < 2:
         return None
     if all(c.kind == "all_gather" for c in cs):
-        plan, pattern = all_gather_plan, "all_gather"
-        sizes = [c.ops[0][2] if c.ops else 0 for c in cs]  # each rank's own payload: its first send
+        candidates = [("all_gather", [c.ops[0][2] if c.ops else 0 for c in cs])]  # each rank's own: first send
     elif all(c.kind == "all_reduce" for c in cs):
-        for plan, pattern in ((all_reduce_plan, "ring"), (direct_all_reduce_plan, "direct")):
+        candidates = []
+        for pattern in ("ring", "direct"):
             sizes = [0] * n
-            for m, op in zip(plan(0, n), cs[0].ops):  # every chunk leaves rank 0 (at least) once
+            for m, op in zip(_PLANS[pattern](0, n), cs[0].ops):  # every chunk leaves rank 0 (at least) once
                 if m.op == "send":
                     sizes[m.part] = op[2]
-            if all(c.ops == plan_ops(plan(r, n), sizes) for r, c in enumerate(cs)):
-                return (pattern, np.array(sizes, dtype=np.int64))
-        return None
+            candidates.append((pattern, sizes))
     else:
         return None
-    if all(c.ops == plan_ops(plan(r, n), sizes) for r, c in enumerate(cs)):
-        return (pattern, np.array(sizes, dtype=np.int64))
+    for pattern, sizes in candidates:
+        want = _plan_ops(pattern, n, tuple(sizes))
+        if all(c.ops == want[r] for r, c in enumerate(cs)):
+            return (pattern, np.array(sizes, dtype=np.int64))
     return None
+
+
+_PLANS = {"all_gather": all_gather_plan, "ring": all_reduce_plan, "direct": direct_all_reduce_plan}
 
 
 class NotLockstepNetwork(Exception):
@@ -104,6 +116,9 @@ class _Paths:
 
     def __init__(self, net: Network):
         n = net.n
+        if getattr(net, "kind", None) is not None and net.kind.kind == "star":
+            self._star(net)
+            return
         paths = {(a, b): net.path(a, b) for a in range(n) for b in range(n) if a != b}
         self.h = max((len(p) for p in paths.values()), default=0)
         names: dict[str, int] = {}
@@ -128,6 +143,32 @@ class _Paths:
         self.loss = 1.0 - keep.prod(-1)
         self.bottleneck = bps.min(-1)
         self.n_resources = len(names)
+
+    def _star(self, net: Network) -> None:
+        """The same arrays for a star, built as arrays: a->b crosses up{a} (resource a, hop 0) then
+        down{b} (resource n + b, hop 1), both with the half profile (network._kind_path)."""
+        n, hop = net.n, net.path(0, 1)[0] if net.n > 1 else None
+        self.h = 2 if n > 1 else 0
+        shape = (n, n, 2)
+        off = ~np.eye(n, dtype=bool)
+        self.valid = np.zeros(shape, dtype=bool)
+        self.valid[..., 0] = self.valid[..., 1] = off
+        self.res = np.zeros(shape, dtype=np.int64)
+        self.res[..., 0] = np.arange(n)[:, None]
+        self.res[..., 1] = n + np.arange(n)[None, :]
+        self.res[~self.valid] = 0
+        self.inv_bps, self.delay, self.jitter = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        bps, keep = np.full(shape, np.inf), np.ones(shape)
+        if hop is not None:
+            v = self.valid
+            if hop.bandwidth_bps is not None:
+                self.inv_bps[v], bps[v] = 1.0 / hop.bandwidth_bps, hop.bandwidth_bps
+            self.delay[v], self.jitter[v], keep[v] = hop.delay_s, hop.jitter_s, 1.0 - hop.loss
+        one_way = self.delay.sum(-1)
+        self.rtt = one_way + one_way.T
+        self.loss = 1.0 - keep.prod(-1)
+        self.bottleneck = bps.min(-1)
+        self.n_resources = 2 * n if n > 1 else 0
 
 
 _PATHS: "weakref.WeakKeyDictionary[Network, _Paths]" = weakref.WeakKeyDictionary()

@@ -104,11 +104,13 @@ class Network:
 
     def __init__(self, topology, nodes: int | None = None, profile: LinkProfile | None = None):
         self._paths: dict[tuple[int, int], tuple[Hop, ...]] = {}
+        self.kind: SimTopology | None = None  # the SimTopology it was built from, if any
         if isinstance(topology, SimTopology):
             check(nodes in (None, topology.n_nodes), "nodes", nodes, f"{topology.n_nodes} (the topology's)")
             check(profile is None, "profile", profile, "None: a SimTopology carries its profile")
-            self.n, self.name = topology.n_nodes, topology.kind
+            self.n, self.name, self.kind = topology.n_nodes, topology.kind, topology
             half, memo = half_profile(topology.profile), {}
+            self.half = half
             self._build = lambda a, b: _kind_path(topology, half, a, b, memo)
             return
         check(hasattr(topology, "host_names") and hasattr(topology, "with_sweep"), "topology", topology,

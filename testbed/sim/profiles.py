@@ -70,8 +70,11 @@ class ComputeProfile:
 
     @property
     def stale(self) -> bool:
-        """Measured with other methods/models code than this checkout's (or of unknown code)."""
-        return self.meta.get("code") != code_fingerprint()
+        """Measured with other methods/models code than this checkout's (or of unknown code), or
+        timed with another clock than calibrate.CLOCK (wall-clock profiles included host load)."""
+        from testbed.sim.calibrate import CLOCK
+
+        return self.meta.get("code") != code_fingerprint() or (not self.extrapolated and self.meta.get("clock") != CLOCK)
 
     @property
     def compute_s(self) -> list[float]:

@@ -24,14 +24,16 @@ host). ``speed_from_device`` turns a device profile's core speed into that facto
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from testbed.comm.trace import Compute, Trace
 from testbed.errors import check
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
-from testbed.sim.calibrate import measure
+from testbed.sim.calibrate import CLOCK, measure
 from testbed.sim.engine import Schedule, SimResult, simulate
 from testbed.sim.extrapolate import extrapolate
 from testbed.sim.network import KINDS, Network, SimTopology, TcpModel, WireModel
@@ -54,6 +56,13 @@ class SimConfig:
     #: the devices share this many cores (emulation on one machine, e.g. Mininet here): compute of the
     #: busy ranks is stretched by max(1, busy * threads / shared_cpus); None: every device has its own
     shared_cpus: int | None = None
+    #: multiplies every compute segment: 1.0 for devices as calibrated; a time-dilated emulation's CPU
+    #: overhead of CFS throttling when predicting one (testbed.sim.emulation.EmulationModel)
+    compute_scale: float = 1.0
+    #: per-segment jitter of compute (sqrt-seconds): a segment of d device seconds takes d + k * sqrt(d) * z,
+    #: z standard normal, drawn per rank, segment and repetition (seed r). 0: every segment as calibrated.
+    #: Ranks that synchronise after every block then wait for the slowest draw (testbed.sim.emulation)
+    segment_jitter_k: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.wire is None or isinstance(self.wire, WireModel), "wire", self.wire, "a WireModel or None")
@@ -65,6 +74,11 @@ class SimConfig:
               self.calibration_warmup, "an integer >= 0")
         c = self.shared_cpus
         check(c is None or (isinstance(c, int) and c >= 1), "shared_cpus", c, "an integer >= 1 or null")
+        k = self.compute_scale
+        check(isinstance(k, (int, float)) and not isinstance(k, bool) and k > 0, "compute_scale", k, "a number > 0")
+        j = self.segment_jitter_k
+        check(isinstance(j, (int, float)) and not isinstance(j, bool) and j >= 0, "segment_jitter_k", j,
+              "a number >= 0 (sqrt-seconds)")
 
 
 def contention_factor(profile: ComputeProfile, shared_cpus: int | None) -> float:
@@ -75,6 +89,29 @@ def contention_factor(profile: ComputeProfile, shared_cpus: int | None) -> float
     comp = profile.compute_s
     busy = sum(1 for c in comp if c >= 0.1 * max(comp)) if max(comp, default=0) > 0 else 0
     return max(1.0, busy * profile.key.threads / shared_cpus)
+
+
+def jittered(traces: Sequence[Trace], factors: Sequence[float], k: float, seed: int) -> list[Trace]:
+    """Copies of ``traces`` whose compute segments carry jitter of ``k * sqrt(device seconds)``.
+
+    Rank i's segment of d host seconds runs d * factors[i] device seconds in the replay; its copy
+    gets d + k * sqrt(d * f) * z / f (z standard normal, drawn from ``seed`` and the rank; never
+    below 0), so that the replayed segment is d * f + k * sqrt(d * f) * z.
+    """
+    import numpy as np
+
+    out = []
+    for i, tr in enumerate(traces):
+        rng = np.random.default_rng([seed, i, 0x5E9])
+        f = factors[i]
+        events = []
+        for ev in tr.events:
+            if isinstance(ev, Compute) and ev.duration_s > 0:
+                d = ev.duration_s
+                ev = Compute(max(0.0, d + k * math.sqrt(d * f) * float(rng.standard_normal()) / f))
+            events.append(ev)
+        out.append(Trace(tr.rank, events))
+    return out
 
 
 def speed_from_device(speed: float | None) -> float:
@@ -104,6 +141,9 @@ class Simulator:
         """The wire model in use (see SimConfig.wire); measures the transport once if needed."""
         if self._wire is None:
             t = self.store.transport()
+            if t is not None and "batches" not in t and self.config.measure_missing:
+                self.log("transport calibration timed as one mean (host load included): measuring again")
+                t = None
             if t is None and self.config.measure_missing:
                 from testbed.sim.calibrate import measure_transport
 
@@ -130,7 +170,8 @@ class Simulator:
         t0 = time.perf_counter()
         traces = measure(job, c.calibration_repetitions, c.calibration_warmup)
         meta = {**host_info(), "repetitions": c.calibration_repetitions, "warmup": c.calibration_warmup,
-                "wall_s": time.perf_counter() - t0, "how": "in-process, ranks take turns on the CPU"}
+                "wall_s": time.perf_counter() - t0, "how": "in-process, ranks take turns on the CPU",
+                "clock": CLOCK}
         prof = ComputeProfile(key, traces, meta=meta)
         self.store.put(prof)
         return prof
@@ -220,12 +261,18 @@ class Simulator:
         params = self.settle(model, method, params, tokens, nodes, batch, topology)
         key = ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
         sched = self.schedule(key)
-        stretch = contention_factor(self._profiles[key], self.config.shared_cpus)
+        stretch = contention_factor(self._profiles[key], self.config.shared_cpus) * self.config.compute_scale
         if stretch != 1.0:
             speed = [f * stretch for f in speed] if not isinstance(speed, (int, float)) else speed * stretch
         net = self.network(topology, nodes, profile)
-        return [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r)
-                for r in range(first_repetition, first_repetition + repetitions)]
+        k = self.config.segment_jitter_k
+        reps = range(first_repetition, first_repetition + repetitions)
+        if k == 0:
+            return [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r) for r in reps]
+        factors = [float(speed)] * nodes if isinstance(speed, (int, float)) else [float(f) for f in speed]
+        traces = self._profiles[key].traces
+        return [simulate(Schedule.from_traces(jittered(traces, factors, k, r)), net, self.wire, self.config.tcp,
+                         speed, seed=r) for r in reps]
 
     @staticmethod
     def settle(model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int, batch: int,

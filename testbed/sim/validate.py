@@ -38,6 +38,8 @@ CELL = ["experiment", "model", "method", "method_params", "label", "tokens", "ba
         "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
 REQUIRED = CELL + ["repetition", "latency_s", "comm_s", "bytes_on_wire", "status"]
 PROFILE_COLS = ["bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
+#: with compute jitter (SimConfig.segment_jitter_k) a prediction is the median of this many draws at least
+JITTER_SAMPLES = 9
 
 
 def _profile(row: Any) -> LinkProfile:
@@ -76,10 +78,11 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         prof = _profile(cell)
         reps = len(grp)
         try:
-            pred = sim.results(model=cell["model"], method=cell["method"], params=_params(cell["method_params"]),
+            pred = sim.results(model=cell["model"], method=cell["method"], params=run_params(cell, grp),
                                tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
                                topology=topology if topology is not None else cell["topology"], profile=prof,
-                               speed=speed, repetitions=reps)
+                               speed=speed, repetitions=reps if sim.config.segment_jitter_k == 0 else
+                               max(reps, JITTER_SAMPLES))
             status, error = "ok", ""
         except ConfigError as e:  # a cell the simulator cannot run: recorded, the others are compared
             pred, status, error = [], "error", str(e)
@@ -106,6 +109,18 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         table["abs_error_pct"] = table["error_pct"].abs()
         table["replay_error_pct"] = 100 * (table["replayed_latency_s"] - m) / m
     return table
+
+
+def run_params(cell: dict, rows: pd.DataFrame) -> dict:
+    """The params a cell ran with: its ``method_params``, plus the all-reduce algorithm tensor parallel
+    used, which the rows' ``all_reduce`` column records. Rows without that column were measured before
+    the algorithm was chosen per topology, when every all-reduce was the ring."""
+    params = _params(cell["method_params"])
+    if cell["method"] == "tensor_parallel" and "all_reduce" not in params:
+        ran = rows["all_reduce"].dropna().astype(str) if "all_reduce" in rows else pd.Series(dtype=str)
+        ran = ran[ran != ""]
+        params["all_reduce"] = ran.iloc[0] if len(ran) else "ring"
+    return params
 
 
 def _params(text: Any) -> dict:

@@ -12,7 +12,7 @@ from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
 from testbed.methods.job import JobSpec
 from testbed.methods import METHODS
-from testbed.sim.calibrate import measure, median_trace, run_turn_taking
+from testbed.sim.calibrate import CLOCK, measure, median_trace, run_turn_taking
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint
 from testbed.sim.synth import skeleton
 
@@ -80,7 +80,7 @@ def test_store_round_trip(tmp_path):
               for r in range(2)]
     store = ProfileStore(tmp_path / "cal")
     assert store.get(key) is None and store.all() == []
-    path = store.put(ComputeProfile(key, traces, meta={"note": "x", "code": code_fingerprint()}))
+    path = store.put(ComputeProfile(key, traces, meta={"note": "x", "code": code_fingerprint(), "clock": CLOCK}))
     assert path.parent == tmp_path / "cal" and "astra" in path.name
     back = store.get(key)
     assert back.key == key and not back.extrapolated and back.meta["note"] == "x" and not back.stale

@@ -77,3 +77,35 @@ def test_sampled_loss_and_jitter_have_the_same_mean_in_both_replays():
     mean = {e: sum(simulate(sched, net, engine=e, seed=s).latency_s for s in range(40)) / 40
             for e in ("simpy", "lockstep")}
     assert mean["lockstep"] == pytest.approx(mean["simpy"], rel=0.15)
+
+
+@pytest.mark.parametrize("prof", [LinkProfile(20, 4, 1, 2), LinkProfile(None, 0), LinkProfile(500, 10)])
+def test_star_paths_built_as_arrays_equal_the_hop_by_hop_ones(prof):
+    import numpy as np
+
+    from testbed.sim.lockstep import _Paths
+    from testbed.sim.network import Network, SimTopology
+
+    net = Network(SimTopology("star", 6, prof))
+    fast = _Paths(net)
+    net.kind = None  # the generic path: hop by hop from Network.path
+    slow = _Paths(net)
+    for name in ("h", "valid", "inv_bps", "delay", "jitter", "rtt", "loss", "bottleneck", "n_resources"):
+        assert np.array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name))), name
+    # resources: the same partition of (pair, hop) into links, whatever the numbering
+    pairs = {}
+    for a, b, k in zip(*np.nonzero(fast.valid)):
+        pairs.setdefault(int(fast.res[a, b, k]), set()).add((a, b, k))
+    assert sorted(map(sorted, pairs.values())) == sorted(
+        sorted(v) for v in {r: {(a, b, k) for a, b, k in zip(*np.nonzero(slow.valid)) if slow.res[a, b, k] == r}
+                            for r in set(slow.res[slow.valid].tolist())}.values())
+
+
+def test_a_lockstep_schedule_compiles_its_simpy_programs_only_when_asked():
+    sched = method_schedule("sequence_parallel", 4)
+    assert sched.lockstep is not None and not sched._programs
+    net = Network(SimTopology("star", 4, LinkProfile(50, 2)))
+    a = simulate(sched, net, engine="lockstep").latency_s
+    assert not sched._programs  # the lock-step replay never needed them
+    b = simulate(sched, net, engine="simpy").latency_s
+    assert len(sched.programs) == 4 and a == pytest.approx(b, rel=1e-9)

@@ -9,6 +9,7 @@ import pytest
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
 from testbed.net.profile import LinkProfile
+from testbed.sim.calibrate import CLOCK
 from testbed.sim.engine import simulate
 from testbed.sim.network import Network, SimTopology, TcpModel, WireModel
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint
@@ -126,7 +127,7 @@ def stored_profile(root, method: str, nodes: int, compute_s: list[float]) -> Non
         for c in sk.collectives[r]:
             events += [Compute(compute_s[r]), c]
         traces.append(Trace(r, events + [Compute(compute_s[r])]))
-    meta = {"code": code_fingerprint()}
+    meta = {"code": code_fingerprint(), "clock": CLOCK}
     ProfileStore(root).put(ComputeProfile(ProfileKey.of("vit-tiny", method, {}, 17, nodes), traces, meta=meta))
 
 

@@ -124,7 +124,7 @@ def test_a_run_with_an_inline_topology_is_validated_on_that_topology(inline_run)
 def test_bench_validates_an_inline_run_and_refuses_a_bad_dir_in_one_line(inline_run, tmp_path, capsys):
     from testbed.bench.sim import main
 
-    assert main(["--skip-scale", "--no-contention", "--calibration", str(inline_run / "cal"),
+    assert main(["--skip-scale", "--emulation", "none", "--calibration", str(inline_run / "cal"),
                  "--emulated", str(inline_run / "run")]) == 0
     assert "4/4 cells predicted; median |error| 0.0%" in capsys.readouterr().out
     assert main(["--skip-scale", "--calibration", str(inline_run / "cal"), "--emulated", str(tmp_path)]) == 2
@@ -134,7 +134,7 @@ def test_bench_validates_an_inline_run_and_refuses_a_bad_dir_in_one_line(inline_
     rows = pd.read_csv(tmp_path / "run" / "rows.csv")
     rows.loc[rows["method"] == "single", "nodes"] = 3  # more nodes than the topology has hosts
     rows.to_csv(tmp_path / "run" / "rows.csv", index=False)
-    assert main(["--skip-scale", "--no-contention", "--calibration", str(inline_run / "cal"),
+    assert main(["--skip-scale", "--emulation", "none", "--calibration", str(inline_run / "cal"),
                  "--emulated", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "2/4 cells predicted" in out

@@ -1,0 +1,139 @@
+"""How an emulated run's devices computed, as the simulator needs to know it to predict that run.
+
+A compute profile (testbed.sim.calibrate) is the CPU time of each segment on a free core of
+this host. An emulated run computed differently, and how is in its manifest:
+
+- **time-dilated** (``time_dilation.factor`` F > 1, not oversubscribed): every device had
+  its whole device (a CFS quota of speed x threads / F cores, testbed.net.cgroups), so there is
+  no contention between nodes to model; compute runs at the device's speed. But CFS bandwidth
+  control is not free: a forward pass throttled every slice takes more CPU time than one that
+  runs through (caches and the VM's exits on every throttle). ``THROTTLE_OVERHEAD`` holds that
+  cost as measured by ``python -m testbed.bench.dilation`` (README, Benchmarks) and it
+  multiplies every compute segment.
+- **undilated** (no dilation record, or factor 1): N nodes shared the machine's cores, and the
+  busy ranks' compute is stretched by the share each got (``Simulator``'s ``shared_cpus``).
+
+Both kinds of run also have **jitter**: the same compute segment takes a different time on each
+rank (CFS periods, the other device pinned to the same core, the delay lines' CPU), and methods
+that synchronise after every block wait for the slowest rank each time. Across the ranks of the
+emulated references the spread of a segment grows as the square root of its length (std =
+k x sqrt(d): 25 ms segments have a CV of 14%, 110 ms ones 7%), as if every slice period added an
+independent delay; ``segment_jitter_k`` measures k from a run's traces, ``SimConfig.segment_jitter_k``
+replays it (drawn per rank and segment). The constants below were measured on one reference run
+each and are applied to the others (stated there).
+
+``EmulationModel.of_manifest`` reads that from a run directory's manifest; ``Simulator`` applies
+it (``SimConfig.shared_cpus``, ``compute_scale`` and ``segment_jitter_k``).
+
+Not modelled (bounded, see README "Time dilation"): a node that waited for its peers starts its
+next segment with a fresh slice at host speed, at most ``burst_bound_s`` of device time per
+post-wait segment; and compute slowed by the delay lines' CPU at high packet rates (sequence
+parallel's segments are 20-30% longer at 100-500 Mbit/s than at 20 in the quickstart reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from testbed.errors import check
+
+#: CPU-time overhead of CFS throttling by slice length (ms): CPU seconds of a throttled vit-base
+#: forward / CPU seconds of the same forward unthrottled. Measured by ``testbed.bench.dilation``
+#: part 1 on this kind of machine (2-core AMD EPYC VM; README, Benchmarks: "+18% CPU at 10 ms,
+#: ~+5% at 25 ms, none at 100 ms"). Slices in between are interpolated linearly, shorter or longer
+#: ones take the nearest measured value.
+THROTTLE_OVERHEAD: dict[float, float] = {10.0: 1.18, 25.0: 1.05, 100.0: 1.0}
+
+#: k of the segment jitter (sqrt-seconds, see the module docstring) of a time-dilated run: measured by
+#: ``segment_jitter_k`` on results/reference/quickstart's traces (389 segments of 5 ms or more, 2.67x,
+#: 10 ms slices); results/reference/astra_vit (not used for it) measures 0.0267
+DILATED_JITTER_K = 0.0204
+#: k of an undilated run (nodes contending for the cores): measured on
+#: results/reference/undilated/quickstart (437 segments); undilated/astra_vit (not used) measures 0.0558
+UNDILATED_JITTER_K = 0.0443
+#: segments shorter than this are left out of the measurement (bookkeeping between collectives)
+JITTER_MIN_SEGMENT_S = 0.005
+
+
+def segment_jitter_k(traces: list[dict]) -> float:
+    """k of a run's compute jitter: over every compute segment of mean length >= JITTER_MIN_SEGMENT_S
+    (segment j of each rank, ranks of one repetition of one cell), the median of
+    std over ranks (n-1) / sqrt(mean over ranks). ``traces``: a run's traces (store.read_traces)."""
+    import numpy as np
+
+    ks: list[float] = []
+    for t in traces:
+        ranks = t["ranks"]
+        if len(ranks) < 2 or t.get("method") == "single":
+            continue
+        segs = [[e["duration_s"] for e in r["events"] if e.get("type") == "compute"] for r in ranks]
+        n = min(len(s) for s in segs)
+        if n == 0:
+            continue
+        a = np.array([s[:n] for s in segs], dtype=float)
+        mean = a.mean(axis=0)
+        ok = mean >= JITTER_MIN_SEGMENT_S
+        ks += (a.std(axis=0, ddof=1)[ok] / np.sqrt(mean[ok])).tolist()
+    check(len(ks) > 0, "traces", len(traces), f"traces with compute segments of {JITTER_MIN_SEGMENT_S} s or more "
+          "on two ranks or more")
+    return float(np.median(ks))
+
+
+def throttle_overhead(slice_ms: float) -> float:
+    """The measured CPU overhead factor of CFS throttling at ``slice_ms`` (see THROTTLE_OVERHEAD)."""
+    check(isinstance(slice_ms, (int, float)) and not isinstance(slice_ms, bool) and slice_ms > 0, "cpu_slice_ms",
+          slice_ms, "a number of milliseconds > 0")
+    pts = sorted(THROTTLE_OVERHEAD.items())
+    if slice_ms <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if slice_ms <= x1:
+            return y0 + (y1 - y0) * (slice_ms - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+@dataclass(frozen=True)
+class EmulationModel:
+    """How the devices of one emulated run computed: ``compute_scale`` multiplies every compute
+    segment; ``shared_cpus`` (None: every device had its own) stretches the busy ranks' compute."""
+
+    time_dilation: float = 1.0
+    cpu_slice_ms: float | None = None
+    shared_cpus: int | None = None
+    compute_scale: float = 1.0
+    why: str = "real devices: compute as calibrated"
+    segment_jitter_k: float = 0.0
+
+    @property
+    def burst_bound_s(self) -> float:
+        """Most device time one post-wait segment can run too fast under dilation: a fresh quota of
+        one slice at host speed, ``slice x (1 - 1/F)`` (0 undilated)."""
+        if self.time_dilation <= 1 or not self.cpu_slice_ms:
+            return 0.0
+        return self.cpu_slice_ms / 1e3 * (1 - 1 / self.time_dilation)
+
+    @classmethod
+    def of_manifest(cls, manifest: dict[str, Any]) -> "EmulationModel":
+        """The model of a run from its manifest (testbed.experiment.manifest): dilated runs get the
+        throttling overhead at their slice and no contention; undilated ones contention on the
+        machine's cores (``machine.cpu_count``)."""
+        dil = manifest.get("time_dilation") or {}
+        factor = float(dil.get("factor") or 1.0)
+        cpus = manifest.get("machine", {}).get("cpu_count")
+        cpus = int(cpus) if isinstance(cpus, int) and cpus >= 1 else None
+        backend = (manifest.get("backend") or {}).get("name")
+        if backend in ("sim", "inprocess"):  # nothing confined: inprocess ranks share the host as threads
+            return cls(1.0, None, cpus if backend == "inprocess" else None, 1.0,
+                       "in-process threads share the host's cores" if backend == "inprocess" else "simulated")
+        if factor > 1 and not dil.get("oversubscribed"):
+            emu = (manifest.get("config") or {}).get("emulation") or {}
+            slice_ms = float(emu.get("cpu_slice_ms") or 10.0)
+            scale = throttle_overhead(slice_ms)
+            return cls(factor, slice_ms, None, scale,
+                       f"time-dilated {factor:g}x: each device had its whole device (no contention); compute x "
+                       f"{scale:g}, the CPU overhead of CFS throttling at {slice_ms:g} ms slices; segment jitter "
+                       f"k = {DILATED_JITTER_K:g} sqrt-s", DILATED_JITTER_K)
+        return cls(factor, None, cpus, 1.0, (f"not dilated: nodes shared {cpus} cores (contention modelled)"
+                   if cpus else "not dilated, core count unknown: no contention modelled")
+                   + f"; segment jitter k = {UNDILATED_JITTER_K:g} sqrt-s", UNDILATED_JITTER_K)
