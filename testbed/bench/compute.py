@@ -160,10 +160,14 @@ def decode_bench(model, runs, n: int, inp, tokens: int, generate: int, reps: int
         try:
             check_decodes(name, model.cfg, generate)
         except ConfigError as e:
-            rows.append({"method": label, "skip": e.allowed})
+            rows.append({"method": label, "skip": f"no decode: {e.allowed}"})
             continue
         world = 1 if name == "single" else n
-        inboxes, ref_ids, out_rank = record(model, name, params, world, inp, tokens, path, generate)
+        try:
+            inboxes, ref_ids, out_rank = record(model, name, params, world, inp, tokens, path, generate)
+        except ConfigError as e:
+            rows.append({"method": label, "skip": f"cannot run: {e}"})
+            continue
         ranks = [time_decode(model, name, params, r, world, inp, tokens, path, inboxes[r], generate, reps)
                  for r in range(world)]
         assert torch.equal(ranks[out_rank]["ids"], ref_ids)  # the replay generated the real run's tokens
@@ -179,7 +183,7 @@ def print_decode_table(rows: list[dict], n: int, generate: int) -> None:
     print("-" * len(head))
     for r in rows:
         if "skip" in r:
-            print(f"{r['method']:<22} no decode: {r['skip']}")
+            print(f"{r['method']:<22} {r['skip']}")
             continue
         c = r["step_cpu_s"] + [float("nan")] * (n - len(r["step_cpu_s"]))
         print(f"{r['method']:<22} " + " ".join(f"{1e3 * x:>8.2f}" for x in c)
@@ -193,7 +197,12 @@ def bench(model, runs, n: int, inp, tokens: int, reps: int) -> list[dict]:
     for label, name, params, path in runs:
         world = 1 if name == "single" else n
         t0 = time.perf_counter()
-        inboxes, ref_out, out_rank = record(model, name, params, world, inp, tokens, path)
+        try:
+            inboxes, ref_out, out_rank = record(model, name, params, world, inp, tokens, path)
+        except ConfigError as e:  # e.g. tensor parallel on a head count N does not divide
+            rows.append({"method": label, "skip": str(e)})
+            print(f"  {label}: cannot run ({e})", flush=True)
+            continue
         ranks = [time_rank(model, name, params, r, world, inp, tokens, path, inboxes[r], reps) for r in range(world)]
         torch.testing.assert_close(ranks[out_rank]["out"], ref_out)  # the replay did the real run's work
         rows.append({"method": label, "params": ranks[0]["params"], "cpu_s": [r["cpu_s"] for r in ranks],
@@ -214,6 +223,9 @@ def print_table(rows: list[dict], n: int) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+        if "skip" in r:
+            print(f"{r['method']:<22} cannot run: {r['skip']}")
+            continue
         c = r["cpu_s"] + [float("nan")] * (n - len(r["cpu_s"]))
         vq_cols = (f" {r['encode_s']:>7.3f} {r['decode_s']:>7.3f} {100 * r['enc_share']:>5.1f}% "
                    f"{100 * r['dec_share']:>5.1f}% {100 * r['vq_share']:>7.1f}%"
