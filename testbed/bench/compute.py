@@ -32,7 +32,7 @@ import torch
 
 from testbed.comm.base import Communicator, check_tag
 from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_ranks
-from testbed.errors import CommError
+from testbed.errors import CommError, ConfigError
 from testbed.methods import build_method
 from testbed.methods import vq
 from testbed.models import build_model
@@ -87,14 +87,16 @@ class _Replay(Communicator):
         return self.inbox[(src, tag)]
 
 
-def record(model, name: str, params: dict, n: int, inp: torch.Tensor, tokens: int, path: str | None):
-    """Run all ranks once in threads; return (per-rank inboxes, output, output rank)."""
+def record(model, name: str, params: dict, n: int, inp: torch.Tensor, tokens: int, path: str | None,
+           generate: int = 0):
+    """Run all ranks once in threads; return (per-rank inboxes, output, output rank). With
+    ``generate``: prefill and greedy decode of that many tokens; the output is the token ids."""
     group = InProcessGroup(n, timeout_s=600)
     comms = [_Recording(group, r) for r in range(n)]
 
     def body(r: int):
         m = build_method(name, model, params, r, n, comms[r], tokens=tokens, codebook_path=path)
-        return m.forward(inp), m.output_rank
+        return (m.generate(inp, generate)[0] if generate else m.forward(inp)), m.output_rank
 
     outs = run_ranks(n, body, group.aborted.set)
     rank = outs[0][1]
@@ -122,12 +124,85 @@ def time_rank(model, name, params, rank, n, inp, tokens, path, inbox, reps) -> d
     return {**best, "out": out, "params": m.describe()}
 
 
+def time_decode(model, name, params, rank, n, inp, tokens, path, inbox, generate, reps) -> dict:
+    """CPU seconds per decode step (after prefill) of one rank running alone from recorded peer
+    messages: the median step of the fastest repetition, collectives excluded; and the token ids."""
+    comm = _Replay(rank, n, inbox)
+    m = build_method(name, model, params, rank, n, comm, tokens=tokens, codebook_path=path)
+    steps: list[float] = []
+    inner = m._decode_step
+
+    def timed_step(ids, pos):  # CPU of each decode step, outside collectives
+        c0, comm0 = time.thread_time(), comm.cpu_in_comm_s
+        try:
+            return inner(ids, pos)
+        finally:
+            steps.append(time.thread_time() - c0 - (comm.cpu_in_comm_s - comm0))
+
+    m._decode_step = timed_step
+    best, ids = None, None
+    for i in range(reps + 1):  # the first run warms up
+        comm.rewind()
+        steps.clear()
+        ids, _times = m.generate(inp, generate)
+        if i:
+            med = sorted(steps)[len(steps) // 2]
+            best = med if best is None else min(best, med)
+    return {"step_cpu_s": best, "ids": ids}
+
+
+def decode_bench(model, runs, n: int, inp, tokens: int, generate: int, reps: int) -> list[dict]:
+    """Per-token decode compute of every method that decodes (see testbed.methods.decode)."""
+    from testbed.methods.decode import check_decodes
+
+    rows = []
+    for label, name, params, path in runs:
+        try:
+            check_decodes(name, model.cfg, generate)
+        except ConfigError as e:
+            rows.append({"method": label, "skip": f"no decode: {e.allowed}"})
+            continue
+        world = 1 if name == "single" else n
+        try:
+            inboxes, ref_ids, out_rank = record(model, name, params, world, inp, tokens, path, generate)
+        except ConfigError as e:
+            rows.append({"method": label, "skip": f"cannot run: {e}"})
+            continue
+        ranks = [time_decode(model, name, params, r, world, inp, tokens, path, inboxes[r], generate, reps)
+                 for r in range(world)]
+        assert torch.equal(ranks[out_rank]["ids"], ref_ids)  # the replay generated the real run's tokens
+        rows.append({"method": label, "step_cpu_s": [r["step_cpu_s"] for r in ranks]})
+        print(f"  measured decode of {label}", flush=True)
+    return rows
+
+
+def print_decode_table(rows: list[dict], n: int, generate: int) -> None:
+    single = next(r["step_cpu_s"][0] for r in rows if r["method"] == "single")
+    head = f"{'method':<22} " + " ".join(f"{'r' + str(r) + ' ms':>8}" for r in range(n)) + f" {'max ms':>8} {'1/max':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "skip" in r:
+            print(f"{r['method']:<22} {r['skip']}")
+            continue
+        c = r["step_cpu_s"] + [float("nan")] * (n - len(r["step_cpu_s"]))
+        print(f"{r['method']:<22} " + " ".join(f"{1e3 * x:>8.2f}" for x in c)
+              + f" {1e3 * max(r['step_cpu_s']):>8.2f} {single / max(r['step_cpu_s']):>6.2f}")
+    print(f"ms: CPU milliseconds of one decode step (median of the {generate - 1} steps after prefill) on each rank, "
+          "collectives excluded; a rank with ~0 holds no cache the step needs (it idles); 1/max: single's / slowest rank's")
+
+
 def bench(model, runs, n: int, inp, tokens: int, reps: int) -> list[dict]:
     rows = []
     for label, name, params, path in runs:
         world = 1 if name == "single" else n
         t0 = time.perf_counter()
-        inboxes, ref_out, out_rank = record(model, name, params, world, inp, tokens, path)
+        try:
+            inboxes, ref_out, out_rank = record(model, name, params, world, inp, tokens, path)
+        except ConfigError as e:  # e.g. tensor parallel on a head count N does not divide
+            rows.append({"method": label, "skip": str(e)})
+            print(f"  {label}: cannot run ({e})", flush=True)
+            continue
         ranks = [time_rank(model, name, params, r, world, inp, tokens, path, inboxes[r], reps) for r in range(world)]
         torch.testing.assert_close(ranks[out_rank]["out"], ref_out)  # the replay did the real run's work
         rows.append({"method": label, "params": ranks[0]["params"], "cpu_s": [r["cpu_s"] for r in ranks],
@@ -148,6 +223,9 @@ def print_table(rows: list[dict], n: int) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+        if "skip" in r:
+            print(f"{r['method']:<22} cannot run: {r['skip']}")
+            continue
         c = r["cpu_s"] + [float("nan")] * (n - len(r["cpu_s"]))
         vq_cols = (f" {r['encode_s']:>7.3f} {r['decode_s']:>7.3f} {100 * r['enc_share']:>5.1f}% "
                    f"{100 * r['dec_share']:>5.1f}% {100 * r['vq_share']:>7.1f}%"
@@ -162,10 +240,12 @@ def print_table(rows: list[dict], n: int) -> None:
 
 def search_table(model, codebooks: torch.Tensor, inp: torch.Tensor, n: int, reps: int) -> None:
     """The exhaustive and the default (fast) nearest-code search on rank 0's real LN1 outputs, side by side."""
+    from testbed.methods.astra import Astra
     from testbed.methods.base import token_chunks
 
-    s, e = token_chunks(inp_tokens(model, inp) - 1, n)[0]
-    hs = [h[:, 1 + s:1 + e] for h in vq.block_inputs(model, inp)]  # rank 0's patches (CLS is never quantized)
+    cls = 1 if Astra.resolve_params({}, model.cfg)["dct"] else 0  # a ViT's CLS token is never quantized
+    s, e = token_chunks(inp_tokens(model, inp) - cls, n)[0]
+    hs = [h[:, cls + s:cls + e] for h in vq.block_inputs(model, inp)]  # rank 0's exchanged tokens
     times = {"exact": 0.0, "fast": 0.0}
     agree = []
     for cb, h in zip(codebooks, hs):
@@ -206,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="k-means iterations for the codebooks: their quality does not change compute time")
     ap.add_argument("--methods", default=None,
                     help="comma list of labels to measure (single, tensor_parallel, ..., astra); default: all")
+    ap.add_argument("--generate", type=int, default=None,
+                    help="causal LMs: also time decode, this many tokens after prefill (default 8; 0: off)")
     a = ap.parse_args(argv)
+    from testbed.methods.decode import check_decodes
+
     torch.set_num_threads(a.threads)
     model = build_model(a.model)
     inp = model.make_input(a.tokens, seed=0)
@@ -233,10 +317,19 @@ def main(argv: list[str] | None = None) -> int:
             keep = set(a.methods.split(","))
             runs = [r for r in runs if r[0] == "single" or r[0] in keep or r[1] in keep]  # single: the 1/max baseline
         rows = bench(model, runs, a.nodes, inp, a.tokens, a.reps)
+        generate = (8 if model.cfg.causal else 0) if a.generate is None else a.generate
+        if generate:
+            check_decodes("single", model.cfg, generate)
+            drows = decode_bench(model, [r for r in runs if r[0] != "astra G=1 no tables"], a.nodes, inp,
+                                 a.tokens, max(generate, 2), a.reps)
     print(f"\n{a.model}, {a.tokens} tokens, N={a.nodes}: per-rank compute, each rank run alone on {a.threads} "
           f"torch thread(s) from recorded peer messages (fastest of {a.reps})")
     print_table(rows, a.nodes)
     search_table(model, cb1, inp, a.nodes, a.reps)
+    if generate:
+        print(f"\ndecode after the {a.tokens}-token prefill: per-token compute of each rank, run alone as above "
+              f"({max(generate, 2)} tokens generated)")
+        print_decode_table(drows, a.nodes, max(generate, 2))
     return 0
 
 
