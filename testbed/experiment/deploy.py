@@ -105,16 +105,16 @@ def cluster_experiment(spec: ExperimentSpec, inst: str, namespace: str) -> dict:
 
     ``nodes.device`` and ``nodes.memory_mb`` are left out: the pods' resource limits are the devices
     (only the emulating backends model them); a time dilation other than auto becomes 1 (each pod has its
-    own cores: nothing to dilate); a topology given as a file path is inlined (the file is not in the pod)."""
-    from testbed.net.topology import TOPOLOGY_DIR, load_topology
+    own cores: nothing to dilate); the topology becomes the devices backend's mesh (the sweep's
+    one-way, host-to-host profile between every pair of pods, each pod shaping its own links)."""
+    from testbed.experiment.spec import DEVICES_TOPOLOGY
 
     d = spec.to_dict()
     d["backend"], d["output_dir"] = "devices", None
     d["nodes"] = {"count": spec.nodes.count, "threads": spec.nodes.threads}
     if d["emulation"]["time_dilation"] != "auto":
         d["emulation"]["time_dilation"] = 1.0
-    if isinstance(spec.topology, str) and not (TOPOLOGY_DIR / f"{spec.topology}.yaml").is_file():
-        d["topology"] = load_topology(spec.topology).to_dict()
+    d["topology"] = DEVICES_TOPOLOGY
     d["devices"] = {"nodes": [{"name": f"node-{i}", "address": node_address(inst, namespace, i)}
                               for i in range(spec.nodes.count)], "tls": TLS_DIR}
     return d
