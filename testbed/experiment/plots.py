@@ -32,6 +32,8 @@ every plot (``METHOD_COLORS``, colour-blind-safe).
 
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 
 import matplotlib
@@ -169,10 +171,11 @@ def _title(df: pd.DataFrame, what: str, rows: pd.DataFrame | None = None) -> str
     drawn = _ok(df) if rows is None else rows
     link = [describe(c, drawn[c].iloc[0]) for c in AXES if len(drawn) and c in drawn
             and drawn[c].nunique(dropna=False) == 1 and not (c != "bandwidth_mbps" and drawn[c].iloc[0] == 0)]
-    return (f"{what}" + (f" at {', '.join(link)}" if link else "")
-            + f"\n{first['experiment']}: " + ", ".join([*shared, f"backend {first['backend']}"])
-            + ("" if pd.isna(mech) or mech in ("none", "?", "") else f" ({mech})")
-            + ("" if f is None or pd.isna(f) or f == 1 else f", time dilation {f:g}x"))
+    what_line = f"{what}" + (f" at {', '.join(link)}" if link else "")
+    run_line = (f"{first['experiment']}: " + ", ".join([*shared, f"backend {first['backend']}"])
+                + ("" if pd.isna(mech) or mech in ("none", "?", "") else f" ({mech})")
+                + ("" if f is None or pd.isna(f) or f == 1 else f", time dilation {f:g}x"))
+    return what_line + "\n" + "\n".join(textwrap.wrap(run_line, 100))  # long runs' lines wrap, not clip
 
 
 def _setup_x(ax, df: pd.DataFrame, axis: str) -> None:

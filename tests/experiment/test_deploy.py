@@ -234,3 +234,47 @@ def test_the_unknown_key_walk_finds_a_misspelt_field(tmp_path):
     sts["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilites"] = {"add": ["NET_ADMIN"]}
     assert sorted(unknown_keys(sts, "V1StatefulSet")) == [
         "spec.replica", "spec.template.spec.containers[0].securityContext.capabilites"]
+
+
+def test_the_rendered_pods_and_job_run_a_sweep_on_loopback(tmp_path):
+    """What the cluster would run, run here: each node pod's own args (its listen address, TLS and
+    models directories pointed at local ones) start real node servers on loopback; the sweep Job's
+    args run `testbed run` on the ConfigMap's experiment with the inventory's pod names pointed at
+    those nodes. Every row is ok and the run is the devices backend's."""
+    from testbed.cli import main as testbed_main
+    from testbed.comm.tls import make_certs
+    from testbed.experiment.store import read_rows
+    from tests.backends.devices_nodes import launch_node
+
+    exp = tiny(name="k8s-run", nodes={"count": 3}, backend="mininet", repetitions=1, warmup=0,
+               methods=["single", "sequence_parallel", {"name": "astra", "params": {"groups": 1, "codebook_size": 16}}])
+    certs, models_dir = tmp_path / "tls", tmp_path / "models"
+    make_certs(certs)
+    models_dir.mkdir()
+    files = render_kubernetes(parse_spec(exp), namespace="lab", certs=certs)
+    write_kubernetes(tmp_path / "k8s", files)
+    objs = {name: yaml.safe_load((tmp_path / "k8s" / name).read_text()) for name in files}
+    pod_args = objs["03-statefulset-nodes.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    job_args = sweep_container(objs)["args"]
+    local = {"0.0.0.0:50051": None, "/etc/testbed/tls": str(certs), "/models": str(models_dir)}
+    nodes = []
+    try:
+        for i in range(3):
+            args = [local.get(a, a) for a in pod_args]
+            assert args[:2] == ["node", "--listen"] and args[2] is None
+            nodes.append(launch_node(f"127.0.0.{31 + i}:0", tmp_path / f"node{i}.log", args=args[3:]))
+        d = cluster_experiment_of(objs)
+        d["devices"]["tls"] = str(certs)
+        for entry, node in zip(d["devices"]["nodes"], nodes):
+            entry["address"] = node.address  # the pod's stable name, as DNS would resolve it
+        (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(d))
+        out = tmp_path / "run"
+        args = [{"/etc/testbed/experiment.yaml": str(tmp_path / "experiment.yaml")}.get(a, a) for a in job_args]
+        args[args.index("--out") + 1] = str(out)
+        assert testbed_main(args) == 0
+        rows = read_rows(out)
+        assert len(rows) == 3 and (rows["status"] == "ok").all() and (rows["agreement"] == 1.0).all()
+        assert all(n.alive() for n in nodes)  # the Job's run leaves the pods serving
+    finally:
+        for n in nodes:
+            n.stop()
