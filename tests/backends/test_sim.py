@@ -27,12 +27,12 @@ def sim(tmp_path):
 
 
 def test_one_registry_of_backends_with_the_interface():
-    assert list(BACKENDS) == ["inprocess", "loopback", "mininet", "sim"]
-    for name in ("inprocess", "loopback", "sim"):
+    assert list(BACKENDS) == ["inprocess", "loopback", "mininet", "sim", "devices"]
+    for name in ("inprocess", "loopback", "sim", "devices"):
         assert issubclass(backend_class(name), Backend) and backend_class(name).name == name
     with pytest.raises(ConfigError) as e:
         backend_class("docker")
-    assert e.value.allowed == "inprocess | loopback | mininet | sim"
+    assert e.value.allowed == "inprocess | loopback | mininet | sim | devices"
 
 
 def test_inference_aggregates_as_measured_rows_do(sim, tmp_path):

@@ -32,7 +32,10 @@ def test_killed_node_fails_its_cell_and_the_sweep_goes_on(tmp_path):
         time.sleep(0.02)
     nodes = children(proc.pid)
     assert proc.poll() is None and len(nodes) == 2
-    os.kill(nodes[1], signal.SIGKILL)
+    # rank 1 by its address, not by pid order (pids wrap around)
+    rank1 = [p for p in nodes if "127.0.0.2:" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr  # some rows failed
     rows = read_rows(out)
