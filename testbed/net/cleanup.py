@@ -287,7 +287,21 @@ def _remove_rules(lines: list[str]) -> None:
         subprocess.run([IPT, "-w"] + argv, capture_output=True)
 
 
-def _kill(pids: list[int], grace_s: float = 1.0) -> None:
+def stop_process(p: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """SIGTERM a process the testbed started, SIGKILL after ``grace_s``; reap it, close its pipes."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for f in (p.stdin, p.stdout, p.stderr):
+        if f is not None:
+            f.close()
+
+
+def kill_pids(pids: list[int], grace_s: float = 1.0) -> None:
     """SIGTERM, up to ``grace_s`` to exit (0: none, SIGKILL at once), then SIGKILL; waits until they are gone."""
     steps = ([(signal.SIGTERM, grace_s)] if grace_s > 0 else []) + [(signal.SIGKILL, 1.0)]
     for sig, wait_s in steps:
@@ -312,7 +326,7 @@ def clean(run_id: str | None = None, include_live: bool = False, grace_s: float 
     """Remove leftovers (see find_leftovers); returns what was found and removed. Processes get
     ``grace_s`` seconds to exit after SIGTERM before SIGKILL (0: SIGKILL at once)."""
     found = find_leftovers(run_id, include_live)
-    _kill([pid for pid, _ in found.processes], grace_s)
+    kill_pids([pid for pid, _ in found.processes], grace_s)
     if found.links:  # one batch; -force goes on past a veth already gone with its peer or namespace
         subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"link del {n}\n" for n in found.links),
                        capture_output=True, text=True)

@@ -351,7 +351,7 @@ class Emulation:
         for dl in self.delay_lines.values():
             dl.close()
         for p in self.procs:
-            _stop(p)
+            cleanup.stop_process(p)
         if self.net is not None:
             try:
                 self.net.stop()
@@ -365,16 +365,6 @@ class Emulation:
             self.keeper.release()
         if self._guard is not None:
             self._guard.remove()
-
-
-def _stop(p: subprocess.Popen, grace_s: float = 2.0) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _free_control_net() -> str:

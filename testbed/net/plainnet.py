@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import string
 import subprocess
-import time
 from pathlib import Path
 
 from testbed.errors import check
+from testbed.net.cleanup import kill_pids, stop_process
 from testbed.net.topology import Topology, topology_from_dict
 
 
@@ -91,10 +90,10 @@ class PlainNet:
     def close(self) -> None:
         """Stop every process in the namespaces, then remove namespaces, veths and bridge. Idempotent."""
         for p in self.procs:
-            _stop(p)
+            stop_process(p, grace_s=5.0)
         self.procs = []
         for ns in self._made:
-            _kill_pids(self.pids(ns))
+            kill_pids(self.pids(ns), grace_s=3.0)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made = []
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
@@ -146,35 +145,3 @@ def _free_subnet() -> str:
             return net
 
 
-def _stop(p: subprocess.Popen, grace_s: float = 5.0) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    for f in (p.stdin, p.stdout, p.stderr):
-        if f is not None:
-            f.close()
-
-
-def _kill_pids(pids: list[int], grace_s: float = 3.0) -> None:
-    """SIGTERM (they clean up after themselves), then SIGKILL whatever is left."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
