@@ -67,7 +67,12 @@ def _bridge_class():
 
 
 class _SignalGuard:
-    """Turns SIGTERM/SIGHUP into SystemExit (so with-blocks and atexit tear down) and closes at exit."""
+    """Turns SIGTERM/SIGHUP into an exception (so with-blocks and atexit tear down) and closes at exit.
+
+    A Python handler installed before the guard (a caller's own, which may record the signal and
+    raise its own exception) is called instead of raising SystemExit: Python drops what a handler
+    raises inside code whose exceptions it ignores (an at-fork hook such as logging's runs at every
+    fork of a starting host), and only the caller's handler can note the signal for later."""
 
     def __init__(self, close):
         self.close, self.previous = close, {}
@@ -76,8 +81,10 @@ class _SignalGuard:
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 self.previous[sig] = signal.signal(sig, self._raise)
 
-    @staticmethod
-    def _raise(signum, _frame):
+    def _raise(self, signum, frame):
+        previous = self.previous.get(signum)
+        if callable(previous) and previous != self._raise:
+            previous(signum, frame)
         raise SystemExit(128 + signum)
 
     def remove(self) -> None:

@@ -143,6 +143,38 @@ def test_a_stop_signal_whose_raise_python_dropped_is_raised_at_the_next_check(ca
     SIGNALLED.clear()
 
 
+def test_a_stop_signal_the_emulations_guard_got_inside_a_dropped_raise_still_stops_the_sweep(capsys):
+    """While a backend starts, the emulation's signal guard sits on top of the runner's handler; a
+    SIGTERM landing in a code path whose exceptions Python ignores (here a __del__, in a real run
+    logging's at-fork hook as a host forks) must still be noted for the runner's next check."""
+    from testbed.experiment.runner import SIGNALLED, Interrupted, _raise_interrupted, quiet_dropped_interrupts, \
+        stop_if_signalled
+    from testbed.net.emulation import _SignalGuard
+
+    old = signal.signal(signal.SIGTERM, _raise_interrupted)
+    guard = _SignalGuard(lambda: None)
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+        assert handler == guard._raise
+
+        class DropsIt:
+            def __del__(self):
+                handler(signal.SIGTERM, None)  # as if the signal landed here
+
+        SIGNALLED.clear()
+        with quiet_dropped_interrupts():
+            x = DropsIt()
+            del x
+            with pytest.raises(Interrupted) as e:
+                stop_if_signalled()
+        assert e.value.signum == signal.SIGTERM
+    finally:
+        guard.remove()
+        signal.signal(signal.SIGTERM, old)
+        SIGNALLED.clear()
+    assert signal.getsignal(signal.SIGTERM) == old
+
+
 def test_signals_held_wait_for_the_end_of_the_block():
     """Teardown and lock-taking code run with stop signals held: the handler runs after the block."""
     import time
