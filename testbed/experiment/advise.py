@@ -243,7 +243,7 @@ def _advise(args: argparse.Namespace) -> int:
         print(f"{i + 1:>2}{mark}  {r.candidate.label:<36} {r.latency_s:>10.4g} {band:>24} {r.comm_s:>8.3g}  "
               f"{r.mechanism}{clear}")
     print("band: the method's p90 |error| against the committed emulated references (testbed validate on "
-          "results/reference/quickstart and astra_vit); '>' faster than the next beyond both bands, '~' within them")
+          "results/reference/ quickstart, astra_vit and delay); '>' faster than the next beyond both bands, '~' within them")
     for c, why in skipped:
         print(f"not predicted: {c.label}: {why}")
     if not args.confirm:

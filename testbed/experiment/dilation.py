@@ -86,6 +86,46 @@ class Dilation:
         return d
 
 
+#: other work on the host, in busy cores, above which a dilated run warns that its devices may not get their quotas
+BUSY_WARN_CORES = 0.25
+
+
+def busy_cores(window_s: float = 0.5) -> float | None:
+    """Cores of this machine busy over the next ``window_s`` seconds (/proc/stat), or None where unreadable.
+
+    Taken before a run starts its nodes, it is other work: a device's CFS quota is a ceiling, not a
+    reservation, so a device on a host core that other work also wants computes slower than its
+    profile, and a dilated run's results then depend on that work."""
+    import time
+
+    def sample() -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        fields = [int(v) for v in lines[0].split()[1:]]
+        ncpu = sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle, ncpu
+
+    a = sample()
+    time.sleep(window_s)
+    b = sample()
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    return round((1 - (b[1] - a[1]) / (b[0] - a[0])) * b[2], 2)
+
+
+def busy_warning(busy: float | None, dilation: Dilation) -> str | None:
+    """A warning when other work kept this host's cores busy as a confining run starts, or None."""
+    if busy is None or dilation.mode == "off" or busy <= BUSY_WARN_CORES:
+        return None
+    return (f"warning: other work kept {busy:g} of this host's cores busy as the run started: each device's "
+            "quota is a ceiling, not a reservation, so devices compute slower while it runs and the results "
+            "depend on it. Run on a quiet host (see `top`), or read the results as measured under that load")
+
+
 def device_demand(spec: ExperimentSpec, topology) -> tuple[float, float]:
     """(sum over nodes of speed x threads, fastest device core) of the hosts that run nodes."""
     from testbed.experiment.topology import node_devices

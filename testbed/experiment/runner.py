@@ -45,6 +45,7 @@ from pathlib import Path
 from testbed.backends import backend_class
 from testbed.backends.base import Backend
 from testbed.experiment.checks import Prepared, check_spec
+from testbed.experiment.dilation import busy_cores, busy_warning
 from testbed.experiment.faults import FaultTimeline
 from testbed.experiment.manifest import Manifest, now_iso
 from testbed.experiment.metrics import (Reference, decode_columns, make_reference, memory_columns, output_columns,
@@ -119,8 +120,12 @@ class Runner:
                      shard=None if self.shard is None else {**self.shard.to_dict(),
                                                             "units": [cell_id(c, mi) for c, mi, _ in self.plan]})
         self._say(self.dilation.explain())
-        if self.dilation.warning():
-            print(f"testbed run: {self.dilation.warning()}", file=sys.stderr, flush=True)
+        busy = busy_cores() if self.dilation.mode != "off" else None
+        if busy is not None:
+            manifest.set(time_dilation={**self.dilation.to_dict(), "host_busy_cores_at_start": busy})
+        for warning in (self.dilation.warning(), busy_warning(busy, self.dilation)):
+            if warning:
+                print(f"testbed run: {warning}", file=sys.stderr, flush=True)
         try:
             done = store.done() - (store.failed() if self.retry_failed else set())
             total = len(self.plan) * self.spec.repetitions

@@ -52,6 +52,28 @@ def test_fixed_factor_and_what_it_warns_about():
     assert e.value.field == "emulation.time_dilation" and ">= 3" in e.value.allowed
 
 
+def test_other_work_on_the_host_is_measured_and_warned_about():
+    """busy_cores reads /proc/stat: a process spinning on a core shows as (about) one busy core."""
+    import subprocess
+    import sys
+
+    from testbed.experiment.dilation import BUSY_WARN_CORES, busy_cores, busy_warning
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = busy_cores(1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and 0.6 <= busy <= len(open("/proc/stat").read().split("\ncpu")) + 1
+    d = resolve_dilation(_spec(), _check_topology(_spec()), host_cores=2)
+    w = busy_warning(1.0, d)
+    assert w is not None and "1 of this host's cores busy" in w and "quiet host" in w
+    assert busy_warning(BUSY_WARN_CORES, d) is None and busy_warning(None, d) is None
+    off = parse_spec(tiny(backend="inprocess", nodes={"count": 4}))
+    assert busy_warning(2.0, resolve_dilation(off, _check_topology(off), host_cores=1)) is None
+
+
 def test_backends_that_run_in_real_time_get_factor_one():
     for backend in ("inprocess", "sim"):
         spec = parse_spec(tiny(backend=backend, nodes={"count": 4}))

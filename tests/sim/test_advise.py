@@ -12,7 +12,7 @@ import yaml
 
 from testbed.errors import ConfigError
 from testbed.net.profile import LinkProfile
-from testbed.sim.advise import ERROR_BAND_PCT, Candidate, candidates, error_band, rank
+from testbed.sim.advise import ERROR_BAND_PCT, VALIDATED_REFERENCES, Candidate, candidates, error_band, rank
 from testbed.sim.simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_candidates_cover_every_method_and_parameter_the_model_accepts():
 def test_error_bands_are_the_committed_validation_figures():
     """ERROR_BAND_PCT restates the p90 |error| per method of the committed validation tables."""
     tables = [pd.read_csv(ROOT / "results" / "reference" / r / "validation" / "validation.csv")
-              for r in ("quickstart", "astra_vit")]
+              for r in VALIDATED_REFERENCES]
     t = pd.concat(tables)
     for method, grp in t.groupby("method"):
         assert ERROR_BAND_PCT[method] == pytest.approx(round(grp["abs_error_pct"].quantile(0.9), 1), abs=0.05)
@@ -121,7 +121,7 @@ def test_link_device_and_fidelity_parsing(tmp_path):
     assert prof.bandwidth_mbps == pytest.approx(47.8 * 1514 / 1448)
     assert (prof.delay_ms, prof.loss_pct) == (2.0, 1.0) and "2 measured path(s)" in note
     prof, _ = link_from_fidelity(ROOT / "results" / "reference" / "quickstart" / "manifest.json")
-    assert prof.bandwidth_mbps == pytest.approx(19.12855222833658 * 1514 / 1448)  # its 20 Mbit/s cell
+    assert prof.bandwidth_mbps == pytest.approx(19.124659994705627 * 1514 / 1448)  # its 20 Mbit/s cell
     with pytest.raises(ConfigError):
         link_from_fidelity(tmp_path / "missing.csv")
     (tmp_path / "empty.csv").write_text("src,dst\nh1,h2\n")
