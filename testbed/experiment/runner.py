@@ -116,13 +116,13 @@ class Runner:
         store = ResultStore(self.out_dir)
         manifest = Manifest(self.out_dir, self.spec.to_dict(), self.source, self.resume)
         done: set = set()
-        manifest.set(time_dilation=self.dilation.to_dict(), experiment_digest=spec_digest(self.spec.to_dict()),
+        busy = busy_cores() if self.dilation.mode != "off" else None  # other work, before our nodes start
+        manifest.set(time_dilation={**self.dilation.to_dict(),
+                                    **({} if busy is None else {"host_busy_cores_at_start": busy})},
+                     experiment_digest=spec_digest(self.spec.to_dict()),
                      shard=None if self.shard is None else {**self.shard.to_dict(),
                                                             "units": [cell_id(c, mi) for c, mi, _ in self.plan]})
         self._say(self.dilation.explain())
-        busy = busy_cores() if self.dilation.mode != "off" else None
-        if busy is not None:
-            manifest.set(time_dilation={**self.dilation.to_dict(), "host_busy_cores_at_start": busy})
         for warning in (self.dilation.warning(), busy_warning(busy, self.dilation)):
             if warning:
                 print(f"testbed run: {warning}", file=sys.stderr, flush=True)

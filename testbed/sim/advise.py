@@ -31,7 +31,7 @@ ERROR_BAND_PCT: dict[str, float] = {
     "single": 33.2, "tensor_parallel": 8.6, "sequence_parallel": 13.5, "sequence_parallel_int8": 17.3,
     "block_parallel": 20.9, "astra": 37.5, "*": 30.3}
 #: on references made on a quiet host the errors of compute-bound methods are mostly positive (median
-#: signed error +15% single, +24% ASTRA: the throttling overhead measured under load over-corrects),
+#: signed error +15% single, +24% ASTRA: the x1.18 throttling overhead is above the 1.06 a quiet host measures),
 #: those of bandwidth-bound ones near zero (-4% tensor parallel to +7% int8 sequence parallel)
 
 #: parameter grids tried per method (each is validated by the method; invalid ones are skipped)
