@@ -133,6 +133,8 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
             emu = EmulationModel(emu.time_dilation, None, cpus, 1.0, f"contention on {cpus} cores (manifest ignored)")
         elif args.emulation == "no-jitter":
             emu = replace(emu, segment_jitter_k=0.0, why=emu.why + " (jitter off)")
+        elif args.emulation == "no-dispatch":
+            emu = replace(emu, dispatch_s=0.0, why=emu.why + " (dispatch off)")
         elif args.emulation == "none":
             emu = EmulationModel(emu.time_dilation, None, None, 1.0, "compute as calibrated (manifest ignored)")
         print(f"[fidelity] {run_dir}: {emu.why}")
@@ -141,7 +143,9 @@ def fidelity_part(args: argparse.Namespace, sim: Simulator) -> None:
         verdict = "meets" if s["median_abs_error_pct"] <= 5 and s["p90_abs_error_pct"] <= 15 else "MISSES"
         print(f"[fidelity] {run_dir}: {s['predicted']}/{s['cells']} cells predicted; median |error| "
               f"{s['median_abs_error_pct']:.1f}% (p90 {s['p90_abs_error_pct']:.1f}%; emulated traces replayed: "
-              f"{s['replay_median_abs_error_pct']:.1f}%); target median <= 5%, p90 <= 15%: {verdict}")
+              f"{s['replay_median_abs_error_pct']:.1f}%); target median <= 5%, p90 <= 15%: {verdict}; the "
+              f"reference's own spread: repetitions {s['repetition_spread_pct']:.1f}%, single across cells "
+              f"{s['single_spread_pct']:.1f}%")
         dims = ["bandwidth_mbps", *(c for c in varying(table) if c != "bandwidth_mbps")]  # one line per cell
         cols = ["label", *dims, "measured_latency_s", "predicted_latency_s", "replayed_latency_s", "error_pct"]
         print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -165,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default="results/calibration")
     p.add_argument("--emulated", nargs="*", default=[], metavar="RUN_DIR")
     p.add_argument("--skip-scale", action="store_true")
-    p.add_argument("--emulation", choices=("manifest", "no-jitter", "contention", "none"), default="manifest",
+    p.add_argument("--emulation", choices=("manifest", "no-jitter", "no-dispatch", "contention", "none"),
+                   default="manifest",
                    help="fidelity: how the emulated devices computed: as the run's manifest says (dilation, "
-                        "throttling, contention, segment jitter; default), the same without jitter, contention on "
-                        "the host's cores whatever the manifest says, or compute as calibrated")
+                        "throttling, contention, segment jitter, dispatch; default), the "
+                        "same without jitter or without dispatch, contention on the host's "
+                        "cores whatever the manifest says, or compute as calibrated")
     p.add_argument("--engine", choices=ENGINES, default="auto", help="replay engine (auto: lockstep where it applies)")
     args = p.parse_args(argv)
     try:

@@ -79,15 +79,15 @@ def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None
                  ) -> tuple[pd.DataFrame, list[Path]]:
     """``compare`` on a results directory (rows and traces), saved beside it (validation/);
     ``topology``: instead of the run's own (``run_topology``); ``emulation``: instead of the
-    run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus``, ``compute_scale`` and
-    ``segment_jitter_k``."""
+    run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus``, ``compute_scale``,
+    ``segment_jitter_k`` and ``dispatch_s``."""
     d = Path(run_dir)
     rows = read_rows(d)
     check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
     topo = topology if topology is not None else run_topology(d)
     emu = emulation if emulation is not None else run_emulation(d)
     run_sim = Simulator(replace(sim.config, shared_cpus=emu.shared_cpus, compute_scale=emu.compute_scale,
-                                segment_jitter_k=emu.segment_jitter_k), log=sim.log)
+                                segment_jitter_k=emu.segment_jitter_k, dispatch_s=emu.dispatch_s), log=sim.log)
     table = compare(rows, run_sim, traces=read_traces(d), topology=topo, speed=run_speeds(d))
     return table, save_validation(table, out_dir if out_dir is not None else d / "validation")
 
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from testbed.sim.simulator import SimConfig
+    from testbed.sim.validate import reference_spread
 
     p = argparse.ArgumentParser(
         prog="testbed validate",
@@ -143,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 "replayed_latency_s", "error_pct"]
         print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(error_table(table).to_string(index=False, **fmt))
+    floor = reference_spread(table)
+    reps, single = floor["repetition_spread_pct"], floor["single_spread_pct"]
+    said = ([f"repetitions of a cell differ from their median by {reps:.1f}% (median)"] if reps == reps else []) + (
+        [f"single, the same work in every cell, spreads {single:.1f}% around its median"] if single == single else [])
+    if said:
+        print("the reference itself: " + "; ".join(said) + " (errors below these are not resolvable)")
     failed = table[table["sim_status"] != "ok"] if len(table) else table
     for error, n in (failed["sim_error"].value_counts().items() if len(failed) else []):
         print(f"{n} cell(s) not predicted: {error}")

@@ -261,7 +261,7 @@ class LockstepReplay:
                 self.free[res] = end
             else:
                 start, end = _fifo(res, a[on], x, u[on], np.arange(len(res)), self.free)
-            if k == 0 and self.tcp.mode == "slow_start":
+            if k == 0:
                 self.sent_until[s_, d_] = end
             d = p.delay[s_, d_, k]
             if self.sampled_jitter:

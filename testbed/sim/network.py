@@ -237,6 +237,9 @@ def _ceil_div(a, b):
 
 
 TCP_MODES = ("steady", "slow_start")
+#: RACK's reordering window in RTTs (Linux: min_rtt / 4) before a segment with a later one
+#: acknowledged is marked lost
+RACK_REORDER_RTT = 0.25
 LOSS_MODES = ("expected", "sampled")
 
 
@@ -259,18 +262,25 @@ class TcpModel:
     ``loss_mode`` (with path loss probability p per packet):
       - ``expected``: deterministic expected cost; ``sampled``: drawn per message
         from a seeded generator (repetitions differ like real runs do).
-      A lost segment among the last 3 of a message (no 3 duplicate ACKs can follow)
-      waits for an RTO of max(``min_rto_s``, RTT); earlier losses are repaired by
-      fast retransmit, and their cost is the window halving, taken as the Mathis
-      et al. (1997) rate bound MSS/RTT * sqrt(3/(2p)). Retransmitted bytes are
-      added to the wire bytes (1/(1-p) in expectation).
+      Loss recovery is Linux's (RACK-TLP, the default since 4.18): a lost segment is
+      marked lost once a segment sent after it is acknowledged, a quarter of an RTT
+      later. So a loss before the last segment of a message costs its window halving
+      only, taken as the Mathis et al. (1997) rate bound MSS/RTT * sqrt(3/(2p)); a lost
+      *last* segment waits for the first of (``tail_loss_s``): the next segment the
+      connection sends (acknowledged an RTT later), the tail loss probe (2 RTT +
+      ``probe_floor_s``, for a message of more than one segment; with one segment in
+      flight Linux waits an RTO instead) or the RTO, srtt + ``min_rto_s``; if that repair is
+      lost too (p again), nothing later can reveal it and the RTO follows. The replay
+      does not look ahead, so it takes the connection's gap before this message as the
+      time to its next one (lock-step schedules send on a connection once per block).
+      Retransmitted bytes are added to the wire bytes (1/(1-p) in expectation).
     """
 
     mode: str = "slow_start"
     initial_window_segments: int = 10
     min_rto_s: float = 0.2
     loss_mode: str = "sampled"
-    dupack_threshold: int = 3
+    probe_floor_s: float = 0.002
 
     def __post_init__(self) -> None:
         check(self.mode in TCP_MODES, "tcp_mode", self.mode, " | ".join(TCP_MODES))
@@ -279,12 +289,22 @@ class TcpModel:
               "initial_window_segments", self.initial_window_segments, "an integer >= 1")
         check(isinstance(self.min_rto_s, (int, float)) and self.min_rto_s >= 0, "min_rto_s", self.min_rto_s,
               "a number of seconds >= 0")
-        check(isinstance(self.dupack_threshold, int) and self.dupack_threshold >= 1, "dupack_threshold",
-              self.dupack_threshold, "an integer >= 1")
+        check(isinstance(self.probe_floor_s, (int, float)) and self.probe_floor_s >= 0, "probe_floor_s",
+              self.probe_floor_s, "a number of seconds >= 0")
 
     def rto_s(self, rtt_s):
-        """Retransmission timeout for a path of round trip ``rtt_s`` (a number or an array)."""
-        return _maximum(self.min_rto_s, rtt_s)
+        """Retransmission timeout for a path of round trip ``rtt_s`` (a number or an array): Linux's
+        srtt + max(rttvar, rto_min), with a steady RTT (no variance)."""
+        return rtt_s + self.min_rto_s
+
+    def tail_loss_s(self, segments, rtt_s, gap_s):
+        """What a lost last segment adds to a message of ``segments`` (``gap_s``: time until the
+        connection sends again): repaired after the next segment's ACK plus RACK's reordering window,
+        the tail loss probe, or the RTO, whichever fires first."""
+        rto = self.rto_s(rtt_s)
+        probe = _minimum(rto, 2 * rtt_s + self.probe_floor_s)
+        probe = _where(segments > 1, probe, rto)  # one segment in flight: the probe waits an RTO
+        return _minimum(probe, _maximum(gap_s, 0.0) + (1 + RACK_REORDER_RTT) * rtt_s)  # < 0: still sending
 
 
 Draw = Callable[[Any, Any], Any]  # (trials, probability) -> number of successes (numbers or arrays)
@@ -320,7 +340,7 @@ def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bot
 
     ``bottleneck_bps`` inf: unshaped. ``cwnd``: the connection's window before the message (used
     in ``slow_start`` mode), ``idle_s``: time since its last message left (an idle gap longer than
-    the RTO restarts from the initial window). Returns (stall seconds, window afterwards).
+    the RTO restarts from the initial window; under loss, the expected time to its next message). Returns (stall seconds, window afterwards).
     """
     rto = tcp.rto_s(rtt_s)
     stall = 0.0
@@ -329,8 +349,12 @@ def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bot
         seg_rate = bottleneck_bps / (8 * (wire.mss_bytes + wire.segment_header_bytes))
         stall, cwnd = slow_start_extra_s(segments, cwnd, rtt_s, seg_rate)
     if _any(loss > 0):
-        k = _minimum(segments, tcp.dupack_threshold)  # losses among the last k wait for an RTO
-        stall = stall + ((1.0 - (1.0 - loss) ** k) if tcp.loss_mode == "expected" else draw(k, loss)) * rto
+        # the last segment lost; its repair (probe or retransmission) lost too: the RTO
+        if tcp.loss_mode == "expected":
+            tail, again = loss, loss
+        else:
+            tail, again = draw(1, loss), draw(1, loss)
+        stall = stall + tail * (tcp.tail_loss_s(segments, rtt_s, idle_s) + again * tcp.rto_s(rtt_s))
         m = mathis_rate_bps(wire.mss_bytes, rtt_s, loss)
         stall = stall + _where(m < bottleneck_bps, wire_bytes * 8 / m - wire_bytes * 8 / bottleneck_bps, 0.0)
     return stall, cwnd

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from testbed.comm.trace import Compute, Trace
@@ -63,6 +63,9 @@ class SimConfig:
     #: z standard normal, drawn per rank, segment and repetition (seed r). 0: every segment as calibrated.
     #: Ranks that synchronise after every block then wait for the slowest draw (testbed.sim.emulation)
     segment_jitter_k: float = 0.0
+    #: seconds added to every inference outside the ranks' schedules (an emulated run's dispatch:
+    #: testbed.sim.emulation.dispatch_overhead_s); 0 for devices as calibrated
+    dispatch_s: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.wire is None or isinstance(self.wire, WireModel), "wire", self.wire, "a WireModel or None")
@@ -79,6 +82,8 @@ class SimConfig:
         j = self.segment_jitter_k
         check(isinstance(j, (int, float)) and not isinstance(j, bool) and j >= 0, "segment_jitter_k", j,
               "a number >= 0 (sqrt-seconds)")
+        x = self.dispatch_s
+        check(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0, "dispatch_s", x, "seconds >= 0")
 
 
 def contention_factor(profile: ComputeProfile, shared_cpus: int | None) -> float:
@@ -267,12 +272,15 @@ class Simulator:
         net = self.network(topology, nodes, profile)
         k = self.config.segment_jitter_k
         reps = range(first_repetition, first_repetition + repetitions)
+        extra = self.config.dispatch_s
         if k == 0:
-            return [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r) for r in reps]
-        factors = [float(speed)] * nodes if isinstance(speed, (int, float)) else [float(f) for f in speed]
-        traces = self._profiles[key].traces
-        return [simulate(Schedule.from_traces(jittered(traces, factors, k, r)), net, self.wire, self.config.tcp,
-                         speed, seed=r) for r in reps]
+            out = [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r) for r in reps]
+        else:
+            factors = [float(speed)] * nodes if isinstance(speed, (int, float)) else [float(f) for f in speed]
+            traces = self._profiles[key].traces
+            out = [simulate(Schedule.from_traces(jittered(traces, factors, k, r)), net, self.wire, self.config.tcp,
+                            speed, seed=r) for r in reps]
+        return [replace(res, latency_s=res.latency_s + extra) for res in out] if extra else out
 
     @staticmethod
     def settle(model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int, batch: int,

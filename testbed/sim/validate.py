@@ -7,9 +7,9 @@ columns, as a run directory's rows.csv holds them) and predicts every
 - ``predicted_latency_s``: the whole simulator: compute from this host's calibration
   (``Simulator.profile``), network and TCP model, device speed factors;
 - ``replayed_latency_s`` (when the run's per-rank traces are given): the emulated
-  run's own compute segments replayed over the modelled network, which isolates the
-  network model from compute calibration (compute under emulation includes the
-  contention of N nodes on this machine's cores).
+  run's own compute segments replayed over the modelled network (plus the simulator's
+  ``dispatch_s``), which isolates the network model from compute calibration (compute
+  under emulation includes the contention of N nodes on this machine's cores).
 
 Errors are relative to the measured median latency over repetitions:
 ``error_pct = 100 * (predicted - measured) / measured``.
@@ -86,8 +86,10 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
             status, error = "ok", ""
         except ConfigError as e:  # a cell the simulator cannot run: recorded, the others are compared
             pred, status, error = [], "error", str(e)
+        med = grp["latency_s"].median()
         rec = {**cell, "repetitions": reps,
-               "measured_latency_s": grp["latency_s"].median(), "measured_comm_s": grp["comm_s"].median(),
+               "measured_latency_s": med, "measured_comm_s": grp["comm_s"].median(),
+               "measured_spread_pct": 100 * (grp["latency_s"] - med).abs().median() / med if reps > 1 else math.nan,
                "measured_bytes_on_wire": grp["bytes_on_wire"].median(),
                "predicted_latency_s": math.nan, "predicted_comm_s": math.nan, "predicted_bytes_on_wire": math.nan,
                "replayed_latency_s": math.nan, "sim_status": status, "sim_error": error}
@@ -98,7 +100,7 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         runs = by_trace.get((cell["method"], cell["method_params"], *(_num(cell[c]) for c in PROFILE_COLS)))
         if runs:
             net = sim.network(topology if topology is not None else cell["topology"], int(cell["nodes"]), prof)
-            rec["replayed_latency_s"] = float(np.median([
+            rec["replayed_latency_s"] = sim.config.dispatch_s + float(np.median([
                 simulate(ranks, net, sim.wire, sim.config.tcp, speed=1.0, seed=i).latency_s
                 for i, ranks in enumerate(runs)]))
         out.append(rec)
@@ -130,13 +132,34 @@ def _params(text: Any) -> dict:
 
 
 def summary(table: pd.DataFrame) -> dict[str, float]:
-    """Median and 90th-percentile absolute errors (percent) over the compared cells."""
+    """Median and 90th-percentile absolute errors (percent) over the compared cells, and how far the
+    reference agrees with itself (``reference_spread``)."""
     err = table["abs_error_pct"].dropna() if len(table) else pd.Series(dtype=float)
     rep = table["replay_error_pct"].abs().dropna() if len(table) else pd.Series(dtype=float)
     return {"cells": int(len(table)), "predicted": int(len(err)),
             "median_abs_error_pct": float(err.median()) if len(err) else math.nan,
             "p90_abs_error_pct": float(err.quantile(0.9)) if len(err) else math.nan,
-            "replay_median_abs_error_pct": float(rep.median()) if len(rep) else math.nan}
+            "replay_median_abs_error_pct": float(rep.median()) if len(rep) else math.nan,
+            **reference_spread(table)}
+
+
+def reference_spread(table: pd.DataFrame) -> dict[str, float]:
+    """How reproducible the measured reference is, in percent, as a floor under any prediction's error:
+
+    - ``repetition_spread_pct``: median over cells of the median |repetition - cell median| / cell median;
+    - ``single_spread_pct``: ``single`` does the same work in every cell of a run (it sends nothing), so
+      the median |cell - median over cells| / that median of its cells (per token count and batch) is
+      what an exact compute model would still be off by (nan with fewer than two such cells).
+    """
+    spread = table["measured_spread_pct"].dropna() if "measured_spread_pct" in table else pd.Series(dtype=float)
+    devs: list[float] = []
+    if len(table) and "method" in table:
+        for _, grp in table[table["method"] == "single"].groupby(["model", "tokens", "batch"]):
+            if len(grp) > 1:
+                m = grp["measured_latency_s"].median()
+                devs += (100 * (grp["measured_latency_s"] - m).abs() / m).tolist()
+    return {"repetition_spread_pct": float(spread.median()) if len(spread) else math.nan,
+            "single_spread_pct": float(np.median(devs)) if devs else math.nan}
 
 
 def comparison_figure(table: pd.DataFrame) -> Figure:

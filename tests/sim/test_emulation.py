@@ -47,6 +47,49 @@ def test_the_manifest_says_how_the_devices_computed():
     assert (over.shared_cpus, over.compute_scale) == (2, 1.0)
     sim_run = EmulationModel.of_manifest({"backend": {"name": "sim"}, "machine": {"cpu_count": 2}})
     assert (sim_run.shared_cpus, sim_run.compute_scale) == (None, 1.0)
+    # what an emulated inference costs outside the ranks' traces: dilated, undilated, nothing simulated
+    from testbed.sim.emulation import DILATED_DISPATCH_S, UNDILATED_DISPATCH_S
+
+    assert (d.dispatch_s, u.dispatch_s, over.dispatch_s, sim_run.dispatch_s) == (
+        DILATED_DISPATCH_S, UNDILATED_DISPATCH_S, UNDILATED_DISPATCH_S, 0.0)
+
+
+def test_dispatch_is_latency_less_the_longest_traced_rank_and_the_simulator_adds_it(tmp_path):
+    import pandas as pd
+
+    from testbed.sim.emulation import dispatch_overhead_s
+
+    def trace(cell, rep, *ranks):
+        return {"cell": cell, "repetition": rep, "ranks": [
+            {"rank": r, "events": [{"type": "compute", "duration_s": d} for d in segs]} for r, segs in enumerate(ranks)]}
+
+    rows = pd.DataFrame({"cell": ["a", "a", "b"], "repetition": [0, 1, 0], "latency_s": [0.50, 0.52, 0.30],
+                         "status": ["ok", "ok", "ok"]})
+    traces = [trace("a", 0, [0.2, 0.28], [0.1]), trace("a", 1, [0.5]), trace("b", 0, [0.1], [0.27]),
+              trace("c", 0, [9.0])]  # a trace without its row is left out
+    assert dispatch_overhead_s(rows, traces) == pytest.approx(0.02)  # median of 0.02, 0.02, 0.03
+    with pytest.raises(ConfigError):
+        dispatch_overhead_s(rows, [trace("c", 0, [1.0])])
+    # the committed references: the constants are what the function measures on them
+    from pathlib import Path
+
+    from testbed.experiment.store import read_rows, read_traces
+    from testbed.sim.emulation import DILATED_DISPATCH_S, UNDILATED_DISPATCH_S
+
+    ref = Path(__file__).resolve().parents[2] / "results" / "reference"
+    for run, const in (("quickstart", DILATED_DISPATCH_S), ("undilated/quickstart", UNDILATED_DISPATCH_S)):
+        assert dispatch_overhead_s(read_rows(ref / run), read_traces(ref / run)) == pytest.approx(const, abs=5e-5)
+    # the simulator adds it to every inference and nothing else
+    cal = tmp_path / "cal"
+    stored_profile(cal, "sequence_parallel", 2, [0.01, 0.02])
+    base = dict(calibration_dir=str(cal), measure_missing=False, wire=WireModel())
+    c = cell(repetitions=2)
+    plain, dispatched = Simulator(SimConfig(**base)).results(**c), Simulator(SimConfig(**base, dispatch_s=0.015)).results(**c)
+    for a, b in zip(plain, dispatched):
+        assert b.latency_s == pytest.approx(a.latency_s + 0.015)
+        assert [x.compute_s for x in b.ranks] == [x.compute_s for x in a.ranks]
+    with pytest.raises(ConfigError):
+        SimConfig(dispatch_s=-0.001)
 
 
 def test_compute_scale_multiplies_every_compute_segment(tmp_path):

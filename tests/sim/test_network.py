@@ -63,6 +63,24 @@ def test_mathis_bound():
     assert mathis_rate_bps(1448, 0.02, 0.01) == pytest.approx(1448 * 8 / 0.02 * math.sqrt(150))
 
 
+def test_a_lost_last_segment_waits_for_the_first_of_next_segment_probe_and_rto():
+    from testbed.sim.network import TcpModel
+
+    tcp, rtt = TcpModel(), 0.01
+    assert tcp.rto_s(rtt) == pytest.approx(0.21)  # srtt + rto_min
+    assert tcp.tail_loss_s(1, rtt, 10.0) == pytest.approx(0.21)  # one segment in flight: the RTO
+    assert tcp.tail_loss_s(5, rtt, 10.0) == pytest.approx(0.022)  # the probe: 2 RTT + 2 ms
+    assert tcp.tail_loss_s(1, rtt, 0.03) == pytest.approx(0.0425)  # the next message after 30 ms + 1.25 RTT
+    assert tcp.tail_loss_s(5, rtt, 0.001) == pytest.approx(0.0135)
+    assert tcp.tail_loss_s(1, 0.5, 0.0) == pytest.approx(0.625)
+    assert TcpModel(min_rto_s=1.0).tail_loss_s(1, rtt, 10.0) == pytest.approx(1.01)
+    import numpy as np
+
+    segs, rtts, gaps = np.array([1, 5, 1, 5, 1]), np.array([rtt, rtt, rtt, rtt, 0.5]), np.array([10, 10, 0.03, 0.001, 0])
+    assert tcp.tail_loss_s(segs, rtts, gaps).tolist() == pytest.approx(
+        [tcp.tail_loss_s(int(a), float(b), float(c)) for a, b, c in zip(segs, rtts, gaps)])
+
+
 def test_cost_formulas_take_numbers_and_arrays():
     """The SimPy replay calls them per message, the lock-step replay per batch: same numbers."""
     import numpy as np
@@ -86,4 +104,4 @@ def test_cost_formulas_take_numbers_and_arrays():
             s, a = tcp_stall_s(tcp, w, int(segs[i]), one, float(rtt[i]), float(bw[i]), float(loss[i]),
                                float(cwnd[i]), float(idle[i]), None)
             assert (s, a) == pytest.approx((stall[i], after[i]), rel=1e-12)
-    assert stall[0] == 0.0 and stall[1] > 0  # unshaped, lossless: free; lossy: RTOs and the Mathis bound
+    assert stall[0] == 0.0 and stall[1] > 0  # unshaped, lossless: free; lossy: tail losses and the Mathis bound
