@@ -24,15 +24,13 @@ from testbed.sim.simulator import Simulator
 #: committed time-dilated emulated references (results/reference/<each of VALIDATED_REFERENCES>,
 #: ``testbed validate``, validation/validation.csv of each; tests/sim/test_advise.py checks these
 #: numbers against those files). A method not listed gets the overall p90 ("*").
-#: (results/reference/loss is validated too, but left out: the loss model prices every lost segment
-#: at an RTO and over-predicts lossy links 2-3x, so its errors say nothing about loss-free advice)
-VALIDATED_REFERENCES = ("quickstart", "astra_vit", "delay")
+VALIDATED_REFERENCES = ("quickstart", "astra_vit", "delay", "loss")
 ERROR_BAND_PCT: dict[str, float] = {
-    "single": 33.2, "tensor_parallel": 8.6, "sequence_parallel": 13.5, "sequence_parallel_int8": 17.3,
-    "block_parallel": 20.9, "astra": 37.5, "*": 30.3}
-#: on references made on a quiet host the errors of compute-bound methods are mostly positive (median
-#: signed error +15% single, +24% ASTRA: the x1.18 throttling overhead is above the 1.06 a quiet host measures),
-#: those of bandwidth-bound ones near zero (-4% tensor parallel to +7% int8 sequence parallel)
+    "single": 10.0, "tensor_parallel": 9.1, "sequence_parallel": 10.0, "sequence_parallel_int8": 12.4,
+    "block_parallel": 21.1, "astra": 16.7, "*": 15.7}
+#: signed median errors are small (-5.8% tensor parallel to +0.8% ASTRA); the widest bands come from
+#: cells the reference itself does not reproduce (0 ms delay: single, which sends nothing, measured 24%
+#: slower there than at 1 ms) and from ASTRA's short segments at 197 tokens (predicted 8-13% high)
 
 #: parameter grids tried per method (each is validated by the method; invalid ones are skipped)
 ASTRA_GROUPS = (1, 4, 16, 32)
