@@ -340,7 +340,8 @@ def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bot
 
     ``bottleneck_bps`` inf: unshaped. ``cwnd``: the connection's window before the message (used
     in ``slow_start`` mode), ``idle_s``: time since its last message left (an idle gap longer than
-    the RTO restarts from the initial window; under loss, the expected time to its next message). Returns (stall seconds, window afterwards).
+    the RTO restarts from the initial window; under loss, the expected time to its next message).
+    Returns (stall seconds, window afterwards).
     """
     rto = tcp.rto_s(rtt_s)
     stall = 0.0
@@ -354,7 +355,7 @@ def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bot
             tail, again = loss, loss
         else:
             tail, again = draw(1, loss), draw(1, loss)
-        stall = stall + tail * (tcp.tail_loss_s(segments, rtt_s, idle_s) + again * tcp.rto_s(rtt_s))
+        stall = stall + tail * (tcp.tail_loss_s(segments, rtt_s, idle_s) + again * rto)
         m = mathis_rate_bps(wire.mss_bytes, rtt_s, loss)
         stall = stall + _where(m < bottleneck_bps, wire_bytes * 8 / m - wire_bytes * 8 / bottleneck_bps, 0.0)
     return stall, cwnd
