@@ -4,10 +4,10 @@ and median latencies that agree: the median, over the sweep's configurations, of
 latency over Mininet's, both measured in interleaved rounds (the host's load drifts alike for both).
 
 How closely they agree is bounded by how reproducible such a ratio is on this 2-core host at time
-dilation 1: over 11 runs it measured 0.88-1.18 with three nodes (contending for two cores; one in
-three runs outside 10%) and 0.95-1.12 with two (sigma ~6%). So two nodes, four rounds, and a
-tolerance of three sigma (18%): run-to-run noise does not fail the suite, a larger disagreement
-between the two backends does.
+dilation 1: six runs measured 0.88-1.18 with three nodes (contending for two cores; three of the six
+outside 10%), eight runs 0.95-1.12 with two (sigma ~5%). So two nodes, four rounds, and a tolerance
+of 18%, over three sigma: run-to-run noise does not fail the suite, a larger disagreement between the
+two backends does.
 
 The namespaced nodes get the CPU confinement Mininet gives its devices at time dilation 1 (one
 core's quota each, pinned as Mininet pins them): unconfined, they share this host's cores with
