@@ -35,6 +35,7 @@ from testbed.sim.lockstep import Lockstep, LockstepReplay, NotLockstepNetwork, c
 from testbed.sim.network import Network, TcpModel, WireModel, tcp_stall_s, wire_bytes_with_loss
 
 _C, _S, _R, _Z = 0, 1, 2, 3  # compiled op codes: compute(s), send(dst, bytes), recv(srcs), serialize(s)
+WARM_SEED = 0x5EED0000  # seeds of the unmeasured inference a warm replay runs first (TcpModel.warm)
 
 
 @dataclass
@@ -181,6 +182,12 @@ class _Replay:
         self._tcp_costs = tcp.mode != "steady" or any(network.loss(a, b) > 0 for a in range(network.n)
                                                       for b in range(network.n) if a != b)
 
+    def carry_over(self, prev: "_Replay", elapsed_s: float) -> None:
+        """Start where ``prev`` (an inference that took ``elapsed_s``) left the connections: their
+        windows, and their last sends that long before this inference's start."""
+        self.cwnd = dict(prev.cwnd)
+        self.sent_until = defaultdict(float, {k: v - elapsed_s for k, v in prev.sent_until.items()})
+
     def _pair_info(self, src: int, dst: int) -> tuple:
         """Per-pair constants: hops, rtt, bottleneck (inf: unshaped), loss (cached: paths never change in a run)."""
         key = (src, dst)
@@ -217,7 +224,7 @@ class _Replay:
         slot: list = [None]  # its arrival time, once the last hop is reserved
         self.inbox[pair].append(slot)
         ready = now + wire.per_message_s
-        self._hop((pair, hops, nbytes, stall, slot), 0, ready, ready)
+        self._hop((pair, hops, nbytes + acks, stall, slot), 0, ready, ready)
 
     def _hop(self, msg: tuple, k: int, start: float, prev_end: float) -> None:
         """Reserve hop k of a message whose first bit reaches it at ``start`` (fluid cut-through).
@@ -309,25 +316,41 @@ def simulate(traces: Schedule | Sequence[Trace | dict], network: Network, wire: 
           "speed_factors", speed, f"a number > 0 or {n} numbers > 0 (one per node)")
     schedule = traces if isinstance(traces, Schedule) else Schedule.from_traces(traces)
     check(schedule.n == n, "traces", schedule.n, f"one trace per node of the topology ({n})")
+    warm = tcp.warm and tcp.mode == "slow_start"  # only windows carry over
     if engine != "simpy":
         check(engine == "auto" or schedule.lockstep is not None, "engine", engine,
               "simpy or auto for schedules whose ranks run different collectives")
         if schedule.lockstep is not None:
             try:
-                replay = LockstepReplay(network, wire, tcp, np.array(factors, dtype=float), seed)
+                replay = LockstepReplay(network, wire, tcp, np.array(factors, dtype=float), WARM_SEED + seed)
+                if warm and replay.windows_matter():
+                    replay.carry_over(float(replay.run(schedule.lockstep)["finish_s"].max()), seed)
+                else:
+                    replay.rng = np.random.default_rng(seed)
                 return _lockstep_result(replay, schedule.lockstep)
             except NotLockstepNetwork as e:
                 check(engine == "auto", "engine", engine, f"simpy or auto here: {e}")
-    sim = _Replay(network, wire, tcp, [float(f) for f in factors], seed)
+    speeds = [float(f) for f in factors]
+    sim = _Replay(network, wire, tcp, speeds, seed)
+    if warm:  # the inference before this one: the connections' windows carry over
+        first, prev = _run(_Replay(network, wire, tcp, speeds, WARM_SEED + seed), schedule)
+        sim.carry_over(prev, first.latency_s)
+    return _run(sim, schedule)[0]
+
+
+def _run(sim: "_Replay", schedule: Schedule) -> tuple[SimResult, "_Replay"]:
+    """Replay ``schedule`` once on ``sim``; the result and the replay (its connections' state)."""
+    n = schedule.n
     stats = [RankStats(r) for r in range(n)]
     procs = [sim.env.process(sim.rank(r, schedule.programs[r], stats[r])) for r in range(n)]
     sim.env.run()
     stuck = [r for r, p in enumerate(procs) if p.is_alive]
     if stuck:  # only possible for traces whose recvs wait on each other in a cycle
         raise ConfigError("traces", f"ranks {stuck} never finish (recv order deadlocks)", "traces of one real run")
-    return SimResult(latency_s=max(s.finish_s for s in stats), ranks=stats,
-                     bytes_sent=sum(s.bytes_sent for s in stats), bytes_on_wire=round(sim.bytes_on_wire),
-                     messages=sim.messages)
+    res = SimResult(latency_s=max(s.finish_s for s in stats), ranks=stats,
+                    bytes_sent=sum(s.bytes_sent for s in stats), bytes_on_wire=round(sim.bytes_on_wire),
+                    messages=sim.messages)
+    return res, sim
 
 
 def _lockstep_result(replay: LockstepReplay, ls: Lockstep) -> SimResult:

@@ -209,6 +209,18 @@ def _fifo(res: np.ndarray, a: np.ndarray, x: np.ndarray, u: np.ndarray, seq: np.
     return start, end
 
 
+@functools.lru_cache(maxsize=8)
+def _patterns(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The all-gather's (src, dst) pairs in the Communicator's order, and per ring step the chunk each
+    rank sends right (its plan's sends, in order). Read-only: shared by every replay of n ranks."""
+    src = np.repeat(np.arange(n), n - 1)
+    dst = np.array([p for r in range(n) for p in peers(r, n)], dtype=np.int64)
+    ring = np.array([[m.part for m in all_reduce_plan(r, n) if m.op == "send"] for r in range(n)]).T
+    for a in (src, dst, ring):
+        a.flags.writeable = False
+    return src, dst, ring
+
+
 class LockstepReplay:
     """One replay (one link profile, one seed) of a Lockstep schedule."""
 
@@ -225,6 +237,25 @@ class LockstepReplay:
         self.tcp_costs = tcp.mode != "steady" or bool(np.any(self.p.loss > 0))
         self.sampled_jitter = tcp.loss_mode == "sampled" and bool(np.any(self.p.jitter > 0))
         self.full = [bool(self.p.valid[..., k][~np.eye(n, dtype=bool)].all()) for k in range(self.p.h)]
+
+    def windows_matter(self) -> bool:
+        """Whether the connections' state can change this replay: slow start binds on some path (its
+        BDP exceeds the initial window) or a path loses packets (the gaps between messages count).
+        If not, a warm replay equals a cold one and its first pass can be skipped."""
+        p, n = self.p, len(self.cwnd)
+        off = ~np.eye(n, dtype=bool)
+        with np.errstate(invalid="ignore"):  # unshaped without delay: no pipe to fill
+            bdp = p.bottleneck * p.rtt / (8 * (self.wire.mss_bytes + self.wire.segment_header_bytes))
+        bdp = np.nan_to_num(bdp, nan=0.0, posinf=np.inf)
+        return bool(np.any(p.loss[off] > 0) or np.any(bdp[off] > self.tcp.initial_window_segments))
+
+    def carry_over(self, elapsed_s: float, seed: int) -> None:
+        """After a run that took ``elapsed_s``: the next inference starts with the links free, the
+        connections' windows as they are and their last sends that long ago; fresh draws from ``seed``."""
+        self.free[:] = 0.0
+        self.sent_until -= elapsed_s
+        self.bytes_on_wire, self.messages = 0.0, 0
+        self.rng = np.random.default_rng(seed)
 
     def transfer(self, src: np.ndarray, dst: np.ndarray, payload: np.ndarray, t: np.ndarray,
                  unique: bool = False) -> np.ndarray:
@@ -254,7 +285,7 @@ class LockstepReplay:
             on = slice(None) if self.full[k] else np.flatnonzero(p.valid[src, dst, k])
             s_, d_ = src[on], dst[on]
             res = p.res[s_, d_, k]
-            x = nbytes[on] * 8 * p.inv_bps[s_, d_, k]
+            x = (nbytes[on] + acks[on]) * 8 * p.inv_bps[s_, d_, k]
             if unique:  # each link carries one message of the batch: the FIFO step directly
                 start = np.maximum(a[on], self.free[res])
                 end = np.maximum(start + x, u[on])
@@ -285,10 +316,7 @@ class LockstepReplay:
         clock, compute, ser, wait = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
         sent = np.zeros(n, dtype=np.int64)
         right = (ranks + 1) % n
-        src_ag = np.repeat(ranks, n - 1)
-        dst_ag = np.array([p for r in range(n) for p in peers(r, n)], dtype=np.int64)  # the Communicator's order
-        # ring: per step, the chunk each rank sends right (its plan's sends, in order)
-        ring_sends = np.array([[m.part for m in all_reduce_plan(r, n) if m.op == "send"] for r in range(n)]).T
+        src_ag, dst_ag, ring_sends = _patterns(n)
         for k, (kind, sizes) in enumerate(ls.colls):
             c, z = ls.compute[k] * self.speed, ls.serialize[k] * self.speed
             clock, compute, ser = clock + c + z, compute + c, ser + z

@@ -174,7 +174,10 @@ class WireModel:
     a stream never goes faster than ``stack_bytes_per_s`` of payload (the gRPC
     stack's own ceiling, what bounds unshaped links);
     one ACK segment (header only) per ``ack_every`` segments in the reverse
-    direction, counted in bytes on the wire but not as link occupancy.
+    direction, counted in bytes on the wire and as link occupancy: the replays
+    charge a message's links with its ACK bytes too, which is where the ACKs of
+    the equal traffic the other way go in the methods' schedules (every rank sends
+    each peer as much as it receives from it; htb shapes ACKs like data).
     """
 
     mss_bytes: int = 1448
@@ -251,10 +254,16 @@ class TcpModel:
       - ``slow_start`` (default): each connection (ordered host pair, one
         persistent gRPC stream) starts with ``initial_window_segments`` and doubles
         per RTT until its window covers the bandwidth-delay product; after an idle
-        gap longer than the RTO the window falls back to the initial one, as Linux
-        does with ``tcp_slow_start_after_idle=1``. Within a busy inference (gaps
-        shorter than 200 ms) connections stay open, so this mostly costs the first
-        messages of an inference and matters when the BDP exceeds 10 segments.
+        gap longer than the RTO the window is halved once per RTO begun after the
+        first, never below the initial one (``restart_window``: Linux's
+        tcp_cwnd_restart with ``tcp_slow_start_after_idle=1``, RFC 2861). Within a
+        busy inference (gaps shorter than 200 ms) windows stay open, so this mostly
+        costs the first messages on a connection when the BDP exceeds 10 segments.
+        ``warm`` (default): the replayed inference follows one of the same schedule
+        (the runner's warm-up inference and the repetitions before it): each connection
+        starts with the window and idle time the previous inference left it, as on
+        nodes whose streams persist; False: every connection starts at the initial
+        window (the first inference after the nodes start).
       - ``steady``: every message is sent at the bottleneck rate (no start-up).
     Slow start stretches a message's latency but not its link occupancy: the gaps
     between rounds can carry other flows of the same link.
@@ -270,7 +279,8 @@ class TcpModel:
       connection sends (acknowledged an RTT later), the tail loss probe (2 RTT +
       ``probe_floor_s``, for a message of more than one segment; with one segment in
       flight Linux waits an RTO instead) or the RTO, srtt + ``min_rto_s``; if that repair is
-      lost too (p again), nothing later can reveal it and the RTO follows. The replay
+      lost too (p again), it costs the same once more (RACK marks a lost retransmission by
+      later data as it does an original; one segment is then in flight). The replay
       does not look ahead, so it takes the connection's gap before this message as the
       time to its next one (lock-step schedules send on a connection once per block).
       Retransmitted bytes are added to the wire bytes (1/(1-p) in expectation).
@@ -281,6 +291,7 @@ class TcpModel:
     min_rto_s: float = 0.2
     loss_mode: str = "sampled"
     probe_floor_s: float = 0.002
+    warm: bool = True
 
     def __post_init__(self) -> None:
         check(self.mode in TCP_MODES, "tcp_mode", self.mode, " | ".join(TCP_MODES))
@@ -291,6 +302,7 @@ class TcpModel:
               "a number of seconds >= 0")
         check(isinstance(self.probe_floor_s, (int, float)) and self.probe_floor_s >= 0, "probe_floor_s",
               self.probe_floor_s, "a number of seconds >= 0")
+        check(isinstance(self.warm, bool), "warm", self.warm, "true or false")
 
     def rto_s(self, rtt_s):
         """Retransmission timeout for a path of round trip ``rtt_s`` (a number or an array): Linux's
@@ -346,19 +358,30 @@ def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bot
     rto = tcp.rto_s(rtt_s)
     stall = 0.0
     if tcp.mode == "slow_start":
-        cwnd = _where(idle_s > rto, _minimum(cwnd, float(tcp.initial_window_segments)), cwnd)
+        cwnd = restart_window(cwnd, idle_s, rto, tcp.initial_window_segments)
         seg_rate = bottleneck_bps / (8 * (wire.mss_bytes + wire.segment_header_bytes))
         stall, cwnd = slow_start_extra_s(segments, cwnd, rtt_s, seg_rate)
     if _any(loss > 0):
-        # the last segment lost; its repair (probe or retransmission) lost too: the RTO
+        # the last segment lost; its repair (probe or retransmission) lost too, repaired the same way
         if tcp.loss_mode == "expected":
             tail, again = loss, loss
         else:
             tail, again = draw(1, loss), draw(1, loss)
-        stall = stall + tail * (tcp.tail_loss_s(segments, rtt_s, idle_s) + again * rto)
+        stall = stall + tail * (tcp.tail_loss_s(segments, rtt_s, idle_s) + again * tcp.tail_loss_s(1, rtt_s, idle_s))
         m = mathis_rate_bps(wire.mss_bytes, rtt_s, loss)
         stall = stall + _where(m < bottleneck_bps, wire_bytes * 8 / m - wire_bytes * 8 / bottleneck_bps, 0.0)
     return stall, cwnd
+
+
+def restart_window(cwnd, idle_s, rto_s, initial_segments: int):
+    """The window a connection sends with after ``idle_s`` without sending (Linux's tcp_cwnd_restart):
+    unchanged up to one RTO, then halved once per further RTO begun, never below min(initial, cwnd)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        halvings = np.ceil(np.asarray(idle_s, dtype=float) / rto_s) - 1.0
+    halvings = np.where(np.asarray(idle_s) > rto_s, np.minimum(halvings, 64.0), 0.0)
+    floor = np.minimum(np.asarray(cwnd, dtype=float), float(initial_segments))
+    out = np.maximum(floor, np.asarray(cwnd, dtype=float) / 2.0 ** halvings)
+    return out if isinstance(cwnd, np.ndarray) or isinstance(idle_s, np.ndarray) else float(out)
 
 
 def slow_start_extra_s(segments, cwnd, rtt_s, rate_segments_per_s):

@@ -38,8 +38,9 @@ CELL = ["experiment", "model", "method", "method_params", "label", "tokens", "ba
         "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
 REQUIRED = CELL + ["repetition", "latency_s", "comm_s", "bytes_on_wire", "status"]
 PROFILE_COLS = ["bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct"]
-#: with compute jitter (SimConfig.segment_jitter_k) a prediction is the median of this many draws at least
-JITTER_SAMPLES = 9
+#: where the model draws (compute jitter, sampled loss or link jitter) a prediction is the median of this
+#: many draws at least: the model's median, not that of as few draws as the cell has repetitions
+SAMPLES = 9
 
 
 def _profile(row: Any) -> LinkProfile:
@@ -81,8 +82,7 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
             pred = sim.results(model=cell["model"], method=cell["method"], params=run_params(cell, grp),
                                tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
                                topology=topology if topology is not None else cell["topology"], profile=prof,
-                               speed=speed, repetitions=reps if sim.config.segment_jitter_k == 0 else
-                               max(reps, JITTER_SAMPLES))
+                               speed=speed, repetitions=reps if not _random(sim, prof) else max(reps, SAMPLES))
             status, error = "ok", ""
         except ConfigError as e:  # a cell the simulator cannot run: recorded, the others are compared
             pred, status, error = [], "error", str(e)
@@ -111,6 +111,12 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         table["abs_error_pct"] = table["error_pct"].abs()
         table["replay_error_pct"] = 100 * (table["replayed_latency_s"] - m) / m
     return table
+
+
+def _random(sim: Simulator, prof: LinkProfile) -> bool:
+    """Whether a cell's predictions differ from draw to draw."""
+    sampled = sim.config.tcp.loss_mode == "sampled" and (prof.loss_pct > 0 or prof.jitter_ms > 0)
+    return sim.config.segment_jitter_k > 0 or sampled
 
 
 def run_params(cell: dict, rows: pd.DataFrame) -> dict:

@@ -71,18 +71,33 @@ def test_two_ranks_all_gather_with_overhead(engine):
     res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2), wire, STEADY, engine=engine)
     wb = expected_wire_bytes(1_000_000)
     assert wb == 1_046_294  # worked by hand: 692 segments
-    assert res.latency_s == pytest.approx(0.010 + 0.001 + wb * 8 / 10e6 + 0.005, rel=1e-12)
     acks = math.ceil(692 / 2) * 66
+    # each uplink carries its message and the ACKs of the one it receives (as many bytes as its own ACKs)
+    assert res.latency_s == pytest.approx(0.010 + 0.001 + (wb + acks) * 8 / 10e6 + 0.005, rel=1e-12)
     assert res.bytes_on_wire == 2 * (wb + acks)
 
 
 def test_slow_start_adds_rounds_until_the_window_covers_the_bdp(engine):
     # RTT 20 ms at 10 Mbit/s with 1514-byte frames: BDP = 16.5 segments; IW 10 -> one round, then full rate
-    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2, delay_ms=10), WireModel(),
-                   TcpModel(mode="slow_start"), engine=engine)
+    res = simulate(all_gather_traces(2, 1_000_000, 0.010), net("star", 2, delay_ms=10), WireModel(ack_every=0),
+                   TcpModel(mode="slow_start", warm=False), engine=engine)
     seg_rate = 10e6 / (8 * 1514)
     extra = 0.020 - 10 / seg_rate
     assert res.latency_s == pytest.approx(0.010 + expected_wire_bytes(1_000_000) * 8 / 10e6 + 0.010 + extra, rel=1e-12)
+
+
+@pytest.mark.parametrize("compute_s, restarts", [(0.010, False), (0.300, True)])
+def test_a_warm_connection_keeps_the_window_of_the_inference_before_unless_idle_past_the_rto(engine, compute_s,
+                                                                                             restarts):
+    """Warm (the default): the replayed inference follows one of the same schedule, whose window covers the
+    BDP; 300 ms between the last send of the one and the first of the next exceeds the RTO (220 ms), and the
+    window restarts from the initial one as on a cold connection."""
+    traces, topo, wire = all_gather_traces(2, 1_000_000, compute_s), net("star", 2, delay_ms=10), WireModel(ack_every=0)
+    warm = simulate(traces, topo, wire, TcpModel(mode="slow_start"), engine=engine).latency_s
+    cold = simulate(traces, topo, wire, TcpModel(mode="slow_start", warm=False), engine=engine).latency_s
+    steady = simulate(traces, topo, wire, STEADY, engine=engine).latency_s
+    assert cold > steady
+    assert warm == pytest.approx(cold if restarts else steady, rel=1e-12)
 
 
 def test_shared_medium_is_n_times_slower_than_star_for_an_all_gather_and_mesh_n_minus_1_times_faster(engine):
@@ -140,7 +155,8 @@ def test_serialization_time_counts_as_compute():
 @pytest.mark.parametrize("compute_s", [0.0, 0.004, 1.0])
 def test_expected_loss_cost_of_a_one_segment_message(engine, compute_s):
     """A lost one-segment message waits for the connection's next segment (taken after the same gap as
-    before it, here the compute before the first send) plus RACK's window, or else for the RTO."""
+    before it, here the compute before the first send) plus RACK's window, or else for the RTO; a lost
+    repair the same once more (RACK marks a retransmission lost by later data too)."""
     p, d = 0.05, 0.005
     wire = WireModel.none()
     res = simulate(all_gather_traces(2, 100, compute_s), net("mesh", 2, delay_ms=d * 1e3, loss_pct=p * 100),
@@ -149,7 +165,7 @@ def test_expected_loss_cost_of_a_one_segment_message(engine, compute_s):
     rtt = 2 * d
     tail = min(rtt + 0.2, compute_s + 1.25 * rtt)  # 1 s of compute: the RTO comes first
     mathis = 1448 * 8 / rtt * math.sqrt(1.5 / p)
-    stall = p * (tail + p * (rtt + 0.2)) + max(0.0, nbytes * 8 / mathis - nbytes * 8 / 10e6)
+    stall = p * (tail + p * tail) + max(0.0, nbytes * 8 / mathis - nbytes * 8 / 10e6)
     assert res.latency_s == pytest.approx(compute_s + nbytes * 8 / 10e6 + d + stall, rel=1e-9)
     assert res.bytes_on_wire == round(2 * nbytes)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from testbed.errors import ConfigError
 from testbed.net.profile import LinkProfile
-from testbed.sim.network import Network, SimTopology, WireModel, mathis_rate_bps, slow_start_extra_s
+from testbed.sim.network import (Network, SimTopology, WireModel, mathis_rate_bps, restart_window,
+                                  slow_start_extra_s)
 
 
 def test_paths_per_topology():
@@ -105,3 +107,11 @@ def test_cost_formulas_take_numbers_and_arrays():
                                float(cwnd[i]), float(idle[i]), None)
             assert (s, a) == pytest.approx((stall[i], after[i]), rel=1e-12)
     assert stall[0] == 0.0 and stall[1] > 0  # unshaped, lossless: free; lossy: tail losses and the Mathis bound
+
+
+@pytest.mark.parametrize("idle_s, expected", [(0.1, 400.0), (0.25, 400.0), (0.3, 200.0), (0.5, 200.0),
+                                              (0.51, 100.0), (10.0, 10.0)])
+def test_an_idle_connection_halves_its_window_per_rto_begun_after_the_first(idle_s, expected):
+    # Linux tcp_cwnd_restart: while ((delta -= rto) > 0 && cwnd > restart) cwnd >>= 1; RTO 250 ms here
+    assert restart_window(400.0, idle_s, 0.25, 10) == expected
+    assert restart_window(np.array([400.0, 4.0]), np.array([idle_s, idle_s]), 0.25, 10).tolist() == [expected, 4.0]
