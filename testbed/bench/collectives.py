@@ -12,8 +12,9 @@ over reps and the ratio ours/gloo per size. Sizes are per-rank tensor bytes.
 (testbed.comm.serde, shared with the in-process transport).
 
 ``--mininet`` (root) runs the same inside a 4-host star (``topologies/star``) at 100 and
-1000 Mbit/s with 0 and 5 ms between any two hosts (:func:`run_star`; target ours/gloo <= 1.05
-there, the link's share of the time hiding part of the transport's). Any other emulated hosts:
+1000 Mbit/s with 0 and 5 ms between any two hosts (``--bandwidths``, ``--delays``;
+:func:`run_star`; target ours/gloo <= 1.05 there, the link's share of the time hiding part of
+the transport's), and prints per profile what the queues dropped and TCP retransmitted meanwhile. Any other emulated hosts:
 call :func:`run` with ``hosts`` set to the hosts' data addresses and ``launch`` starting each
 worker in its host, e.g. ``lambda rank, argv: net.hosts[rank].popen(argv, stdin=PIPE, stdout=PIPE, text=True)``.
 Workers rendezvous over their stdin/stdout (each binds port 0 and reports its
@@ -150,12 +151,17 @@ STAR_TARGET = 1.05  # inside the shaped star
 
 
 def run_star(sizes: list[int], collectives: tuple[str, ...] = COLLECTIVES, reps: int | None = None,
-             bandwidths_mbps: tuple[float, ...] = (100, 1000), delays_ms: tuple[float, ...] = (0, 5)) -> list[dict]:
-    """The benchmark with its 4 ranks in the hosts of an emulated 4-host star (root), per profile."""
+             bandwidths_mbps: tuple[float, ...] = (100, 1000), delays_ms: tuple[float, ...] = (0, 5),
+             profiles: list | None = None) -> list[dict]:
+    """The benchmark with its 4 ranks in the hosts of an emulated 4-host star (root), per profile:
+    every bandwidth with every delay, or the ``profiles`` (LinkProfiles) given. Each row also carries
+    what the queues dropped and TCP repaired while its profile ran (``loss_counters``)."""
     from testbed.net.emulation import Emulation
     from testbed.net.profile import LinkProfile
     from testbed.net.topology import load_topology
 
+    if profiles is None:
+        profiles = [LinkProfile(bandwidth_mbps=bw, delay_ms=d) for bw in bandwidths_mbps for d in delays_ms]
     out = []
     with Emulation(load_topology("star")) as em:
         hosts = em.topology.host_names
@@ -163,17 +169,59 @@ def run_star(sizes: list[int], collectives: tuple[str, ...] = COLLECTIVES, reps:
         def launch(rank: int, argv: list[str]) -> subprocess.Popen:
             return em.popen(hosts[rank], argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True)
 
-        for bw in bandwidths_mbps:
-            for delay in delays_ms:
-                em.apply_profile(LinkProfile(bandwidth_mbps=bw, delay_ms=delay))
-                rows = run(len(hosts), sizes, collectives, hosts=[em.data_ip(h) for h in hosts], reps=reps,
-                           launch=launch)
-                print(f"# 4-host star, {bw:g} Mbit/s and {delay:g} ms between any two hosts ({em.mechanism})",
-                      flush=True)
-                print(format_table(rows, STAR_TARGET), flush=True)
-                out += [asdict(r) | {"world": len(hosts), "bandwidth_mbps": bw, "delay_ms": delay, "ratio": r.ratio}
-                        for r in rows]
+        for prof in profiles:
+            em.apply_profile(prof)
+            before = loss_counters(em)
+            rows = run(len(hosts), sizes, collectives, hosts=[em.data_ip(h) for h in hosts], reps=reps, launch=launch)
+            lost = {k: v - before.get(k, 0) for k, v in loss_counters(em).items()}
+            loss = f", {prof.loss_pct:g}% loss" if prof.loss_pct else ""
+            print(f"# 4-host star, {prof.bandwidth_mbps:g} Mbit/s and {prof.delay_ms:g} ms{loss} between any two hosts "
+                  f"({em.mechanism})", flush=True)
+            print(format_table(rows, STAR_TARGET), flush=True)
+            print(f"# while it ran (ours and gloo): {describe_losses(lost)}", flush=True)
+            out += [asdict(r) | {"world": len(hosts), "bandwidth_mbps": prof.bandwidth_mbps, "delay_ms": prof.delay_ms,
+                                 "loss_pct": prof.loss_pct, "ratio": r.ratio, **lost} for r in rows]
     return out
+
+
+#: TCP counters (nstat names) summed over the hosts by loss_counters
+TCP_COUNTERS = {"TcpRetransSegs": "tcp_retransmitted_segments", "TcpExtTCPLossProbes": "tcp_loss_probes",
+                "TcpExtTCPTimeouts": "tcp_timeouts"}
+
+
+def loss_counters(em) -> dict[str, int]:
+    """Packets dropped by the qdiscs of the hosts (their egress: the links' sending side) and of the root
+    namespace (the switch ports: the receiving side), and the hosts' TCP recovery counters, since boot.
+    A qdisc drop at a host's own egress is not a loss on the wire: TCP retries the packet and reduces
+    its window (local congestion); a drop at a switch port is one, repaired by retransmission."""
+    import re
+
+    def drops(text: str) -> int:
+        return sum(int(m) for m in re.findall(r"dropped (\d+)", text))
+
+    def run_in(host: str | None, argv: list[str]) -> str:
+        if host is None:
+            return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        p = em.popen(host, argv, device=False, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return p.communicate()[0]
+
+    hosts = em.topology.host_names
+    out = {"host_queue_drops": sum(drops(run_in(h, ["tc", "-s", "qdisc", "show"])) for h in hosts),
+           "switch_queue_drops": drops(run_in(None, ["tc", "-s", "qdisc", "show"]))}
+    out.update({name: 0 for name in TCP_COUNTERS.values()})
+    for h in hosts:
+        for line in run_in(h, ["nstat", "-asz", *TCP_COUNTERS]).splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in TCP_COUNTERS and parts[1].isdigit():
+                out[TCP_COUNTERS[parts[0]]] += int(parts[1])
+    return out
+
+
+def describe_losses(c: dict[str, int]) -> str:
+    return (f"{c['host_queue_drops']} packets dropped at the hosts' egress queues (retried by TCP, not lost on "
+            f"the wire), {c['switch_queue_drops']} at the switch ports; TCP retransmitted "
+            f"{c['tcp_retransmitted_segments']} segments ({c['tcp_loss_probes']} loss probes, "
+            f"{c['tcp_timeouts']} timeouts)")
 
 
 def _human(n: int) -> str:
@@ -265,6 +313,15 @@ def _check(coll: str, out, rank: int, world: int, impl: str) -> None:
 # -- command line ------------------------------------------------------------------------
 
 
+def _numbers(text: str, field: str, low: float) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        out = ()
+    check(bool(out) and all(x >= low for x in out), field, text, f"comma-separated numbers >= {low:g}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.collectives", description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="2,4,8", help="numbers of ranks (processes), comma-separated, run in turn")
@@ -275,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--mininet", action="store_true",
                     help="inside a 4-host star at 100 and 1000 Mbit/s x 0 and 5 ms instead (root; --world is 4)")
+    ap.add_argument("--bandwidths", default="100,1000", help="--mininet: link rates in Mbit/s (default 100,1000)")
+    ap.add_argument("--delays", default="0,5", help="--mininet: delays between two hosts in ms (default 0,5)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
@@ -290,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(a.rank, worlds[0], a.host, sizes, colls, a.reps)
         return 0
     if a.mininet:
-        out = run_star(sizes, colls, a.reps)
+        out = run_star(sizes, colls, a.reps, _numbers(a.bandwidths, "bandwidths", 0.001), _numbers(a.delays, "delays", 0))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(out, f, indent=1)
