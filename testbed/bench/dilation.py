@@ -13,8 +13,13 @@
 3. host independence: one 4-node experiment run with the runner confined to 1 core and to 2
    cores (taskset), F from auto each time; ratio of median latencies. Target 0.93-1.07.
 
-Parts 2 and 3 run `testbed run` in a subprocess, as a user would. ``--parts`` picks parts;
-``--quick`` fewer repetitions.
+4. segments: device time of a short compute segment (3 and 12 ms of CPU) after an idle gap of
+   0, 5 and 60 ms, over its time on a free core, at F = 2.5 with 10 and 2 ms slices (one
+   device). Target 1.0; below it, the device ran part of the segment at host speed: a period's
+   quota it left unused while idle (CFS bandwidth control refills it every period).
+
+Parts 2 and 3 run `testbed run` in a subprocess, as a user would. ``--parts`` picks parts
+(default 1,2,3,4); ``--quick`` fewer repetitions.
 """
 
 from __future__ import annotations
@@ -95,6 +100,65 @@ def quota_table(rounds: int, forwards: int) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ part 4
+SEGMENT_F = 2.5
+SEGMENT_SLICES_MS = (10.0, 2.0)
+SEGMENT_MATMULS = (9, 36)  # about 3 and 12 ms of CPU here
+SEGMENT_IDLES_MS = (0.0, 5.0, 60.0)  # wall: none, shorter than a period, longer than one
+
+
+class _Segments:
+    def __init__(self, cgroup: DeviceCgroup | None):
+        pre = cgroup.join if cgroup is not None else None
+        self.proc = subprocess.Popen([sys.executable, "-m", "testbed.bench.segment_worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, preexec_fn=pre,
+                                     cwd=str(Path(__file__).resolve().parents[2]))
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def mean_s(self, matmuls: int, n: int, idle_ms: float) -> float:
+        self.proc.stdin.write(f"{matmuls} {n} {idle_ms}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def segment_table(n: int) -> list[dict]:
+    """Device time of a short compute segment after an idle gap, over its time on a free core: 1.0 is
+    a device of the profile's speed; below 1, the device ran part of the segment at host speed (a CFS
+    period's quota left unused while it was idle). One device of speed 1 under dilation SEGMENT_F."""
+    host = DeviceProfile(speed=1.0, threads=1)
+    core = allocate_cores([host], host_cpus())[0]
+    free = DeviceCgroup("tbbench-segref", host, core)  # the same core, a whole one (the reference)
+    free.create()
+    ref = _Segments(free)
+    rows = []
+    try:
+        for slice_ms in SEGMENT_SLICES_MS:
+            g = DeviceCgroup("tbbench-seg", host.dilated(SEGMENT_F), core, slice_ms=slice_ms)
+            g.create()
+            w = _Segments(g)
+            try:
+                for k in SEGMENT_MATMULS:
+                    for idle in SEGMENT_IDLES_MS:
+                        alone = ref.mean_s(k, n, idle)
+                        ratio = w.mean_s(k, n, idle) / SEGMENT_F / alone
+                        rows.append({"slice_ms": slice_ms, "segment_ms": alone * 1e3, "idle_ms": idle,
+                                     "device_over_profile": ratio})
+                        print(f"  slice {slice_ms:>4g} ms (period {slice_ms * SEGMENT_F:g} ms)  segment "
+                              f"{alone * 1e3:5.1f} ms  after {idle:>4g} ms idle: device time / profile {ratio:6.3f}",
+                              flush=True)
+            finally:
+                w.close()
+                g.remove()
+    finally:
+        ref.close()
+        free.remove()
+    return rows
+
+
 # ------------------------------------------------------------------ parts 2 and 3
 def _experiment(name: str, nodes: int, sweep: dict, methods: list, reps: int, dilation) -> dict:
     return {"name": name, "model": {"name": "vit-small"}, "input": {"tokens": 197, "seed": 0}, "methods": methods,
@@ -158,7 +222,7 @@ def host_independence(tmp: Path, reps: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.dilation", description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (default 1,2,3)")
+    ap.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run (default 1,2,3,4)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
     ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     args = ap.parse_args(argv)
@@ -171,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if 1 in parts:
         print("\n1. quota: slowdown / F of a fixed forward (vit-small, 197 tokens), k devices at once")
         out["quota"] = quota_table(rounds=3 if args.quick else 5, forwards=2)
+    if 4 in parts:
+        print(f"\n4. short segments after idle gaps: device time / profile at F={SEGMENT_F:g}, one device")
+        out["segments"] = segment_table(n=9 if args.quick else 25)
     reps = 2 if args.quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-dilation-") as d:
         if 2 in parts:
