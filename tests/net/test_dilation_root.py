@@ -69,3 +69,14 @@ def test_a_dilated_link_is_slower_by_the_factor():
         assert (row.bandwidth_mbps, row.rtt_expected_ms) == (25, 8) and row.ok(), row
         routes = em.node("a").cmd(f"ip route show {em.data_ip('b')}")
         assert "rto_min" in routes and "400ms" in routes, routes  # TCP's 200 ms minimum RTO, dilated
+
+
+def test_the_segment_benchmark_runs_and_leaves_no_cgroup():
+    """bench.dilation part 4 end to end (its ratios are measurements; none is asserted here)."""
+    from testbed.bench.dilation import SEGMENT_IDLES_MS, SEGMENT_MATMULS, SEGMENT_SLICES_MS, segment_table
+    from testbed.net.cgroups import CGROUP_ROOT
+
+    rows = segment_table(n=2)
+    assert len(rows) == len(SEGMENT_SLICES_MS) * len(SEGMENT_MATMULS) * len(SEGMENT_IDLES_MS)
+    assert all(r["device_over_profile"] > 0 and r["segment_ms"] > 0 for r in rows)
+    assert not [p for p in CGROUP_ROOT.rglob("tbbench-seg*")]
