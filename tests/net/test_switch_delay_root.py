@@ -61,12 +61,14 @@ def test_bridge_knob_set_by_the_testbed_is_put_back_by_the_last_run():
     try:
         with Emulation(load_topology("star")) as first:
             assert knob.read_text().strip() == "1" and cleanup.BRIDGE_NF_RECORD.exists()
+            # both runs' delay lines still delay (the median: this checks the knob, not fidelity, and
+            # one late reply of ten, 42 ms of 20 with two runs on two cores, moved a mean out of bounds)
             with Emulation(load_topology("line")) as second:
                 second.apply_profile(LinkProfile(delay_ms=10))  # line: 10 ms per switch-to-switch hop
-                assert rtt_ok(ping(second, "h1", "h3", count=10, user_timestamps=False).mean_ms - 40)
+                assert rtt_ok(ping(second, "h1", "h3", count=10, user_timestamps=False).median_ms - 40)
             assert knob.read_text().strip() == "1"  # the first run is still alive
             first.apply_profile(LinkProfile(delay_ms=10))  # star: 10 ms between any two hosts
-            assert rtt_ok(ping(first, "h1", "h2", count=10, user_timestamps=False).mean_ms - 20)
+            assert rtt_ok(ping(first, "h1", "h2", count=10, user_timestamps=False).median_ms - 20)
         assert knob.read_text().strip() == "0" and not cleanup.BRIDGE_NF_RECORD.exists()
     finally:
         knob.write_text(original + "\n")
