@@ -114,6 +114,10 @@ class Backend(ABC):
         """Bytes sent on the data plane of all nodes since start (a running counter), if known."""
         return None
 
+    def retransmitted_segments(self) -> int | None:
+        """TCP segments all nodes retransmitted since start (a running counter), if known."""
+        return None
+
     def replay(self, trace, profile: LinkProfile | None = None, loop: bool = True):
         """Replay a testbed.net.replay.BandwidthTrace on every swept link until stop_replays()."""
         raise ConfigError("sweep.traces", f"a bandwidth trace of {trace.duration_s:g} s",

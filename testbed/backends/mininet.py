@@ -239,6 +239,9 @@ class MininetBackend(NodeBackend):
     def wire_bytes(self) -> int | None:
         return self.emulation.wire_bytes() if self.emulation is not None else None
 
+    def retransmitted_segments(self) -> int | None:
+        return self.emulation.retransmitted_segments() if self.emulation is not None else None
+
     def run_ids(self) -> list[str]:
         run = self.emulation.run if self.emulation is not None else None
         return [run.run_id] if run is not None else []

@@ -265,7 +265,7 @@ class Runner:
             for k, rep in enumerate(reps):
                 stop_if_signalled()
                 row = self.base_row(cell, mi, method, rep)
-                t0, wire0 = faults.now() if faults else None, session.wire_bytes()
+                t0, wire0, re0 = faults.now() if faults else None, session.wire_bytes(), session.retransmitted_segments()
                 try:
                     res = session.infer(rep)
                 except Exception as e:  # noqa: BLE001
@@ -280,6 +280,8 @@ class Runner:
                 row.update(timing_columns(res.latency_s, res.nodes), **output_columns(res.output, ref),
                            **decode_columns(res.nodes, ref), **memory_columns(res.nodes))
                 row["bytes_on_wire"] = wire1 - wire0 if wire0 is not None and wire1 is not None else None
+                re1 = session.retransmitted_segments()
+                row["retransmitted_segments"] = re1 - re0 if re0 is not None and re1 is not None else None
                 row["status"], row["error"] = "ok", ""
                 store.append(row, [n.trace.to_dict() for n in res.nodes] if session.backend.keeps_traces else None)
                 if self.startup.first_inference():

@@ -93,6 +93,9 @@ class BackendSession:
     def wire_bytes(self) -> int | None:
         return self.backend.wire_bytes() if self.backend is not None else None
 
+    def retransmitted_segments(self) -> int | None:
+        return self.backend.retransmitted_segments() if self.backend is not None else None
+
     @property
     def mechanism(self) -> str:
         return self.backend.mechanism if self.backend is not None else "?"

@@ -347,6 +347,11 @@ class Emulation:
         now = self._wire_counters()
         return sum(v - self._wire_base.get(k, 0) for k, v in now.items())
 
+    def retransmitted_segments(self) -> int:
+        """TCP segments the hosts retransmitted so far (a running counter: each host namespace's own
+        RetransSegs, read from its /proc/PID/net/snmp without entering it)."""
+        return sum(tcp_retransmits(Path(f"/proc/{h.pid}/net/snmp").read_text()) for h in self.wiring.hosts)
+
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
         """Stop every process, remove every namespace, link, qdisc, rule and cgroup. Idempotent."""
@@ -387,3 +392,11 @@ def _free_control_net() -> str:
 
 def _repo_root() -> str:
     return str(Path(__file__).resolve().parents[2])
+
+
+def tcp_retransmits(snmp: str) -> int:
+    """RetransSegs from the text of /proc/net/snmp (its two "Tcp:" lines: names, then values)."""
+    rows = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Tcp:")]
+    if len(rows) < 2 or "RetransSegs" not in rows[0]:
+        raise ValueError("no Tcp RetransSegs in this /proc/net/snmp text")
+    return int(rows[1][rows[0].index("RetransSegs")])

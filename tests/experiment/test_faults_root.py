@@ -35,6 +35,8 @@ def test_link_down_costs_the_repetition_it_hits_and_only_that_one(tmp_path, monk
     # ... and no other is slowed by a second or more (a margin a correct run passes by far: a repetition
     # takes milliseconds)
     assert (rows["latency_s"].drop(slow) < base + 1.0).all(), rows["latency_s"].drop(slow).max()
+    # the hosts' TCP counters saw it retransmit what the outage swallowed
+    assert rows["retransmitted_segments"].notna().all() and rows.loc[slow[0], "retransmitted_segments"] >= 1
     hit = rows.index[rows["faults"] == "cut"]
     # rows name the faults active while they ran: the slow one, and the one before it when the link
     # went down in that one's last milliseconds
