@@ -88,6 +88,7 @@ class SimBackend(Backend):
         self.key: ProfileKey | None = None
         self.bytes_on_wire = 0
         self.simulated = False
+        self.inferences = 0  # since the job was loaded: its first runs on new connections (cold)
 
     @classmethod
     def from_setup(cls, setup: BackendSetup) -> "SimBackend":
@@ -105,7 +106,8 @@ class SimBackend(Backend):
         self.profile = profile
 
     def load(self, job: JobSpec) -> None:
-        """Find the job's compute profile (measuring or extrapolating it now) and check the network."""
+        """Find the job's compute profile (measuring or extrapolating it now) and check the network. Its
+        first inference runs on new connections (a node opens new peer channels per job): cold windows."""
         if job.world_size != self.n_nodes:
             raise ConfigError("world_size", job.world_size, f"{self.n_nodes} (the ranks started)")
         self.job, self.key, self.mechanism = None, None, "sim"
@@ -113,6 +115,7 @@ class SimBackend(Backend):
         self.sim.schedule(key)
         self.sim.network(self.topology, job.world_size, self.profile)
         self.job, self.key, self.mechanism = job, key, self.sim.mechanism(key)
+        self.inferences = 0
 
     def infer(self, repetition: int | None = None) -> InferenceResult:
         if self.job is None:
@@ -120,8 +123,9 @@ class SimBackend(Backend):
         j = self.job
         res = self.sim.results(model=j.model, method=j.method, params=j.params, tokens=j.tokens, nodes=j.world_size,
                                topology=self.topology, profile=self.profile, speed=self.speeds, threads=j.threads,
-                               batch=j.batch, first_repetition=repetition or 0)[0]
+                               batch=j.batch, first_repetition=repetition or 0, warm=self.inferences > 0)[0]
         self.simulated = True
+        self.inferences += 1
         self.bytes_on_wire += res.bytes_on_wire
         nodes = [RankResult(rank=s.rank, output=None, wall_s=s.finish_s, compute_s=s.compute_s, comm_s=s.comm_s,
                             wait_s=s.wait_s, serialize_s=s.serialize_s, bytes_sent=s.bytes_sent, bytes_recv=0,

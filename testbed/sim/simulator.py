@@ -253,11 +253,14 @@ class Simulator:
 
     def results(self, *, model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int,
                 topology: Any, profile: LinkProfile, speed: float | Sequence[float] = 1.0, repetitions: int = 1,
-                threads: int = 1, batch: int = 1, first_repetition: int = 0) -> list[SimResult]:
+                threads: int = 1, batch: int = 1, first_repetition: int = 0,
+                warm: bool | None = None) -> list[SimResult]:
         """``repetitions`` simulated inferences of one cell (per-rank results, aggregated into a row's
         columns by testbed.experiment.metrics.timing_columns, as measured ones are).
 
         Repetition r uses seed r for sampled loss and jitter; without loss or jitter all are equal.
+        ``warm``: whether the connections carry the windows of an inference before (TcpModel.warm;
+        None: the configured model's).
         A cell that cannot run (invalid method params, too many nodes for the heads, an unknown
         topology, no calibration) raises ConfigError naming the field.
         """
@@ -273,13 +276,14 @@ class Simulator:
         k = self.config.segment_jitter_k
         reps = range(first_repetition, first_repetition + repetitions)
         extra = self.config.dispatch_s
+        tcp = self.config.tcp if warm is None else replace(self.config.tcp, warm=warm)
         if k == 0:
-            out = [simulate(sched, net, self.wire, self.config.tcp, speed, seed=r) for r in reps]
+            out = [simulate(sched, net, self.wire, tcp, speed, seed=r) for r in reps]
         else:
             factors = [float(speed)] * nodes if isinstance(speed, (int, float)) else [float(f) for f in speed]
             traces = self._profiles[key].traces
-            out = [simulate(Schedule.from_traces(jittered(traces, factors, k, r)), net, self.wire, self.config.tcp,
-                            speed, seed=r) for r in reps]
+            out = [simulate(Schedule.from_traces(jittered(traces, factors, k, r)), net, self.wire, tcp, speed, seed=r)
+                   for r in reps]
         return [replace(res, latency_s=res.latency_s + extra) for res in out] if extra else out
 
     @staticmethod

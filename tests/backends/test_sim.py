@@ -92,3 +92,22 @@ def test_settings_and_speeds():
     setup = BackendSetup(nodes=2, topology_source="star", devices=devices, settings={"measure": False})
     backend = SimBackend.from_setup(setup)
     assert backend.topology == "star" and backend.speeds == [2.0, 1.0] and not backend.sim.config.measure_missing
+
+
+def test_the_first_inference_after_a_load_runs_on_cold_connections(sim):
+    """A node opens new peer channels per job: the first inference after load() pays slow start where
+    the BDP exceeds the initial window (100 Mbit/s, 25 ms: ~400 segments), the next ones keep the
+    windows (as measured repetitions after the runner's warm-up do)."""
+    backend = SimBackend(sim, "star", [1.0, 1.0])
+    backend.start(2)
+    backend.apply_profile(LinkProfile(100, 25))
+    backend.load(JobSpec("vit-small", "sequence_parallel", 2, 65))  # 50 KB all-gathers: 35 segments
+    first, second, third = (backend.infer(r).latency_s for r in (None, 0, 1))
+    kw = dict(model="vit-small", method="sequence_parallel", params={}, tokens=65, nodes=2, topology="star",
+              profile=LinkProfile(100, 25))
+    assert first == sim.results(**kw, warm=False)[0].latency_s
+    assert second == third == sim.results(**kw, warm=True)[0].latency_s == sim.results(**kw)[0].latency_s
+    assert first > second + 0.05  # at least one round trip (50 ms) of slow start
+    backend.load(JobSpec("vit-small", "sequence_parallel", 2, 65))  # a new job: new connections
+    assert backend.infer(2).latency_s == first
+    backend.close()
