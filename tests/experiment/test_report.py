@@ -106,3 +106,16 @@ def test_repetitions_hit_by_a_fault_are_a_line_of_their_own():
     faulted = s[s["faults"] != ""].set_index(["bandwidth_mbps", "delay_ms", "label"])
     assert faulted.loc[(10.0, 5.0, "sp"), "latency_s"] == 4.0
     assert faulted.loc[(10.0, 5.0, "astra"), "speedup_vs_single"] == 4.0 / 2.5  # single hit by the same fault
+
+
+def test_retransmissions_are_summarised_where_rows_count_them(tmp_path, capsys):
+    rows = _rows()
+    assert math.isnan(summarize(rows).set_index("label").loc["sp", "retransmits"])  # rows without the column
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    assert main([str(tmp_path)]) == 0 and "retransmits" not in capsys.readouterr().out
+    rows["retransmitted_segments"] = [0, 400, 0, 0, 500, 0, 0, 450, 0, 0]  # the last row failed
+    s = summarize(rows).set_index("label")
+    assert s.loc["sp", "retransmits"] == 450 and s.loc["single", "retransmits"] == 0
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    assert main([str(tmp_path)]) == 0 and "retransmits" in capsys.readouterr().out
+
