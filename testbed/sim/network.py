@@ -352,7 +352,7 @@ def tcp_stall_s(tcp: TcpModel, wire: WireModel, segments, wire_bytes, rtt_s, bot
 
     ``bottleneck_bps`` inf: unshaped. ``cwnd``: the connection's window before the message (used
     in ``slow_start`` mode), ``idle_s``: time since its last message left (an idle gap longer than
-    the RTO restarts from the initial window; under loss, the expected time to its next message).
+    the RTO shrinks the window, ``restart_window``; under loss, the expected time to its next message).
     Returns (stall seconds, window afterwards).
     """
     rto = tcp.rto_s(rtt_s)
