@@ -184,11 +184,6 @@ def run_star(sizes: list[int], collectives: tuple[str, ...] = COLLECTIVES, reps:
     return out
 
 
-#: TCP counters (nstat names) summed over the hosts by loss_counters
-TCP_COUNTERS = {"TcpRetransSegs": "tcp_retransmitted_segments", "TcpExtTCPLossProbes": "tcp_loss_probes",
-                "TcpExtTCPTimeouts": "tcp_timeouts"}
-
-
 def loss_counters(em) -> dict[str, int]:
     """Packets dropped by the qdiscs of the hosts (their egress: the links' sending side) and of the root
     namespace (the switch ports: the receiving side), and the hosts' TCP recovery counters, since boot.
@@ -199,22 +194,17 @@ def loss_counters(em) -> dict[str, int]:
     def drops(text: str) -> int:
         return sum(int(m) for m in re.findall(r"dropped (\d+)", text))
 
-    def run_in(host: str | None, argv: list[str]) -> str:
+    def qdiscs(host: str | None) -> str:
+        argv = ["tc", "-s", "qdisc", "show"]
         if host is None:
             return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         p = em.popen(host, argv, device=False, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return p.communicate()[0]
 
-    hosts = em.topology.host_names
-    out = {"host_queue_drops": sum(drops(run_in(h, ["tc", "-s", "qdisc", "show"])) for h in hosts),
-           "switch_queue_drops": drops(run_in(None, ["tc", "-s", "qdisc", "show"]))}
-    out.update({name: 0 for name in TCP_COUNTERS.values()})
-    for h in hosts:
-        for line in run_in(h, ["nstat", "-asz", *TCP_COUNTERS]).splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] in TCP_COUNTERS and parts[1].isdigit():
-                out[TCP_COUNTERS[parts[0]]] += int(parts[1])
-    return out
+    rec = em.tcp_recoveries()
+    return {"host_queue_drops": sum(drops(qdiscs(h)) for h in em.topology.host_names),
+            "switch_queue_drops": drops(qdiscs(None)), "tcp_retransmitted_segments": em.retransmitted_segments(),
+            "tcp_loss_probes": rec["TCPLossProbes"], "tcp_timeouts": rec["TCPTimeouts"]}
 
 
 def describe_losses(c: dict[str, int]) -> str:

@@ -352,6 +352,15 @@ class Emulation:
         RetransSegs, read from its /proc/PID/net/snmp without entering it)."""
         return sum(tcp_retransmits(Path(f"/proc/{h.pid}/net/snmp").read_text()) for h in self.wiring.hosts)
 
+    def tcp_recoveries(self) -> dict[str, int]:
+        """The hosts' TCP loss probes and retransmission timeouts so far (TcpExt of /proc/PID/net/netstat)."""
+        out = {"TCPLossProbes": 0, "TCPTimeouts": 0}
+        for h in self.wiring.hosts:
+            ext = proc_counters(Path(f"/proc/{h.pid}/net/netstat").read_text(), "TcpExt")
+            for k in out:
+                out[k] += ext.get(k, 0)
+        return out
+
     # -- teardown ---------------------------------------------------------------------
     def close(self) -> None:
         """Stop every process, remove every namespace, link, qdisc, rule and cgroup. Idempotent."""
@@ -394,9 +403,16 @@ def _repo_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
+def proc_counters(text: str, section: str) -> dict[str, int]:
+    """One section of /proc/net/snmp or /proc/net/netstat text (two "<section>:" lines: names, then
+    values) as a dict; empty if the text has no such section."""
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith(f"{section}:")]
+    return {k: int(v) for k, v in zip(rows[0], rows[1])} if len(rows) >= 2 else {}
+
+
 def tcp_retransmits(snmp: str) -> int:
-    """RetransSegs from the text of /proc/net/snmp (its two "Tcp:" lines: names, then values)."""
-    rows = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Tcp:")]
-    if len(rows) < 2 or "RetransSegs" not in rows[0]:
+    """RetransSegs from the text of /proc/net/snmp."""
+    tcp = proc_counters(snmp, "Tcp")
+    if "RetransSegs" not in tcp:
         raise ValueError("no Tcp RetransSegs in this /proc/net/snmp text")
-    return int(rows[1][rows[0].index("RetransSegs")])
+    return tcp["RetransSegs"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.net.emulation import tcp_retransmits
+from testbed.net.emulation import proc_counters, tcp_retransmits
 
 SNMP = """Ip: Forwarding DefaultTTL InReceives
 Ip: 1 64 6871234
@@ -23,3 +23,10 @@ def test_retransmitted_segments_are_read_by_name_from_the_tcp_lines():
 def test_a_text_without_the_counter_is_refused():
     with pytest.raises(ValueError, match="RetransSegs"):
         tcp_retransmits("Udp: InDatagrams\nUdp: 1\n")
+
+
+def test_a_section_reads_as_names_to_values():
+    assert proc_counters(SNMP, "Udp") == {"InDatagrams": 10, "NoPorts": 2}
+    assert proc_counters(SNMP, "TcpExt") == {}
+    assert "TCPLossProbes" in proc_counters(open("/proc/net/netstat").read(), "TcpExt")  # this kernel's layout
+
