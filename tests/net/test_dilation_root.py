@@ -48,25 +48,38 @@ def test_compute_under_the_quota_is_dilated_by_the_factor():
     assert 2.8 <= slow4 <= 6.0 and slow4 >= 1.4 * slow2, times
 
 
+def _measured(measure, ok, tries: int = 2):
+    """``measure()`` until ``ok`` holds for what it returns, at most ``tries`` times. On 2 shared
+    cores a correct link misses a fidelity tolerance now and then (a 2 s iperf3 at 0.925 of the
+    rate has been seen once in CI); a wrongly dilated link (x2 or /2 off) misses every time."""
+    for _ in range(tries):
+        what = measure()
+        if ok(what):
+            return what
+    raise AssertionError(f"missed the fidelity tolerances {tries} times in a row; last: {what}")
+
+
 def test_a_dilated_link_is_slower_by_the_factor():
     from testbed.backends.mininet import MininetBackend
-    from testbed.net.fidelity import check_pair, goodput_ok, rtt_ok
+    from testbed.net.fidelity import FidelityRow, check_pair, goodput_ok, rtt_ok
 
     topo = Topology("pair", (HostSpec("a"), HostSpec("b")), (),
                     (LinkSpec("a", "b", LinkProfile(20, 5), LinkProfile(20, 5)),))
     with MininetBackend(topo, time_dilation=2) as backend:
         backend.start(2)
         em = backend.emulation
-        row = check_pair(em, "a", "b", seconds=2)  # as the links run: 10 Mbit/s, 10 ms each way
-        assert (row.bandwidth_mbps, row.rtt_expected_ms) == (10, 20), row  # undilated: 20 Mbit/s, 10 ms
-        assert row.ok(), row  # goodput and RTT of the dilated link within testbed.net.fidelity's tolerances
-        table = backend.fidelity_table(seconds=2)  # the same link reported in device time
-        assert table[0]["bandwidth_mbps"] == 20 and table[0]["rtt_expected_ms"] == 10
-        # device time: goodput x 2 over 20 Mbit/s; the RTT error / 2 (the tolerance is for the link as it runs)
-        assert goodput_ok(table[0]["goodput_mbps"] / 20) and rtt_ok(2 * (table[0]["rtt_ms"] - 10)), table[0]
+        # as the links run: 10 Mbit/s, 10 ms each way (undilated: 20 Mbit/s, 10 ms); goodput and RTT
+        # of the dilated link within testbed.net.fidelity's tolerances
+        row = _measured(lambda: check_pair(em, "a", "b", seconds=2), FidelityRow.ok)
+        assert (row.bandwidth_mbps, row.rtt_expected_ms) == (10, 20), row
+
+        # the same link reported in device time: goodput x 2 over 20 Mbit/s, the RTT error / 2
+        table_row = _measured(lambda: backend.fidelity_table(seconds=2)[0],
+                              lambda t: goodput_ok(t["goodput_mbps"] / 20) and rtt_ok(2 * (t["rtt_ms"] - 10)))
+        assert table_row["bandwidth_mbps"] == 20 and table_row["rtt_expected_ms"] == 10
         backend.apply_profile(LinkProfile(50, 2))  # a sweep profile is dilated the same way
-        row = check_pair(em, "a", "b", seconds=2)
-        assert (row.bandwidth_mbps, row.rtt_expected_ms) == (25, 8) and row.ok(), row
+        row = _measured(lambda: check_pair(em, "a", "b", seconds=2), FidelityRow.ok)
+        assert (row.bandwidth_mbps, row.rtt_expected_ms) == (25, 8), row
         routes = em.node("a").cmd(f"ip route show {em.data_ip('b')}")
         assert "rto_min" in routes and "400ms" in routes, routes  # TCP's 200 ms minimum RTO, dilated
 
