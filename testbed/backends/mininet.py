@@ -9,6 +9,9 @@ experiment cells ``apply_profile`` maps one sweep profile onto the topology
 
 Time dilation (``time_dilation`` F > 1): the emulated network is the topology made F times
 slower (Topology.dilated: every device at speed / F, every link at bandwidth / F and delay x F),
+each device's CPU quota at that speed and, with ``pace_compute``, every node holding each compute
+segment to its CPU time at the quota's rate (a quota refilled while a device waited lets the next
+segment run at host speed for up to one slice; testbed.comm.trace.CpuPacer),
 every profile applied later and every bandwidth trace likewise; TCP's minimum retransmission
 timeout on the host routes and the nodes' gRPC keepalive grow by F; ``client`` multiplies the
 deadlines by F and divides every duration the nodes report by F (testbed.backends.dilation).
@@ -62,14 +65,15 @@ class MininetBackend(NodeBackend):
     def __init__(self, topology: Topology | str | dict, mechanism: str = "auto", start_timeout_s: float = 120.0,
                  log_dir: str | None = None, python: str = sys.executable, seed: int = 0,
                  time_dilation: float = 1.0, cpu_slice_ms: float = DEFAULT_SLICE_MS, timeout_s: float = 120.0,
-                 capabilities: Capabilities | None = None):
+                 capabilities: Capabilities | None = None, pace_compute: bool = True):
         """``topology``: a Topology, a topologies/ name, a YAML path or an inline mapping, in
         device time. ``mechanism``: auto | htb+nfqueue | htb+netem. ``start_timeout_s``: for
         all nodes to print their addresses. ``log_dir``: node logs (stderr) stay there; default a
         temporary directory removed by close(). ``seed``: of the delay lines' jitter.
         ``time_dilation``: F >= 1 (see the module docstring). ``cpu_slice_ms``: see
         testbed.net.cgroups. ``timeout_s``: deadline of one inference, in device time.
-        ``capabilities``: the kernel probe made by check_available (None: probed at start)."""
+        ``capabilities``: the kernel probe made by check_available (None: probed at start).
+        ``pace_compute``: nodes whose device has a CPU quota pace their compute to it (see above)."""
         _quick_check()
         super().__init__()
         check(isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0, "start_timeout_s",
@@ -77,6 +81,7 @@ class MininetBackend(NodeBackend):
         check(isinstance(time_dilation, (int, float)) and not isinstance(time_dilation, bool) and time_dilation >= 1,
               "time_dilation", time_dilation, "a number >= 1")
         self.time_dilation, self.cpu_slice_ms, self.timeout_s = float(time_dilation), cpu_slice_ms, timeout_s
+        self.pace_compute = bool(pace_compute)
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         self.requested_mechanism, self.start_timeout_s, self.python, self.seed = mechanism, start_timeout_s, python, seed
         self._own_logs = log_dir is None
@@ -103,7 +108,7 @@ class MininetBackend(NodeBackend):
         backend = cls(setup.topology, log_dir=str(setup.log_dir) if setup.log_dir else None, seed=setup.seed,
                       time_dilation=setup.time_dilation, timeout_s=setup.timeout_s,
                       cpu_slice_ms=setup.cpu_slice_ms if setup.cpu_slice_ms is not None else DEFAULT_SLICE_MS,
-                      capabilities=setup.machine)
+                      capabilities=setup.machine, pace_compute=setup.pace_compute)
         backend.log = setup.log
         return backend
 
@@ -141,8 +146,18 @@ class MininetBackend(NodeBackend):
                 "--listen", f"{em.control_ip(host)}:0", "--watch-parent",
                 "--insecure",  # plain gRPC on the emulated network's addresses (nobody else reaches them)
                 "--keepalive-timeout-s", f"{KEEPALIVE_TIMEOUT_S * self.time_dilation:g}"]
+        rate = self.cpu_rate(host)
+        if self.pace_compute and rate is not None:
+            argv += ["--pace-cpu", f"{rate:.6g}"]
         with open(self.log_path(host), "ab") as log:
             return em.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+
+    def cpu_rate(self, host: str) -> float | None:
+        """CPU-seconds per second ``host``'s device cgroup allows (quota / period, as the kernel
+        holds them); None: no quota (a device at host speed)."""
+        cg = self.emulation.cgroups.get(host) if self.emulation is not None else None
+        limit = cg.cpu_limit() if cg is not None else None
+        return None if limit is None else limit[0] / limit[1]
 
     def _await_addresses(self, rank: int, deadline: float) -> NodeAddress:
         host, proc, em = self.hosts[rank], self.procs[rank], self.emulation

@@ -16,7 +16,8 @@
 4. segments: device time of a short compute segment (3 and 12 ms of CPU) after an idle gap of
    0, 5 and 60 ms, over its time on a free core, at F = 2.5 with 10 and 2 ms slices (one
    device). Target 1.0; below it, the device ran part of the segment at host speed: a period's
-   quota it left unused while idle (CFS bandwidth control refills it every period).
+   quota it left unused while idle (CFS bandwidth control refills it every period). Beside it the
+   same segments paced to the quota's rate (testbed.comm.trace.CpuPacer, what nodes do by default).
 
 Parts 2 and 3 run `testbed run` in a subprocess, as a user would. ``--parts`` picks parts
 (default 1,2,3,4); ``--quick`` fewer repetitions.
@@ -108,9 +109,10 @@ SEGMENT_IDLES_MS = (0.0, 5.0, 60.0)  # wall: none, shorter than a period, longer
 
 
 class _Segments:
-    def __init__(self, cgroup: DeviceCgroup | None):
+    def __init__(self, cgroup: DeviceCgroup | None, pace: float | None = None):
         pre = cgroup.join if cgroup is not None else None
-        self.proc = subprocess.Popen([sys.executable, "-m", "testbed.bench.segment_worker"], stdin=subprocess.PIPE,
+        argv = [sys.executable, "-m", "testbed.bench.segment_worker"] + (["--pace", f"{pace:.6g}"] if pace else [])
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, preexec_fn=pre,
                                      cwd=str(Path(__file__).resolve().parents[2]))
         assert self.proc.stdout.readline().strip() == "ready"
@@ -128,7 +130,9 @@ class _Segments:
 def segment_table(n: int) -> list[dict]:
     """Device time of a short compute segment after an idle gap, over its time on a free core: 1.0 is
     a device of the profile's speed; below 1, the device ran part of the segment at host speed (a CFS
-    period's quota left unused while it was idle). One device of speed 1 under dilation SEGMENT_F."""
+    period's quota left unused while it was idle). One device of speed 1 under dilation SEGMENT_F,
+    as it is (``device_over_profile``) and with its segments paced to the quota's rate
+    (``paced_over_profile``: testbed.comm.trace.CpuPacer, as nodes run by default)."""
     host = DeviceProfile(speed=1.0, threads=1)
     core = allocate_cores([host], host_cpus())[0]
     free = DeviceCgroup("tbbench-segref", host, core)  # the same core, a whole one (the reference)
@@ -139,19 +143,22 @@ def segment_table(n: int) -> list[dict]:
         for slice_ms in SEGMENT_SLICES_MS:
             g = DeviceCgroup("tbbench-seg", host.dilated(SEGMENT_F), core, slice_ms=slice_ms)
             g.create()
-            w = _Segments(g)
+            quota, period = g.cpu_limit()
+            w, paced = _Segments(g), _Segments(g, pace=quota / period)  # used in turn, never at once
             try:
                 for k in SEGMENT_MATMULS:
                     for idle in SEGMENT_IDLES_MS:
                         alone = ref.mean_s(k, n, idle)
                         ratio = w.mean_s(k, n, idle) / SEGMENT_F / alone
+                        paced_ratio = paced.mean_s(k, n, idle) / SEGMENT_F / alone
                         rows.append({"slice_ms": slice_ms, "segment_ms": alone * 1e3, "idle_ms": idle,
-                                     "device_over_profile": ratio})
+                                     "device_over_profile": ratio, "paced_over_profile": paced_ratio})
                         print(f"  slice {slice_ms:>4g} ms (period {slice_ms * SEGMENT_F:g} ms)  segment "
-                              f"{alone * 1e3:5.1f} ms  after {idle:>4g} ms idle: device time / profile {ratio:6.3f}",
-                              flush=True)
+                              f"{alone * 1e3:5.1f} ms  after {idle:>4g} ms idle: device time / profile {ratio:6.3f}"
+                              f", paced {paced_ratio:6.3f}", flush=True)
             finally:
                 w.close()
+                paced.close()
                 g.remove()
     finally:
         ref.close()

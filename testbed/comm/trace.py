@@ -20,6 +20,36 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 
+class CpuPacer:
+    """Holds a compute segment to the wall time its CPU time takes at ``rate`` CPU-seconds per
+    second: a device emulated by a CPU quota (rate = quota / period) whose quota refilled while it
+    waited would otherwise run a short segment after a wait at host speed.
+
+    ``mark()`` at the start of a segment, ``pace()`` at its end: sleeps until the wall time since
+    the mark is at least the process's CPU time since then / ``rate`` (every thread of the
+    process counts, as every thread draws on the quota). A segment already that slow (throttled
+    by the quota, or slowed by anything else) is left as it is."""
+
+    def __init__(self, rate: float, cpu_clock: Callable[[], float] = time.process_time,
+                 wall_clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep):
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0 CPU-seconds per second, got {rate!r}")
+        self.rate, self.cpu_clock, self.wall_clock, self.sleep = rate, cpu_clock, wall_clock, sleep
+        self._cpu0 = self._wall0 = None
+        self.slept_s = 0.0  # total held back since construction (what the quota alone let through too fast)
+
+    def mark(self) -> None:
+        self._cpu0, self._wall0 = self.cpu_clock(), self.wall_clock()
+
+    def pace(self) -> None:
+        if self._cpu0 is None:
+            return
+        hold = (self.cpu_clock() - self._cpu0) / self.rate - (self.wall_clock() - self._wall0)
+        if hold > 0:
+            self.sleep(hold)
+            self.slept_s += hold
+
+
 @dataclass
 class Compute:
     duration_s: float
@@ -54,13 +84,23 @@ class Trace:
     #: what compute segments are timed with: wall clock by default; the simulator's calibration
     #: times them in CPU seconds (time.process_time), which other load on the host does not stretch
     clock: Callable[[], float] = field(default=time.perf_counter, repr=False, compare=False)
+    #: an emulated device's CpuPacer (testbed.node): every compute segment held to its device time
+    pacer: CpuPacer | None = field(default=None, repr=False, compare=False)
+
+    def _set_mark(self) -> None:
+        self._mark = self.clock()
+        if self.pacer is not None:
+            self.pacer.mark()
 
     def start(self) -> None:
         self.events.clear()
-        self._mark = self.clock()
+        self._set_mark()
 
     def close_compute(self) -> float:
-        """Record the compute segment since the last mark; return now (wall clock, for the collective)."""
+        """Record the compute segment since the last mark (paced first, if a pacer is set); return
+        now (wall clock, for the collective)."""
+        if self.pacer is not None and self._mark is not None:
+            self.pacer.pace()
         now = self.clock()
         if self._mark is not None and now > self._mark:
             self.events.append(Compute(now - self._mark))
@@ -68,7 +108,7 @@ class Trace:
 
     def add(self, event: Collective) -> None:
         self.events.append(event)
-        self._mark = self.clock()
+        self._set_mark()
 
     def finish(self) -> None:
         self.close_compute()

@@ -34,7 +34,8 @@ def backend_setup(spec: ExperimentSpec, topology, time_dilation: float = 1.0, lo
     return BackendSetup(nodes=spec.nodes.count, timeout_s=spec.timeout_s, log_dir=log_dir, run_dir=run_dir,
                         topology=topo, topology_source=spec.topology, devices=node_devices(spec, topo),
                         seed=spec.input.seed, time_dilation=time_dilation,
-                        cpu_slice_ms=spec.emulation.cpu_slice_ms, settings=dict(settings or {}),
+                        cpu_slice_ms=spec.emulation.cpu_slice_ms, pace_compute=spec.emulation.pace_compute,
+                        settings=dict(settings or {}),
                         log=log or (lambda _msg: None), machine=machine, inventory=spec.devices)
 
 

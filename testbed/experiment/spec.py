@@ -37,11 +37,13 @@ Schema (units in the names; see experiments/quickstart.yaml for a full example):
                                      # `topology` is then mesh or left out (every pair of devices gets the
                                      # cell's profile, host to host)
     output_dir: null                 # default results/<name>-<YYYYmmdd-HHMMSS>
-    emulation: {time_dilation: auto, reserve_cores: 0.5, cpu_slice_ms: 10}
+    emulation: {time_dilation: auto, reserve_cores: 0.5, cpu_slice_ms: 10, pace_compute: true}
                                      # mininet: run F times slower than real time so that every node
                                      # gets its whole device (auto: the smallest such F; 1: no
                                      # dilation, nodes contend for the host's cores); durations are
-                                     # recorded divided by F
+                                     # recorded divided by F; pace_compute: hold each compute segment
+                                     # to its CPU time at the device's rate (a quota refilled during a
+                                     # wait would run the next segment at host speed)
     timeout_s: 600                   # deadline of one inference (and of loading a job)
     fidelity_s: 1.0                  # mininet: iperf3 seconds per distinct path when a cell starts
                                      # (goodput and ping RTT vs configured, into the manifest); 0: off
@@ -127,6 +129,7 @@ class EmulationSpec:
     time_dilation: float | str = "auto"  # "auto" or a factor >= 1
     reserve_cores: float = 0.5  # host cores auto leaves to delay lines, the orchestrator and the kernel
     cpu_slice_ms: float = 10.0  # CPU time per CFS period of each device core (see testbed.net.cgroups)
+    pace_compute: bool = True  # nodes under a quota hold compute segments to device time (testbed.comm.trace.CpuPacer)
 
 
 @dataclass(frozen=True)
@@ -359,7 +362,7 @@ def _nodes(v: Any, path: str) -> NodesSpec:
 
 def _emulation(v: Any, path: str) -> EmulationSpec:
     d = F.mapping(v if v is not None else {}, path,
-                  {"time_dilation": False, "reserve_cores": False, "cpu_slice_ms": False})
+                  {"time_dilation": False, "reserve_cores": False, "cpu_slice_ms": False, "pace_compute": False})
     tp = F.join(path, "time_dilation")
     td = d.get("time_dilation", "auto")
     if td != "auto":
@@ -368,7 +371,8 @@ def _emulation(v: Any, path: str) -> EmulationSpec:
         td = float(td)
     return EmulationSpec(time_dilation=td,
                          reserve_cores=F.number(d.get("reserve_cores", 0.5), F.join(path, "reserve_cores"), 0, 64),
-                         cpu_slice_ms=F.number(d.get("cpu_slice_ms", 10.0), F.join(path, "cpu_slice_ms"), 0.5, 1000))
+                         cpu_slice_ms=F.number(d.get("cpu_slice_ms", 10.0), F.join(path, "cpu_slice_ms"), 0.5, 1000),
+                         pace_compute=_bool(d.get("pace_compute", True), F.join(path, "pace_compute")))
 
 
 def _topology(v: Any, path: str, backend: str) -> str | dict:

@@ -98,12 +98,14 @@ class _Job:
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
-    """``credentials``: of this node's peer channels (None: plain); ``access``: the files jobs may read."""
+    """``credentials``: of this node's peer channels (None: plain); ``access``: the files jobs may read;
+    ``pace_cpu``: hold every compute segment to its CPU time / this rate (testbed.comm.trace.CpuPacer)."""
 
     def __init__(self, hub, listen_addresses: list[str], stop: threading.Event,
                  keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S, credentials: grpc.ChannelCredentials | None = None,
-                 access: FileAccess | None = None, shape_mechanism: str = "auto"):
+                 access: FileAccess | None = None, shape_mechanism: str = "auto", pace_cpu: float | None = None):
         self.hub, self.listen_addresses, self.stop = hub, listen_addresses, stop
+        self.pace_cpu = pace_cpu
         self.keepalive_timeout_s = keepalive_timeout_s
         self.credentials, self.access = credentials, access or FileAccess()
         self.shaper = SelfShaper(shape_mechanism)
@@ -141,6 +143,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
         comm = GrpcCommunicator(args.rank, args.peers, self.hub, args.job_id, timeout_s=args.comm_timeout_s,
                                 connect_timeout_s=args.connect_timeout_s,
                                 keepalive_timeout_s=self.keepalive_timeout_s, credentials=self.credentials)
+        if self.pace_cpu is not None:
+            from testbed.comm.trace import CpuPacer
+
+            comm.trace.pacer = CpuPacer(self.pace_cpu)
         t1 = time.perf_counter()
         try:
             with _codebook_file(args.codebooks) as path:
@@ -250,13 +256,15 @@ class NodeServer:
 
     def __init__(self, listen: list[str], keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
                  tls_dir: str | None = None, allow_dirs: list[str] | tuple = (), insecure: bool = False,
-                 shape_mechanism: str = "auto"):
+                 shape_mechanism: str = "auto", pace_cpu: float | None = None):
         from testbed.comm.grpc import PeerHub
 
         check(len(listen) >= 1, "listen", listen, "at least one HOST:PORT")
         check(isinstance(keepalive_timeout_s, (int, float)) and keepalive_timeout_s >= 1, "keepalive_timeout_s",
               keepalive_timeout_s, "a number of seconds >= 1")
         check(not (insecure and tls_dir), "insecure", insecure, "not with --tls-dir (TLS or plain, not both)")
+        check(pace_cpu is None or (isinstance(pace_cpu, (int, float)) and pace_cpu > 0), "pace_cpu", pace_cpu,
+              "a rate > 0 in CPU-seconds per second (the device's quota / period)")
         hosts = [split_hostport(addr, "listen")[0] for addr in listen]
         if tls_dir is None and not insecure:
             for addr, host in zip(listen, hosts):
@@ -279,7 +287,8 @@ class NodeServer:
             check(port > 0, "listen", addr, "an address this host can bind")
             self.addresses.append(join_hostport(host, port))
         self.service = NodeService(self.hub, self.addresses, self.stop_event, keepalive_timeout_s,
-                                   credentials=peer_creds, access=access, shape_mechanism=shape_mechanism)
+                                   credentials=peer_creds, access=access, shape_mechanism=shape_mechanism,
+                                   pace_cpu=pace_cpu)
         self.tls, self.access = tls_dir is not None, access
         node_pb2_grpc.add_NodeServicer_to_server(self.service, self.server)
         self.hub.add_to_server(self.server)
@@ -358,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape-mechanism", default="auto", choices=["auto", "htb+nfqueue", "htb+netem"],
                     help="how Shape requests are applied (auto: netem where the kernel has it, else an NFQUEUE "
                          "delay line; see testbed.net.selfshape)")
+    ap.add_argument("--pace-cpu", type=float, metavar="RATE",
+                    help="hold each compute segment to at least its CPU time / RATE of wall time: RATE is the "
+                         "CPU-seconds per second of the CPU quota this node runs under (emulated devices), so a "
+                         "segment after a wait, whose quota refilled meanwhile, is not run at host speed")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
@@ -365,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         node = NodeServer(args.listen, keepalive_timeout_s=args.keepalive_timeout_s, tls_dir=args.tls_dir,
                           allow_dirs=args.allow_dir, insecure=args.insecure,
-                          shape_mechanism=args.shape_mechanism)
+                          shape_mechanism=args.shape_mechanism, pace_cpu=args.pace_cpu)
     except ConfigError as e:
         print(f"testbed node: {e}", file=sys.stderr)
         return 2

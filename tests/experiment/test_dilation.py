@@ -120,6 +120,7 @@ def test_cpu_share_is_refused_with_the_migration():
     ({"time_dilation": 0.5}, "emulation.time_dilation"),
     ({"time_dilation": "x"}, "emulation.time_dilation"),
     ({"time_dilation": 0}, "emulation.time_dilation"),
+    ({"pace_compute": "yes"}, "emulation.pace_compute"),
 ])
 def test_bad_factor_writes_nothing(tmp_path, monkeypatch, capsys, emulation, field):
     monkeypatch.chdir(tmp_path)

@@ -82,6 +82,10 @@ def test_a_dilated_link_is_slower_by_the_factor():
         assert (row.bandwidth_mbps, row.rtt_expected_ms) == (25, 8), row
         routes = em.node("a").cmd(f"ip route show {em.data_ip('b')}")
         assert "rto_min" in routes and "400ms" in routes, routes  # TCP's 200 ms minimum RTO, dilated
+        # each node paces its compute to its device cgroup's quota: speed 1 at F=2 is half a core
+        for host, proc in zip(backend.hosts, backend.procs):
+            quota, period = em.cgroups[host].cpu_limit()
+            assert quota / period == 0.5 and proc.args[proc.args.index("--pace-cpu") + 1] == "0.5", proc.args
 
 
 def test_the_segment_benchmark_runs_and_leaves_no_cgroup():

@@ -1,0 +1,109 @@
+"""CpuPacer: a compute segment held to its CPU time / rate, on clocks the test drives."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.comm.inprocess import InProcessGroup
+from testbed.comm.trace import Collective, Compute, CpuPacer, Trace
+
+
+class Clocks:
+    """A process's CPU clock and the wall clock, advanced by hand; sleep advances the wall."""
+
+    def __init__(self):
+        self.cpu = self.wall = 0.0
+        self.slept: list[float] = []
+
+    def run(self, cpu_s: float, wall_s: float) -> None:
+        self.cpu += cpu_s
+        self.wall += wall_s
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.wall += s
+
+    def pacer(self, rate: float) -> CpuPacer:
+        return CpuPacer(rate, cpu_clock=lambda: self.cpu, wall_clock=lambda: self.wall, sleep=self.sleep)
+
+
+def test_a_segment_faster_than_the_rate_is_held_to_cpu_over_rate():
+    c = Clocks()
+    p = c.pacer(0.25)  # a quarter of a core
+    p.mark()
+    c.run(cpu_s=0.004, wall_s=0.005)  # 4 ms of CPU in 5 ms: a fresh quota at host speed
+    p.pace()
+    assert c.slept == [pytest.approx(0.011)] and c.wall == pytest.approx(0.016)  # 4 ms / 0.25
+    assert p.slept_s == pytest.approx(0.011)
+
+
+def test_a_throttled_or_idle_segment_is_left_alone():
+    c = Clocks()
+    p = c.pacer(0.5)
+    p.mark()
+    c.run(cpu_s=0.010, wall_s=0.025)  # slower than 0.5 CPU-s per s already (throttled, contended)
+    p.pace()
+    p.mark()
+    c.run(cpu_s=0.0, wall_s=0.003)  # nothing computed
+    p.pace()
+    assert c.slept == [] and p.slept_s == 0
+
+
+def test_threads_count_together_against_a_multicore_rate():
+    c = Clocks()
+    p = c.pacer(2.0)  # two cores' quota
+    p.mark()
+    c.run(cpu_s=0.040, wall_s=0.010)  # four threads busy for 10 ms
+    p.pace()
+    assert c.slept == [pytest.approx(0.010)]  # 40 ms of CPU at 2 CPU-s per s: 20 ms
+
+
+def test_pace_before_any_mark_does_nothing_and_a_bad_rate_is_refused():
+    c = Clocks()
+    c.pacer(1.0).pace()
+    assert c.slept == []
+    for rate in (0, -1.0):
+        with pytest.raises(ValueError, match="rate"):
+            CpuPacer(rate)
+
+
+def test_the_trace_paces_each_segment_before_recording_it():
+    """Marks at start() and after every collective; paced at every collective and at finish(),
+    so each Compute event is the held (device) time."""
+    c = Clocks()
+    trace = Trace(0, clock=lambda: c.wall, pacer=c.pacer(0.5))
+    trace.start()
+    c.run(cpu_s=0.002, wall_s=0.002)
+    trace.close_compute()  # a collective begins
+    c.run(cpu_s=0.001, wall_s=0.007)  # inside the collective: waiting, not paced
+    trace.add(Collective("all_gather"))
+    c.run(cpu_s=0.003, wall_s=0.004)
+    trace.finish()
+    computes = [e.duration_s for e in trace.events if isinstance(e, Compute)]
+    assert computes == [pytest.approx(0.004), pytest.approx(0.006)]
+    assert c.slept == [pytest.approx(0.002), pytest.approx(0.002)]
+
+
+def test_collectives_run_unchanged_under_a_pacer():
+    """A real communicator with a pacer on every rank gives the same results (pacing only waits)."""
+    import threading
+
+    import torch
+
+    group = InProcessGroup(2)
+    comms = [group.communicator(r) for r in range(2)]
+    for comm in comms:
+        comm.trace.pacer = CpuPacer(1000.0)  # far above any real rate: never holds anything back
+    out: list = [None, None]
+
+    def rank(r: int) -> None:
+        comms[r].trace.start()
+        out[r] = comms[r].all_reduce(torch.full((5,), float(r + 1)), "direct")
+        comms[r].trace.finish()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(o, torch.full((5,), 3.0)) for o in out)
