@@ -146,8 +146,8 @@ class MininetBackend(NodeBackend):
                 "--listen", f"{em.control_ip(host)}:0", "--watch-parent",
                 "--insecure",  # plain gRPC on the emulated network's addresses (nobody else reaches them)
                 "--keepalive-timeout-s", f"{KEEPALIVE_TIMEOUT_S * self.time_dilation:g}"]
-        rate = self.cpu_rate(host)
-        if self.pace_compute and rate is not None:
+        rate = self.cpu_rate(host) if self.pace_compute else None
+        if rate is not None:
             argv += ["--pace-cpu", f"{rate:.6g}"]
         with open(self.log_path(host), "ab") as log:
             return em.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)

@@ -41,14 +41,15 @@ from testbed.comm import frames, tls
 from testbed.comm.channels import CHUNK_BYTES, KEEPALIVE_TIMEOUT_S, data_channel_options, make_server
 
 _STOP = object()  # outbound sentinel: end the stream
+_BROKEN = object()  # inbound sentinel: the job is broken (any stream broke); see .failure
+_CLOSED = object()  # inbound sentinel: this peer ended its stream cleanly (its job is over)
+
 # Messages from this size up are received into reused buffers (RecvPool); smaller ones come from
 # the allocator's heap anyway. Fresh memory costs its page faults: 64 MiB written into a new
 # buffer took 45-54 ms on a 2-core VM, into one already touched 7.8 ms.
 RECV_POOL_MIN_BYTES = 64 << 10
 RECV_POOL_BUFFERS = 4  # per link: a collective's messages from one peer in flight at once, and spare
 RECV_POOL_MAX_BYTES = 256 << 20  # per link: what a pool may keep (an all-gather of 64 MiB per rank fits)
-_BROKEN = object()  # inbound sentinel: the job is broken (any stream broke); see .failure
-_CLOSED = object()  # inbound sentinel: this peer ended its stream cleanly (its job is over)
 
 
 class RecvPool:
@@ -68,9 +69,7 @@ class RecvPool:
         """A buffer of exactly ``nbytes`` bytes (contents undefined) that nobody else refers to."""
         spare = None
         for i in range(len(self.buffers)):
-            # references when free: the list, the call's argument (getrefcount adds none of its own
-            # for a subscript expression beyond the temporary it receives)
-            if sys.getrefcount(self.buffers[i]) == 2:
+            if sys.getrefcount(self.buffers[i]) == 2:  # free: only the list and getrefcount's argument
                 if len(self.buffers[i]) == nbytes:
                     return self.buffers[i]
                 spare = i if spare is None else spare
@@ -96,9 +95,9 @@ class _Link:
         self.context: grpc.ServicerContext | None = None  # accepting side: the RPC, to cancel on abort
         self.bye = False  # the peer said it is done (a clean end, not a death)
         self._buf: bytearray | None = None  # message being reassembled
-        self.pool = RecvPool()
         self._off = 0  # bytes of it received so far
         self._next = 0  # index of the next chunk expected
+        self.pool = RecvPool()
 
     def outgoing(self) -> Iterator:
         """Frames for the stream: our Hello, every queued message, and Bye at _STOP."""

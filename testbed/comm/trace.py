@@ -36,7 +36,6 @@ class CpuPacer:
             raise ValueError(f"rate must be > 0 CPU-seconds per second, got {rate!r}")
         self.rate, self.cpu_clock, self.wall_clock, self.sleep = rate, cpu_clock, wall_clock, sleep
         self._cpu0 = self._wall0 = None
-        self.slept_s = 0.0  # total held back since construction (what the quota alone let through too fast)
 
     def mark(self) -> None:
         self._cpu0, self._wall0 = self.cpu_clock(), self.wall_clock()
@@ -47,7 +46,6 @@ class CpuPacer:
         hold = (self.cpu_clock() - self._cpu0) / self.rate - (self.wall_clock() - self._wall0)
         if hold > 0:
             self.sleep(hold)
-            self.slept_s += hold
 
 
 @dataclass

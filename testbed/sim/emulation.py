@@ -36,10 +36,11 @@ threads spend the same quota) and misses the slowdown of four devices computing 
 cores (shared caches and memory bandwidth). Neither is modelled: one ``compute_scale`` applies.
 Runs made with ``emulation.pace_compute`` (the default since it exists) hold every segment to its
 CPU time at the quota's rate (testbed.comm.trace.CpuPacer), which removes the fresh-slice burst:
-their measured compute over the calibrated one is nearly constant across delays (ASTRA G=1 at 197
-tokens 0.84-0.89 against 0.64-0.97 unpaced, results/reference/delay_paced and delay), and its
-level says what ``compute_scale`` leaves: short segments that fit in one slice are never
-throttled, so they carry none of the throttling overhead ASTRA's are charged (0.86 ~ 1 / 1.18).
+in results/reference/paced/delay measured compute over the calibrated one is 0.84-0.89 for ASTRA
+G=1 at 197 tokens in every delay cell (0.64-0.97 in the unpaced results/reference/delay; a paced
+repeat on a host 10-20% slower, not committed, spread 1.06-1.30). That level says what
+``compute_scale`` leaves: short segments that fit in one slice are never throttled, so they carry
+none of the throttling overhead every segment is charged (0.86 ~ 1 / 1.18).
 
 And every emulated inference has a **dispatch** cost outside the ranks' traces: the
 orchestrator's request to every node, the node preparing the input and returning output and
