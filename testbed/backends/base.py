@@ -65,6 +65,8 @@ class Backend(ABC):
     mechanism: str = "none"
     #: whether inferences compute outputs (agreement with the reference); False: rows say NaN
     computes: bool = True
+    #: whether the nodes compute on this host (their speed is this host's: rows record a host probe)
+    computes_here: bool = True
     #: whether results carry per-rank schedule traces worth storing
     keeps_traces: bool = True
     #: whether fidelity_table() measures the links

@@ -54,6 +54,7 @@ class DevicesBackend(NodeBackend):
     name = "devices"
     mechanism = "none"  # until the nodes say what they shape with
     FAULTS = ()  # a real device is not killed, nor its links cut, by the testbed
+    computes_here = False
 
     def __init__(self, inventory: Inventory, timeout_s: float = 120.0):
         super().__init__()

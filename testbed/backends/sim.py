@@ -75,6 +75,7 @@ class SimBackend(Backend):
     name = "sim"
     mechanism = "sim"
     computes = False
+    computes_here = False
     keeps_traces = False
     SETTINGS = tuple(DEFAULTS)
 

@@ -57,6 +57,7 @@ from testbed.experiment.spec import Cell, ExperimentSpec, MethodSpec
 from testbed.experiment.startup import Startup
 from testbed.experiment.store import ResultStore, read_rows
 from testbed.methods.job import JobSpec
+from testbed.models.probe import host_probe_s
 from testbed.net.profile import LinkProfile
 
 
@@ -251,6 +252,8 @@ class Runner:
                 phase = "warm-up"
                 for _ in range(self.spec.warmup):
                     session.infer()
+            # how fast this host is now (the nodes idle): carries a calibration over to this unit's rows
+            probe = host_probe_s() if session.backend.computes_here else None
             if cell.trace is not None:
                 phase = "trace start"
                 session.start_trace(cell.trace)
@@ -265,6 +268,7 @@ class Runner:
             for k, rep in enumerate(reps):
                 stop_if_signalled()
                 row = self.base_row(cell, mi, method, rep)
+                row["host_probe_s"] = probe
                 t0, wire0, re0 = faults.now() if faults else None, session.wire_bytes(), session.retransmitted_segments()
                 try:
                     res = session.infer(rep)

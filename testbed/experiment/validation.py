@@ -75,12 +75,13 @@ def run_emulation(run_dir: str | Path) -> EmulationModel:
 
 
 def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,
-                 topology: Any = None, emulation: EmulationModel | None = None
+                 topology: Any = None, emulation: EmulationModel | None = None, host_speed: bool = True
                  ) -> tuple[pd.DataFrame, list[Path]]:
     """``compare`` on a results directory (rows and traces), saved beside it (validation/);
     ``topology``: instead of the run's own (``run_topology``); ``emulation``: instead of the
     run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus``, ``compute_scale``,
-    ``segment_jitter_k`` and ``dispatch_s``."""
+    ``segment_jitter_k`` and ``dispatch_s``; ``host_speed``: carry the calibration over to the
+    host's speed when each cell was measured (host probes, ``compare``)."""
     d = Path(run_dir)
     rows = read_rows(d)
     check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
@@ -88,7 +89,7 @@ def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None
     emu = emulation if emulation is not None else run_emulation(d)
     run_sim = Simulator(replace(sim.config, shared_cpus=emu.shared_cpus, compute_scale=emu.compute_scale,
                                 segment_jitter_k=emu.segment_jitter_k, dispatch_s=emu.dispatch_s), log=sim.log)
-    table = compare(rows, run_sim, traces=read_traces(d), topology=topo, speed=run_speeds(d))
+    table = compare(rows, run_sim, traces=read_traces(d), topology=topo, speed=run_speeds(d), host_speed=host_speed)
     return table, save_validation(table, out_dir if out_dir is not None else d / "validation")
 
 
@@ -124,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", help="where validation.csv and .png go (default RUN_DIR/validation)")
     p.add_argument("--no-measure", action="store_true", help="never measure: stored profiles or extrapolation only")
     p.add_argument("--quiet", action="store_true", help="no per-cell table")
+    p.add_argument("--no-host-speed", action="store_true",
+                   help="predict from the calibration as measured, not scaled to the host's speed when the run "
+                        "measured (the rows' and the profiles' host probes)")
     args = p.parse_args(argv)
     try:
         sim = Simulator(SimConfig(calibration_dir=args.calibration, measure_missing=not args.no_measure),
                         log=lambda m: print(f"  {m}", flush=True))
         emu = run_emulation(args.run_dir)
         print(f"{args.run_dir}: {emu.why}")
-        table, paths = validate_run(args.run_dir, sim, out_dir=args.out, emulation=emu)
+        table, paths = validate_run(args.run_dir, sim, out_dir=args.out, emulation=emu,
+                                    host_speed=not args.no_host_speed)
     except ConfigError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -139,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     fmt = {"float_format": lambda v: f"{v:.1f}"}
+    scale = table["host_scale"].dropna() if "host_scale" in table else []
+    if args.no_host_speed:
+        print("host speed: not carried over (--no-host-speed): compute as calibrated")
+    elif len(scale):
+        print(f"host speed: compute x {scale.iloc[0]:.3f}, the run's host probe over the calibration's (medians)")
+    else:
+        print("host speed: not carried over (the run's rows or its profiles have no host probe)")
     if not args.quiet and len(table):
         cols = ["label", "bandwidth_mbps", "delay_ms", "loss_pct", "measured_latency_s", "predicted_latency_s",
                 "replayed_latency_s", "error_pct"]

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from testbed.comm.trace import Compute, Trace
 from testbed.errors import check
 from testbed.methods.job import JobSpec
+from testbed.models.probe import host_probe_s
 from testbed.net.profile import LinkProfile
 from testbed.sim.calibrate import CLOCK, measure
 from testbed.sim.engine import Schedule, SimResult, simulate
@@ -119,6 +120,15 @@ def jittered(traces: Sequence[Trace], factors: Sequence[float], k: float, seed: 
     return out
 
 
+def _carry_probe(prof: ComputeProfile, sources: Sequence[ComputeProfile]) -> None:
+    """An extrapolated profile's host probe: the median of its measured sources' (none if they have none)."""
+    import statistics
+
+    probes = [p.meta["host_probe_s"] for p in sources if p.meta.get("host_probe_s")]
+    if probes and "host_probe_s" not in prof.meta:
+        prof.meta["host_probe_s"] = statistics.median(probes)
+
+
 def speed_from_device(speed: float | None) -> float:
     """Compute slow-down of a rank on a device whose cores run at ``speed`` cores of this host
     (testbed.net.topology.DeviceProfile.speed; profiles are calibrated on free cores of this
@@ -172,11 +182,12 @@ class Simulator:
         self.log(f"calibrating {key.model} {key.method} {key.params_json} T={key.tokens} N={key.nodes} "
                  f"threads={key.threads}")
         job = JobSpec(key.model, key.method, key.nodes, key.tokens, key.params, batch=key.batch, threads=key.threads)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), host_probe_s()
         traces = measure(job, c.calibration_repetitions, c.calibration_warmup)
+        probe = (before + host_probe_s()) / 2  # the host's speed while it measured (testbed.models.probe)
         meta = {**host_info(), "repetitions": c.calibration_repetitions, "warmup": c.calibration_warmup,
                 "wall_s": time.perf_counter() - t0, "how": "in-process, ranks take turns on the CPU",
-                "clock": CLOCK}
+                "clock": CLOCK, "host_probe_s": probe}
         prof = ComputeProfile(key, traces, meta=meta)
         self.store.put(prof)
         return prof
@@ -209,7 +220,9 @@ class Simulator:
             else:
                 self.log(f"warning: {self.store.path(key).name} was measured with other methods/models code")
         if (prof is None or prof.extrapolated) and proxy_key(key) is not None:  # too large to build here
-            prof = from_proxy(key, self.profile(proxy_key(key)))
+            proxy = self.profile(proxy_key(key))
+            prof = from_proxy(key, proxy)
+            _carry_probe(prof, [proxy])
             self.log(f"extrapolated {key.model} {key.method} T={key.tokens} N={key.nodes} from {prof.basis[0].model}")
         elif prof is None or prof.extrapolated:
             if self.config.measure_missing and self.measurable(key):
@@ -222,6 +235,7 @@ class Simulator:
                         if (b.tokens, b.nodes) not in have:
                             measured.append(self.measure(b))
                 prof = extrapolate(key, measured)
+                _carry_probe(prof, measured)
                 self.log(f"extrapolated {key.model} {key.method} T={key.tokens} N={key.nodes} "
                          f"from {len(prof.basis)} measured profiles")
         self._profiles[key] = prof
@@ -254,22 +268,25 @@ class Simulator:
     def results(self, *, model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int,
                 topology: Any, profile: LinkProfile, speed: float | Sequence[float] = 1.0, repetitions: int = 1,
                 threads: int = 1, batch: int = 1, first_repetition: int = 0,
-                warm: bool | None = None) -> list[SimResult]:
+                warm: bool | None = None, host_scale: float = 1.0) -> list[SimResult]:
         """``repetitions`` simulated inferences of one cell (per-rank results, aggregated into a row's
         columns by testbed.experiment.metrics.timing_columns, as measured ones are).
 
         Repetition r uses seed r for sampled loss and jitter; without loss or jitter all are equal.
         ``warm``: whether the connections carry the windows of an inference before (TcpModel.warm;
-        None: the configured model's).
+        None: the configured model's). ``host_scale``: multiplies compute, for a host slower (> 1) when
+        the run being predicted measured than when it was calibrated (testbed.sim.validate.host_scale).
         A cell that cannot run (invalid method params, too many nodes for the heads, an unknown
         topology, no calibration) raises ConfigError naming the field.
         """
         check(isinstance(profile, LinkProfile), "profile", profile, "a testbed.net.profile.LinkProfile")
         check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
-        params = self.settle(model, method, params, tokens, nodes, batch, topology)
-        key = ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
+        check(isinstance(host_scale, (int, float)) and not isinstance(host_scale, bool) and host_scale > 0,
+              "host_scale", host_scale, "a number > 0")
+        key = self.key(model=model, method=method, params=params, tokens=tokens, nodes=nodes, topology=topology,
+                       threads=threads, batch=batch)
         sched = self.schedule(key)
-        stretch = contention_factor(self._profiles[key], self.config.shared_cpus) * self.config.compute_scale
+        stretch = contention_factor(self._profiles[key], self.config.shared_cpus) * self.config.compute_scale * host_scale
         if stretch != 1.0:
             speed = [f * stretch for f in speed] if not isinstance(speed, (int, float)) else speed * stretch
         net = self.network(topology, nodes, profile)
@@ -285,6 +302,12 @@ class Simulator:
             out = [simulate(Schedule.from_traces(jittered(traces, factors, k, r)), net, self.wire, tcp, speed, seed=r)
                    for r in reps]
         return [replace(res, latency_s=res.latency_s + extra) for res in out] if extra else out
+
+    def key(self, *, model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int,
+            topology: Any, threads: int = 1, batch: int = 1) -> ProfileKey:
+        """The compute profile a cell runs on (its params settled for the topology, as ``results`` does)."""
+        params = self.settle(model, method, params, tokens, nodes, batch, topology)
+        return ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
 
     @staticmethod
     def settle(model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int, batch: int,

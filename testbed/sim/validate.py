@@ -63,26 +63,33 @@ def _num(v: Any) -> float | None:
 
 
 def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = None,
-            topology: Any = None, speed: float | list[float] = 1.0) -> pd.DataFrame:
+            topology: Any = None, speed: float | list[float] = 1.0, host_speed: bool = True) -> pd.DataFrame:
     """One row per emulated cell: measured and predicted medians and their relative errors.
 
     ``topology`` overrides the rows' topology name (e.g. a loaded net.topology.Topology);
     ``traces`` are the run's per-rank traces (as a run directory's traces.jsonl holds them).
+    ``host_speed``: scale compute by how much slower the host was when the run measured than when
+    its profiles were (``host_scale``; the ``host_scale`` column, NaN where it could not be told).
     """
     missing = [c for c in REQUIRED if c not in emulated.columns]
     check(not missing, "emulated rows", missing, "the runner's columns (" + ", ".join(REQUIRED) + ")")
     ok = emulated[(emulated["status"] == "ok") & (emulated.get("trace", "").fillna("") == "")]
     by_trace = _trace_index(traces)
+    cells = {}  # per cell, what the simulator runs
+    for key, grp in ok.groupby(CELL, dropna=False, sort=False):
+        c = dict(zip(CELL, key))
+        cells[key] = dict(model=c["model"], method=c["method"], params=run_params(c, grp), tokens=int(c["tokens"]),
+                          nodes=int(c["nodes"]), batch=int(c["batch"]),
+                          topology=topology if topology is not None else c["topology"])
+    scale = host_scale(ok, sim, list(cells.values())) if host_speed else None
     out = []
     for key, grp in ok.groupby(CELL, dropna=False, sort=False):
         cell = dict(zip(CELL, key))
         prof = _profile(cell)
         reps = len(grp)
         try:
-            pred = sim.results(model=cell["model"], method=cell["method"], params=run_params(cell, grp),
-                               tokens=int(cell["tokens"]), nodes=int(cell["nodes"]), batch=int(cell["batch"]),
-                               topology=topology if topology is not None else cell["topology"], profile=prof,
-                               speed=speed, repetitions=reps if not _random(sim, prof) else max(reps, SAMPLES))
+            pred = sim.results(**cells[key], profile=prof, speed=speed, host_scale=scale or 1.0,
+                               repetitions=reps if not _random(sim, prof) else max(reps, SAMPLES))
             status, error = "ok", ""
         except ConfigError as e:  # a cell the simulator cannot run: recorded, the others are compared
             pred, status, error = [], "error", str(e)
@@ -92,7 +99,8 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
                "measured_spread_pct": 100 * (grp["latency_s"] - med).abs().median() / med if reps > 1 else math.nan,
                "measured_bytes_on_wire": grp["bytes_on_wire"].median(),
                "predicted_latency_s": math.nan, "predicted_comm_s": math.nan, "predicted_bytes_on_wire": math.nan,
-               "replayed_latency_s": math.nan, "sim_status": status, "sim_error": error}
+               "replayed_latency_s": math.nan, "host_scale": scale or math.nan, "sim_status": status,
+               "sim_error": error}
         if pred:  # the critical rank's comm_s, as a row's comm_s (testbed.experiment.metrics.timing_columns)
             rec.update(predicted_latency_s=float(np.median([r.latency_s for r in pred])),
                        predicted_comm_s=float(np.median([r.critical.comm_s for r in pred])),
@@ -111,6 +119,28 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
         table["abs_error_pct"] = table["error_pct"].abs()
         table["replay_error_pct"] = 100 * (table["replayed_latency_s"] - m) / m
     return table
+
+
+def host_scale(rows: pd.DataFrame, sim: Simulator, cells: list[dict]) -> float | None:
+    """How much slower this host was when a run measured than when the profiles its cells use were
+    measured: the median of the rows' host probes (one per unit, testbed.models.probe) over the
+    median of the profiles' (one per profile, taken around its measurement). Medians over the whole
+    run and calibration: a single probe is a fraction of a second and the host's speed moves ±10%
+    from one second to the next, so per-cell ratios add that noise; what they share is the drift
+    between one time and another. None where the rows or the profiles have no probe."""
+    if "host_probe_s" not in rows:
+        return None
+    run = pd.to_numeric(rows["host_probe_s"], errors="coerce").dropna()
+    cal = []
+    for c in cells:
+        try:
+            cal.append(sim.profile(sim.key(**c)).meta.get("host_probe_s"))
+        except ConfigError:  # a cell the simulator cannot run is reported by compare
+            continue
+    cal = [v for v in cal if v]
+    if not len(run) or not cal:
+        return None
+    return float(run.median()) / float(np.median(cal))
 
 
 def _random(sim: Simulator, prof: LinkProfile) -> bool:

@@ -77,6 +77,8 @@ def test_every_method_profile_repetition_has_a_correct_row(backend, tmp_path, mo
     assert manifest["config"]["backend"] == backend and manifest["packages"]["torch"]
     if backend == "loopback":
         assert len(list((tmp_path / "out" / "node-logs").iterdir())) == 2
+    # the host's speed before each unit: one probe per method, on every repetition of it
+    assert (rows["host_probe_s"] > 0).all() and (rows.groupby("cell")["host_probe_s"].nunique() == 1).all()
 
 
 def test_sim_backend_fills_the_same_columns(tmp_path, monkeypatch):
@@ -86,7 +88,7 @@ def test_sim_backend_fills_the_same_columns(tmp_path, monkeypatch):
     assert len(rows) == 2 * 4 and (rows["backend"] == "sim").all()
     sp = rows[rows["method"] == "sequence_parallel"].set_index(["bandwidth_mbps", "delay_ms"])["latency_s"]
     assert sp[(10.0, 0.0)] > sp[(100.0, 0.0)] and sp[(100.0, 5.0)] > sp[(100.0, 0.0)]
-    assert rows["agreement"].isna().all()
+    assert rows["agreement"].isna().all() and rows["host_probe_s"].isna().all()  # nothing computed on this host
     assert (rows["mechanism"] == "sim/measured").all() and (rows["error"].fillna("") == "").all()
     assert (rows["latency_s"] >= rows["compute_s"]).all() and (rows["compute_s"] > 0).all()
     assert ((rows["topology"] == "star") & (rows["nodes"] == 4)).all()

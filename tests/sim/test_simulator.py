@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -52,6 +53,8 @@ def test_large_cells_are_extrapolated_and_marked(sim, tmp_path):
     assert len(files) >= 2 and all("astra" in f for f in files)  # the measured basis was stored
     stored = [json.loads(p.read_text()) for p in (tmp_path / "cal").glob("*.json")]
     assert all(not s["extrapolated"] and s["key"]["tokens"] <= 33 for s in stored)
+    probes = [s["meta"]["host_probe_s"] for s in stored]  # each measured profile: the host's speed then
+    assert min(probes) > 0 and sim.profile(key_of(c)).meta["host_probe_s"] == pytest.approx(statistics.median(probes))
 
 
 def test_invalid_cells_raise_naming_the_field(sim):
@@ -118,7 +121,7 @@ def test_topology_files_and_kinds_give_the_same_network(kind):
     assert lat[0] == pytest.approx(lat[1], rel=1e-12)
 
 
-def stored_profile(root, method: str, nodes: int, compute_s: list[float]) -> None:
+def stored_profile(root, method: str, nodes: int, compute_s: list[float], **meta) -> None:
     """A profile with known compute per rank (one segment before each collective, one after)."""
     sk = skeleton("vit-tiny", method, {}, 17, nodes)
     traces = []
@@ -127,7 +130,7 @@ def stored_profile(root, method: str, nodes: int, compute_s: list[float]) -> Non
         for c in sk.collectives[r]:
             events += [Compute(compute_s[r]), c]
         traces.append(Trace(r, events + [Compute(compute_s[r])]))
-    meta = {"code": code_fingerprint(), "clock": CLOCK}
+    meta = {"code": code_fingerprint(), "clock": CLOCK, **meta}
     ProfileStore(root).put(ComputeProfile(ProfileKey.of("vit-tiny", method, {}, 17, nodes), traces, meta=meta))
 
 
@@ -144,6 +147,20 @@ def test_shared_cores_stretch_the_busy_ranks(tmp_path):
     assert shared.results(**single)[0].latency_s == pytest.approx(alone.results(**single)[0].latency_s)
     with pytest.raises(ConfigError):
         SimConfig(shared_cpus=0)
+
+
+def test_host_scale_multiplies_compute_and_nothing_else(tmp_path):
+    cal = tmp_path / "cal"
+    stored_profile(cal, "single", 4, [0.01, 0, 0, 0])
+    stored_profile(cal, "sequence_parallel", 4, [0.01] * 4)
+    sim = Simulator(SimConfig(calibration_dir=str(cal), measure_missing=False, wire=WireModel()))
+    single = cell(method="single", nodes=4, repetitions=1)
+    assert sim.results(**single, host_scale=1.3)[0].latency_s == pytest.approx(1.3 * sim.results(**single)[0].latency_s)
+    sp = cell(method="sequence_parallel", nodes=4, repetitions=1)
+    a, b = sim.results(**sp)[0], sim.results(**sp, host_scale=1.3)[0]
+    assert b.critical.compute_s == pytest.approx(1.3 * a.critical.compute_s) and b.bytes_on_wire == a.bytes_on_wire
+    with pytest.raises(ConfigError, match="host_scale"):
+        sim.results(**single, host_scale=0)
 
 
 def test_default_wire_takes_the_measured_per_message_cost(tmp_path):

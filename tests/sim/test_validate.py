@@ -56,6 +56,22 @@ def test_compare_against_itself_and_a_known_offset(sim, tmp_path):
     assert len(pd.read_csv(csv)) == 4
 
 
+def test_cells_are_predicted_at_the_hosts_speed_when_the_run_measured(sim):
+    rows = fake_emulated(sim, 1.0)
+    probes = [sim.profile(ProfileKey.of("vit-tiny", m, p, 17, 2)).meta["host_probe_s"]
+              for m, p in (("sequence_parallel", {}), ("astra", {"groups": 2, "codebook_size": 16}))]
+    assert min(probes) > 0  # measured profiles record the host's speed
+    rows["host_probe_s"] = 1.5 * sum(probes) / 2  # the host was 1.5x slower when these ran (median of two)
+    rows.loc[0, "host_probe_s"] = 100.0  # one unit's probe far off: medians are not moved by it
+    slower = compare(rows, sim)
+    assert slower["host_scale"].to_list() == pytest.approx([1.5] * 4)
+    assert (slower["predicted_latency_s"] > slower["measured_latency_s"]).all()  # compute x 1.5, the links not
+    as_calibrated = compare(rows, sim, host_speed=False)
+    assert as_calibrated["host_scale"].isna().all() and as_calibrated["abs_error_pct"].max() == pytest.approx(0, abs=1e-9)
+    rows["host_probe_s"] = float("nan")  # rows made before the probe existed: nothing to carry over
+    assert compare(rows, sim)["abs_error_pct"].max() == pytest.approx(0, abs=1e-9)
+
+
 def test_replaying_the_runs_own_traces(sim):
     emulated = fake_emulated(sim, 1.0)
     key = ProfileKey.of("vit-tiny", "sequence_parallel", {}, 17, 2)
