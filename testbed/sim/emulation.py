@@ -70,6 +70,11 @@ THROTTLE_OVERHEAD: dict[float, float] = {10.0: 1.18, 25.0: 1.05, 100.0: 1.0}
 #: host); results/reference/astra_vit (not used for it) measures 0.0277. The quickstart made under
 #: host load before it (in git history) measured 0.0204.
 DILATED_JITTER_K = 0.0216
+#: k of a time-dilated run whose compute was paced to the quota (``emulation.pace_compute``): every
+#: segment is held to its CPU time at the quota's rate, so slices no longer decide where it ends.
+#: Measured on results/reference/paced/quickstart; not used for it: paced/delay 0.0065, paced/loss
+#: 0.0086, paced/astra_vit 0.0124 (1024 tokens: segments 5x longer)
+PACED_JITTER_K = 0.0063
 #: k of an undilated run (nodes contending for the cores): measured on
 #: results/reference/undilated/quickstart (437 segments); undilated/astra_vit (not used) measures 0.0558
 UNDILATED_JITTER_K = 0.0443
@@ -171,12 +176,13 @@ class EmulationModel:
             emu = (manifest.get("config") or {}).get("emulation") or {}
             slice_ms = float(emu.get("cpu_slice_ms") or 10.0)
             scale = throttle_overhead(slice_ms)
-            paced = "compute paced to the quota" if emu.get("pace_compute") else "compute not paced"
+            paced = bool(emu.get("pace_compute"))
+            k = PACED_JITTER_K if paced else DILATED_JITTER_K
             return cls(factor, slice_ms, None, scale,
-                       f"time-dilated {factor:g}x ({paced}): each device had its whole device (no contention); compute x "
-                       f"{scale:g}, the CPU overhead of CFS throttling at {slice_ms:g} ms slices; segment jitter "
-                       f"k = {DILATED_JITTER_K:g} sqrt-s; dispatch {DILATED_DISPATCH_S * 1e3:g} ms per inference",
-                       DILATED_JITTER_K, DILATED_DISPATCH_S)
+                       f"time-dilated {factor:g}x (compute {'' if paced else 'not '}paced to the quota): each device "
+                       f"had its whole device (no contention); compute x {scale:g}, the CPU overhead of CFS throttling "
+                       f"at {slice_ms:g} ms slices; segment jitter k = {k:g} sqrt-s; dispatch "
+                       f"{DILATED_DISPATCH_S * 1e3:g} ms per inference", k, DILATED_DISPATCH_S)
         return cls(factor, None, cpus, 1.0, (f"not dilated: nodes shared {cpus} cores (contention modelled)"
                    if cpus else "not dilated, core count unknown: no contention modelled")
                    + f"; segment jitter k = {UNDILATED_JITTER_K:g} sqrt-s; dispatch {UNDILATED_DISPATCH_S * 1e3:g} ms "

@@ -28,9 +28,9 @@ def test_throttle_overhead_is_the_measured_table_interpolated():
             throttle_overhead(bad)
 
 
-def dilated_manifest(factor=2.67, slice_ms=10.0, oversubscribed=False, cpus=2) -> dict:
+def dilated_manifest(factor=2.67, slice_ms=10.0, oversubscribed=False, cpus=2, paced=False) -> dict:
     return {"backend": {"name": "mininet"}, "machine": {"cpu_count": cpus},
-            "config": {"emulation": {"time_dilation": "auto", "cpu_slice_ms": slice_ms}},
+            "config": {"emulation": {"time_dilation": "auto", "cpu_slice_ms": slice_ms, "pace_compute": paced}},
             "time_dilation": {"factor": factor, "oversubscribed": oversubscribed}}
 
 
@@ -185,12 +185,22 @@ def test_segment_jitter_k_is_the_median_spread_over_sqrt_length():
     from pathlib import Path
 
     from testbed.experiment.store import read_traces
-    from testbed.sim.emulation import DILATED_JITTER_K, UNDILATED_JITTER_K
+    from testbed.sim.emulation import DILATED_JITTER_K, PACED_JITTER_K, UNDILATED_JITTER_K
 
     ref = Path(__file__).resolve().parents[2] / "results" / "reference"
     assert segment_jitter_k(read_traces(ref / "quickstart")) == pytest.approx(DILATED_JITTER_K, abs=5e-5)
     assert segment_jitter_k(read_traces(ref / "undilated" / "quickstart")) == pytest.approx(UNDILATED_JITTER_K,
                                                                                           abs=5e-5)
+    assert segment_jitter_k(read_traces(ref / "paced" / "quickstart")) == pytest.approx(PACED_JITTER_K, abs=5e-5)
+
+
+def test_paced_runs_are_predicted_with_their_own_jitter():
+    from testbed.sim.emulation import DILATED_JITTER_K, PACED_JITTER_K
+
+    paced, unpaced = (EmulationModel.of_manifest(dilated_manifest(paced=p)) for p in (True, False))
+    assert (paced.segment_jitter_k, unpaced.segment_jitter_k) == (PACED_JITTER_K, DILATED_JITTER_K)
+    assert PACED_JITTER_K < DILATED_JITTER_K / 2  # held segments end where their CPU time says, not a slice
+    assert "compute paced" in paced.why and "not paced" in unpaced.why
 
 
 def test_jittered_segments_keep_their_mean_and_spread_as_k_sqrt_d():
