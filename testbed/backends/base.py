@@ -67,6 +67,9 @@ class Backend(ABC):
     computes: bool = True
     #: whether the nodes compute on this host (their speed is this host's: rows record a host probe)
     computes_here: bool = True
+    #: whether links are shaped (or simulated) to the experiment's profiles; False: they are whatever
+    #: this host's loopback or memory gives, and a profile's delay says nothing about them
+    shapes_links: bool = True
     #: whether results carry per-rank schedule traces worth storing
     keeps_traces: bool = True
     #: whether fidelity_table() measures the links

@@ -32,6 +32,7 @@ class InProcessBackend(Backend):
 
     name = "inprocess"
     mechanism = "none"
+    shapes_links = False
 
     def __init__(self, timeout_s: float = 120.0) -> None:
         self.timeout_s = timeout_s

@@ -33,6 +33,7 @@ MAX_NODES = 254  # 127.0.0.1 .. 127.0.0.254
 class LoopbackBackend(NodeBackend):
     name = "loopback"
     mechanism = "none"
+    shapes_links = False
 
     def __init__(self, start_timeout_s: float = 60.0, log_dir: str | None = None, python: str = sys.executable,
                  timeout_s: float = 120.0):

@@ -40,10 +40,12 @@ def _calibration_keys(args: argparse.Namespace) -> list[ProfileKey]:
     if args.experiment:
         spec = load_spec(args.experiment, backend="sim")
         T, N, B = spec.input.tokens, spec.nodes.count, spec.input.batch
-        # params as the run settles them for its topology (e.g. the all-reduce), so the run finds these profiles
-        return [ProfileKey.of(spec.model.name, m.name, Simulator.settle(spec.model.name, m.name, m.params, T, N, B,
-                                                                        spec.topology),
-                              T, N, spec.nodes.threads, B) for m in spec.methods]
+        # params as the run settles them for its topology and each cell's links (e.g. the all-reduce), so the
+        # run finds these profiles; one key per distinct outcome, in the methods' order
+        keys = [ProfileKey.of(spec.model.name, m.name, Simulator.settle(spec.model.name, m.name, m.params, T, N, B,
+                                                                        spec.topology, c.profile),
+                              T, N, spec.nodes.threads, B) for m in spec.methods for c in spec.cells()]
+        return list(dict.fromkeys(keys))
     check(bool(args.model), "--model", args.model, "a model name (or give an EXPERIMENT.yaml)")
     methods = [_method_arg(m) for m in (args.method or ["single"])]
     return [ProfileKey.of(args.model, name, params, t, n, args.threads, args.batch)

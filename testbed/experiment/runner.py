@@ -241,7 +241,7 @@ class Runner:
         """Load, warm up and measure the pending repetitions of one method in one cell; return rows written."""
         stop_if_signalled()
         prog.show(f"{describe_cell(cell)} | {method.display}")
-        job, phase, faults = self.job(method, codebook_path), "load", None
+        job, phase, faults = self.job(method, cell, codebook_path), "load", None
         try:
             if cell.trace is not None:
                 self._hold_trace_start(session, cell)
@@ -338,21 +338,23 @@ class Runner:
             prog.step(1)
         return len(reps)
 
-    def settled_params(self, method: MethodSpec) -> dict:
-        """The method's params with the run's choices made (e.g. tensor_parallel's all-reduce by topology)."""
+    def settled_params(self, method: MethodSpec, cell: Cell) -> dict:
+        """The method's params with the run's choices made for this cell (e.g. tensor_parallel's
+        all-reduce by topology and delay)."""
         from testbed.methods import method_class
         from testbed.models import CONFIGS
 
         s, topo = self.spec, self.prepared.topology
         flat = topo is None or topo.is_flat(s.nodes.count)  # no topology: every rank on this host
+        delay = cell.profile.delay_ms if backend_class(s.backend).shapes_links else None
         cfg = CONFIGS[s.model.name]  # the sim backend's checks build no model: the config is enough
         return method_class(method.name).settle(dict(method.params), cfg, s.input.tokens, s.nodes.count,
-                                                s.input.batch, flat)
+                                                s.input.batch, flat, delay)
 
-    def job(self, method: MethodSpec, codebook_path: str | None) -> JobSpec:
+    def job(self, method: MethodSpec, cell: Cell, codebook_path: str | None) -> JobSpec:
         s = self.spec
         return JobSpec(model=s.model.name, method=method.name, world_size=s.nodes.count, tokens=s.input.tokens,
-                       params=self.settled_params(method), seed=s.input.seed, batch=s.input.batch,
+                       params=self.settled_params(method, cell), seed=s.input.seed, batch=s.input.batch,
                        weights_path=s.model.weights_path, codebook_path=codebook_path, threads=s.nodes.threads,
                        dataset=s.model.dataset, generate=s.input.generate)
 
@@ -366,7 +368,7 @@ class Runner:
             "experiment": s.name, "backend": s.backend, "mechanism": self.mechanism,
             "time_dilation": self.dilation.factor, "cell": cell_id(cell, mi),
             "method": method.name, "method_params": method.params_json, "label": method.display,
-            "all_reduce": self.settled_params(method).get("all_reduce", ""),  # the algorithm that ran, if any
+            "all_reduce": self.settled_params(method, cell).get("all_reduce", ""),  # the algorithm that ran, if any
             "model": s.model.name, "tokens": s.input.tokens, "generate": s.input.generate, "batch": s.input.batch,
             "nodes": s.nodes.count,
             "topology": s.topology_name,

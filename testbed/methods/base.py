@@ -106,9 +106,10 @@ class Method:
 
     @classmethod
     def settle(cls, params: dict[str, Any], cfg, tokens: int, world_size: int, batch: int = 1,
-               flat: bool = True) -> dict[str, Any]:
+               flat: bool = True, delay_ms: float | None = None) -> dict[str, Any]:
         """``params`` with the choices left to the run made for this job (``flat``: the ranks' paths
-        share no link), so the job runs and the row records what ran. Default: unchanged."""
+        share no link; ``delay_ms``: the shaped links' one-way delay, None where links are not
+        shaped), so the job runs and the row records what ran. Default: unchanged."""
         return dict(params)
 
     # -- one rank at run time ---------------------------------------------------------------------
@@ -262,11 +263,13 @@ def check_all_reduce_param(p: dict[str, Any]) -> None:
     check(p["all_reduce"] in ALL_REDUCE_CHOICES, "all_reduce", p["all_reduce"], " | ".join(ALL_REDUCE_CHOICES))
 
 
-def all_reduce_algorithm(choice: str, nbytes: int, world_size: int, flat: bool = True) -> str:
+def all_reduce_algorithm(choice: str, nbytes: int, world_size: int, flat: bool = True,
+                         delay_ms: float | None = None) -> str:
     """The algorithm an ``all_reduce`` param runs for payloads of ``nbytes`` bytes: itself, or for
     ``auto`` the Communicator's default (``flat``: the ranks' paths share no link; in-process and
-    loopback runs are flat, the experiment states it for its topology)."""
-    return choose_all_reduce(nbytes, world_size, flat) if choice == "auto" else choice
+    loopback runs are flat, the experiment states it for its topology; ``delay_ms``: the shaped
+    links' one-way delay, None where they are not shaped)."""
+    return choose_all_reduce(nbytes, world_size, flat, delay_ms) if choice == "auto" else choice
 
 
 def packed_bytes(n_codes: int, bits: int) -> int:

@@ -165,10 +165,10 @@ class TensorParallel(Method):
         check_all_reduce_param(p)
 
     @classmethod
-    def settle(cls, params, cfg, tokens, world_size, batch=1, flat=True) -> dict[str, Any]:
+    def settle(cls, params, cfg, tokens, world_size, batch=1, flat=True, delay_ms=None) -> dict[str, Any]:
         p = dict(params)
         p["all_reduce"] = all_reduce_algorithm(p.get("all_reduce", "auto"), batch * tokens * cfg.dim * FP32_BYTES,
-                                               world_size, flat)
+                                               world_size, flat, delay_ms)
         return p
 
     @staticmethod

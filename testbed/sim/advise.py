@@ -139,10 +139,8 @@ def rank(sim: Simulator, model: str, tokens: int, topology: Any, profile: LinkPr
         except ConfigError as e:
             skipped.append((c, str(e)))
             continue
-        from testbed.sim.profiles import ProfileKey
-
-        params = sim.settle(model, c.method, c.params, tokens, c.nodes, batch, topology)
-        key = ProfileKey.of(model, c.method, params, tokens, c.nodes, threads, batch)
+        key = sim.key(model=model, method=c.method, params=c.params, tokens=tokens, nodes=c.nodes, topology=topology,
+                      profile=profile, threads=threads, batch=batch)
         out.append(Ranked(c, res[0].latency_s, error_band(c.method), res[0].critical.comm_s, sim.mechanism(key)))
         if log:
             log(f"{c.label}: {res[0].latency_s:.4g} s")

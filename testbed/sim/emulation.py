@@ -19,7 +19,9 @@ that synchronise after every block wait for the slowest rank each time. Across t
 emulated references the spread of a segment grows as the square root of its length (std =
 k x sqrt(d): 25 ms segments have a CV of 14%, 110 ms ones 7%), as if every slice period added an
 independent delay; ``segment_jitter_k`` measures k from a run's traces, ``SimConfig.segment_jitter_k``
-replays it (drawn per rank and segment). The constants below were measured on one reference run
+replays it (drawn per rank and segment). A run whose compute was paced (``emulation.pace_compute``)
+spreads about a third as much: a held segment ends where its CPU time at the quota's rate says,
+not where a slice happens to run out. The constants below were measured on one reference run
 each and are applied to the others (stated there).
 
 ``EmulationModel.of_manifest`` reads that from a run directory's manifest; ``Simulator`` applies

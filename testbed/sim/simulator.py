@@ -284,7 +284,7 @@ class Simulator:
         check(isinstance(host_scale, (int, float)) and not isinstance(host_scale, bool) and host_scale > 0,
               "host_scale", host_scale, "a number > 0")
         key = self.key(model=model, method=method, params=params, tokens=tokens, nodes=nodes, topology=topology,
-                       threads=threads, batch=batch)
+                       profile=profile, threads=threads, batch=batch)
         sched = self.schedule(key)
         stretch = contention_factor(self._profiles[key], self.config.shared_cpus) * self.config.compute_scale * host_scale
         if stretch != 1.0:
@@ -304,16 +304,18 @@ class Simulator:
         return [replace(res, latency_s=res.latency_s + extra) for res in out] if extra else out
 
     def key(self, *, model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int,
-            topology: Any, threads: int = 1, batch: int = 1) -> ProfileKey:
-        """The compute profile a cell runs on (its params settled for the topology, as ``results`` does)."""
-        params = self.settle(model, method, params, tokens, nodes, batch, topology)
+            topology: Any, profile: LinkProfile | None = None, threads: int = 1, batch: int = 1) -> ProfileKey:
+        """The compute profile a cell runs on (its params settled for the topology and link profile,
+        as ``results`` does)."""
+        params = self.settle(model, method, params, tokens, nodes, batch, topology, profile)
         return ProfileKey.of(model, method, params, tokens, nodes, threads, batch)
 
     @staticmethod
     def settle(model: str, method: str, params: dict[str, Any] | None, tokens: int, nodes: int, batch: int,
-               topology: Any) -> dict[str, Any]:
-        """The method's params with the choices left to the run made for this topology (as the
-        experiment runner does: e.g. tensor_parallel's ``auto`` all-reduce)."""
+               topology: Any, profile: LinkProfile | None = None) -> dict[str, Any]:
+        """The method's params with the choices left to the run made for this topology and link
+        profile (as the experiment runner does: e.g. tensor_parallel's ``auto`` all-reduce; None:
+        links not shaped)."""
         from testbed.methods import METHODS, method_class
         from testbed.models import get_config
 
@@ -329,7 +331,8 @@ class Simulator:
 
                 topology = load_topology(topology)
             flat = topology.is_flat(nodes) if hasattr(topology, "is_flat") else True  # network() names a bad one
-        return method_class(method).settle(dict(params or {}), get_config(model), tokens, nodes, batch, flat)
+        delay = profile.delay_ms if profile is not None else None
+        return method_class(method).settle(dict(params or {}), get_config(model), tokens, nodes, batch, flat, delay)
 
     def mechanism(self, key: ProfileKey) -> str:
         """Where the compute times of ``key`` come from: sim/measured or sim/extrapolated."""

@@ -70,14 +70,18 @@ def test_unknown_all_reduce_algorithm_is_one_clear_error():
         run_inprocess(2, lambda r, c: c.all_reduce(torch.ones(2), "tree"))
 
 
-@pytest.mark.parametrize("flat, nbytes, n, expected", [
-    (True, 1 << 26, 8, "direct"),  # flat: same bytes per access link, fewer rounds
-    (False, 1 << 26, 8, "ring"),  # shared hops and big chunks: ring's one message per link
-    (False, 1 << 12, 8, "direct"),  # latency-bound chunks
-    (False, 1 << 26, 2, "direct"),  # two ranks: the same two messages
+@pytest.mark.parametrize("flat, nbytes, n, delay_ms, expected", [
+    (True, 1 << 26, 8, None, "direct"),  # flat, not shaped (loopback): same bytes per access link, fewer rounds
+    (True, 1 << 26, 8, 1.0, "direct"),  # flat with a delay line: the round trips decide
+    (True, 1 << 26, 8, 0.0, "ring"),  # shaped without delay: direct's converging flows overflow the queues
+    (True, 4 * 16 << 10, 4, 0.0, "direct"),  # ... unless the chunks are latency-bound
+    (False, 1 << 26, 8, None, "ring"),  # shared hops and big chunks: ring's one message per link
+    (False, 1 << 26, 8, 5.0, "ring"),
+    (False, 1 << 12, 8, None, "direct"),  # latency-bound chunks
+    (False, 1 << 26, 2, 0.0, "direct"),  # two ranks: the same two messages
 ])
-def test_default_all_reduce_by_topology_and_size(flat, nbytes, n, expected):
-    assert choose_all_reduce(nbytes, n, flat) == expected
+def test_default_all_reduce_by_topology_size_and_delay(flat, nbytes, n, delay_ms, expected):
+    assert choose_all_reduce(nbytes, n, flat, delay_ms) == expected
 
 
 @pytest.mark.parametrize("n", WORLDS)

@@ -98,3 +98,15 @@ def test_sim_backend_fills_the_same_columns(tmp_path, monkeypatch):
     assert not read_traces(tmp_path / "out")  # nothing ran: no schedule traces
     record = json.loads((tmp_path / "out" / "sim.json").read_text())
     assert {"wire", "tcp", "profiles"} <= set(record) and len(record["profiles"]) == 2
+
+
+def test_auto_all_reduce_is_chosen_per_cell_by_the_links_delay(tmp_path, monkeypatch):
+    data = tiny(methods=["tensor_parallel"], nodes={"count": 4}, input={"tokens": 1025, "seed": 0}, repetitions=1,
+                warmup=0)  # 64 KiB chunks and more: not latency-bound
+    shaped = {**data, "backend": "sim", "sweep": {"bandwidth_mbps": [100], "delay_ms": [0, 5]}}
+    for d in ("sim", "inprocess"):
+        (tmp_path / d).mkdir()
+    rows, _ = run_ok(tmp_path / "sim", monkeypatch, shaped)
+    assert dict(zip(rows["delay_ms"], rows["all_reduce"])) == {0.0: "ring", 5.0: "direct"}
+    rows, _ = run_ok(tmp_path / "inprocess", monkeypatch, data)  # nothing shaped: no delay to go by
+    assert set(rows["all_reduce"]) == {"direct"}

@@ -122,10 +122,13 @@ def test_calibrating_an_experiment_keys_profiles_by_the_params_the_run_settles(t
     from testbed.experiment.calibrate import _calibration_keys
 
     exp = tmp_path / "e.yaml"
-    for topology, want in (("star", "direct"), ("line", "ring")):
+    # star: ring where the links have no delay (0 ms), direct where they do (5 ms); line: ring throughout
+    for topology, want in (("star", ["ring", "direct"]), ("line", ["ring"])):
         exp.write_text(EXPERIMENT.replace("topology: star", f"topology: {topology}").replace(
             "input: {tokens: 17}", "input: {tokens: 1025}").replace("nodes: 2", "nodes: 4").replace(
             "methods: [single,", "methods: [tensor_parallel, single,"))
         keys = _calibration_keys(argparse.Namespace(experiment=str(exp)))
-        assert keys[0].method == "tensor_parallel" and keys[0].params == {"all_reduce": want}
-        assert keys[1].params == {}  # nothing to settle
+        tp = [k.params for k in keys if k.method == "tensor_parallel"]
+        assert tp == [{"all_reduce": a} for a in want]
+        assert keys[len(want)].method == "single" and keys[len(want)].params == {}  # nothing to settle
+        assert len(keys) == len(want) + 3  # one key per distinct outcome, not per cell
