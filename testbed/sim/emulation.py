@@ -37,12 +37,13 @@ over-predicts the saving for methods that receive bulk data while they wait (the
 threads spend the same quota) and misses the slowdown of four devices computing at once on two
 cores (shared caches and memory bandwidth). Neither is modelled: one ``compute_scale`` applies.
 Runs made with ``emulation.pace_compute`` (the default since it exists) hold every segment to its
-CPU time at the quota's rate (testbed.comm.trace.CpuPacer), which removes the fresh-slice burst:
-in results/reference/paced/delay measured compute over the calibrated one is 0.84-0.89 for ASTRA
-G=1 at 197 tokens in every delay cell (0.64-0.97 in the unpaced results/reference/delay; a paced
-repeat on a host 10-20% slower, not committed, spread 1.06-1.30). That level says what
-``compute_scale`` leaves: short segments that fit in one slice are never throttled, so they carry
-none of the throttling overhead every segment is charged (0.86 ~ 1 / 1.18).
+CPU time at the quota's rate (testbed.comm.trace.CpuPacer), which removes the fresh-slice burst.
+What is left is the throttling overhead itself, and it is not one number: the same 10-block probe
+(testbed.models.probe) under a 3.75/10 ms quota took 1.03-1.23x its unthrottled CPU time from one
+second to the next (unthrottled: 98-100 ms every time), and ``single`` in three paced delay sweeps
+made within 40 minutes measured 0.42-0.55 s against 0.51 s predicted. Those three runs put the
+critical rank's compute at 0.86-1.14 of the prediction per method (medians over cells; ``single``
+0.86, 1.00 and 1.01 in turn), ASTRA at the low end (0.90-0.95); one ``compute_scale`` applies.
 
 And every emulated inference has a **dispatch** cost outside the ranks' traces: the
 orchestrator's request to every node, the node preparing the input and returning output and
