@@ -19,8 +19,13 @@
    quota it left unused while idle (CFS bandwidth control refills it every period). Beside it the
    same segments paced to the quota's rate (testbed.comm.trace.CpuPacer, what nodes do by default).
 
+5. throttling overhead over time: CPU seconds of the host probe's block (testbed.models.probe),
+   10 at a time, in a device's cgroup at the delay references' dilation (F = 2.67, 10 ms slices)
+   over the same on a free core, alternated round by round for ``--seconds``: what one
+   ``compute_scale`` stands for in the simulator, and how much it moves from one round to the next.
+
 Parts 2 and 3 run `testbed run` in a subprocess, as a user would. ``--parts`` picks parts
-(default 1,2,3,4); ``--quick`` fewer repetitions.
+(default 1,2,3,4,5); ``--quick`` fewer repetitions.
 """
 
 from __future__ import annotations
@@ -166,6 +171,65 @@ def segment_table(n: int) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ part 5
+OVERHEAD_F = 2.67  # the delay references' dilation (4 nodes of speed 1 on 1.5 of 2 cores)
+OVERHEAD_BLOCKS = 10  # about 120 ms of CPU: a dozen throttles per round
+
+
+class _Probe:
+    def __init__(self, cgroup: DeviceCgroup):
+        self.proc = subprocess.Popen([sys.executable, "-m", "testbed.bench.probe_worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, preexec_fn=cgroup.join,
+                                     cwd=str(Path(__file__).resolve().parents[2]))
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def cpu_wall_s(self, n: int) -> tuple[float, float]:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        cpu, wall = self.proc.stdout.readline().split()
+        return float(cpu), float(wall)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def overhead_table(seconds: float) -> dict:
+    """Per round, the probe block's CPU seconds under the quota of a speed-1 device at OVERHEAD_F
+    over the same on a free core (the same core, a whole one), alternated; their spread."""
+    host = DeviceProfile(speed=1.0, threads=1)
+    core = allocate_cores([host], host_cpus())[0]
+    free_g = DeviceCgroup("tbbench-ovhref", host, core)
+    thr_g = DeviceCgroup("tbbench-ovh", host.dilated(OVERHEAD_F), core)
+    rows: list[dict] = []
+    for g in (free_g, thr_g):
+        g.create()
+    free, thr = None, None
+    try:
+        free, thr = _Probe(free_g), _Probe(thr_g)
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            f_cpu, _ = free.cpu_wall_s(OVERHEAD_BLOCKS)
+            t_cpu, t_wall = thr.cpu_wall_s(OVERHEAD_BLOCKS)
+            rows.append({"free_cpu_s": f_cpu, "throttled_cpu_s": t_cpu, "overhead": t_cpu / f_cpu,
+                         "wall_over_cpu_at_rate": t_wall / (t_cpu * OVERHEAD_F)})
+            print(f"  free {f_cpu * 1e3:6.1f} ms  throttled {t_cpu * 1e3:6.1f} ms CPU: overhead {t_cpu / f_cpu:5.3f}"
+                  f"  (wall / (CPU x F) {rows[-1]['wall_over_cpu_at_rate']:5.3f})", flush=True)
+    finally:
+        for p in (free, thr):
+            if p is not None:
+                p.close()
+        for g in (free_g, thr_g):
+            g.remove()
+    ov = sorted(r["overhead"] for r in rows)
+    fr = sorted(r["free_cpu_s"] for r in rows)
+    summary = {"rounds": len(rows), "overhead_min": ov[0], "overhead_median": statistics.median(ov),
+               "overhead_max": ov[-1], "free_cpu_min_s": fr[0], "free_cpu_max_s": fr[-1]}
+    print(f"  {len(rows)} rounds: overhead {ov[0]:.3f} / {statistics.median(ov):.3f} / {ov[-1]:.3f} (min / median / "
+          f"max); free CPU {fr[0] * 1e3:.1f}-{fr[-1] * 1e3:.1f} ms", flush=True)
+    return {"rows": rows, "summary": summary}
+
+
 # ------------------------------------------------------------------ parts 2 and 3
 def _experiment(name: str, nodes: int, sweep: dict, methods: list, reps: int, dilation) -> dict:
     return {"name": name, "model": {"name": "vit-small"}, "input": {"tokens": 197, "seed": 0}, "methods": methods,
@@ -229,7 +293,8 @@ def host_independence(tmp: Path, reps: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.dilation", description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="1,2,3,4", help="comma-separated parts to run (default 1,2,3,4)")
+    ap.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (default 1,2,3,4,5)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="how long part 5 alternates (default 60)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
     ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     args = ap.parse_args(argv)
@@ -245,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if 4 in parts:
         print(f"\n4. short segments after idle gaps: device time / profile at F={SEGMENT_F:g}, one device")
         out["segments"] = segment_table(n=9 if args.quick else 25)
+    if 5 in parts:
+        print(f"\n5. throttling overhead over time: probe CPU under the quota at F={OVERHEAD_F:g} / on a free core")
+        out["throttle_overhead"] = overhead_table(args.seconds / (3 if args.quick else 1))
     reps = 2 if args.quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-dilation-") as d:
         if 2 in parts:

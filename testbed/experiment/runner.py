@@ -35,8 +35,10 @@ testbed.experiment.store).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -109,6 +111,7 @@ class Runner:
     def run(self) -> RunOutcome:
         outcome = RunOutcome(self.out_dir, "failed")
         SIGNALLED.clear()  # what earlier runs of this process received is theirs
+        RAISED.clear()
         with quiet_dropped_interrupts():
             return self._run(outcome)
 
@@ -416,16 +419,44 @@ def _msg(e: BaseException) -> str:
 # while it runs code whose exceptions it ignores (an at-fork hook such as logging's, a __del__):
 # the sweep's checks (stop_if_signalled) raise it again before the next repetition.
 SIGNALLED: list[int] = []
+RAISED: list[int] = []  # the signals an Interrupted has been raised for (by the handler or a check)
+#: a stop signal that lands while the main thread runs gRPC's own Python code is handled again this
+#: many seconds later instead of raised there: an exception inside gRPC's call bookkeeping (a future
+#: being started, its result being collected) can leave a channel on which no call completes again,
+#: and the stop then hangs shutting the nodes down over it
+GRPC_RETRY_S = 0.05
 
 
-def _raise_interrupted(signum, _frame) -> None:
+def _in_grpc(frame) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] == "grpc":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_interrupted(signum, frame) -> None:
     SIGNALLED.append(signum)
+    if _in_grpc(frame):
+        if not RAISED:  # not yet stopping: try again once the main thread is out of gRPC
+            retry = threading.Timer(GRPC_RETRY_S, _resend, (signum,))
+            retry.daemon = True
+            retry.start()
+        return
+    RAISED.append(signum)
     raise Interrupted(signum)
+
+
+def _resend(signum: int) -> None:
+    """The retry of a signal that landed in gRPC, while the run still handles it and has not stopped."""
+    if not RAISED and signal.getsignal(signum) is _raise_interrupted:
+        os.kill(os.getpid(), signum)
 
 
 def stop_if_signalled() -> None:
     """Raise Interrupted for a stop signal received earlier, whatever became of its handler's raise."""
     if SIGNALLED:
+        RAISED.append(SIGNALLED[0])
         raise Interrupted(SIGNALLED[0])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,22 +47,29 @@ def _block(x: torch.Tensor, p: dict[str, torch.Tensor], heads: int) -> torch.Ten
     return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,)), p["fc1"])), p["fc2"])
 
 
+def probe_block() -> Callable[[], torch.Tensor]:
+    """The probe's block with its fixed weights and input, ready to run (call it under
+    ``torch.inference_mode()``, at the torch thread count to be measured)."""
+    tokens, dim, heads, mlp = PROBE_SHAPE
+    p = _block_weights(dim, mlp)
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1))
+    return lambda: _block(x, p, heads)
+
+
 def host_probe_s(runs: int = PROBE_RUNS) -> float:
     """Median CPU seconds of the calling thread for one probe block at one torch thread (about
-    20 ms on a 2020s server core). The process's torch thread count is restored afterwards."""
+    12 ms on the reference VM's cores). The process's torch thread count is restored afterwards."""
     check(isinstance(runs, int) and not isinstance(runs, bool) and runs >= 1, "runs", runs, "an integer >= 1")
-    tokens, dim, heads, mlp = PROBE_SHAPE
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            p = _block_weights(dim, mlp)
-            x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1))
-            _block(x, p, heads)  # first touch of the weights and the allocator's blocks
+            block = probe_block()
+            block()  # first touch of the weights and the allocator's blocks
             times = []
             for _ in range(runs):
                 t0 = time.thread_time()
-                _block(x, p, heads)
+                block()
                 times.append(time.thread_time() - t0)
     finally:
         torch.set_num_threads(threads)

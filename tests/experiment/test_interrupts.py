@@ -194,3 +194,35 @@ def test_signals_held_wait_for_the_end_of_the_block():
         assert got == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def _frame_of_module(name: str):
+    """A real frame whose code belongs to module ``name``."""
+    g = {"__name__": name, "sys": sys}
+    exec("def here():\n    return sys._getframe()\n", g)
+    return g["here"]()
+
+
+def test_a_stop_signal_inside_grpc_is_raised_once_the_main_thread_is_out_of_it():
+    import time
+
+    from testbed.experiment import runner
+
+    grpc_frame, own_frame = _frame_of_module("grpc._channel"), _frame_of_module("testbed.node.orchestrator")
+    old = signal.signal(signal.SIGTERM, runner._raise_interrupted)
+    runner.SIGNALLED.clear()
+    runner.RAISED.clear()
+    try:
+        runner._raise_interrupted(signal.SIGTERM, grpc_frame)  # not raised inside gRPC's bookkeeping ...
+        assert runner.SIGNALLED == [signal.SIGTERM] and not runner.RAISED
+        with pytest.raises(runner.Interrupted):  # ... but a moment later, out here
+            time.sleep(5)
+        assert runner.RAISED == [signal.SIGTERM]
+        runner._raise_interrupted(signal.SIGTERM, grpc_frame)  # already stopping: no retry follows
+        time.sleep(4 * runner.GRPC_RETRY_S)
+        with pytest.raises(runner.Interrupted):  # anywhere else it is raised at once, as always
+            runner._raise_interrupted(signal.SIGTERM, own_frame)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        runner.SIGNALLED.clear()
+        runner.RAISED.clear()
