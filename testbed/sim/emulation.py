@@ -38,9 +38,9 @@ threads spend the same quota) and misses the slowdown of four devices computing 
 cores (shared caches and memory bandwidth). Neither is modelled: one ``compute_scale`` applies.
 Runs made with ``emulation.pace_compute`` (the default since it exists) hold every segment to its
 CPU time at the quota's rate (testbed.comm.trace.CpuPacer), which removes the fresh-slice burst.
-What is left is the throttling overhead itself, and it is not one number: the same 10-block probe
-(testbed.models.probe) under a 3.75/10 ms quota took 1.03-1.23x its unthrottled CPU time from one
-second to the next (unthrottled: 98-100 ms every time), and ``single`` in three paced delay sweeps
+What is left is the throttling overhead itself, and it is not one number: 10 blocks of the host
+probe (testbed.models.probe) under a 3.75/10 ms quota took 0.83-1.19x (median 1.03) the CPU time
+of the same on a free core, round by round (``testbed.bench.dilation`` part 5), and ``single`` in three paced delay sweeps
 made within 40 minutes measured 0.42-0.55 s against 0.51 s predicted. Those three runs put the
 critical rank's compute at 0.86-1.14 of the prediction per method (medians over cells; ``single``
 0.86, 1.00 and 1.01 in turn), ASTRA at the low end (0.90-0.95); one ``compute_scale`` applies.
