@@ -97,3 +97,14 @@ def test_the_segment_benchmark_runs_and_leaves_no_cgroup():
     assert len(rows) == len(SEGMENT_SLICES_MS) * len(SEGMENT_MATMULS) * len(SEGMENT_IDLES_MS)
     assert all(r["device_over_profile"] > 0 and r["segment_ms"] > 0 for r in rows)
     assert not [p for p in CGROUP_ROOT.rglob("tbbench-seg*")]
+
+
+def test_the_throttling_overhead_benchmark_runs_and_leaves_no_cgroup():
+    """bench.dilation part 5 end to end (its ratios are measurements; none is asserted here)."""
+    from testbed.bench.dilation import overhead_table
+    from testbed.net.cgroups import CGROUP_ROOT
+
+    out = overhead_table(seconds=1.0)
+    assert out["summary"]["rounds"] == len(out["rows"]) >= 1
+    assert all(r["free_cpu_s"] > 0 and r["throttled_cpu_s"] > 0 for r in out["rows"])
+    assert not [p for p in CGROUP_ROOT.rglob("tbbench-ovh*")]
