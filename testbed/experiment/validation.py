@@ -81,7 +81,7 @@ def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None
     ``topology``: instead of the run's own (``run_topology``); ``emulation``: instead of the
     run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus``, ``compute_scale``,
     ``segment_jitter_k`` and ``dispatch_s``; ``host_speed``: carry the calibration over to the
-    host's speed when each cell was measured (host probes, ``compare``)."""
+    host's speed when the run measured (host probes, ``compare``)."""
     d = Path(run_dir)
     rows = read_rows(d)
     check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")

@@ -27,7 +27,8 @@ from testbed.errors import check
 #: the probe's shape (tokens, width, heads, MLP width): one block of vit-small at 224 px
 PROBE_SHAPE = (197, 384, 6, 1536)
 #: timed runs of the block (the median is reported) after one untimed one: single runs spread ±15% on
-#: a shared VM from one second to the next, the median of 15 within ~3%
+#: a shared VM from one second to the next; the median of 15 (about 0.2 s) still follows the host's
+#: slower and faster phases (9.1-13.1 ms across the units of one run on the reference VM)
 PROBE_RUNS = 15
 
 

@@ -41,9 +41,9 @@ CPU time at the quota's rate (testbed.comm.trace.CpuPacer), which removes the fr
 What is left is the throttling overhead itself, and it is not one number: 10 blocks of the host
 probe (testbed.models.probe) under a 3.75/10 ms quota took 0.83-1.19x (median 1.03) the CPU time
 of the same on a free core, round by round (``testbed.bench.dilation`` part 5), and ``single`` in three paced delay sweeps
-made within 40 minutes measured 0.42-0.55 s against 0.51 s predicted. Those three runs put the
+made within 40 minutes measured 0.41-0.59 s against 0.51 s predicted. Those three runs put the
 critical rank's compute at 0.86-1.14 of the prediction per method (medians over cells; ``single``
-0.86, 1.00 and 1.01 in turn), ASTRA at the low end (0.90-0.95); one ``compute_scale`` applies.
+1.01, 0.86 and 1.00 in turn), ASTRA at the low end (0.90-0.95); one ``compute_scale`` applies.
 
 And every emulated inference has a **dispatch** cost outside the ranks' traces: the
 orchestrator's request to every node, the node preparing the input and returning output and

@@ -25,6 +25,7 @@ host). ``speed_from_device`` turns a device profile's core speed into that facto
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -122,8 +123,6 @@ def jittered(traces: Sequence[Trace], factors: Sequence[float], k: float, seed: 
 
 def _carry_probe(prof: ComputeProfile, sources: Sequence[ComputeProfile]) -> None:
     """An extrapolated profile's host probe: the median of its measured sources' (none if they have none)."""
-    import statistics
-
     probes = [p.meta["host_probe_s"] for p in sources if p.meta.get("host_probe_s")]
     if probes and "host_probe_s" not in prof.meta:
         prof.meta["host_probe_s"] = statistics.median(probes)

@@ -75,20 +75,17 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
     check(not missing, "emulated rows", missing, "the runner's columns (" + ", ".join(REQUIRED) + ")")
     ok = emulated[(emulated["status"] == "ok") & (emulated.get("trace", "").fillna("") == "")]
     by_trace = _trace_index(traces)
-    cells = {}  # per cell, what the simulator runs
-    for key, grp in ok.groupby(CELL, dropna=False, sort=False):
-        c = dict(zip(CELL, key))
-        cells[key] = dict(model=c["model"], method=c["method"], params=run_params(c, grp), tokens=int(c["tokens"]),
-                          nodes=int(c["nodes"]), batch=int(c["batch"]),
-                          topology=topology if topology is not None else c["topology"])
-    scale = host_scale(ok, sim, list(cells.values())) if host_speed else None
+    groups = [(dict(zip(CELL, key)), grp) for key, grp in ok.groupby(CELL, dropna=False, sort=False)]
+    runs_as = [dict(model=c["model"], method=c["method"], params=run_params(c, grp), tokens=int(c["tokens"]),
+                    nodes=int(c["nodes"]), batch=int(c["batch"]), topology=topology if topology is not None
+                    else c["topology"]) for c, grp in groups]  # per cell, what the simulator runs
+    scale = host_scale(ok, sim, runs_as) if host_speed else None
     out = []
-    for key, grp in ok.groupby(CELL, dropna=False, sort=False):
-        cell = dict(zip(CELL, key))
+    for (cell, grp), what in zip(groups, runs_as):
         prof = _profile(cell)
         reps = len(grp)
         try:
-            pred = sim.results(**cells[key], profile=prof, speed=speed, host_scale=scale or 1.0,
+            pred = sim.results(**what, profile=prof, speed=speed, host_scale=scale or 1.0,
                                repetitions=reps if not _random(sim, prof) else max(reps, SAMPLES))
             status, error = "ok", ""
         except ConfigError as e:  # a cell the simulator cannot run: recorded, the others are compared
@@ -131,13 +128,14 @@ def host_scale(rows: pd.DataFrame, sim: Simulator, cells: list[dict]) -> float |
     if "host_probe_s" not in rows:
         return None
     run = pd.to_numeric(rows["host_probe_s"], errors="coerce").dropna()
-    cal = []
+    probes = {}  # per profile used, however many cells use it
     for c in cells:
         try:
-            cal.append(sim.profile(sim.key(**c)).meta.get("host_probe_s"))
+            key = sim.key(**c)
+            probes[key] = sim.profile(key).meta.get("host_probe_s")
         except ConfigError:  # a cell the simulator cannot run is reported by compare
             continue
-    cal = [v for v in cal if v]
+    cal = [v for v in probes.values() if v]
     if not len(run) or not cal:
         return None
     return float(run.median()) / float(np.median(cal))

@@ -63,8 +63,10 @@ def test_cells_are_predicted_at_the_hosts_speed_when_the_run_measured(sim):
     assert min(probes) > 0  # measured profiles record the host's speed
     rows["host_probe_s"] = 1.5 * sum(probes) / 2  # the host was 1.5x slower when these ran (median of two)
     rows.loc[0, "host_probe_s"] = 100.0  # one unit's probe far off: medians are not moved by it
+    # two cells on one profile, one on the other: each profile's probe counts once
+    rows = rows[~((rows["method"] == "astra") & (rows["bandwidth_mbps"] == 100))].reset_index(drop=True)
     slower = compare(rows, sim)
-    assert slower["host_scale"].to_list() == pytest.approx([1.5] * 4)
+    assert slower["host_scale"].to_list() == pytest.approx([1.5] * 3)
     assert (slower["predicted_latency_s"] > slower["measured_latency_s"]).all()  # compute x 1.5, the links not
     as_calibrated = compare(rows, sim, host_speed=False)
     assert as_calibrated["host_scale"].isna().all() and as_calibrated["abs_error_pct"].max() == pytest.approx(0, abs=1e-9)
