@@ -5,7 +5,8 @@ whole job; the lower rank dials, the higher rank's server accepts (routed by job
 id and rank through a :class:`PeerHub`). Each end of a stream is a :class:`_Link`:
 
 - sending: ``_post`` cuts the message into frames (the one copy of its bytes, straight from
-  the tensor) and queues them; the stream's sender thread (gRPC's request consumer on the
+  the tensor) and queues each as soon as it is made, so the first is on its way while the
+  rest are copied; the stream's sender thread (gRPC's request consumer on the
   dialling side, a server worker on the accepting side) hands them to gRPC, so the caller
   never waits for the receiver. A message posted to several peers is framed once;
 - receiving: a reader thread reassembles chunks into messages in a per-peer inbox;
@@ -87,7 +88,7 @@ class _Link:
 
     def __init__(self, comm: "GrpcCommunicator", peer: int):
         self.comm, self.peer = comm, peer
-        self.outq: queue.SimpleQueue = queue.SimpleQueue()  # list of frames (bytes) | _STOP
+        self.outq: queue.SimpleQueue = queue.SimpleQueue()  # frames (bytes) | _STOP
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (tag, bytes) | _BROKEN
         self.ready = threading.Event()  # the peer's Hello arrived
         self.done = threading.Event()  # the reader saw the stream end
@@ -108,7 +109,7 @@ class _Link:
             if item is _STOP:
                 yield frames.encode_bye()
                 return
-            yield from item
+            yield item
 
     def read(self, incoming: Iterator) -> None:
         """Reader thread: deliver the peer's frames until its stream ends or breaks."""
@@ -255,11 +256,17 @@ class GrpcCommunicator(Communicator):
         if self.failure or self._closed:
             why = self.failure or "this communicator is closed"
             raise CommError(f"rank {self.rank}: cannot send to {self.peer_name(dst)}: {why}")
+        outq = self.links[dst].outq
         last_data, last_tag, framed = self._framed
-        if data is not last_data or tag != last_tag:  # frames carry no destination: share them
-            framed = list(frames.encode_chunks(self.rank, tag, data, self.chunk_bytes))
-            self._framed = (data, tag, framed)
-        self.links[dst].outq.put(framed)
+        if data is last_data and tag == last_tag:  # frames carry no destination: share them
+            for frame in framed:
+                outq.put(frame)
+            return
+        framed = []
+        for frame in frames.encode_chunks(self.rank, tag, data, self.chunk_bytes):
+            outq.put(frame)  # the sender thread sends it while the next one is copied
+            framed.append(frame)
+        self._framed = (data, tag, framed)
 
     def _take(self, src: int, tag: int) -> bytes:
         link = self.links[src]

@@ -49,3 +49,17 @@ def test_star_benchmark_reports_the_drops_and_retransmissions_of_each_profile():
             assert isinstance(r[k], int) and r[k] >= 0
     assert clean["loss_pct"] == 0 and lossy["loss_pct"] == 10.0
     assert lossy["tcp_retransmitted_segments"] > 10 * max(1, clean["tcp_retransmitted_segments"])
+
+
+def test_ceiling_benchmark_times_every_transport_at_the_receiver():
+    """One link, four transports (socket, gloo, bare gRPC, ours): each size moved reps times by each,
+    the receiver's times come back, and the table puts them side by side."""
+    from testbed.bench import ceiling
+
+    times = ceiling.run([256 * 1024, 3 << 20], reps=2)
+    assert sorted(times) == [256 * 1024, 3 << 20]
+    for per in times.values():
+        assert set(per) == set(ceiling.IMPLS)
+        assert all(len(v) == 2 and all(t > 0 for t in v) for v in per.values())
+    table = ceiling.format_table(times)
+    assert "grpc/socket" in table and "ours/gloo" in table and "3 MiB" in table
