@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bandwidths", default="100,1000", help="--mininet: link rates in Mbit/s (default 100,1000)")
     ap.add_argument("--delays", default="0,5", help="--mininet: delays between two hosts in ms (default 0,5)")
     ap.add_argument("--ceiling", action="store_true",
-                    help="instead: one link's GB/s for a socket, gloo, bare gRPC and ours (testbed.bench.ceiling; "
-                         "sizes default 1M,16M,64M)")
+                    help="instead: one link's round trip and GB/s for a socket, gloo, bare gRPC and ours "
+                         "(testbed.bench.ceiling; sizes default 1M,16M,64M)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
@@ -342,14 +342,14 @@ def main(argv: list[str] | None = None) -> int:
 
         sizes = parse_sizes("1M,16M,64M" if a.sizes == DEFAULT_SIZES else a.sizes)
         load0, t0 = os.getloadavg()[0], time.perf_counter()
-        times = ceiling.run(sizes, a.reps or 5)
+        result = ceiling.run(sizes, a.reps or 5)
         print(f"# one link, rank 0 -> rank 1 over loopback, {os.cpu_count()} cores, load average {load0:.1f} before / "
               f"{os.getloadavg()[0]:.1f} after, {time.perf_counter() - t0:.0f} s; median GB/s of reps, timed at the "
               "receiver", flush=True)
-        print(ceiling.format_table(times), flush=True)
+        print(ceiling.format_table(result), flush=True)
         if a.json:
             with open(a.json, "w") as f:
-                json.dump({str(k): v for k, v in times.items()}, f, indent=1)
+                json.dump({"times": {str(k): v for k, v in result.times.items()}, "rtt": result.rtt}, f, indent=1)
         return 0
     sizes = parse_sizes(a.sizes)
     if a.worker:

@@ -52,14 +52,18 @@ def test_star_benchmark_reports_the_drops_and_retransmissions_of_each_profile():
 
 
 def test_ceiling_benchmark_times_every_transport_at_the_receiver():
-    """One link, four transports (socket, gloo, bare gRPC, ours): each size moved reps times by each,
-    the receiver's times come back, and the table puts them side by side."""
+    """One link, four transports (socket, gloo, bare gRPC, ours): each size moved reps times by each
+    (the first, untimed round checks the bytes), the receiver's times and the ping-pong's round trips
+    come back, and the table puts them side by side."""
     from testbed.bench import ceiling
 
-    times = ceiling.run([256 * 1024, 3 << 20], reps=2)
+    result = ceiling.run([256 * 1024, 3 << 20], reps=2, rounds=ceiling.PING_BLOCK)
+    times = result.times
     assert sorted(times) == [256 * 1024, 3 << 20]
+    assert set(result.rtt) == set(ceiling.IMPLS)
+    assert all(len(v) == ceiling.PING_BLOCK and all(t > 0 for t in v) for v in result.rtt.values())
     for per in times.values():
         assert set(per) == set(ceiling.IMPLS)
         assert all(len(v) == 2 and all(t > 0 for t in v) for v in per.values())
-    table = ceiling.format_table(times)
-    assert "grpc/socket" in table and "ours/gloo" in table and "3 MiB" in table
+    table = ceiling.format_table(result)
+    assert "round trip of 1 KiB" in table and "grpc/socket" in table and "ours/gloo" in table and "3 MiB" in table
