@@ -124,6 +124,12 @@ class Backend(ABC):
         """TCP segments all nodes retransmitted since start (a running counter), if known."""
         return None
 
+    def device_probe_s(self) -> list[float] | None:
+        """The host probe (testbed.models.probe) timed inside every node at once, as the devices
+        compute (under their CPU quotas where they have them): CPU seconds per block in rank order,
+        or None where the nodes are not processes of their own (call between inferences)."""
+        return None
+
     def replay(self, trace, profile: LinkProfile | None = None, loop: bool = True):
         """Replay a testbed.net.replay.BandwidthTrace on every swept link until stop_replays()."""
         raise ConfigError("sweep.traces", f"a bandwidth trace of {trace.duration_s:g} s",
@@ -221,6 +227,11 @@ class NodeBackend(Backend):
         if self._client is None:
             raise ConfigError("job", None, "a job loaded with load() before infer()")
         return self._client.infer()
+
+    def device_probe_s(self) -> list[float] | None:
+        if self._client is None:
+            raise ConfigError("job", None, "a job loaded with load() before device_probe_s()")
+        return self._client.probe()
 
     def close(self) -> None:
         """Stop the nodes' job (Shutdown), then the processes and whatever the subclass created."""

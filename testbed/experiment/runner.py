@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -255,8 +256,12 @@ class Runner:
                 phase = "warm-up"
                 for _ in range(self.spec.warmup):
                     session.infer()
-            # how fast this host is now (the nodes idle): carries a calibration over to this unit's rows
+            # how fast this host is now (the nodes idle): carries a calibration over to this unit's rows;
+            # then the same block inside every node at once: what their quotas' throttling costs now
             probe = host_probe_s() if session.backend.computes_here else None
+            phase = "probe"
+            devices = session.device_probe_s() if session.backend.computes_here else None
+            device_probe = statistics.median(devices) if devices else None
             if cell.trace is not None:
                 phase = "trace start"
                 session.start_trace(cell.trace)
@@ -271,7 +276,7 @@ class Runner:
             for k, rep in enumerate(reps):
                 stop_if_signalled()
                 row = self.base_row(cell, mi, method, rep)
-                row["host_probe_s"] = probe
+                row["host_probe_s"], row["device_probe_s"] = probe, device_probe
                 t0, wire0, re0 = faults.now() if faults else None, session.wire_bytes(), session.retransmitted_segments()
                 try:
                     res = session.infer(rep)

@@ -97,6 +97,9 @@ class BackendSession:
     def retransmitted_segments(self) -> int | None:
         return self.backend.retransmitted_segments() if self.backend is not None else None
 
+    def device_probe_s(self) -> list[float] | None:
+        return self.backend.device_probe_s() if self.backend is not None else None
+
     @property
     def mechanism(self) -> str:
         return self.backend.mechanism if self.backend is not None else "?"

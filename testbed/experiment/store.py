@@ -44,13 +44,14 @@ COLUMNS = [
     "generate", "ttft_s", "tpot_median_s", "tpot_p95_s", "tokens_per_s", "generated_agreement", "rss_mib", "pss_mib",
     "retransmitted_segments",  # TCP segments the nodes retransmitted during the repetition (emulation only)
     "host_probe_s",  # this host's speed before the unit's repetitions (testbed.models.probe; nodes on this host only)
+    "device_probe_s",  # the same block timed inside the nodes at once, under their quotas (median over nodes)
 ]
 NUMERIC = ["time_dilation", "tokens", "batch", "nodes", "bandwidth_mbps", "delay_ms", "jitter_ms", "loss_pct", "trace_time_s",
            "repetition", "latency_s", "compute_s", "comm_s", "wait_s", "serialize_s", "critical_rank",
            "compute_s_mean", "comm_s_mean", "bytes_sent", "bytes_sent_max_rank", "bytes_on_wire",
            "agreement", "max_abs_err", "accuracy", "fault_time_s", "generate", "ttft_s", "tpot_median_s", "tpot_p95_s",
            "tokens_per_s", "generated_agreement", "rss_mib", "pss_mib", "retransmitted_segments",
-           "host_probe_s"]
+           "host_probe_s", "device_probe_s"]
 TEXT = ["error", "trace", "label", "faults", "all_reduce"]  # empty, never NaN
 ROWS_CSV, ROWS_PARQUET, TRACES, MANIFEST = "rows.csv", "rows.parquet", "traces.jsonl", "manifest.json"
 

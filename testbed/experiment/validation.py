@@ -20,7 +20,7 @@ from testbed.errors import ConfigError, check
 from testbed.experiment.manifest import read_manifest
 from testbed.experiment.spec import parse_spec
 from testbed.experiment.store import read_rows, read_traces
-from testbed.sim.emulation import EmulationModel
+from testbed.sim.emulation import EmulationModel, measured_throttle
 from testbed.sim.network import KINDS
 from testbed.sim.simulator import Simulator, speed_from_device
 from testbed.sim.validate import compare, save_validation
@@ -69,9 +69,13 @@ def run_topology(run_dir: str | Path) -> Any:
         raise ConfigError(f"manifest.json config ({e.field})", e.value, e.allowed) from None
 
 
-def run_emulation(run_dir: str | Path) -> EmulationModel:
-    """How a run's devices computed (dilation, throttling overhead, contention), from its manifest."""
-    return EmulationModel.of_manifest(read_manifest(run_dir))
+def run_emulation(run_dir: str | Path, device_probe: bool = True) -> EmulationModel:
+    """How a run's devices computed (dilation, throttling overhead, contention), from its manifest;
+    ``device_probe``: the throttling overhead as the run's devices measured it where they did
+    (``measured_throttle``), instead of the constant for its slice."""
+    emu = EmulationModel.of_manifest(read_manifest(run_dir))
+    scale = measured_throttle(read_rows(run_dir)) if device_probe else None
+    return emu.with_measured_throttle(scale) if scale is not None else emu
 
 
 def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,
@@ -125,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", help="where validation.csv and .png go (default RUN_DIR/validation)")
     p.add_argument("--no-measure", action="store_true", help="never measure: stored profiles or extrapolation only")
     p.add_argument("--quiet", action="store_true", help="no per-cell table")
+    p.add_argument("--no-device-probe", action="store_true",
+                   help="charge a dilated run's throttling by the constant for its slice, not by what its devices "
+                        "measured (the rows' device and host probes)")
     p.add_argument("--no-host-speed", action="store_true",
                    help="predict from the calibration as measured, not scaled to the host's speed when the run "
                         "measured (the rows' and the profiles' host probes)")
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sim = Simulator(SimConfig(calibration_dir=args.calibration, measure_missing=not args.no_measure),
                         log=lambda m: print(f"  {m}", flush=True))
-        emu = run_emulation(args.run_dir)
+        emu = run_emulation(args.run_dir, device_probe=not args.no_device_probe)
         print(f"{args.run_dir}: {emu.why}")
         table, paths = validate_run(args.run_dir, sim, out_dir=args.out, emulation=emu,
                                     host_speed=not args.no_host_speed)

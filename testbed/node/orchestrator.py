@@ -21,6 +21,7 @@ import grpc
 
 from testbed.errors import CommError, ConfigError, check
 from testbed.methods.job import JobSpec
+from testbed.models.probe import PROBE_RUNS
 from testbed.net.profile import LinkProfile
 from testbed.net.selfshape import node_shares
 from testbed.node import serde
@@ -44,7 +45,7 @@ _SECONDARY = {grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 # Status codes that mean the node itself died, is unreachable or hangs.
 _GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # Phases whose refusal by a node leaves every node running (nothing waits on a peer in them).
-_REJECTABLE = {"load", "shape"}
+_REJECTABLE = {"load", "shape", "probe"}
 
 
 class Orchestrator:
@@ -65,6 +66,9 @@ class Orchestrator:
     STOP_RPC_S = 1.0
     # A Shape gets this long: the first one probes the kernel and starts the node's delay line.
     SHAPE_RPC_S = 60.0
+    #: deadline of a probe: ~0.2 s of CPU per node, stretched by the device's quota (F x) and by
+    #: nodes sharing the cores
+    PROBE_RPC_S = 60.0
 
     def __init__(self, addresses: Sequence[NodeAddress], timeout_s: float = 120.0, connect_timeout_s: float = 10.0,
                  load_timeout_s: float = 300.0, tls_dir: str | None = None, owns_nodes: bool = True):
@@ -165,6 +169,17 @@ class Orchestrator:
         calls = [lambda r=r: self._stubs[r].Stats.future(serde.stats_request(hosts[r]), timeout=self.connect_timeout_s)
                  for r in range(len(self.addresses))]
         return [serde.read_stats_response(r) for r in self._fan_out("stats", calls)]
+
+    def probe(self, runs: int = PROBE_RUNS) -> list[float]:
+        """Every node's host probe (testbed.models.probe) timed in its own process, all at once (as
+        the devices compute during an inference): median CPU seconds per block, in rank order. Call
+        it between inferences; a node that refuses or cannot answer raises NodeError and leaves the
+        nodes as they are unless it died."""
+        self._check_running()
+        req = serde.probe_request(runs)
+        calls = [lambda r=r: self._stubs[r].Probe.future(req, timeout=self.PROBE_RPC_S)
+                 for r in range(len(self.addresses))]
+        return [serde.read_probe_response(resp) for resp in self._fan_out("probe", calls)]
 
     # -- fan-out and failure ------------------------------------------------------
     def _fan_out(self, phase: str, calls: list[Callable[[], grpc.Future]]) -> list:

@@ -14,7 +14,7 @@ from testbed.methods.job import JobSpec
 
 #: the version of the node's wire protocol (protos/*.proto and what the messages mean): bumped
 #: whenever they change; an orchestrator refuses nodes that report another one
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 @dataclass(frozen=True)

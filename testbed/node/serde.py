@@ -12,7 +12,7 @@ from dataclasses import fields
 
 from testbed.comm.serde import bytes_to_tensor, tensor_to_bytes
 from testbed.comm.trace import Trace
-from testbed.errors import ConfigError
+from testbed.errors import ConfigError, check
 from testbed.methods.job import JobSpec
 from testbed.net.profile import LinkProfile
 from testbed.node.records import LoadArgs, LoadTimes, NodeStats, RankResult
@@ -112,6 +112,24 @@ def read_stats_response(resp: node_pb2.StatsResponse) -> NodeStats:
                      cpu_model=resp.cpu_model, cpu_count=resp.cpu_count, data_interface=resp.data_interface,
                      tx_bytes=resp.tx_bytes if resp.HasField("tx_bytes") else None,
                      rx_bytes=resp.rx_bytes if resp.HasField("rx_bytes") else None, net_id=resp.net_id)
+
+
+def probe_request(runs: int) -> node_pb2.ProbeRequest:
+    return node_pb2.ProbeRequest(runs=runs)
+
+
+def read_probe_request(req: node_pb2.ProbeRequest) -> int:
+    """The timed runs asked for; raises ConfigError outside 1..1000."""
+    check(1 <= req.runs <= 1000, "runs", req.runs, "1..1000 timed runs of the probe block")
+    return req.runs
+
+
+def probe_response(cpu_s: float) -> node_pb2.ProbeResponse:
+    return node_pb2.ProbeResponse(cpu_s=cpu_s)
+
+
+def read_probe_response(resp: node_pb2.ProbeResponse) -> float:
+    return resp.cpu_s
 
 
 def shutdown_request(reason: str) -> node_pb2.ShutdownRequest:

@@ -49,6 +49,7 @@ from testbed.comm.channels import KEEPALIVE_TIMEOUT_S, is_loopback, join_hostpor
 from testbed.node.access import FileAccess
 from testbed.node import host
 from testbed.node.memory import process_memory
+from testbed.models.probe import host_probe_s
 from testbed.net.selfshape import NoNetAdmin, SelfShaper
 from testbed.node.records import PROTOCOL_VERSION, LoadArgs, LoadTimes, NodeStats, RankResult
 from testbed.proto import node_pb2_grpc
@@ -201,6 +202,19 @@ class NodeService(node_pb2_grpc.NodeServicer):
             package_version=host.package_version(),
             protocol_version=PROTOCOL_VERSION, **host.host_info(), data_interface=iface, tx_bytes=tx, rx_bytes=rx,
             net_id=host.net_id()))
+
+    @_rpc
+    def Probe(self, request, context):  # noqa: N802
+        """The probe block's median CPU seconds on one of this process's threads: under the device's
+        quota where the node has one, so against the same block on a free core it measures what the
+        quota's throttling costs the node's compute now."""
+        runs = serde.read_probe_request(request)
+        if not self._lock.acquire(blocking=False):
+            raise _Precondition("busy: a job is loading or inferring; probe between inferences")
+        try:
+            return serde.probe_response(host_probe_s(runs))
+        finally:
+            self._lock.release()
 
     @_rpc
     def Shutdown(self, request, context):  # noqa: N802

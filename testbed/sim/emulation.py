@@ -56,7 +56,7 @@ parallel's segments are 20-30% longer at 100-500 Mbit/s than at 20 in the quicks
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from testbed.errors import check
@@ -128,6 +128,26 @@ def segment_jitter_k(traces: list[dict]) -> float:
     return float(np.median(ks))
 
 
+def measured_throttle(rows: Any) -> float | None:
+    """What CFS throttling cost a run's devices, as they measured it: the median over the run's rows of
+    ``device_probe_s`` (the probe block timed inside every node at once, under its quota; median over
+    the nodes) over the median of ``host_probe_s`` (the same block on a free thread of the runner,
+    just before). Both are taken once per unit, seconds apart, so the host's drift between them is
+    small; a single unit's ratio moves by more (the throttled block took 0.83-1.19x its free time from
+    one round to the next in ``testbed.bench.dilation`` part 5), hence medians over the run. None where
+    the rows lack either probe (runs made before the device probe existed, backends without nodes)."""
+    import pandas as pd
+
+    if "device_probe_s" not in rows or "host_probe_s" not in rows:
+        return None
+    ok = rows[rows["status"] == "ok"] if "status" in rows else rows
+    dev = pd.to_numeric(ok["device_probe_s"], errors="coerce").dropna()
+    free = pd.to_numeric(ok["host_probe_s"], errors="coerce").dropna()
+    if not len(dev) or not len(free):
+        return None
+    return float(dev.median()) / float(free.median())
+
+
 def throttle_overhead(slice_ms: float) -> float:
     """The measured CPU overhead factor of CFS throttling at ``slice_ms`` (see THROTTLE_OVERHEAD)."""
     check(isinstance(slice_ms, (int, float)) and not isinstance(slice_ms, bool) and slice_ms > 0, "cpu_slice_ms",
@@ -153,6 +173,19 @@ class EmulationModel:
     why: str = "real devices: compute as calibrated"
     segment_jitter_k: float = 0.0
     dispatch_s: float = 0.0
+
+    def with_measured_throttle(self, scale: float) -> "EmulationModel":
+        """The same run with the throttling overhead its own devices measured (``measured_throttle``)
+        in place of ``THROTTLE_OVERHEAD``'s; only a dilated run's devices are throttled."""
+        check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0, "throttle scale",
+              scale, "a number > 0")
+        if self.time_dilation <= 1 or not self.cpu_slice_ms:
+            return self
+        said = f"compute x {self.compute_scale:g}, the CPU overhead of CFS throttling at {self.cpu_slice_ms:g} ms slices"
+        why = self.why.replace(said, f"compute x {scale:.3f}, the CPU overhead of CFS throttling as the run's devices "
+                                     f"measured it (their probe under the quota over the host's, medians; the "
+                                     f"constant for {self.cpu_slice_ms:g} ms slices is {self.compute_scale:g})")
+        return replace(self, compute_scale=float(scale), why=why)
 
     @property
     def burst_bound_s(self) -> float:

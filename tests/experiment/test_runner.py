@@ -79,6 +79,11 @@ def test_every_method_profile_repetition_has_a_correct_row(backend, tmp_path, mo
         assert len(list((tmp_path / "out" / "node-logs").iterdir())) == 2
     # the host's speed before each unit: one probe per method, on every repetition of it
     assert (rows["host_probe_s"] > 0).all() and (rows.groupby("cell")["host_probe_s"].nunique() == 1).all()
+    # and the same block inside the nodes: node processes of their own answer, in-process ranks have none
+    if backend == "loopback":
+        assert (rows["device_probe_s"] > 0).all() and (rows.groupby("cell")["device_probe_s"].nunique() == 1).all()
+    else:
+        assert rows["device_probe_s"].isna().all()
 
 
 def test_sim_backend_fills_the_same_columns(tmp_path, monkeypatch):
@@ -89,6 +94,7 @@ def test_sim_backend_fills_the_same_columns(tmp_path, monkeypatch):
     sp = rows[rows["method"] == "sequence_parallel"].set_index(["bandwidth_mbps", "delay_ms"])["latency_s"]
     assert sp[(10.0, 0.0)] > sp[(100.0, 0.0)] and sp[(100.0, 5.0)] > sp[(100.0, 0.0)]
     assert rows["agreement"].isna().all() and rows["host_probe_s"].isna().all()  # nothing computed on this host
+    assert rows["device_probe_s"].isna().all()
     assert (rows["mechanism"] == "sim/measured").all() and (rows["error"].fillna("") == "").all()
     assert (rows["latency_s"] >= rows["compute_s"]).all() and (rows["compute_s"] > 0).all()
     assert ((rows["topology"] == "star") & (rows["nodes"] == 4)).all()

@@ -81,6 +81,16 @@ def test_stats_report_the_loaded_job(loopback4):
     assert [s.listen_addresses for s in stats] == [[a.control] for a in loopback4[:2]]
 
 
+def test_every_node_times_the_probe_in_its_own_process_and_bad_runs_are_refused(loopback4):
+    orch = Orchestrator(loopback4[:2], timeout_s=30)
+    orch.load(JobSpec(model="vit-tiny", method="single", world_size=2, tokens=TOKENS))
+    probes = orch.probe(runs=3)
+    assert len(probes) == 2 and all(0 < p < 5 for p in probes)  # CPU seconds of one block (~10 ms here)
+    with pytest.raises(NodeError, match="runs: got 0"):
+        orch.probe(runs=0)
+    assert orch.infer().output is not None  # a refused probe leaves the nodes running
+
+
 def test_bad_job_is_rejected_by_name_and_leaves_the_nodes_running(loopback4):
     orch = Orchestrator(loopback4[:2], timeout_s=30)
     with pytest.raises(NodeError, match="method: got 'warp_drive'"):

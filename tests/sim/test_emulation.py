@@ -242,3 +242,33 @@ def test_jitter_makes_synchronised_ranks_wait_for_the_slowest(tmp_path):
     n_segments = len(skeleton("vit-tiny", "sequence_parallel", {}, 17, 2).collectives[0]) + 1
     expected = n_segments * k * math.sqrt(d) / math.sqrt(math.pi)
     assert lat.mean() - plain == pytest.approx(expected, rel=0.15)
+
+
+def test_a_run_that_measured_its_throttling_is_charged_what_it_measured(tmp_path):
+    """The devices' probe under their quotas over the runner's free probe, medians over the run's ok rows,
+    replaces the constant for the slice; runs without device probes, and undilated runs, keep theirs."""
+    import json
+
+    import pandas as pd
+
+    from testbed.experiment.validation import run_emulation
+    from testbed.sim.emulation import measured_throttle
+
+    rows = pd.DataFrame({"status": ["ok", "ok", "ok", "error"], "host_probe_s": [0.010, 0.010, 0.012, 0.001],
+                         "device_probe_s": [0.0105, 0.011, 0.5, 0.9]})  # one unit far off; a failed row ignored
+    assert measured_throttle(rows) == pytest.approx(0.011 / 0.010)
+    assert measured_throttle(rows.drop(columns="device_probe_s")) is None
+    assert measured_throttle(rows.assign(device_probe_s=float("nan"))) is None
+    d = EmulationModel.of_manifest(dilated_manifest())
+    m = d.with_measured_throttle(1.03)
+    assert (m.compute_scale, m.time_dilation, m.segment_jitter_k) == (1.03, d.time_dilation, d.segment_jitter_k)
+    assert "x 1.030" in m.why and "the constant for 10 ms slices is 1.18" in m.why
+    u = EmulationModel.of_manifest(dilated_manifest(factor=1.0))
+    assert u.with_measured_throttle(1.5) == u  # nothing throttled an undilated run's devices
+    with pytest.raises(ConfigError):
+        d.with_measured_throttle(0)
+    # from a run directory: its manifest and rows
+    (tmp_path / "manifest.json").write_text(json.dumps(dilated_manifest()))
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    assert run_emulation(tmp_path).compute_scale == pytest.approx(1.1)
+    assert run_emulation(tmp_path, device_probe=False).compute_scale == 1.18
