@@ -63,5 +63,9 @@ class DilatedClient:
     def stats(self):
         return self.orchestrator.stats()
 
+    def probe(self) -> list[float]:
+        """The nodes' probe in CPU seconds, as measured: a ratio to a free core's, not a duration to undilate."""
+        return self.orchestrator.probe()
+
     def shutdown(self) -> None:
         self.orchestrator.shutdown()

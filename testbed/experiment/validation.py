@@ -89,6 +89,10 @@ def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None
     d = Path(run_dir)
     rows = read_rows(d)
     check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
+    if not (rows["status"] == "ok").any():
+        first = str(rows["error"].iloc[0])[:200]
+        raise ConfigError("run_dir", str(d), f"a run with ok rows to predict (all {len(rows)} of this one's "
+                                             f"failed; the first: {first})")
     topo = topology if topology is not None else run_topology(d)
     emu = emulation if emulation is not None else run_emulation(d)
     run_sim = Simulator(replace(sim.config, shared_cpus=emu.shared_cpus, compute_scale=emu.compute_scale,

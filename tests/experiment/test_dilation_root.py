@@ -39,6 +39,11 @@ def test_same_outputs_bytes_and_status_under_f1_and_f2(tmp_path, monkeypatch):
         assert manifest["time_dilation"]["factor"] == f and (rows[f]["time_dilation"] == f).all()
     a, b = rows[1], rows[2]
     assert (a["status"] == "ok").all() and (b["status"] == "ok").all()
+    # the probe block timed inside the nodes (under their quotas at F=2), once per unit, in CPU seconds:
+    # the same order as the runner's own (the throttling costs a fraction, not the factor)
+    for r in (a, b):
+        assert (r["device_probe_s"] > 0).all() and (r.groupby("cell")["device_probe_s"].nunique() == 1).all()
+        assert (r["device_probe_s"] < 1.9 * r["host_probe_s"]).all()
     for col in ("cell", "method", "repetition", "bytes_sent", "bytes_sent_max_rank", "agreement", "max_abs_err"):
         assert a[col].tolist() == b[col].tolist(), col
     # traces: the same messages in the same order, only the durations differ

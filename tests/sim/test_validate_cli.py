@@ -84,3 +84,15 @@ def test_validate_bad_input_is_one_line(tmp_path, capsys):
     assert _testbed(["validate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("testbed validate: error: ")
+
+
+def test_validate_a_run_whose_rows_all_failed_says_so_in_one_line(slow_run, tmp_path, capsys):
+    run = tmp_path / "failed"
+    shutil.copytree(slow_run / "run", run)
+    rows = pd.read_csv(run / "rows.csv")
+    rows["status"], rows["error"] = "error", "load: the node died"
+    rows.to_csv(run / "rows.csv", index=False)
+    assert _testbed(["validate", str(run), "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a run with ok rows to predict" in err and "the node died" in err
+    assert not (tmp_path / "v").exists()  # nothing half-written
