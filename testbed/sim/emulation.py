@@ -7,9 +7,12 @@ this host. An emulated run computed differently, and how is in its manifest:
   its whole device (a CFS quota of speed x threads / F cores, testbed.net.cgroups), so there is
   no contention between nodes to model; compute runs at the device's speed. But CFS bandwidth
   control is not free: a forward pass throttled every slice takes more CPU time than one that
-  runs through (caches and the VM's exits on every throttle). ``THROTTLE_OVERHEAD`` holds that
-  cost as measured by ``python -m testbed.bench.dilation`` (README, Benchmarks) and it
-  multiplies every compute segment.
+  runs through (caches and the VM's exits on every throttle), and what it costs moves from one
+  run to the next. A run that measured it (its rows' ``device_probe_s``: the probe block timed
+  inside the nodes under their quotas, beside the runner's free ``host_probe_s``) is charged what
+  it measured (``measured_throttle``, ``EmulationModel.with_measured_throttle``); older runs are
+  charged ``THROTTLE_OVERHEAD``, measured by ``python -m testbed.bench.dilation`` (README,
+  Benchmarks). It multiplies every compute segment.
 - **undilated** (no dilation record, or factor 1): N nodes shared the machine's cores, and the
   busy ranks' compute is stretched by the share each got (``Simulator``'s ``shared_cpus``).
 
