@@ -26,7 +26,6 @@ import json
 import queue
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -50,23 +49,9 @@ def run(sizes: list[int], reps: int = 5, rounds: int = PING_ROUNDS) -> Result:
     transport the round-trip seconds of ``rounds`` small-message ping-pongs."""
     base = [sys.executable, "-m", "testbed.bench.ceiling", "--sizes", ",".join(map(str, sizes)), "--reps", str(reps),
             "--rounds", str(rounds)]
-    procs = []
-    try:
-        for rank in (0, 1):
-            procs.append(subprocess.Popen(base + ["--rank", str(rank)], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, text=True))
-        hello = [_read(p, r) for r, p in enumerate(procs)]
-        for p in procs:
-            p.stdin.write(json.dumps(hello) + "\n")
-            p.stdin.flush()
-        results = [_read(p, r) for r, p in enumerate(procs)]
-        for p in procs:
-            p.wait(timeout=60)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    from testbed.bench.collectives import local_launch, run_workers
+
+    results = run_workers([lambda r=r: local_launch(r, base + ["--rank", str(r)]) for r in (0, 1)], lambda hello: hello)
     return Result({int(k): v for k, v in results[1]["times"].items()}, results[0]["rtt"])
 
 
@@ -86,13 +71,6 @@ def format_table(result: Result) -> str:
                      + f"  {rate['grpc'] / rate['socket']:>11.2f}  {rate['ours'] / rate['grpc']:>9.2f}"
                      f"  {rate['ours'] / rate['gloo']:>9.2f}")
     return "\n".join(lines)
-
-
-def _read(proc: subprocess.Popen, rank: int) -> dict:
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"ceiling worker {rank} ended early (exit code {proc.wait()}); its stderr is above")
-    return json.loads(line)
 
 
 # -- one worker ------------------------------------------------------------------------

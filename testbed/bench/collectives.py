@@ -94,24 +94,33 @@ def run(world: int, sizes: list[int], collectives: tuple[str, ...] = COLLECTIVES
             "--sizes", ",".join(map(str, sizes)), "--collectives", ",".join(collectives)]
     if reps:
         base += ["--reps", str(reps)]
-    procs = []
+    results = run_workers([lambda r=r: launch(r, base + ["--rank", str(r), "--host", hosts[r]]) for r in range(world)],
+                          lambda hello: {"grpc": [h["grpc"] for h in hello], "store": hello[0]["store"]})
+    return _rows(results, sizes, collectives)
+
+
+def run_workers(launches: list[Callable[[], subprocess.Popen]], peers: Callable[[list[dict]], object]) -> list[dict]:
+    """Start one worker per launch and rendezvous them over their stdin/stdout: read each one's hello
+    (a JSON line), send every one ``peers(hellos)`` as JSON, return each one's result line. Workers
+    still running when this returns or fails are killed."""
+    procs: list[subprocess.Popen] = []
     try:
-        for r in range(world):
-            procs.append(launch(r, base + ["--rank", str(r), "--host", hosts[r]]))
+        for launch in launches:
+            procs.append(launch())
         hello = [_read_json(p, r) for r, p in enumerate(procs)]
-        peers = json.dumps({"grpc": [h["grpc"] for h in hello], "store": hello[0]["store"]})
+        line = json.dumps(peers(hello)) + "\n"
         for p in procs:
-            p.stdin.write(peers + "\n")
+            p.stdin.write(line)
             p.stdin.flush()
         results = [_read_json(p, r) for r, p in enumerate(procs)]
         for p in procs:
             p.wait(timeout=60)
+        return results
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return _rows(results, sizes, collectives)
 
 
 def _read_json(proc: subprocess.Popen, rank: int) -> dict:
