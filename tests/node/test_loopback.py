@@ -56,7 +56,7 @@ def test_a_node_that_cannot_start_is_reported_with_its_log(tmp_path):
 OWNER = """
 import os, signal, sys
 from testbed.backends.loopback import LoopbackBackend
-b = LoopbackBackend()
+b = LoopbackBackend(log_dir=sys.argv[2])  # a killed owner cannot remove a log directory of its own
 b.start(2)
 print(" ".join(map(str, b.pids)), flush=True)
 if sys.argv[1] == "kill":
@@ -65,8 +65,9 @@ if sys.argv[1] == "kill":
 
 
 @pytest.mark.parametrize("how", ["exit", "kill"])
-def test_nodes_do_not_outlive_the_process_that_started_them(how):
-    out = subprocess.run([sys.executable, "-c", OWNER, how], capture_output=True, text=True, timeout=120)
+def test_nodes_do_not_outlive_the_process_that_started_them(how, tmp_path):
+    out = subprocess.run([sys.executable, "-c", OWNER, how, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 2, out.stderr
     deadline = time.monotonic() + 15
