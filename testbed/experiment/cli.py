@@ -303,6 +303,14 @@ def _report(o) -> None:
         print("  codebooks: " + "; ".join(f"{k}: {v}" for k, v in m["codebooks_made"].items()))
     if m.get("startup"):
         print("  start-up: " + describe(m["startup"]))
+    if float((m.get("time_dilation") or {}).get("factor") or 1) > 1:
+        from testbed.experiment.store import read_rows
+        from testbed.sim.emulation import measured_throttle
+
+        throttle = measured_throttle(read_rows(d))
+        if throttle is not None:
+            print(f"  devices:  the probe block took {throttle:.2f}x its free CPU time inside the nodes, under their "
+                  "quotas (medians over the units): what throttling added to compute")
     if o.plots:
         print(f"  plots:    {d / 'plots'}/ ({', '.join(Path(p).name for p in o.plots if p.endswith('.png'))})")
     if (d / "report.html").exists():

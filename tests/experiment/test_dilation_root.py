@@ -27,13 +27,14 @@ def _experiment(factor: float | str) -> dict:
             "emulation": {"time_dilation": factor}}
 
 
-def test_same_outputs_bytes_and_status_under_f1_and_f2(tmp_path, monkeypatch):
+def test_same_outputs_bytes_and_status_under_f1_and_f2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rows = {}
+    rows, said = {}, {}
     for f in (1, 2):
         out = tmp_path / f"out{f}"
         assert run_main([str(write(tmp_path / f"e{f}.yaml", _experiment(f))), "--out", str(out), "--quiet",
                          "--no-plots"]) == 0
+        said[f] = capsys.readouterr().out
         rows[f] = read_rows(out).sort_values(["cell", "repetition"]).reset_index(drop=True)
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["time_dilation"]["factor"] == f and (rows[f]["time_dilation"] == f).all()
@@ -44,6 +45,8 @@ def test_same_outputs_bytes_and_status_under_f1_and_f2(tmp_path, monkeypatch):
     for r in (a, b):
         assert (r["device_probe_s"] > 0).all() and (r.groupby("cell")["device_probe_s"].nunique() == 1).all()
         assert (r["device_probe_s"] < 1.9 * r["host_probe_s"]).all()
+    # the summary says what throttling added where the devices were throttled
+    assert "devices:  the probe block took" in said[2] and "devices:" not in said[1]
     for col in ("cell", "method", "repetition", "bytes_sent", "bytes_sent_max_rank", "agreement", "max_abs_err"):
         assert a[col].tolist() == b[col].tolist(), col
     # traces: the same messages in the same order, only the durations differ
