@@ -27,7 +27,6 @@ import queue
 import socket
 import statistics
 import sys
-import threading
 import time
 from datetime import timedelta
 from typing import NamedTuple
@@ -259,5 +258,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "ceiling-worker"
     sys.exit(main())

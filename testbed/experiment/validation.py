@@ -73,9 +73,8 @@ def run_emulation(run_dir: str | Path, device_probe: bool = True) -> EmulationMo
     """How a run's devices computed (dilation, throttling overhead, contention), from its manifest;
     ``device_probe``: the throttling overhead as the run's devices measured it where they did
     (``measured_throttle``), instead of the constant for its slice."""
-    emu = EmulationModel.of_manifest(read_manifest(run_dir))
-    scale = measured_throttle(read_rows(run_dir)) if device_probe else None
-    return emu.with_measured_throttle(scale) if scale is not None else emu
+    return EmulationModel.of_manifest(read_manifest(run_dir),
+                                      throttle=measured_throttle(read_rows(run_dir)) if device_probe else None)
 
 
 def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,

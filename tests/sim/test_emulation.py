@@ -260,13 +260,13 @@ def test_a_run_that_measured_its_throttling_is_charged_what_it_measured(tmp_path
     assert measured_throttle(rows.drop(columns="device_probe_s")) is None
     assert measured_throttle(rows.assign(device_probe_s=float("nan"))) is None
     d = EmulationModel.of_manifest(dilated_manifest())
-    m = d.with_measured_throttle(1.03)
+    m = EmulationModel.of_manifest(dilated_manifest(), throttle=1.03)
     assert (m.compute_scale, m.time_dilation, m.segment_jitter_k) == (1.03, d.time_dilation, d.segment_jitter_k)
     assert "x 1.030" in m.why and "the constant for 10 ms slices is 1.18" in m.why
     u = EmulationModel.of_manifest(dilated_manifest(factor=1.0))
-    assert u.with_measured_throttle(1.5) == u  # nothing throttled an undilated run's devices
+    assert EmulationModel.of_manifest(dilated_manifest(factor=1.0), throttle=1.5) == u  # nothing throttled these
     with pytest.raises(ConfigError):
-        d.with_measured_throttle(0)
+        EmulationModel.of_manifest(dilated_manifest(), throttle=0)
     # from a run directory: its manifest and rows
     (tmp_path / "manifest.json").write_text(json.dumps(dilated_manifest()))
     rows.to_csv(tmp_path / "rows.csv", index=False)
