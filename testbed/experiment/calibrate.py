@@ -93,13 +93,13 @@ def calibrate_main(argv: list[str]) -> int:
             return 0
     print(f"{'model':<12} {'method':<24} {'params':<28} {'T':>6} {'N':>3} {'thr':>3}  {'source':<12} "
           f"{'max rank compute_s':>18}  file")
+    todo = [k for k in keys if (sim.measurable(k) if args.force else sim.wants_measuring(k))]
+    if todo:  # measured together: their repetitions interleave (Simulator.measure_many)
+        sim.measure_many(todo)
     for k in keys:
-        if args.force and sim.measurable(k):
-            prof = sim.measure(k)
-        else:
-            prof = sim.profile(k)
-            if prof.extrapolated:
-                sim.store.put(prof)
+        prof = sim.profile(k)
+        if prof.extrapolated:
+            sim.store.put(prof)
         src = "extrapolated" if prof.extrapolated else "measured"
         print(f"{k.model:<12} {k.method:<24} {k.params_json:<28} {k.tokens:>6} {k.nodes:>3} {k.threads:>3}  "
               f"{src:<12} {max(prof.compute_s):>18.4f}  {sim.store.path(k)}")

@@ -13,6 +13,10 @@ time, and other work on a shared host (which stretches wall-clock time, not CPU
 time) does not inflate the profile. The ordering cost of taking turns lands in the collectives'
 wait time, which the simulator does not use: it replays only compute and
 serialization times, and models the waiting itself.
+
+Several jobs measured together (``measure_interleaved``) take turns by inference, round-robin:
+a slow phase of a shared host (seconds to minutes) then slows one repetition of many jobs rather
+than every repetition of one, and each job's event-wise median over its repetitions discards it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import torch
@@ -93,32 +98,148 @@ def measure(job: JobSpec, repetitions: int = 3, warmup: int = 1, timeout_s: floa
 
     Durations are seconds of this host at ``job.threads`` torch threads.
     """
+    return measure_interleaved([job], repetitions, warmup, timeout_s)[0].traces
+
+
+@dataclass
+class Measured:
+    """One job's calibration: per-rank event-wise median traces, and the host probe
+    (``testbed.models.probe.host_probe_s``) taken right before each of its timed inferences."""
+
+    traces: list[Trace]
+    probes_s: list[float] = field(default_factory=list)
+
+
+class _Rounds:
+    """Whose inference runs now: slot k of the schedule is inference ``k // jobs`` of job ``k % jobs``
+    (round-robin); a slot ends when every rank of its job has finished that inference."""
+
+    def __init__(self, sizes: list[int], inferences: int, timeout_s: float,
+                 on_slot: Callable[[int, int], None]):
+        self.sizes, self.inferences, self.timeout_s, self.on_slot = sizes, inferences, timeout_s, on_slot
+        self.slot, self.done = 0, 0
+        self.cond = threading.Condition()
+        self.aborted = False
+
+    def current(self) -> tuple[int, int]:
+        return divmod(self.slot, len(self.sizes))
+
+    def start(self) -> None:
+        with self.cond:
+            self.on_slot(*self.current())
+
+    def wait(self, inference: int, job: int) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        with self.cond:
+            while not self.aborted and self.current() != (inference, job):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"calibration: inference {inference} of job {job} did not get its turn "
+                                       f"within {self.timeout_s:g} s")
+                self.cond.wait(left)
+            if self.aborted:
+                raise RuntimeError("calibration group aborted")
+
+    def finish(self, job: int) -> None:
+        with self.cond:
+            self.done += 1
+            if self.done == self.sizes[job]:
+                self.done, self.slot = 0, self.slot + 1
+                if self.slot < self.inferences * len(self.sizes):
+                    self.on_slot(*self.current())  # nothing computes now: every rank waits for its turn
+                self.cond.notify_all()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
+
+def measure_interleaved(jobs: list[JobSpec], repetitions: int = 3, warmup: int = 1, timeout_s: float = 600.0,
+                        probe: Callable[[], float] | None = None) -> list[Measured]:
+    """``measure`` for several jobs at once, their inferences interleaved round-robin: inference i of
+    every job runs before inference i + 1 of any, one job at a time, its ranks taking turns.
+
+    A shared host has slower and faster phases lasting seconds to minutes; measured one after the
+    other, one job's every repetition can fall into a slow phase that the next job's escape, which
+    biases the methods against each other. Interleaved, each job's repetitions are spread over the
+    whole calibration, and the event-wise median picks its typical phase. Every job's ranks are
+    built before the first inference (setup is never timed beside an inference); ``probe`` (e.g.
+    ``host_probe_s``), if given, runs right before each timed inference with nothing else computing.
+    Jobs must share a torch thread count (set process-wide).
+    """
     check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
     check(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
+    check(len(jobs) >= 1, "jobs", len(jobs), "at least one job")
+    threads = {job.threads for job in jobs}
+    check(len(threads) == 1, "threads", sorted(threads), "one torch thread count for every job measured together")
 
     from testbed.models import build_model
 
-    # one copy of the weights for every rank (inference never writes them): a model this host can
-    # hold once is measurable at any node count
-    model = build_model(job.model, seed=job.seed, weights_path=job.weights_path, share_weights=True)
+    # one copy of the weights per model for every rank of every job (inference never writes them): a model
+    # this host can hold once is measurable at any node count
+    models: dict[tuple, object] = {}
+    for job in jobs:
+        mk = (job.model, job.seed, job.weights_path)
+        if mk not in models:
+            models[mk] = build_model(job.model, seed=job.seed, weights_path=job.weights_path, share_weights=True)
+    groups = [_TurnTakingGroup(job.world_size, timeout_s) for job in jobs]
+    flat = [(j, r) for j, job in enumerate(jobs) for r in range(job.world_size)]
+    probes: list[list[float]] = [[] for _ in jobs]
 
-    def body(rank: int, comm: InProcessCommunicator) -> list[Trace]:
+    def on_slot(inference: int, j: int) -> None:
+        if probe is not None and inference >= warmup:
+            probes[j].append(probe())
+
+    rounds = _Rounds([job.world_size for job in jobs], warmup + repetitions, timeout_s, on_slot)
+    ready = threading.Barrier(len(flat), timeout=timeout_s)
+
+    def released(group: _TurnTakingGroup, wait: Callable[[], object]) -> None:
+        group.cpu.release()  # blocked: let another rank compute (or build)
+        try:
+            wait()
+        finally:
+            group.cpu.acquire()
+
+    def body(i: int) -> list[Trace]:
+        j, rank = flat[i]
+        job, group = jobs[j], groups[j]
+        comm = group.communicator(rank)
         comm.trace.clock = time.process_time  # CPU seconds: see CLOCK
-        runner = RankRunner(job, rank, comm, model=model)
-        reps = []
-        for i in range(warmup + repetitions):
-            runner.infer()
-            if i >= warmup:
-                reps.append(Trace.from_dict(comm.trace.to_dict()))
-        return reps
+        with group.cpu:
+            runner = RankRunner(job, rank, comm, model=models[(job.model, job.seed, job.weights_path)])
+            try:
+                released(group, ready.wait)
+            except threading.BrokenBarrierError:
+                raise (RuntimeError("calibration group aborted") if rounds.aborted else
+                       TimeoutError(f"calibration: not every job's ranks were built within {timeout_s:g} s")) from None
+            reps = []
+            for inference in range(warmup + repetitions):
+                released(group, lambda: rounds.wait(inference, j))
+                runner.infer()
+                if inference >= warmup:
+                    reps.append(Trace.from_dict(comm.trace.to_dict()))
+                rounds.finish(j)
+            return reps
+
+    def abort() -> None:
+        for g in groups:
+            g.aborted.set()
+        rounds.abort()
+        ready.abort()
 
     before = torch.get_num_threads()
-    torch.set_num_threads(job.threads)  # process-wide; one rank computes at a time, so this is per rank
+    torch.set_num_threads(threads.pop())  # process-wide; one rank computes at a time, so this is per rank
     try:
-        per_rank = run_turn_taking(job.world_size, body, timeout_s)
+        rounds.start()
+        per_rank = run_ranks(len(flat), body, abort, name="calibrate", stop_s=timeout_s)
     finally:
         torch.set_num_threads(before)
-    return [median_trace(reps) for reps in per_rank]
+    out, i = [], 0
+    for j, job in enumerate(jobs):
+        out.append(Measured([median_trace(reps) for reps in per_rank[i:i + job.world_size]], probes[j]))
+        i += job.world_size
+    return out
 
 
 def measure_transport(rounds: int = 200, bulk_bytes: int = 8 << 20, timeout_s: float = 60.0) -> dict:

@@ -10,7 +10,9 @@ Where compute times come from, in order of preference:
 1. a measured profile of exactly this (model, method, params, tokens, nodes, threads, batch)
    in the calibration directory;
 2. measuring it now (``testbed.sim.calibrate``), if ``measure_missing`` and it is small
-   enough (``max_measure_tokens``, ``max_measure_nodes``); the result is stored;
+   enough (``max_measure_tokens``, ``max_measure_nodes``); the result is stored. Profiles
+   measured together (``measure_many``: ``testbed calibrate``, ``testbed validate``) have
+   their repetitions interleaved round-robin;
 3. extrapolating from measured profiles of the same family (``testbed.sim.extrapolate``),
    first measuring a small basis grid if fewer than two points exist. Such rows say
    ``sim/extrapolated`` in their ``mechanism`` column (else ``sim/measured``).
@@ -35,7 +37,7 @@ from testbed.errors import check
 from testbed.methods.job import JobSpec
 from testbed.models.probe import host_probe_s
 from testbed.net.profile import LinkProfile
-from testbed.sim.calibrate import CLOCK, measure
+from testbed.sim.calibrate import CLOCK, measure_interleaved
 from testbed.sim.engine import Schedule, SimResult, simulate
 from testbed.sim.extrapolate import extrapolate
 from testbed.sim.network import KINDS, Network, SimTopology, TcpModel, WireModel
@@ -175,21 +177,49 @@ class Simulator:
         c = self.config
         return key.tokens <= c.max_measure_tokens and key.nodes <= c.max_measure_nodes
 
+    def wants_measuring(self, key: ProfileKey) -> bool:
+        """Whether ``profile(key)`` would measure ``key`` now: measuring allowed, small enough to
+        build here, and stored not at all, only extrapolated, or measured with other code."""
+        if not (self.config.measure_missing and self.measurable(key)) or proxy_key(key) is not None:
+            return False
+        prof = self.store.get(key)
+        return prof is None or prof.extrapolated or prof.stale
+
     def measure(self, key: ProfileKey) -> ComputeProfile:
         """Measure ``key`` on this host now and store it."""
+        return self.measure_many([key])[0]
+
+    def measure_many(self, keys: Sequence[ProfileKey]) -> list[ComputeProfile]:
+        """Measure ``keys`` on this host now, their repetitions interleaved round-robin
+        (``testbed.sim.calibrate.measure_interleaved``: one job's repetitions cannot all fall into one
+        slow phase of the host), and store them; keys with other thread counts are measured apart."""
         c = self.config
-        self.log(f"calibrating {key.model} {key.method} {key.params_json} T={key.tokens} N={key.nodes} "
-                 f"threads={key.threads}")
-        job = JobSpec(key.model, key.method, key.nodes, key.tokens, key.params, batch=key.batch, threads=key.threads)
-        t0, before = time.perf_counter(), host_probe_s()
-        traces = measure(job, c.calibration_repetitions, c.calibration_warmup)
-        probe = (before + host_probe_s()) / 2  # the host's speed while it measured (testbed.models.probe)
-        meta = {**host_info(), "repetitions": c.calibration_repetitions, "warmup": c.calibration_warmup,
-                "wall_s": time.perf_counter() - t0, "how": "in-process, ranks take turns on the CPU",
-                "clock": CLOCK, "host_probe_s": probe}
-        prof = ComputeProfile(key, traces, meta=meta)
-        self.store.put(prof)
-        return prof
+        keys = list(dict.fromkeys(keys))
+        done: dict[ProfileKey, ComputeProfile] = {}
+        for threads in dict.fromkeys(k.threads for k in keys):
+            batch = [k for k in keys if k.threads == threads]
+            if not batch:
+                continue
+            for k in batch:
+                self.log(f"calibrating {k.model} {k.method} {k.params_json} T={k.tokens} N={k.nodes} threads={k.threads}")
+            if len(batch) > 1:
+                self.log(f"{len(batch)} profiles, {c.calibration_repetitions} repetitions each, interleaved")
+            jobs = [JobSpec(k.model, k.method, k.nodes, k.tokens, k.params, batch=k.batch, threads=k.threads)
+                    for k in batch]
+            t0 = time.perf_counter()
+            measured = measure_interleaved(jobs, c.calibration_repetitions, c.calibration_warmup,
+                                           probe=host_probe_s)
+            wall = time.perf_counter() - t0
+            for k, m in zip(batch, measured):
+                meta = {**host_info(), "repetitions": c.calibration_repetitions, "warmup": c.calibration_warmup,
+                        "wall_s": wall, "how": "in-process, ranks take turns on the CPU"
+                        + (f"; repetitions interleaved with {len(batch) - 1} other profile(s)" if len(batch) > 1 else ""),
+                        # the host's speed while it measured (testbed.models.probe), median over its repetitions
+                        "clock": CLOCK, "host_probe_s": statistics.median(m.probes_s)}
+                prof = ComputeProfile(k, m.traces, meta=meta)
+                self.store.put(prof)
+                done[k] = prof
+        return [done[k] for k in keys]
 
     def basis(self, key: ProfileKey) -> list[ProfileKey]:
         """Small (tokens, nodes) points to fit an extrapolation of ``key`` on."""
@@ -230,9 +260,7 @@ class Simulator:
                 measured = self.store.measured(key, current=self.config.measure_missing)
                 if self.config.measure_missing:
                     have = {(p.key.tokens, p.key.nodes) for p in measured}
-                    for b in self.basis(key):
-                        if (b.tokens, b.nodes) not in have:
-                            measured.append(self.measure(b))
+                    measured += self.measure_many([b for b in self.basis(key) if (b.tokens, b.nodes) not in have])
                 prof = extrapolate(key, measured)
                 _carry_probe(prof, measured)
                 self.log(f"extrapolated {key.model} {key.method} T={key.tokens} N={key.nodes} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -10,9 +11,9 @@ import torch
 
 from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
-from testbed.methods.job import JobSpec
+from testbed.methods.job import JobSpec, RankRunner
 from testbed.methods import METHODS
-from testbed.sim.calibrate import CLOCK, measure, median_trace, run_turn_taking
+from testbed.sim.calibrate import CLOCK, measure, measure_interleaved, median_trace, run_turn_taking
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint
 from testbed.sim.synth import skeleton
 
@@ -50,6 +51,59 @@ def test_turn_taking_reraises_the_failure():
 
     with pytest.raises(ValueError, match="boom"):
         run_turn_taking(3, body, timeout_s=10)
+
+
+INTERLEAVED = [JobSpec("vit-tiny", "astra", 4, 18, PARAMS["astra"]), JobSpec("vit-tiny", "single", 1, 18, {}),
+               JobSpec("gpt2-tiny", "sequence_parallel", 2, 13, {})]
+
+
+def test_interleaved_jobs_take_turns_round_robin(monkeypatch):
+    calls, inside, overlaps, lock = [], [], [], threading.Lock()
+    infer = RankRunner.infer
+
+    def recorded(self):
+        with lock:
+            calls.append(self.job.method)
+            overlaps.extend(m for m in inside if m != self.job.method)  # another job mid-inference
+            inside.append(self.job.method)
+        try:
+            return infer(self)
+        finally:
+            with lock:
+                inside.remove(self.job.method)
+
+    monkeypatch.setattr(RankRunner, "infer", recorded)
+    order = itertools.count()
+    out = measure_interleaved(INTERLEAVED, repetitions=2, warmup=1, probe=lambda: float(next(order)))
+    # inference i of every job before inference i + 1 of any, every rank of a job in its slot
+    slot = [m for job in INTERLEAVED for m in [job.method] * job.world_size]
+    assert calls == slot * 3
+    assert overlaps == []  # never two jobs at once
+    # one probe right before each timed inference (not the warm-up's), in schedule order
+    assert [m.probes_s for m in out] == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+    for job, m in zip(INTERLEAVED, out):  # each job's traces are its own schedule, as measured alone
+        sk = skeleton(job.model, job.method, job.params, job.tokens, job.world_size)
+        assert [[(c.kind, c.ops) for c in tr.collectives()] for tr in m.traces] == \
+            [[(c.kind, c.ops) for c in ranks] for ranks in sk.collectives]
+
+
+def test_interleaved_reraises_the_failure_and_stops_every_job(monkeypatch):
+    infer, seen = RankRunner.infer, []
+
+    def failing(self):
+        seen.append(self.job.method)
+        if self.job.method == "sequence_parallel" and self.rank == 1 and seen.count("sequence_parallel") > 2:
+            raise ValueError("boom")
+        return infer(self)
+
+    monkeypatch.setattr(RankRunner, "infer", failing)
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="boom"):
+        measure_interleaved(INTERLEAVED, repetitions=3, warmup=1, timeout_s=30)
+    assert seen.count("single") == 2  # no job went on to the next round after the failure
+    assert threading.active_count() == before
+    with pytest.raises(ConfigError, match="threads"):
+        measure_interleaved([INTERLEAVED[0], JobSpec("vit-tiny", "single", 1, 18, {}, threads=2)])
 
 
 def test_median_trace_and_schedule_changes():

@@ -84,6 +84,9 @@ def test_calibrate_measures_small_and_extrapolates_large(tmp_path, capsys):
             "--max-measure-tokens", "33", *FAST]
     assert calibrate_main(args + ["--tokens", "17", "33"]) == 0
     assert len(list(cal.glob("*.json"))) == 2
+    for p in cal.glob("*.json"):  # measured together, their repetitions interleaved, each with its own probe
+        meta = json.loads(p.read_text())["meta"]
+        assert "interleaved with 1 other profile" in meta["how"] and meta["host_probe_s"] > 0
     assert calibrate_main(args + ["--tokens", "513"]) == 0
     assert "extrapolated" in capsys.readouterr().out
     stored = [json.loads(p.read_text()) for p in cal.glob("*.json")]
