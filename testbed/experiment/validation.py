@@ -69,31 +69,35 @@ def run_topology(run_dir: str | Path) -> Any:
         raise ConfigError(f"manifest.json config ({e.field})", e.value, e.allowed) from None
 
 
-def run_emulation(run_dir: str | Path, device_probe: bool = True) -> EmulationModel:
+def run_emulation(run_dir: str | Path, device_probe: bool = True, rows: pd.DataFrame | None = None
+                  ) -> EmulationModel:
     """How a run's devices computed (dilation, throttling overhead, contention), from its manifest;
     ``device_probe``: the throttling overhead as the run's devices measured it where they did
-    (``measured_throttle``), instead of the constant for its slice."""
-    return EmulationModel.of_manifest(read_manifest(run_dir),
-                                      throttle=measured_throttle(read_rows(run_dir)) if device_probe else None)
+    (``measured_throttle``), instead of the constant for its slice; ``rows``: the run's rows, if
+    already read."""
+    if device_probe and rows is None:
+        rows = read_rows(run_dir)
+    return EmulationModel.of_manifest(read_manifest(run_dir), throttle=measured_throttle(rows) if device_probe else None)
 
 
 def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None = None,
-                 topology: Any = None, emulation: EmulationModel | None = None, host_speed: bool = True
-                 ) -> tuple[pd.DataFrame, list[Path]]:
+                 topology: Any = None, emulation: EmulationModel | None = None, host_speed: bool = True,
+                 rows: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[Path]]:
     """``compare`` on a results directory (rows and traces), saved beside it (validation/);
     ``topology``: instead of the run's own (``run_topology``); ``emulation``: instead of the
     run's own (``run_emulation``), which replaces ``sim``'s ``shared_cpus``, ``compute_scale``,
     ``segment_jitter_k`` and ``dispatch_s``; ``host_speed``: carry the calibration over to the
-    host's speed when the run measured (host probes, ``compare``)."""
+    host's speed when the run measured (host probes, ``compare``); ``rows``: the run's rows, if
+    already read."""
     d = Path(run_dir)
-    rows = read_rows(d)
+    rows = read_rows(d) if rows is None else rows
     check(len(rows) > 0, "run_dir", str(d), "a results directory with rows made by testbed run")
     if not (rows["status"] == "ok").any():
         first = str(rows["error"].iloc[0])[:200]
         raise ConfigError("run_dir", str(d), f"a run with ok rows to predict (all {len(rows)} of this one's "
                                              f"failed; the first: {first})")
     topo = topology if topology is not None else run_topology(d)
-    emu = emulation if emulation is not None else run_emulation(d)
+    emu = emulation if emulation is not None else run_emulation(d, rows=rows)
     run_sim = Simulator(replace(sim.config, shared_cpus=emu.shared_cpus, compute_scale=emu.compute_scale,
                                 segment_jitter_k=emu.segment_jitter_k, dispatch_s=emu.dispatch_s), log=sim.log)
     table = compare(rows, run_sim, traces=read_traces(d), topology=topo, speed=run_speeds(d), host_speed=host_speed)
@@ -142,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sim = Simulator(SimConfig(calibration_dir=args.calibration, measure_missing=not args.no_measure),
                         log=lambda m: print(f"  {m}", flush=True))
-        emu = run_emulation(args.run_dir, device_probe=not args.no_device_probe)
+        rows = read_rows(args.run_dir)
+        emu = run_emulation(args.run_dir, device_probe=not args.no_device_probe, rows=rows)
         print(f"{args.run_dir}: {emu.why}")
         table, paths = validate_run(args.run_dir, sim, out_dir=args.out, emulation=emu,
-                                    host_speed=not args.no_host_speed)
+                                    host_speed=not args.no_host_speed, rows=rows)
     except ConfigError as e:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
