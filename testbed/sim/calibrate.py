@@ -166,7 +166,8 @@ def measure_interleaved(jobs: list[JobSpec], repetitions: int = 3, warmup: int =
     whole calibration, and the event-wise median picks its typical phase. Every job's ranks are
     built before the first inference (setup is never timed beside an inference); ``probe`` (e.g.
     ``host_probe_s``), if given, runs right before each timed inference with nothing else computing.
-    Jobs must share a torch thread count (set process-wide).
+    Jobs must share a torch thread count (set process-wide). Every job's ranks are held in memory
+    until the last inference (the weights once per model; a rank's own shards and state apart).
     """
     check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
     check(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")

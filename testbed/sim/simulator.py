@@ -198,8 +198,6 @@ class Simulator:
         done: dict[ProfileKey, ComputeProfile] = {}
         for threads in dict.fromkeys(k.threads for k in keys):
             batch = [k for k in keys if k.threads == threads]
-            if not batch:
-                continue
             for k in batch:
                 self.log(f"calibrating {k.model} {k.method} {k.params_json} T={k.tokens} N={k.nodes} threads={k.threads}")
             if len(batch) > 1:
