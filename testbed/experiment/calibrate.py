@@ -91,11 +91,11 @@ def calibrate_main(argv: list[str]) -> int:
               f"{t['bulk_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s bulk on loopback -> {path}")
         if not keys:
             return 0
-    print(f"{'model':<12} {'method':<24} {'params':<28} {'T':>6} {'N':>3} {'thr':>3}  {'source':<12} "
-          f"{'max rank compute_s':>18}  file")
     todo = [k for k in keys if (sim.measurable(k) if args.force else sim.wants_measuring(k))]
     if todo:  # measured together: their repetitions interleave (Simulator.measure_many)
         sim.measure_many(todo)
+    print(f"{'model':<12} {'method':<24} {'params':<28} {'T':>6} {'N':>3} {'thr':>3}  {'source':<12} "
+          f"{'max rank compute_s':>18}  file")
     for k in keys:
         prof = sim.profile(k)
         if prof.extrapolated:

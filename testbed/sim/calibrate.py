@@ -156,7 +156,8 @@ class _Rounds:
 
 
 def measure_interleaved(jobs: list[JobSpec], repetitions: int = 3, warmup: int = 1, timeout_s: float = 600.0,
-                        probe: Callable[[], float] | None = None) -> list[Measured]:
+                        probe: Callable[[], float] | None = None,
+                        log: Callable[[str], None] | None = None) -> list[Measured]:
     """``measure`` for several jobs at once, their inferences interleaved round-robin: inference i of
     every job runs before inference i + 1 of any, one job at a time, its ranks taking turns.
 
@@ -168,6 +169,7 @@ def measure_interleaved(jobs: list[JobSpec], repetitions: int = 3, warmup: int =
     ``host_probe_s``), if given, runs right before each timed inference with nothing else computing.
     Jobs must share a torch thread count (set process-wide). Every job's ranks are held in memory
     until the last inference (the weights once per model; a rank's own shards and state apart).
+    ``log``, if given, hears when each round of inferences starts (progress of a long calibration).
     """
     check(isinstance(repetitions, int) and repetitions >= 1, "repetitions", repetitions, "an integer >= 1")
     check(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
@@ -188,7 +190,12 @@ def measure_interleaved(jobs: list[JobSpec], repetitions: int = 3, warmup: int =
     flat = [(j, r) for j, job in enumerate(jobs) for r in range(job.world_size)]
     probes: list[list[float]] = [[] for _ in jobs]
 
+    t0 = time.perf_counter()
+
     def on_slot(inference: int, j: int) -> None:
+        if log is not None and j == 0:
+            what = "warm-up" if inference < warmup else f"repetition {inference - warmup + 1}/{repetitions}"
+            log(f"{what} of {len(jobs)} profile(s), round-robin ({time.perf_counter() - t0:.0f} s)")
         if probe is not None and inference >= warmup:
             probes[j].append(probe())
 
@@ -231,6 +238,8 @@ def measure_interleaved(jobs: list[JobSpec], repetitions: int = 3, warmup: int =
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads.pop())  # process-wide; one rank computes at a time, so this is per rank
+    if log is not None:
+        log(f"building the ranks of {len(jobs)} profile(s)")
     try:
         rounds.start()
         per_rank = run_ranks(len(flat), body, abort, name="calibrate", stop_s=timeout_s)

@@ -206,7 +206,7 @@ class Simulator:
                     for k in batch]
             t0 = time.perf_counter()
             measured = measure_interleaved(jobs, c.calibration_repetitions, c.calibration_warmup,
-                                           probe=host_probe_s)
+                                           probe=host_probe_s, log=self.log if len(batch) > 1 else None)
             wall = time.perf_counter() - t0
             for k, m in zip(batch, measured):
                 meta = {**host_info(), "repetitions": c.calibration_repetitions, "warmup": c.calibration_warmup,

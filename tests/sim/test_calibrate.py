@@ -73,8 +73,12 @@ def test_interleaved_jobs_take_turns_round_robin(monkeypatch):
                 inside.remove(self.job.method)
 
     monkeypatch.setattr(RankRunner, "infer", recorded)
-    order = itertools.count()
-    out = measure_interleaved(INTERLEAVED, repetitions=2, warmup=1, probe=lambda: float(next(order)))
+    order, said = itertools.count(), []
+    out = measure_interleaved(INTERLEAVED, repetitions=2, warmup=1, probe=lambda: float(next(order)), log=said.append)
+    # progress: the ranks built, then each round as it starts
+    assert [m.split(" (")[0] for m in said] == [
+        "building the ranks of 3 profile(s)", "warm-up of 3 profile(s), round-robin",
+        "repetition 1/2 of 3 profile(s), round-robin", "repetition 2/2 of 3 profile(s), round-robin"]
     # inference i of every job before inference i + 1 of any, every rank of a job in its slot
     slot = [m for job in INTERLEAVED for m in [job.method] * job.world_size]
     assert calls == slot * 3
