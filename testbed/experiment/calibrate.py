@@ -3,7 +3,7 @@
     testbed calibrate EXPERIMENT.yaml [--force] [--transport] [--calibration DIR] ...
     testbed calibrate --model vit-small --method single --method astra:'{"groups": 32}' --tokens 197 --nodes 4
 
-Exit codes: 0 done, 2 bad arguments (nothing measured).
+Exit codes: 0 done, 2 bad arguments (nothing measured), 130 stopped by SIGINT.
 """
 
 from __future__ import annotations
@@ -92,8 +92,13 @@ def calibrate_main(argv: list[str]) -> int:
         if not keys:
             return 0
     todo = [k for k in keys if (sim.measurable(k) if args.force else sim.wants_measuring(k))]
-    if todo:  # measured together: their repetitions interleave (Simulator.measure_many)
-        sim.measure_many(todo)
+    try:
+        if todo:  # measured together: their repetitions interleave (Simulator.measure_many)
+            sim.measure_many(todo)
+    except KeyboardInterrupt:
+        print(f"testbed calibrate: stopped by SIGINT; profiles measured together are stored only when all of them "
+              f"are done: {args.calibration} keeps what was stored before", file=sys.stderr)
+        return 130
     print(f"{'model':<12} {'method':<24} {'params':<28} {'T':>6} {'N':>3} {'thr':>3}  {'source':<12} "
           f"{'max rank compute_s':>18}  file")
     for k in keys:

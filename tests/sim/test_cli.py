@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 
@@ -135,3 +139,24 @@ def test_calibrating_an_experiment_keys_profiles_by_the_params_the_run_settles(t
         assert tp == [{"all_reduce": a} for a in want]
         assert keys[len(want)].method == "single" and keys[len(want)].params == {}  # nothing to settle
         assert len(keys) == len(want) + 3  # one key per distinct outcome, not per cell
+
+
+def test_calibrate_stopped_by_sigint(tmp_path):
+    """Ctrl-C in a calibration of several profiles: exit 130 with one line, no traceback, nothing half-stored."""
+    cal = tmp_path / "cal"
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "calibrate", "--model", "vit-tiny", "--method",
+                             "single", "--method", "sequence_parallel", "--tokens", "17", "--nodes", "2",
+                             "--repetitions", "100000", "--calibration", str(cal)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # interrupt once the timed rounds run
+            if "repetition 1/" in line:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "stopped by SIGINT" in err and "Traceback" not in err
+    assert list(cal.glob("*.json")) == []
