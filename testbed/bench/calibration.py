@@ -71,11 +71,6 @@ def start_hog() -> subprocess.Popen:
     return hog
 
 
-def critical_compute(traces) -> float:
-    """The busiest rank's compute seconds of one profile's traces."""
-    return max(sum(e.duration_s for e in t.events if type(e).__name__ == "Compute") for t in traces)
-
-
 def run(model: str = "vit-base", tokens: int = 197, nodes: int = 4, repetitions: int = 3, warmup: int = 1,
         methods=METHODS, slow_phase: bool = True, log=print) -> dict:
     """The three calibrations; per profile its critical-rank compute in each, and the probes."""
@@ -96,7 +91,7 @@ def run(model: str = "vit-base", tokens: int = 197, nodes: int = 4, repetitions:
                 measured = [measure_interleaved([job], repetitions, warmup, probe=hook)[0] for job in jobs]
             else:
                 measured = measure_interleaved(jobs, repetitions, warmup, probe=hook)
-            out["compute_s"][mode] = [critical_compute(m.traces) for m in measured]
+            out["compute_s"][mode] = [max(t.compute_s for t in m.traces) for m in measured]  # the busiest rank
             out["probes"][mode] = hook.probes
             log(f"  {mode}: {time.perf_counter() - t0:.0f} s")
     finally:

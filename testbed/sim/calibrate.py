@@ -25,16 +25,14 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 
-from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_inprocess, run_ranks
+from testbed.comm.inprocess import InProcessCommunicator, InProcessGroup, run_ranks
 from testbed.comm.trace import Collective, Trace
 from testbed.errors import check
 from testbed.methods.job import JobSpec, RankRunner
-
-T = TypeVar("T")
 
 #: how compute segments of a profile are timed (recorded in its meta; profiles timed otherwise are stale)
 CLOCK = "process_time"
@@ -58,21 +56,6 @@ class _TurnTakingCommunicator(InProcessCommunicator):
             return super()._take(src, tag)
         finally:
             self.group.cpu.acquire()
-
-
-def run_turn_taking(world_size: int, fn: Callable[[int, InProcessCommunicator], T], timeout_s: float = 600.0
-                    ) -> list[T]:
-    """``fn(rank, comm)`` per rank in its own thread, one rank on the CPU at a time; results in rank order.
-
-    Like ``testbed.comm.run_inprocess``: the first real failure is re-raised after all threads stop.
-    """
-    group = _TurnTakingGroup(world_size, timeout_s)
-
-    def body(rank: int, comm: InProcessCommunicator) -> T:
-        with group.cpu:
-            return fn(rank, comm)
-
-    return run_inprocess(world_size, body, group=group)
 
 
 def median_trace(reps: list[Trace]) -> Trace:

@@ -13,14 +13,15 @@ from testbed.comm.trace import Collective, Compute, Trace
 from testbed.errors import ConfigError
 from testbed.methods.job import JobSpec, RankRunner
 from testbed.methods import METHODS
-from testbed.sim.calibrate import CLOCK, measure, measure_interleaved, median_trace, run_turn_taking
+from testbed.sim.calibrate import CLOCK, measure, measure_interleaved, median_trace
 from testbed.sim.profiles import ComputeProfile, ProfileKey, ProfileStore, code_fingerprint
 from testbed.sim.synth import skeleton
 
 PARAMS = {"astra": {"groups": 2, "codebook_size": 16}, "block_parallel": {"n_b": 2}}
 
 
-def test_only_one_rank_computes_at_a_time():
+def test_only_one_rank_computes_at_a_time(monkeypatch):
+    """Within a job and across jobs: a rank computes only while every other rank waits for a message."""
     busy, peak, lock = [0], [0], threading.Lock()
 
     def work():
@@ -31,26 +32,20 @@ def test_only_one_rank_computes_at_a_time():
         with lock:
             busy[0] -= 1
 
-    def body(rank, comm):
-        for _ in range(5):
+    def infer(self):  # RankRunner.infer over a method of short sleeps and real collectives
+        self.comm.trace.start()
+        for _ in range(3):
             work()
-            comm.all_gather(torch.tensor([float(rank)]))
+            self.comm.all_gather(torch.tensor([float(self.rank)]))
             work()
-            comm.all_reduce(torch.ones(8))
-        return rank
+            self.comm.all_reduce(torch.ones(8))
+        self.comm.trace.finish()
 
-    assert run_turn_taking(4, body) == [0, 1, 2, 3]
+    monkeypatch.setattr(RankRunner, "infer", infer)
+    jobs = [JobSpec("vit-tiny", "sequence_parallel", 4, 18, {}), JobSpec("vit-tiny", "sequence_parallel", 2, 18, {})]
+    out = measure_interleaved(jobs, repetitions=2, warmup=1)
+    assert [len(m.traces) for m in out] == [4, 2]
     assert peak[0] == 1
-
-
-def test_turn_taking_reraises_the_failure():
-    def body(rank, comm):
-        if rank == 1:
-            raise ValueError("boom")
-        comm.all_gather(torch.zeros(1))
-
-    with pytest.raises(ValueError, match="boom"):
-        run_turn_taking(3, body, timeout_s=10)
 
 
 INTERLEAVED = [JobSpec("vit-tiny", "astra", 4, 18, PARAMS["astra"]), JobSpec("vit-tiny", "single", 1, 18, {}),
