@@ -103,6 +103,11 @@ class Backend(ABC):
     def apply_profile(self, profile: LinkProfile) -> None:
         """Reshape every emulated link live (no teardown). Unshaped backends accept only an unshaped profile."""
 
+    def prepare(self, jobs: list[JobSpec]) -> None:
+        """Every job the run will load, told once before the first load: a backend that can ready
+        them better all at once than one by one does it here (the simulator measures the compute
+        profiles it lacks together). Nothing by default; a job it cannot run is left to ``load``."""
+
     @abstractmethod
     def load(self, job: JobSpec) -> None:
         """Build every rank's shard of ``job`` (replacing the previous job)."""

@@ -2,7 +2,8 @@
 
 Each inference is one ``Simulator.results`` call for the loaded job on the applied link
 profile; compute profiles are measured on this host (or extrapolated) by the simulator
-and cached in its calibration directory. Results are the runner's InferenceResult built
+and cached in its calibration directory; those a run lacks are measured together before its
+first cell (``prepare``), their repetitions interleaved. Results are the runner's InferenceResult built
 from the simulator's per-rank results: no output (nothing is computed: agreement is NaN),
 no schedule traces, and the modelled bytes on the wire as the ``wire_bytes`` counter.
 ``mechanism`` says whether the loaded job's compute profile was measured or extrapolated
@@ -105,6 +106,15 @@ class SimBackend(Backend):
     def apply_profile(self, profile: LinkProfile) -> None:
         check(isinstance(profile, LinkProfile), "profile", profile, "a testbed.net.profile.LinkProfile")
         self.profile = profile
+
+    def prepare(self, jobs: list[JobSpec]) -> None:
+        """Measure the compute profiles these jobs need and the calibration lacks in one calibration,
+        their repetitions interleaved (``Simulator.measure_many``), rather than one by one as each is
+        loaded: one job's every repetition cannot then fall into one slow phase of the host."""
+        keys = [ProfileKey.of(j.model, j.method, j.params, j.tokens, j.world_size, j.threads, j.batch) for j in jobs]
+        todo = [k for k in dict.fromkeys(keys) if self.sim.wants_measuring(k)]
+        if len(todo) > 1:
+            self.sim.measure_many(todo)
 
     def load(self, job: JobSpec) -> None:
         """Find the job's compute profile (measuring or extrapolating it now) and check the network. Its

@@ -6,7 +6,8 @@ Order of work (what ``testbed run`` does), the same for every backend (testbed.b
 2. calibrate astra codebooks once per (groups, codebook_size) and save them in the
    run directory (nodes load them by path), unless the model brings trained ones (also
    only for backends that compute outputs);
-3. start the backend once; for each cell apply its link profile live, for
+3. start the backend once and tell it every job the run will load (``Backend.prepare``: the
+   simulator measures the compute profiles it lacks together); for each cell apply its link profile live, for
    each method load the job, run ``warmup`` unmeasured inferences, then
    ``repetitions`` measured ones, appending one row (and its per-rank traces) per
    repetition as soon as it is measured. In a trace cell the bandwidth trace
@@ -198,6 +199,7 @@ class Runner:
                               machine=self.prepared.machine)
         session = BackendSession(s, setup, on_start=lambda b: self._on_backend(manifest, b), startup=self.startup)
         try:
+            session.prepare([self.job(m, c, codebooks.get(mi)) for c, mi, m, _ in todo])
             for cell in self.spec.cells():
                 units = [t for t in todo if t[0].index == cell.index]
                 if not units:

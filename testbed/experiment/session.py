@@ -82,6 +82,10 @@ class BackendSession:
         if self.backend is not None:
             self.backend.stop_replays()
 
+    def prepare(self, jobs: list[JobSpec]) -> None:
+        """Tell the backend (started if it is not) every job the run will load (Backend.prepare)."""
+        self._ensure().prepare(jobs)
+
     def load(self, job: JobSpec) -> None:
         self._ensure().load(job)
         self.job = job

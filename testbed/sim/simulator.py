@@ -11,7 +11,7 @@ Where compute times come from, in order of preference:
    in the calibration directory;
 2. measuring it now (``testbed.sim.calibrate``), if ``measure_missing`` and it is small
    enough (``max_measure_tokens``, ``max_measure_nodes``); the result is stored. Profiles
-   measured together (``measure_many``: ``testbed calibrate``, ``testbed validate``) have
+   measured together (``measure_many``: ``testbed calibrate``, ``testbed validate``, a sim run) have
    their repetitions interleaved round-robin;
 3. extrapolating from measured profiles of the same family (``testbed.sim.extrapolate``),
    first measuring a small basis grid if fewer than two points exist. Such rows say

@@ -41,6 +41,8 @@ def test_simulate_writes_rows_for_every_method_profile_and_repetition(tmp_path):
     meta = json.loads((out / "sim.json").read_text())
     assert meta["tcp"]["mode"] == "slow_start" and len(meta["profiles"]) == 3
     assert meta["wire"]["per_message_s"] == 1e-4
+    for p in (tmp_path / "cal").glob("*.json"):  # measured before the sweep, together, repetitions interleaved
+        assert "interleaved with 2 other profile" in json.loads(p.read_text())["meta"]["how"]
     # the sweep shows: slower links cost sequence_parallel more than astra
     med = df.groupby(["method", "bandwidth_mbps"])["latency_s"].median()
     assert med["sequence_parallel", 10] > med["sequence_parallel", 100]
