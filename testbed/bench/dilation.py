@@ -24,8 +24,15 @@
    over the same on a free core, alternated round by round for ``--seconds``: what one
    ``compute_scale`` stands for in the simulator, and how much it moves from one round to the next.
 
+6. devices computing together: CPU seconds of 4 devices' processes (quotas at F = 2.67, pinned as
+   the runner pins them) computing at once over the same computing one at a time, for a quarter
+   of a 197-token vit-base forward (what a rank of sequence parallel or ASTRA computes), the whole
+   forward (``single``: one device computes) and the probe block (what the device probe runs).
+   The simulator's profiles are measured with ranks taking turns; emulated devices of sharded
+   methods compute at the same time.
+
 Parts 2 and 3 run `testbed run` in a subprocess, as a user would. ``--parts`` picks parts
-(default 1,2,3,4,5); ``--quick`` fewer repetitions.
+(default 1,2,3,4,5,6); ``--quick`` fewer repetitions.
 """
 
 from __future__ import annotations
@@ -51,9 +58,9 @@ NODE_COUNTS = (1, 2, 4)
 
 # ------------------------------------------------------------------ part 1
 class _Worker:
-    def __init__(self, cgroup: DeviceCgroup | None):
+    def __init__(self, cgroup: DeviceCgroup | None, model: str = "vit-small", tokens: int = 197):
         pre = cgroup.join if cgroup is not None else None
-        self.proc = subprocess.Popen([sys.executable, "-m", "testbed.bench.forward_worker", "vit-small", "197"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "testbed.bench.forward_worker", model, str(tokens)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, preexec_fn=pre, cwd=str(Path(__file__).resolve().parents[2]))
         assert self.proc.stdout.readline().strip() == "ready"
@@ -63,7 +70,13 @@ class _Worker:
         self.proc.stdin.flush()
 
     def result(self) -> float:
-        return float(self.proc.stdout.readline())
+        """Wall seconds of the forwards started last."""
+        return self.wall_cpu_s()[0]
+
+    def wall_cpu_s(self) -> tuple[float, float]:
+        """Wall and CPU seconds of the forwards started last."""
+        wall, cpu = self.proc.stdout.readline().split()
+        return float(wall), float(cpu)
 
     def close(self) -> None:
         self.proc.kill()
@@ -184,8 +197,15 @@ class _Probe:
         assert self.proc.stdout.readline().strip() == "ready"
 
     def cpu_wall_s(self, n: int) -> tuple[float, float]:
+        self.start(n)
+        return self.result()
+
+    def start(self, n: int) -> None:
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
+
+    def result(self) -> tuple[float, float]:
+        """CPU and wall seconds of the blocks started last."""
         cpu, wall = self.proc.stdout.readline().split()
         return float(cpu), float(wall)
 
@@ -228,6 +248,56 @@ def overhead_table(seconds: float) -> dict:
     print(f"  {len(rows)} rounds: overhead {ov[0]:.3f} / {statistics.median(ov):.3f} / {ov[-1]:.3f} (min / median / "
           f"max); free CPU {fr[0] * 1e3:.1f}-{fr[-1] * 1e3:.1f} ms", flush=True)
     return {"rows": rows, "summary": summary}
+
+
+# ------------------------------------------------------------------ part 6
+#: (what, tokens, runs per round): a vit-base forward split four ways at 197 tokens (a rank's share,
+#: as sequence parallel and ASTRA compute it), the whole 197-token forward (``single``), and the
+#: probe block (testbed.models.probe: what the nodes' device probe runs, all of them at once)
+CORUN_WORK = (("vit-base", 50, 3), ("vit-base", 197, 1), ("probe", None, 10))
+CORUN_DEVICES = 4
+
+
+def corun_table(rounds: int, work: tuple = CORUN_WORK) -> list[dict]:
+    """Per workload: CPU seconds of CORUN_DEVICES device processes computing at once (each under the
+    quota of a speed-1 device at OVERHEAD_F, pinned as the runner pins them) over the same
+    processes computing one at a time, alternated round by round. Above 1: what devices computing
+    together on one host cost each other (shared caches, memory bandwidth), beside the quota."""
+    devs = [DeviceProfile(speed=1.0, threads=1).dilated(OVERHEAD_F)] * CORUN_DEVICES
+    cores = allocate_cores(devs, host_cpus())
+    rows = []
+    for what, tokens, runs in work:
+        groups = [DeviceCgroup(f"tbbench-corun{i}", d, c) for i, (d, c) in enumerate(zip(devs, cores))]
+        for g in groups:
+            g.create()
+        workers: list = []
+        try:
+            for g in groups:
+                workers.append(_Probe(g) if what == "probe" else _Worker(g, what, tokens))
+
+            def cpu(w) -> float:
+                return w.result()[0] if what == "probe" else w.wall_cpu_s()[1]
+
+            alone, together = [], []
+            for _ in range(rounds):
+                for w in workers:
+                    w.start(runs)
+                    alone.append(cpu(w))
+                for w in workers:
+                    w.start(runs)
+                together.extend(cpu(w) for w in workers)
+        finally:
+            for w in workers:
+                w.close()
+            for g in groups:
+                g.remove()
+        ratio = statistics.median(together) / statistics.median(alone)
+        name = what if tokens is None else f"{what}, {tokens} tokens"
+        rows.append({"work": name, "alone_cpu_s": statistics.median(alone) / runs,
+                     "together_cpu_s": statistics.median(together) / runs, "together_over_alone": ratio})
+        print(f"  {name:22s} CPU per run alone {rows[-1]['alone_cpu_s'] * 1e3:7.1f} ms, {CORUN_DEVICES} at once "
+              f"{rows[-1]['together_cpu_s'] * 1e3:7.1f} ms: {ratio:.3f}", flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------ parts 2 and 3
@@ -293,7 +363,7 @@ def host_independence(tmp: Path, reps: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testbed.bench.dilation", description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="1,2,3,4,5", help="comma-separated parts to run (default 1,2,3,4,5)")
+    ap.add_argument("--parts", default="1,2,3,4,5,6", help="comma-separated parts to run (default 1,2,3,4,5,6)")
     ap.add_argument("--seconds", type=float, default=60.0, help="how long part 5 alternates (default 60)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
     ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
@@ -310,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     if 4 in parts:
         print(f"\n4. short segments after idle gaps: device time / profile at F={SEGMENT_F:g}, one device")
         out["segments"] = segment_table(n=9 if args.quick else 25)
+    if 6 in parts:
+        print(f"\n6. devices computing together: CPU of {CORUN_DEVICES} devices at once / one at a time "
+              f"(quotas at F={OVERHEAD_F:g})")
+        out["corun"] = corun_table(rounds=3 if args.quick else 7)
     if 5 in parts:
         print(f"\n5. throttling overhead over time: probe CPU under the quota at F={OVERHEAD_F:g} / on a free core")
         out["throttle_overhead"] = overhead_table(args.seconds / (3 if args.quick else 1))

@@ -2,8 +2,8 @@
 
 ``python -m testbed.bench.forward_worker MODEL TOKENS`` builds MODEL (1 torch thread), runs one
 warm-up forward at TOKENS tokens and prints ``ready``; then every line N read from stdin runs N
-forward passes and prints their wall time in seconds. Started inside a device's cgroup, it shows
-how much slower that device computes than this host's free cores.
+forward passes and prints their wall time and the CPU seconds of this thread. Started inside a
+device's cgroup, it shows how much slower that device computes than this host's free cores.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ def main(argv: list[str]) -> int:
         model(x)
         print("ready", flush=True)
         for line in sys.stdin:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             for _ in range(int(line)):
                 model(x)
-            print(time.perf_counter() - t, flush=True)
+            print(time.perf_counter() - t, time.thread_time() - c, flush=True)
     return 0
 
 

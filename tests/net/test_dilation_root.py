@@ -3,9 +3,11 @@ dilated link carries bandwidth / F and delays by delay x F, measured inside the 
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +38,7 @@ def test_compute_under_the_quota_is_dilated_by_the_factor():
                 for f, p in procs.items():
                     p.stdin.write("8\n")
                     p.stdin.flush()
-                    times[f].append(float(p.stdout.readline()))
+                    times[f].append(float(p.stdout.readline().split()[0]))  # wall, CPU
         finally:
             for p in procs.values():
                 p.kill()
@@ -108,3 +110,30 @@ def test_the_throttling_overhead_benchmark_runs_and_leaves_no_cgroup():
     assert out["summary"]["rounds"] == len(out["rows"]) >= 1
     assert all(r["free_cpu_s"] > 0 and r["throttled_cpu_s"] > 0 for r in out["rows"])
     assert not [p for p in CGROUP_ROOT.rglob("tbbench-ovh*")]
+
+
+def test_the_computing_together_benchmark_runs_and_leaves_no_cgroup_or_process():
+    """bench.dilation part 6 end to end on a tiny model and the probe block (its ratios are
+    measurements; none is asserted here): every device's CPU counted alone and together."""
+    from testbed.bench.dilation import CORUN_DEVICES, corun_table
+    from testbed.net.cgroups import CGROUP_ROOT
+
+    rows = corun_table(rounds=1, work=(("vit-tiny", 17, 2), ("probe", None, 2)))
+    assert [r["work"] for r in rows] == ["vit-tiny, 17 tokens", "probe"] and CORUN_DEVICES == 4
+    assert all(r["alone_cpu_s"] > 0 and r["together_cpu_s"] > 0 and r["together_over_alone"] > 0 for r in rows)
+    assert not [p for p in CGROUP_ROOT.rglob("tbbench-corun*")]
+    assert not _children_running("testbed.bench.")
+
+
+def _children_running(text: str) -> list[str]:
+    """Command lines of this process's live children that contain ``text``."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and text in cmd:
+            out.append(cmd)
+    return out
