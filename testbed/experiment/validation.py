@@ -105,14 +105,15 @@ def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None
 
 
 def error_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Median and p90 |error| (percent) per method label and overall, cells predicted / compared."""
+    """Median and p90 |error| (percent) per method label and overall, the median signed error (the
+    bias: negative where the simulator predicts too fast), cells predicted / compared."""
     from testbed.sim.validate import summary
 
     rows = []
     for label, grp in list(table.groupby("label", sort=False)) + [("overall", table)]:
         s = summary(grp)
         rows.append({"method": label, "cells": s["cells"], "predicted": s["predicted"],
-                     "median_abs_error_pct": s["median_abs_error_pct"], "p90_abs_error_pct": s["p90_abs_error_pct"],
+                     "median_error_pct": s["median_error_pct"], "median_abs_error_pct": s["median_abs_error_pct"], "p90_abs_error_pct": s["p90_abs_error_pct"],
                      "replay_median_abs_error_pct": s["replay_median_abs_error_pct"]})
     return pd.DataFrame(rows)
 

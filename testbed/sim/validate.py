@@ -181,11 +181,15 @@ def _params(text: Any) -> dict:
 
 
 def summary(table: pd.DataFrame) -> dict[str, float]:
-    """Median and 90th-percentile absolute errors (percent) over the compared cells, and how far the
-    reference agrees with itself (``reference_spread``)."""
+    """Median and 90th-percentile absolute errors (percent) over the compared cells, the median
+    signed error (``median_error_pct``: below 0, the cells are mostly predicted too fast; a model
+    term missing shows as a bias, noise does not), and how far the reference agrees with itself
+    (``reference_spread``)."""
     err = table["abs_error_pct"].dropna() if len(table) else pd.Series(dtype=float)
+    signed = table["error_pct"].dropna() if len(table) else pd.Series(dtype=float)
     rep = table["replay_error_pct"].abs().dropna() if len(table) else pd.Series(dtype=float)
     return {"cells": int(len(table)), "predicted": int(len(err)),
+            "median_error_pct": float(signed.median()) if len(signed) else math.nan,
             "median_abs_error_pct": float(err.median()) if len(err) else math.nan,
             "p90_abs_error_pct": float(err.quantile(0.9)) if len(err) else math.nan,
             "replay_median_abs_error_pct": float(rep.median()) if len(rep) else math.nan,

@@ -51,6 +51,7 @@ def test_compare_against_itself_and_a_known_offset(sim, tmp_path):
     slow = compare(fake_emulated(sim, 1.25), sim)  # emulation 25% slower than predicted
     assert slow["error_pct"].to_list() == pytest.approx([-20.0] * 4)
     assert summary(slow)["median_abs_error_pct"] == pytest.approx(20.0)
+    assert summary(slow)["median_error_pct"] == pytest.approx(-20.0)  # the bias keeps its sign
     csv, png = save_validation(slow, tmp_path / "v")
     assert csv.is_file() and png.stat().st_size > 0
     assert len(pd.read_csv(csv)) == 4
