@@ -138,9 +138,9 @@ def run_in(em, host: str, argv: list[str], timeout_s: float = 120.0) -> str:
     return p.stdout
 
 
-def start_iperf_server(em, host: str, timeout_s: float = 15.0) -> subprocess.Popen:
+def start_iperf_server(em, host: str, timeout_s: float = 15.0, port: int = IPERF_PORT) -> subprocess.Popen:
     """A one-shot iperf3 server on ``host``, returned once it listens (busy machines start slowly)."""
-    server = em.popen(host, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT), "--forceflush"], device=False,
+    server = em.popen(host, ["iperf3", "-s", "-1", "-p", str(port), "--forceflush"], device=False,
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen, deadline = b"", time.monotonic() + timeout_s
     fd = server.stdout.fileno()  # raw reads: a buffered readline could hide the line from select

@@ -53,8 +53,14 @@ orchestrator's request to every node, the node preparing the input and returning
 trace, on devices confined like the rest (``dispatch_overhead_s`` measures it from a run's rows
 and traces; ``SimConfig.dispatch_s`` adds it to every prediction).
 
-Not modelled either: compute slowed by the delay lines' CPU at high packet rates (sequence
-parallel's segments are 20-30% longer at 100-500 Mbit/s than at 20 in the quickstart reference).
+Not modelled either: the emulated links' packet processing charged to the devices' compute. A
+kernel that does not account interrupt time apart (CONFIG_IRQ_TIME_ACCOUNTING off, as on the
+reference VM) charges the softirq work of every emulated link (bridges, htb, TCP) to the task it
+interrupts, a device's compute thread and its quota: a fixed forward pinned in one host of the
+star took 1.14x its idle-link CPU with TCP between the other hosts and 1.49x with TCP into its
+own (``testbed.bench.interference``), and sequence parallel's segments in a paced run took 11%
+more thread CPU than calibrated where ASTRA's, which move a few hundred bytes, took 3% more (the
+quickstart's sequence-parallel segments are 20-30% longer at 100-500 Mbit/s than at 20).
 """
 
 from __future__ import annotations
