@@ -53,6 +53,7 @@ class BackendSetup:
     time_dilation: float = 1.0
     cpu_slice_ms: float | None = None  # testbed.net.cgroups (None: its default)
     pace_compute: bool = True  # nodes under a CPU quota hold compute segments to device time (mininet)
+    network_core: bool = False  # a host core kept for the network, no device on it (mininet)
     settings: dict[str, Any] = field(default_factory=dict)  # backend-specific options (see each backend)
     machine: Any = None  # what the backend's check_available() found, once per run (mininet: the kernel probe)
     inventory: Any = None  # testbed.backends.inventory.Inventory: the node servers of backend devices

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from testbed.backends.base import BackendSetup, NodeBackend, node_not_ready, read_lines, ready_addresses
 from testbed.comm.channels import KEEPALIVE_TIMEOUT_S
-from testbed.net.cgroups import DEFAULT_SLICE_MS
+from testbed.net.cgroups import DEFAULT_SLICE_MS, host_cpus
 from testbed.errors import ConfigError, check
 from testbed.net.probe import FIX, Capabilities, EmulationUnavailable, probe
 from testbed.net.profile import LinkProfile
@@ -65,7 +65,7 @@ class MininetBackend(NodeBackend):
     def __init__(self, topology: Topology | str | dict, mechanism: str = "auto", start_timeout_s: float = 120.0,
                  log_dir: str | None = None, python: str = sys.executable, seed: int = 0,
                  time_dilation: float = 1.0, cpu_slice_ms: float = DEFAULT_SLICE_MS, timeout_s: float = 120.0,
-                 capabilities: Capabilities | None = None, pace_compute: bool = True):
+                 capabilities: Capabilities | None = None, pace_compute: bool = True, network_core: bool = False):
         """``topology``: a Topology, a topologies/ name, a YAML path or an inline mapping, in
         device time. ``mechanism``: auto | htb+nfqueue | htb+netem. ``start_timeout_s``: for
         all nodes to print their addresses. ``log_dir``: node logs (stderr) stay there; default a
@@ -73,7 +73,9 @@ class MininetBackend(NodeBackend):
         ``time_dilation``: F >= 1 (see the module docstring). ``cpu_slice_ms``: see
         testbed.net.cgroups. ``timeout_s``: deadline of one inference, in device time.
         ``capabilities``: the kernel probe made by check_available (None: probed at start).
-        ``pace_compute``: nodes whose device has a CPU quota pace their compute to it (see above)."""
+        ``pace_compute``: nodes whose device has a CPU quota pace their compute to it (see above).
+        ``network_core``: keep the host's first core for the network (testbed.net.emulation's
+        ``network_cpu``): the emulated links' packet processing is then not charged to the devices."""
         _quick_check()
         super().__init__()
         check(isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0, "start_timeout_s",
@@ -81,7 +83,7 @@ class MininetBackend(NodeBackend):
         check(isinstance(time_dilation, (int, float)) and not isinstance(time_dilation, bool) and time_dilation >= 1,
               "time_dilation", time_dilation, "a number >= 1")
         self.time_dilation, self.cpu_slice_ms, self.timeout_s = float(time_dilation), cpu_slice_ms, timeout_s
-        self.pace_compute = bool(pace_compute)
+        self.pace_compute, self.network_core = bool(pace_compute), bool(network_core)
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         self.requested_mechanism, self.start_timeout_s, self.python, self.seed = mechanism, start_timeout_s, python, seed
         self._own_logs = log_dir is None
@@ -108,7 +110,8 @@ class MininetBackend(NodeBackend):
         backend = cls(setup.topology, log_dir=str(setup.log_dir) if setup.log_dir else None, seed=setup.seed,
                       time_dilation=setup.time_dilation, timeout_s=setup.timeout_s,
                       cpu_slice_ms=setup.cpu_slice_ms if setup.cpu_slice_ms is not None else DEFAULT_SLICE_MS,
-                      capabilities=setup.machine, pace_compute=setup.pace_compute)
+                      capabilities=setup.machine, pace_compute=setup.pace_compute,
+                      network_core=setup.network_core)
         backend.log = setup.log
         return backend
 
@@ -126,7 +129,8 @@ class MininetBackend(NodeBackend):
         self.emulation = Emulation(self.topology.dilated(f), self.requested_mechanism, seed=self.seed,
                                    cpu_slice_ms=self.cpu_slice_ms,
                                    tcp_rto_min_ms=LINUX_RTO_MIN_MS * f if f != 1 else None,
-                                   capabilities=self.capabilities)
+                                   capabilities=self.capabilities,
+                                   network_cpu=host_cpus()[0] if self.network_core else None)
         try:
             self.log(f"building the emulated network ({n_hosts} hosts, topology {self.topology.name})")
             self.emulation.start()

@@ -17,6 +17,13 @@ made it pay for. Where the kernel does not account interrupt time apart
 emulated link (bridges, htb, TCP) runs in softirq context on whichever core it lands and is
 charged to the task it interrupts: a device's compute thread, and its CPU quota. A real device
 pays for its own traffic only.
+
+``--isolate`` runs the same phases a second time with a core kept for the network, as
+``emulation.network_core`` keeps one in a run (testbed.net.emulation's ``network_cpu``): the delay
+lines (real-time processes, on any core otherwise) pinned to the first core and every emulated
+interface's receive processing steered to it, the forward on the last. iperf3 stands for the
+other devices' processes and runs anywhere in both. Side by side, the two say how much of the
+charge the kept core removes.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ def softirq_s() -> float:
 
 
 def interference_table(rounds: int = 3, forwards: int = 5, model: str = "vit-base", tokens: int = 50,
-                       log=print) -> list[dict]:
+                       log=print, isolate: bool = False) -> list[dict]:
     """Per phase: median CPU seconds per forward, its ratio to the idle phase's (median, and the
     lowest and highest round's), the host's softirq CPU seconds per second, and the forward's wall
     over its CPU (time it was off its core)."""
@@ -52,11 +59,14 @@ def interference_table(rounds: int = 3, forwards: int = 5, model: str = "vit-bas
     from testbed.net.fidelity import start_iperf_server
     from testbed.net.topology import load_topology
 
-    core = host_cpus()[-1]
+    cpus = host_cpus()
+    core, net_core = cpus[-1], cpus[0]
+    if isolate and core == net_core:
+        raise RuntimeError("--isolate needs two cores: one for the forward, one for the network")
     cpu: dict[str, list[float]] = {k: [] for k in PHASES}
     wall: dict[str, list[float]] = {k: [] for k in PHASES}
     soft: dict[str, list[float]] = {k: [] for k in PHASES}
-    with Emulation(load_topology(REPO / "topologies" / "star.yaml")) as em:
+    with Emulation(load_topology(REPO / "topologies" / "star.yaml"), network_cpu=net_core if isolate else None) as em:
         worker = em.popen("h1", ["taskset", "-c", str(core), sys.executable, "-m", "testbed.bench.forward_worker",
                                  model, str(tokens)], device=False, stdin=subprocess.PIPE, text=True)
         line = worker.stdout.readline().strip()
@@ -102,17 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forwards", type=int, default=5, help="forwards timed per phase and round (default 5)")
     ap.add_argument("--model", default="vit-base")
     ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--isolate", action="store_true",
+                    help="then again with a core kept for the network (emulation.network_core)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.interference needs root (Mininet)", file=sys.stderr)
         return 2
     print(f"{args.model} at {args.tokens} tokens in h1 of the star (100 Mbit/s, 1 ms), pinned to one core; "
           f"{args.rounds} rounds of {args.forwards} forwards per phase")
-    rows = interference_table(args.rounds, args.forwards, args.model, args.tokens)
-    for r in rows:
-        print(f"  {r['phase']:18s} CPU per forward {r['cpu_per_forward_s'] * 1e3:7.1f} ms = {r['cpu_over_idle']:.3f}x idle "
-              f"(rounds {r['cpu_over_idle_rounds'][0]:.2f}-{r['cpu_over_idle_rounds'][1]:.2f});"
-              f" off its core {r['wall_over_cpu']:.2f}x; host softirq {r['softirq_cpu_s_per_s']:.3f} CPU-s/s")
+    for isolate in (False, True) if args.isolate else (False,):
+        print("a core kept for the network (delay lines, receive steering):" if isolate else "as a run has it by default:")
+        rows = interference_table(args.rounds, args.forwards, args.model, args.tokens, isolate=isolate,
+                                  log=lambda _msg: None)
+        for r in rows:
+            lo, hi = r["cpu_over_idle_rounds"]
+            print(f"  {r['phase']:18s} CPU per forward {r['cpu_per_forward_s'] * 1e3:7.1f} ms = {r['cpu_over_idle']:.3f}x "
+                  f"idle (rounds {lo:.2f}-{hi:.2f}); off its core {r['wall_over_cpu']:.2f}x; host softirq "
+                  f"{r['softirq_cpu_s_per_s']:.3f} CPU-s/s", flush=True)
     return 0
 
 

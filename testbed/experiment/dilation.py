@@ -49,11 +49,17 @@ class Dilation:
     reserve_cores: float  # of those, left to delay lines, the orchestrator and the kernel (auto)
     demand_cores: float  # sum over nodes of speed x threads: the cores the devices need at F = 1
     nodes: int
+    network_core: bool = False  # one of the host's cores is kept for the network: no device runs on it
+
+    @property
+    def device_cores(self) -> int:
+        """The host cores the devices may be pinned to."""
+        return self.host_cores - (1 if self.network_core else 0)
 
     @property
     def oversubscribed(self) -> bool:
         """The devices' quotas need more cores than the host has: nodes contend, results depend on the host."""
-        return self.demand_cores / self.factor > self.host_cores + 1e-9
+        return self.demand_cores / self.factor > self.device_cores + 1e-9
 
     def explain(self) -> str:
         """One line for the start of a run."""
@@ -68,6 +74,8 @@ class Dilation:
                    f"times are divided by {self.factor:g}, and the sweep takes about {self.factor:g}x its "
                    "emulated time")
         reserve = f", {self.reserve_cores:g} kept for delay lines and the orchestrator" if self.mode == "auto" else ""
+        if self.network_core:
+            reserve = ", one kept for the network (delay lines, receive processing) and the orchestrator"
         return f"time dilation {self.factor:g}x ({self.mode}): {need}; {have}{reserve}; {how}"
 
     def warning(self) -> str | None:
@@ -75,7 +83,7 @@ class Dilation:
         if not self.oversubscribed:
             return None
         return (f"warning: {self.nodes} node(s) need {self.demand_cores / self.factor:g} core(s) at time dilation "
-                f"{self.factor:g} but this host has {self.host_cores}: nodes contend for cores, so compute is "
+                f"{self.factor:g} but this host has {self.device_cores} for them: nodes contend for cores, so compute is "
                 "measured slower than on the devices and results depend on this machine. "
                 "Fix: `emulation: {time_dilation: auto}`")
 
@@ -141,9 +149,13 @@ def resolve_dilation(spec: ExperimentSpec, topology, host_cores: int | None = No
     cores = host_cores if host_cores is not None else len(host_cpus())
     em = spec.emulation
     demand, fastest = device_demand(spec, topology)
-    base = dict(host_cores=cores, reserve_cores=em.reserve_cores, demand_cores=demand, nodes=spec.nodes.count)
+    base = dict(host_cores=cores, reserve_cores=em.reserve_cores, demand_cores=demand, nodes=spec.nodes.count,
+                network_core=em.network_core and spec.backend == "mininet")
     if spec.backend != "mininet":
         return Dilation(1.0, "off", **base)
+    if em.network_core and cores < 2:
+        raise ConfigError("emulation.network_core", True, f"false on this host: it has {cores} core, and a core "
+                                                          "kept for the network would leave the devices none")
     if em.time_dilation != "auto":
         f = float(em.time_dilation)
         if fastest > f:
@@ -151,7 +163,7 @@ def resolve_dilation(spec: ExperimentSpec, topology, host_cores: int | None = No
                               f"a factor >= {fastest:g}, the fastest device's speed (a device core faster than "
                               "this host's needs a dilation at least as large), or auto")
         return Dilation(f, "fixed", **base)
-    free = cores - em.reserve_cores
+    free = cores - (max(1.0, em.reserve_cores) if em.network_core else em.reserve_cores)
     if free <= 0:
         raise ConfigError("emulation.reserve_cores", em.reserve_cores,
                           f"fewer than this host's {cores} core(s), so that the devices get some")

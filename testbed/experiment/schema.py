@@ -168,7 +168,7 @@ def experiment_schema() -> dict:
         "time_dilation": {"anyOf": [{"const": "auto"}, {"type": "number", "minimum": 1, "maximum": S.MAX_DILATION}]},
         "reserve_cores": {"type": "number", "minimum": 0, "maximum": 64},
         "cpu_slice_ms": {"type": "number", "minimum": 0.5, "maximum": 1000},
-        "pace_compute": {"type": "boolean"}}))
+        "pace_compute": {"type": "boolean"}, "network_core": {"type": "boolean"}}))
     props = {
         "name": {"type": "string", "pattern": S.NAME_RE.pattern, "description": "names the output directory"},
         "description": _nullable(STRING),

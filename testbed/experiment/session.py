@@ -35,6 +35,7 @@ def backend_setup(spec: ExperimentSpec, topology, time_dilation: float = 1.0, lo
                         topology=topo, topology_source=spec.topology, devices=node_devices(spec, topo),
                         seed=spec.input.seed, time_dilation=time_dilation,
                         cpu_slice_ms=spec.emulation.cpu_slice_ms, pace_compute=spec.emulation.pace_compute,
+                        network_core=spec.emulation.network_core,
                         settings=dict(settings or {}),
                         log=log or (lambda _msg: None), machine=machine, inventory=spec.devices)
 

@@ -130,6 +130,9 @@ class EmulationSpec:
     reserve_cores: float = 0.5  # host cores auto leaves to delay lines, the orchestrator and the kernel
     cpu_slice_ms: float = 10.0  # CPU time per CFS period of each device core (see testbed.net.cgroups)
     pace_compute: bool = True  # nodes under a quota hold compute segments to device time (testbed.comm.trace.CpuPacer)
+    #: a whole host core kept for the network: the delay lines run on it, every emulated interface's receive
+    #: processing is steered to it and no device is pinned to it (testbed.net.emulation, ``network_cpu``)
+    network_core: bool = False
 
 
 @dataclass(frozen=True)
@@ -362,7 +365,8 @@ def _nodes(v: Any, path: str) -> NodesSpec:
 
 def _emulation(v: Any, path: str) -> EmulationSpec:
     d = F.mapping(v if v is not None else {}, path,
-                  {"time_dilation": False, "reserve_cores": False, "cpu_slice_ms": False, "pace_compute": False})
+                  {"time_dilation": False, "reserve_cores": False, "cpu_slice_ms": False, "pace_compute": False,
+                   "network_core": False})
     tp = F.join(path, "time_dilation")
     td = d.get("time_dilation", "auto")
     if td != "auto":
@@ -372,7 +376,8 @@ def _emulation(v: Any, path: str) -> EmulationSpec:
     return EmulationSpec(time_dilation=td,
                          reserve_cores=F.number(d.get("reserve_cores", 0.5), F.join(path, "reserve_cores"), 0, 64),
                          cpu_slice_ms=F.number(d.get("cpu_slice_ms", 10.0), F.join(path, "cpu_slice_ms"), 0.5, 1000),
-                         pace_compute=_bool(d.get("pace_compute", True), F.join(path, "pace_compute")))
+                         pace_compute=_bool(d.get("pace_compute", True), F.join(path, "pace_compute")),
+                         network_core=_bool(d.get("network_core", False), F.join(path, "network_core")))
 
 
 def _topology(v: Any, path: str, backend: str) -> str | dict:

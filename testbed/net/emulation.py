@@ -100,11 +100,15 @@ class Emulation:
 
     def __init__(self, topology: Topology, mechanism: str = "auto", seed: int = 0,
                  cpu_slice_ms: float = DEFAULT_SLICE_MS, tcp_rto_min_ms: float | None = None,
-                 capabilities: Capabilities | None = None):
+                 capabilities: Capabilities | None = None, network_cpu: int | None = None):
         """``cpu_slice_ms``: CPU time per CFS period of each confined device core (testbed.net.cgroups).
         ``tcp_rto_min_ms``: minimum TCP retransmission timeout on every host-to-host route
         (None: the kernel's 200 ms). ``capabilities``: this machine's probe result, if the caller
-        probed it already (the kernel is probed once per run, not at every start)."""
+        probed it already (the kernel is probed once per run, not at every start). ``network_cpu``: a
+        host core kept for the network (None: none). The delay lines run on it, the receive processing
+        of every emulated interface is steered to it (RPS) and no device is pinned to it. A kernel
+        that does not account interrupt time apart charges the softirq work of packets to whatever
+        task it interrupts; with the network on its own core, that is no device's compute."""
         check(mechanism in ("auto",) + MECHANISMS, "mechanism", mechanism, ", ".join(("auto",) + MECHANISMS))
         check(isinstance(cpu_slice_ms, (int, float)) and 0.5 <= cpu_slice_ms <= 1000, "cpu_slice_ms", cpu_slice_ms,
               "a number of milliseconds in [0.5, 1000]")
@@ -112,6 +116,10 @@ class Emulation:
               "tcp_rto_min_ms", tcp_rto_min_ms, "a number of milliseconds >= 1, or null")
         self.topology, self.requested, self.seed = topology, mechanism, seed
         self.cpu_slice_ms, self.tcp_rto_min_ms, self.capabilities = cpu_slice_ms, tcp_rto_min_ms, capabilities
+        cpus = host_cpus()
+        check(network_cpu is None or (network_cpu in cpus and len(cpus) >= 2), "network_cpu", network_cpu,
+              f"one of this process's cores {cpus}, with another left for the devices, or None")
+        self.network_cpu = network_cpu
         self.base_topology = topology  # what sweep profiles are mapped onto (fixed links keep theirs)
         self.mechanism = "none"
         self.net = None
@@ -177,6 +185,8 @@ class Emulation:
             if self.wiring.chain:
                 cleanup.bridge_netfilter_on()
             self._configure_hosts()
+            if self.network_cpu is not None:
+                self._steer_receive_processing(self.network_cpu)
             self.shaper = Shaper(self.wiring, self.mechanism, self.spawn, self.delay_lines)
             self._start_delay_lines(list(self.shaper.wanted_rules(self.topology)))
             self.shaper.setup(self.topology)
@@ -221,7 +231,7 @@ class Emulation:
         t = self.topology
         self.control_net = _free_control_net()
         subprocess.run(["ip", "addr", "add", f"{self.control_net}.254/24", "dev", self.run.name("c")], check=True)
-        cores = allocate_cores([h.device for h in t.hosts], host_cpus())
+        cores = allocate_cores([h.device for h in t.hosts], [c for c in host_cpus() if c != self.network_cpu])
         rto = f" rto_min {self.tcp_rto_min_ms:g}ms" if self.tcp_rto_min_ms is not None else ""
         procs = []
         for i, h in enumerate(t.hosts):
@@ -246,6 +256,20 @@ class Emulation:
         bad = [p.args for p in procs if p.returncode != 0]
         check(not bad, "topology", self.topology.name, f"addresses that the kernel accepts (failed: {bad})")
 
+    def _steer_receive_processing(self, cpu: int) -> None:
+        """Receive packet steering of every interface of this emulation to ``cpu``: the switches'
+        ports (root namespace) and everything in each host's namespace (whose interfaces show in a
+        sysfs mounted inside it, in a mount namespace of its own)."""
+        mask = f"{1 << cpu:x}"
+        ours = {n for (_, node), n in self._intf.items() if node not in self.topology.host_names}
+        ours |= {self.run.name("c")}
+        for q in (q for name in sorted(ours) for q in Path("/sys/class/net", name, "queues").glob("rx-*")):
+            (q / "rps_cpus").write_text(mask)
+        steer = f"for f in /sys/class/net/*/queues/rx-*/rps_cpus; do echo {mask} > $f; done"
+        for h in self.topology.host_names:
+            subprocess.run(["nsenter", "-t", str(self.node(h).pid), "-n", "--", "unshare", "-m", "sh", "-c",
+                            f"mount -t sysfs sysfs /sys && {steer}"], check=True)
+
     def _start_delay_lines(self, namespaces: list[str]) -> None:
         """One delay line per namespace that holds paths: "" (root) for the switches, else a host."""
         hosts = self.topology.host_names
@@ -253,6 +277,8 @@ class Emulation:
             seed = self.seed + (hosts.index(ns) if ns else len(hosts))
             argv = [sys.executable, "-m", "testbed.net.delayline", "--seed", str(seed),
                     "--rt-priority", str(DELAYLINE_RT_PRIORITY)]
+            if self.network_cpu is not None:
+                argv = ["taskset", "-c", str(self.network_cpu)] + argv
             pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             if ns:
                 proc = self.popen(ns, argv, device=False, **pipes)

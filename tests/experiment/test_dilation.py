@@ -40,6 +40,21 @@ def test_auto_is_the_smallest_factor_that_fits_the_host():
     assert _factor(_spec(emulation={"reserve_cores": 0}), 2) == 2.0
 
 
+def test_a_core_kept_for_the_network_is_no_device_core():
+    net = _spec(emulation={"network_core": True})  # 4 device cores of demand; the reserve becomes a whole core
+    d = resolve_dilation(net, _check_topology(net), host_cores=2)
+    assert d.factor == 4.0 and d.network_core and d.device_cores == 1 and not d.oversubscribed
+    assert "one kept for the network" in d.explain()
+    assert _factor(_spec(emulation={"network_core": True, "reserve_cores": 2}), 4) == 2.0  # a larger reserve stays
+    fixed = _spec(emulation={"network_core": True, "time_dilation": 2})  # 2 device cores at F=2, 1 left
+    assert resolve_dilation(fixed, _check_topology(fixed), host_cores=2).oversubscribed
+    with pytest.raises(ConfigError) as e:
+        resolve_dilation(net, _check_topology(net), host_cores=1)
+    assert e.value.field == "emulation.network_core" and "1 core" in e.value.allowed
+    off = parse_spec(tiny(backend="inprocess", nodes={"count": 4}, emulation={"network_core": True}))
+    assert not resolve_dilation(off, _check_topology(off), host_cores=1).network_core  # mininet only
+
+
 def test_fixed_factor_and_what_it_warns_about():
     d = resolve_dilation(_spec(emulation={"time_dilation": 1}), _check_topology(_spec()), host_cores=2)
     assert d.factor == 1.0 and d.mode == "fixed" and d.oversubscribed
@@ -121,6 +136,7 @@ def test_cpu_share_is_refused_with_the_migration():
     ({"time_dilation": "x"}, "emulation.time_dilation"),
     ({"time_dilation": 0}, "emulation.time_dilation"),
     ({"pace_compute": "yes"}, "emulation.pace_compute"),
+    ({"network_core": 1}, "emulation.network_core"),
 ])
 def test_bad_factor_writes_nothing(tmp_path, monkeypatch, capsys, emulation, field):
     monkeypatch.chdir(tmp_path)

@@ -44,7 +44,8 @@ def _full() -> dict:
                 nodes={"count": 2, "threads": 1, "device": {"speed": 1.0}, "memory_mb": 256}, topology=topo,
                 sweep={"bandwidth_mbps": [10, None], "delay_ms": 1, "jitter_ms": [0, 0.5], "loss_pct": [0],
                        "traces": [{"name": "lte", "points": [[0, 10], [1.5, 2]], "delay_ms": 2, "loop": False}]},
-                emulation={"time_dilation": "auto", "reserve_cores": 0.5, "cpu_slice_ms": 10, "pace_compute": False},
+                emulation={"time_dilation": "auto", "reserve_cores": 0.5, "cpu_slice_ms": 10, "pace_compute": False,
+                           "network_core": False},
                 faults=[{"kind": "link_profile", "link": ["h1", "s1"], "at_s": 0.5, "profile": {"loss_pct": 5}},
                         {"kind": "node_kill", "host": "h2", "at_s": 1, "name": "kill"}],
                 description="every section", output_dir=None, fidelity_s=0)
