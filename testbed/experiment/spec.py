@@ -43,7 +43,9 @@ Schema (units in the names; see experiments/quickstart.yaml for a full example):
                                      # dilation, nodes contend for the host's cores); durations are
                                      # recorded divided by F; pace_compute: hold each compute segment
                                      # to its CPU time at the device's rate (a quota refilled during a
-                                     # wait would run the next segment at host speed)
+                                     # wait would run the next segment at host speed);
+                                     # network_core (false): keep a whole host core for the
+                                     # network (delay lines, receive processing), no device on it
     timeout_s: 600                   # deadline of one inference (and of loading a job)
     fidelity_s: 1.0                  # mininet: iperf3 seconds per distinct path when a cell starts
                                      # (goodput and ping RTT vs configured, into the manifest); 0: off
