@@ -129,6 +129,7 @@ class Emulation:
         self.procs: list[subprocess.Popen] = []
         self._intf: dict[tuple[int, str], str] = {}  # (link index, node) -> interface name
         self._ctl_intf: dict[str, str] = {}
+        self._ctl_ports: list[str] = []  # the control switch's side of each host's control link
         self.wiring: Wiring | None = None  # what the shaper shapes, known once built
         self._closed = False
         self._guard: _SignalGuard | None = None
@@ -222,7 +223,9 @@ class Emulation:
             self._intf[(i, lk.a)], self._intf[(i, lk.b)] = link.intf1.name, link.intf2.name
         ctl = net.addSwitch(self.run.name("c"), dpid=f"{len(t.switches) + 1:016x}")
         for h in t.hosts:
-            self._ctl_intf[h.name] = net.addLink(self.internal(h.name), ctl).intf1.name
+            link = net.addLink(self.internal(h.name), ctl)
+            self._ctl_intf[h.name] = link.intf1.name
+            self._ctl_ports.append(link.intf2.name)
         net.build()
         net.start()
 
@@ -258,11 +261,11 @@ class Emulation:
 
     def _steer_receive_processing(self, cpu: int) -> None:
         """Receive packet steering of every interface of this emulation to ``cpu``: the switches'
-        ports (root namespace) and everything in each host's namespace (whose interfaces show in a
-        sysfs mounted inside it, in a mount namespace of its own)."""
+        ports, the control switch's included (root namespace), and everything in each host's
+        namespace (whose interfaces show in a sysfs mounted inside it, in a mount namespace of its own)."""
         mask = f"{1 << cpu:x}"
         ours = {n for (_, node), n in self._intf.items() if node not in self.topology.host_names}
-        ours |= {self.run.name("c")}
+        ours |= set(self._ctl_ports)
         for q in (q for name in sorted(ours) for q in Path("/sys/class/net", name, "queues").glob("rx-*")):
             (q / "rps_cpus").write_text(mask)
         steer = f"for f in /sys/class/net/*/queues/rx-*/rps_cpus; do echo {mask} > $f; done"
