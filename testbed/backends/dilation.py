@@ -21,7 +21,7 @@ def undilate_trace(trace: Trace, factor: float) -> Trace:
     events: list[Compute | Collective] = []
     for e in trace.events:
         if isinstance(e, Compute):
-            events.append(Compute(e.duration_s / factor))
+            events.append(Compute(e.duration_s / factor, cpu_s=e.cpu_s))  # CPU seconds of the host: as measured
         else:
             events.append(replace(e, ops=list(e.ops), duration_s=e.duration_s / factor, wait_s=e.wait_s / factor,
                                   serialize_s=e.serialize_s / factor))

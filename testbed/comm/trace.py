@@ -52,6 +52,11 @@ class CpuPacer:
 class Compute:
     duration_s: float
     type: str = "compute"
+    #: CPU seconds of this host the computing thread spent in the segment, where ``duration_s`` is wall
+    #: time (nodes, in-process ranks; None where not measured, as in calibration, whose durations are
+    #: CPU time already). Not rescaled by time dilation: against a profile's CPU time it says how much
+    #: more work the same segment cost the thread, apart from how long it was held or throttled.
+    cpu_s: float | None = None
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Trace:
     rank: int
     events: list[Compute | Collective] = field(default_factory=list)
     _mark: float | None = None
+    _cpu_mark: float = field(default=0.0, repr=False, compare=False)  # the thread's CPU time at the mark
     #: what compute segments are timed with: wall clock by default; the simulator's calibration
     #: times them in CPU seconds (time.process_time), which other load on the host does not stretch
     clock: Callable[[], float] = field(default=time.perf_counter, repr=False, compare=False)
@@ -87,6 +93,7 @@ class Trace:
 
     def _set_mark(self) -> None:
         self._mark = self.clock()
+        self._cpu_mark = time.thread_time()
         if self.pacer is not None:
             self.pacer.mark()
 
@@ -101,7 +108,8 @@ class Trace:
             self.pacer.pace()
         now = self.clock()
         if self._mark is not None and now > self._mark:
-            self.events.append(Compute(now - self._mark))
+            cpu = time.thread_time() - self._cpu_mark if self.clock is time.perf_counter else None
+            self.events.append(Compute(now - self._mark, cpu_s=cpu))
         return time.perf_counter() if self.clock is not time.perf_counter else now
 
     def add(self, event: Collective) -> None:
@@ -145,14 +153,18 @@ class Trace:
 
     # -- (de)serialisation: plain JSON-able dicts, for results and the simulator --
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "events": [asdict(e) for e in self.events]}
+        events = [asdict(e) for e in self.events]
+        for e in events:
+            if e.get("type") == "compute" and e["cpu_s"] is None:
+                del e["cpu_s"]  # not measured: traces and profiles stay as they were
+        return {"rank": self.rank, "events": events}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trace":
         events: list[Compute | Collective] = []
         for e in d["events"]:
             if e["type"] == "compute":
-                events.append(Compute(e["duration_s"]))
+                events.append(Compute(e["duration_s"], cpu_s=e.get("cpu_s")))
             else:
                 ops = [(str(o), int(p), int(n)) for o, p, n in e["ops"]]
                 events.append(Collective(e["kind"], ops, e["duration_s"], e["wait_s"], e.get("serialize_s", 0.0)))

@@ -10,7 +10,7 @@ from testbed.node.records import InferenceResult, RankResult
 
 
 def _rank(rank: int) -> RankResult:
-    trace = Trace(rank, [Compute(0.4), Collective("all_gather", [("send", 1 - rank, 100), ("recv", 1 - rank, 100)],
+    trace = Trace(rank, [Compute(0.4, cpu_s=0.15), Collective("all_gather", [("send", 1 - rank, 100), ("recv", 1 - rank, 100)],
                                                    duration_s=0.2, wait_s=0.1, serialize_s=0.02), Compute(0.6)])
     return RankResult(rank, torch.ones(2) if rank == 0 else None, wall_s=1.2, compute_s=1.0, comm_s=0.2, wait_s=0.1,
                       serialize_s=0.02, bytes_sent=100, bytes_recv=100, trace=trace, address=f"n{rank}",
@@ -26,6 +26,7 @@ def test_undilate_divides_every_duration_and_keeps_the_rest():
                                                                              0.1 / 2.5, 0.02 / 2.5)
         assert (n.rank, n.bytes_sent, n.bytes_recv, n.address) == (r.rank, r.bytes_sent, r.bytes_recv, r.address)
         assert [e.duration_s for e in n.trace.events] == [0.4 / 2.5, 0.2 / 2.5, 0.6 / 2.5]
+        assert n.trace.events[0].cpu_s == 0.15  # CPU seconds of the host, as the node measured them
         coll = n.trace.collectives()[0]
         assert coll.ops == r.trace.collectives()[0].ops and coll.wait_s == 0.1 / 2.5
         assert coll.serialize_s == 0.02 / 2.5

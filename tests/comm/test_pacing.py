@@ -81,3 +81,33 @@ def test_the_trace_paces_each_segment_before_recording_it():
     assert computes == [pytest.approx(0.004), pytest.approx(0.006)]
     assert c.slept == [pytest.approx(0.002), pytest.approx(0.002)]
 
+
+
+def test_a_wall_clock_trace_records_the_threads_cpu_of_each_segment():
+    """Compute.cpu_s: the computing thread's CPU seconds in the segment, beside its wall time, where the
+    trace times wall clock (nodes); a CPU-clock trace (calibration) leaves it out, as does its dict."""
+    import time
+
+    import torch
+
+    trace = Trace(0)  # wall clock, as a node's
+    trace.start()
+    time.sleep(0.05)  # idle: wall, no CPU
+    a = torch.randn(256, 256)
+    t_end = time.thread_time() + 0.03
+    while time.thread_time() < t_end:  # busy: CPU
+        a = a @ a / 256
+    trace.finish()
+    (seg,) = trace.events
+    assert 0.03 <= seg.cpu_s < seg.duration_s and seg.duration_s >= 0.08
+    back = Trace.from_dict(trace.to_dict())
+    assert back.events[0].cpu_s == seg.cpu_s and back == trace
+    calib = Trace(0, clock=time.process_time)
+    calib.start()
+    t_end = time.thread_time() + 0.01
+    while time.thread_time() < t_end:
+        pass
+    calib.finish()
+    assert calib.events[0].cpu_s is None and calib.events[0].duration_s >= 0.01
+    assert calib.to_dict()["events"] == [{"duration_s": calib.events[0].duration_s, "type": "compute"}]
+    assert Trace.from_dict(calib.to_dict()).events[0].cpu_s is None
