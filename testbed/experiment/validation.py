@@ -106,7 +106,9 @@ def validate_run(run_dir: str | Path, sim: Simulator, out_dir: str | Path | None
 
 def error_table(table: pd.DataFrame) -> pd.DataFrame:
     """Median and p90 |error| (percent) per method label and overall, the median signed error (the
-    bias: negative where the simulator predicts too fast), cells predicted / compared."""
+    bias: negative where the simulator predicts too fast), cells predicted / compared, and the median
+    over cells of the compute's thread CPU over its calibrated CPU (``compute_cpu_ratio``; NaN for
+    runs whose traces carry no ``cpu_s``)."""
     from testbed.sim.validate import summary
 
     rows = []
@@ -114,7 +116,8 @@ def error_table(table: pd.DataFrame) -> pd.DataFrame:
         s = summary(grp)
         rows.append({"method": label, "cells": s["cells"], "predicted": s["predicted"],
                      "median_error_pct": s["median_error_pct"], "median_abs_error_pct": s["median_abs_error_pct"], "p90_abs_error_pct": s["p90_abs_error_pct"],
-                     "replay_median_abs_error_pct": s["replay_median_abs_error_pct"]})
+                     "replay_median_abs_error_pct": s["replay_median_abs_error_pct"],
+                     "compute_cpu_ratio": s["compute_cpu_ratio"]})
     return pd.DataFrame(rows)
 
 
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p.prog}: stopped by SIGINT; calibration measured so far is kept in {args.calibration}",
               file=sys.stderr)
         return 130
-    fmt = {"float_format": lambda v: f"{v:.1f}"}
+    fmt = {"formatters": {"compute_cpu_ratio": lambda v: f"{v:.3f}"}, "float_format": lambda v: f"{v:.1f}"}
     scale = table["host_scale"].dropna() if "host_scale" in table else []
     if args.no_host_speed:
         print("host speed: not carried over (--no-host-speed): compute as calibrated")

@@ -97,8 +97,8 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
                "measured_spread_pct": 100 * (grp["latency_s"] - med).abs().median() / med if reps > 1 else math.nan,
                "measured_bytes_on_wire": grp["bytes_on_wire"].median(),
                "predicted_latency_s": math.nan, "predicted_comm_s": math.nan, "predicted_bytes_on_wire": math.nan,
-               "replayed_latency_s": math.nan, "host_scale": scale or math.nan, "sim_status": status,
-               "sim_error": error}
+               "replayed_latency_s": math.nan, "compute_cpu_ratio": math.nan, "host_scale": scale or math.nan,
+               "sim_status": status, "sim_error": error}
         if pred:  # the critical rank's comm_s, as a row's comm_s (testbed.experiment.metrics.timing_columns)
             rec.update(predicted_latency_s=float(np.median([r.latency_s for r in pred])),
                        predicted_comm_s=float(np.median([r.critical.comm_s for r in pred])),
@@ -109,6 +109,8 @@ def compare(emulated: pd.DataFrame, sim: Simulator, traces: list[dict] | None = 
             rec["replayed_latency_s"] = sim.config.dispatch_s + float(np.median([
                 simulate(ranks, net, sim.wire, sim.config.tcp, speed=1.0, seed=i).latency_s
                 for i, ranks in enumerate(runs)]))
+            if status == "ok":
+                rec["compute_cpu_ratio"] = compute_cpu_ratio(runs, sim.profile(sim.key(**what, profile=prof)).traces)
         out.append(rec)
     table = pd.DataFrame(out)
     if len(table):
@@ -180,6 +182,33 @@ def _params(text: Any) -> dict:
     return json.loads(text) if isinstance(text, str) and text else {}
 
 
+def compute_cpu_ratio(runs: list[list[dict]], calibrated: list) -> float:
+    """The thread CPU the run's compute segments took (``Compute.cpu_s``, host CPU seconds) over the
+    same segments' calibrated CPU time, summed over every rank, repetition and segment of at least
+    ``JITTER_MIN_SEGMENT_S``: above 1, the same work cost the nodes more CPU than calibration measured
+    (apart from pacing, throttling waits and the network). ``runs``: one cell's per-rank traces per
+    repetition (dicts, as traces.jsonl holds them); ``calibrated``: the profile's per-rank Traces. NaN
+    where the traces carry no ``cpu_s`` (runs made before they did) or the schedules differ."""
+    from testbed.comm.trace import Compute
+    from testbed.sim.emulation import JITTER_MIN_SEGMENT_S
+
+    cal = [[e.duration_s for e in t.events if isinstance(e, Compute)] for t in calibrated]
+    used = spent = 0.0
+    for ranks in runs:
+        if len(ranks) != len(cal):
+            return math.nan
+        for r, rank in enumerate(ranks):
+            segs = [e for e in rank["events"] if e.get("type") == "compute"]
+            if len(segs) != len(cal[r]):
+                return math.nan
+            for seg, c in zip(segs, cal[r]):
+                if c >= JITTER_MIN_SEGMENT_S:
+                    if seg.get("cpu_s") is None:
+                        return math.nan
+                    used, spent = used + c, spent + seg["cpu_s"]
+    return spent / used if used > 0 else math.nan
+
+
 def summary(table: pd.DataFrame) -> dict[str, float]:
     """Median and 90th-percentile absolute errors (percent) over the compared cells, the median
     signed error (``median_error_pct``: below 0, the cells are mostly predicted too fast; a model
@@ -187,12 +216,14 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
     (``reference_spread``)."""
     err = table["abs_error_pct"].dropna() if len(table) else pd.Series(dtype=float)
     signed = table["error_pct"].dropna() if len(table) else pd.Series(dtype=float)
+    cpu = table["compute_cpu_ratio"].dropna() if "compute_cpu_ratio" in table else pd.Series(dtype=float)
     rep = table["replay_error_pct"].abs().dropna() if len(table) else pd.Series(dtype=float)
     return {"cells": int(len(table)), "predicted": int(len(err)),
             "median_error_pct": float(signed.median()) if len(signed) else math.nan,
             "median_abs_error_pct": float(err.median()) if len(err) else math.nan,
             "p90_abs_error_pct": float(err.quantile(0.9)) if len(err) else math.nan,
             "replay_median_abs_error_pct": float(rep.median()) if len(rep) else math.nan,
+            "compute_cpu_ratio": float(cpu.median()) if len(cpu) else math.nan,
             **reference_spread(table)}
 
 

@@ -177,3 +177,30 @@ def test_the_runs_topology_comes_from_its_manifest(tmp_path):
     topo_file.unlink()  # moved since the run: one error naming where the topology was read from
     with pytest.raises(ConfigError, match=r"manifest.json config \(topology\)"):
         run_topology(tmp_path)
+
+
+def test_compute_cpu_ratio_is_the_runs_segment_cpu_over_the_calibrated():
+    """Closed form: every segment of every rank and repetition took 1.25x its calibrated CPU -> 1.25;
+    segments under JITTER_MIN_SEGMENT_S are left out; traces without cpu_s or of another schedule -> NaN."""
+    import math
+
+    from testbed.comm.trace import Collective, Compute, Trace
+    from testbed.sim.emulation import JITTER_MIN_SEGMENT_S
+    from testbed.sim.validate import compute_cpu_ratio
+
+    short = JITTER_MIN_SEGMENT_S / 2
+    calibrated = [Trace(r, [Compute(0.02), Collective("all_gather"), Compute(0.04), Collective("all_gather"),
+                            Compute(short)]) for r in range(2)]
+
+    def run(scale: float, short_cpu: float = 1.0, cpu: bool = True) -> list[dict]:
+        ranks = []
+        for t in calibrated:
+            events = [Compute(e.duration_s * 2, cpu_s=(e.duration_s * (scale if e.duration_s > short else short_cpu))
+                              if cpu else None) if isinstance(e, Compute) else e for e in t.events]
+            ranks.append(Trace(t.rank, events).to_dict())
+        return ranks
+
+    assert compute_cpu_ratio([run(1.25, short_cpu=50.0), run(1.25)], calibrated) == pytest.approx(1.25)
+    assert math.isnan(compute_cpu_ratio([run(1.25, cpu=False)], calibrated))  # made before traces carried it
+    other = [dict(r, events=r["events"][:2]) for r in run(1.25)]
+    assert math.isnan(compute_cpu_ratio([other], calibrated))  # another schedule: nothing to align

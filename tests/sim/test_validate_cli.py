@@ -61,6 +61,7 @@ def test_validate_reads_the_inline_topology_and_its_devices(slow_run, tmp_path, 
     for label in ("single", "sequence_parallel", "tensor_parallel", "overall"):
         assert label in text
     assert "median_error_pct" in text and "median_abs_error_pct" in text and "p90_abs_error_pct" in text
+    assert "compute_cpu_ratio" in text
 
 
 def test_validate_without_the_slow_device_sees_the_error(slow_run, tmp_path):
