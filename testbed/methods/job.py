@@ -91,8 +91,8 @@ class RankRunner:
         ``token_times_s`` the seconds from the start to each token (the first: time to first token).
         The communicator's trace holds this inference's schedule afterwards.
         """
+        t0 = time.perf_counter()  # before the trace's first mark: its segments always fit inside the wall time
         self.comm.trace.start()
-        t0 = time.perf_counter()
         if self.job.generate:
             self.generated, self.token_times_s = self.method.generate(self.input, self.job.generate)
             out = self.method.prefill_output if self.generated is not None else None
