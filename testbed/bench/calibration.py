@@ -56,7 +56,7 @@ class SlowPhase:
         for hog in self.hogs:
             os.kill(hog.pid, signal.SIGCONT if on else signal.SIGSTOP)
         if self.hogs and on:
-                time.sleep(0.2)  # the load back on the other core before the probe and the inference
+            time.sleep(0.2)  # the load back on the other core before the probe and the inference
         self.slot += 1
         value = self._probe()
         self.probes.append((on, value))

@@ -115,7 +115,8 @@ def error_table(table: pd.DataFrame) -> pd.DataFrame:
     for label, grp in list(table.groupby("label", sort=False)) + [("overall", table)]:
         s = summary(grp)
         rows.append({"method": label, "cells": s["cells"], "predicted": s["predicted"],
-                     "median_error_pct": s["median_error_pct"], "median_abs_error_pct": s["median_abs_error_pct"], "p90_abs_error_pct": s["p90_abs_error_pct"],
+                     "median_error_pct": s["median_error_pct"], "median_abs_error_pct": s["median_abs_error_pct"],
+                     "p90_abs_error_pct": s["p90_abs_error_pct"],
                      "replay_median_abs_error_pct": s["replay_median_abs_error_pct"],
                      "compute_cpu_ratio": s["compute_cpu_ratio"]})
     return pd.DataFrame(rows)

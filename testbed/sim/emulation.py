@@ -58,9 +58,11 @@ kernel that does not account interrupt time apart (CONFIG_IRQ_TIME_ACCOUNTING of
 reference VM) charges the softirq work of every emulated link (bridges, htb, TCP) to the task it
 interrupts, a device's compute thread and its quota: a fixed forward pinned in one host of the
 star took 1.14x its idle-link CPU with TCP between the other hosts and 1.49x with TCP into its
-own (``testbed.bench.interference``), and sequence parallel's segments in a paced run took 11%
-more thread CPU than calibrated where ASTRA's, which move a few hundred bytes, took 3% more (the
-quickstart's sequence-parallel segments are 20-30% longer at 100-500 Mbit/s than at 20).
+own (``testbed.bench.interference``; ``emulation.network_core`` removes it there). In paced runs
+the sharded methods' segments took more thread CPU than calibrated, beyond ``single``'s, by 0-14%
+from one run to the next (``Compute.cpu_s``); keeping a core for the network barely moved that, so
+most of it is not the network's charge and is not modelled (the quickstart's sequence-parallel
+segments are 20-30% longer at 100-500 Mbit/s than at 20).
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ def compute_cpu_ratio(runs: list[list[dict]], calibrated: list) -> float:
     """The thread CPU the run's compute segments took (``Compute.cpu_s``, host CPU seconds) over the
     same segments' calibrated CPU time, summed over every rank, repetition and segment of at least
     ``JITTER_MIN_SEGMENT_S``: above 1, the same work cost the nodes more CPU than calibration measured
-    (apart from pacing, throttling waits and the network). ``runs``: one cell's per-rank traces per
+    (throttling overhead and whatever the kernel charged the thread, packet processing included; not
+    the time a segment was held, throttled or waiting). ``runs``: one cell's per-rank traces per
     repetition (dicts, as traces.jsonl holds them); ``calibrated``: the profile's per-rank Traces. NaN
     where the traces carry no ``cpu_s`` (runs made before they did) or the schedules differ."""
     from testbed.comm.trace import Compute
